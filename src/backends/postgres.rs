@@ -1,0 +1,72 @@
+//! PostgreSQL through deadpool-postgres, with TLS (native-tls) when the DSN says
+//! `sslmode=require`. `sslmode=prefer` (libpq's default) is treated as `disable`: a failed TLS
+//! handshake must not turn into an opaque error, so TLS is asked for explicitly.
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use futures::future::BoxFuture;
+use postgres_native_tls::MakeTlsConnector;
+use tokio_postgres::config::SslMode;
+
+use super::BackendError;
+use crate::config::secret::redact_dsn;
+use crate::config::{PostgresConfig, Secret};
+
+/// Builds the pool and checks one connection, within `config.connect_timeout`.
+pub async fn connect(dsn: &Secret, config: &PostgresConfig) -> Result<Pool, BackendError> {
+    let target = redact_dsn(dsn.expose());
+    let err = |m: &dyn std::fmt::Display| BackendError::new("postgres", target.clone(), m);
+    let mut pg: tokio_postgres::Config = dsn.expose().parse().map_err(|e| err(&e))?;
+    if pg.get_ssl_mode() == SslMode::Prefer {
+        pg.ssl_mode(SslMode::Disable);
+    }
+    if pg.get_connect_timeout().is_none() {
+        pg.connect_timeout(config.connect_timeout);
+    }
+    let mut tls = native_tls::TlsConnector::builder();
+    if let Some(path) = &config.ca_file {
+        let pem = std::fs::read(path).map_err(|e| err(&format!("{}: {e}", path.display())))?;
+        let cert = native_tls::Certificate::from_pem(&pem).map_err(|e| err(&e))?;
+        tls.add_root_certificate(cert);
+    }
+    let tls = MakeTlsConnector::new(tls.build().map_err(|e| err(&e))?);
+    let manager =
+        Manager::from_config(pg, tls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+    let pool = Pool::builder(manager)
+        .max_size(config.pool_size)
+        .wait_timeout(Some(config.connect_timeout))
+        .create_timeout(Some(config.connect_timeout))
+        .recycle_timeout(Some(config.connect_timeout))
+        .runtime(Runtime::Tokio1)
+        .build()
+        .map_err(|e| err(&e))?;
+    check(&pool).await.map_err(|e| err(&e))?;
+    Ok(pool)
+}
+
+async fn check(pool: &Pool) -> Result<(), String> {
+    let client = pool.get().await.map_err(|e| describe(&e))?;
+    client.simple_query("SELECT 1").await.map_err(|e| describe(&e))?;
+    Ok(())
+}
+
+/// The error with its sources (tokio-postgres puts the useful part in the source).
+fn describe(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// A readiness check: a pooled connection answers `SELECT 1`.
+pub fn ready_check(
+    pool: Pool,
+) -> impl Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync {
+    move || {
+        let pool = pool.clone();
+        Box::pin(async move { check(&pool).await.map_err(|e| format!("postgres: {e}")) })
+    }
+}

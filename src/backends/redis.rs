@@ -1,0 +1,50 @@
+//! Redis through fred: `redis://` and `rediss://` (TLS via native-tls), password in the URL.
+
+use fred::prelude::{ClientLike, Config as FredConfig, ReconnectPolicy};
+use fred::types::Builder;
+use futures::future::BoxFuture;
+
+use super::BackendError;
+use crate::config::{RedisConfig, SecretUrl};
+
+/// A connected client. fred multiplexes commands over one connection and reconnects by itself.
+pub type Client = fred::clients::Client;
+
+/// Connects, waiting at most `config.timeout` for the first connection.
+pub async fn connect(url: &SecretUrl, config: &RedisConfig) -> Result<Client, BackendError> {
+    let err = |m: &dyn std::fmt::Display| BackendError::new("redis", url.redacted(), m);
+    let fred_config = FredConfig::from_url(url.expose().as_str()).map_err(|e| err(&e))?;
+    let client = Builder::from_config(fred_config)
+        .with_connection_config(|c| {
+            c.connection_timeout = config.timeout;
+            c.internal_command_timeout = config.timeout;
+        })
+        .with_performance_config(|p| p.default_command_timeout = config.timeout)
+        // Reconnect forever with capped backoff: an outage must heal without a restart.
+        .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
+        .build()
+        .map_err(|e| err(&e))?;
+    match tokio::time::timeout(config.timeout, client.init()).await {
+        Ok(Ok(_task)) => Ok(client),
+        Ok(Err(e)) => {
+            let _ = client.quit().await;
+            Err(err(&e))
+        }
+        Err(_) => {
+            let _ = client.quit().await;
+            Err(err(&format!("no connection within {:?}", config.timeout)))
+        }
+    }
+}
+
+/// A readiness check: `PING` answers.
+pub fn ready_check(
+    client: Client,
+) -> impl Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync {
+    move || {
+        let client = client.clone();
+        Box::pin(async move {
+            client.ping::<String>(None).await.map(|_| ()).map_err(|e| format!("redis: {e}"))
+        })
+    }
+}

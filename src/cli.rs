@@ -1,0 +1,177 @@
+//! The command line: one subcommand per role plus the tools around them, and the one `match` that
+//! dispatches. Production binds its listeners here; roles are handed them.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Args, Parser, Subcommand};
+use tokio::net::TcpListener;
+
+use crate::config::{self, Config, Sources};
+use crate::roles::Role;
+use crate::server::{Context, Shutdown};
+use crate::telemetry;
+
+/// Exit code for a configuration problem (EX_USAGE).
+pub const EXIT_CONFIG: u8 = 64;
+/// Exit code for a dependency that cannot be reached at start-up (EX_UNAVAILABLE).
+pub const EXIT_UNAVAILABLE: u8 = 69;
+/// Exit code for any other failure.
+pub const EXIT_FAILURE: u8 = 1;
+
+/// The 254Carbon Access Layer: gateway, stream, auth, entitlements and metrics in one binary.
+///
+/// Configuration layers, later winning: defaults, then `--config` (TOML or YAML), then ACCESS_*
+/// environment variables (nested keys with `__`: ACCESS_SERVER__GRACE_PERIOD=5s), then flags.
+#[derive(Debug, Parser)]
+#[command(name = "access", version, about, long_about)]
+pub struct Cli {
+    /// A TOML (.toml) or YAML (.yaml) configuration file.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// REST reverse proxy: auth, entitlements, rate limits, cache, circuit breakers (port 8000).
+    Gateway(Serve),
+    /// Kafka topics to WebSocket and SSE clients (port 8001).
+    Stream(Serve),
+    /// JWT verification, introspection, revocation, user info (port 8010).
+    Auth(Serve),
+    /// Access rules and decisions (port 8011).
+    Entitlements(Serve),
+    /// Pushed metrics exported to Prometheus (port 8012).
+    Metrics(Serve),
+    /// Validate the configuration and the files it names; print every problem; exit 64 if any.
+    CheckConfig,
+    /// Print the effective configuration (secrets redacted) as JSON.
+    PrintConfig,
+}
+
+/// Options of a role subcommand.
+#[derive(Debug, Args)]
+pub struct Serve {
+    /// Port to listen on (default: the role's own, see `print-config`).
+    #[arg(long)]
+    pub port: Option<u16>,
+}
+
+impl Cli {
+    /// The configuration sources: the file, the given environment, and this command's flags.
+    fn sources(&self, env: BTreeMap<String, String>) -> Sources {
+        let mut sources = Sources { file: self.config.clone(), env, overrides: Vec::new() };
+        if let Some((role, Serve { port: Some(port) })) = self.role() {
+            sources = sources.with_override(&format!("{}.port", port_key(role)), *port);
+        }
+        sources
+    }
+
+    fn role(&self) -> Option<(Role, &Serve)> {
+        match &self.command {
+            Command::Gateway(s) => Some((Role::Gateway, s)),
+            Command::Stream(s) => Some((Role::Stream, s)),
+            Command::Auth(s) => Some((Role::Auth, s)),
+            Command::Entitlements(s) => Some((Role::Entitlements, s)),
+            Command::Metrics(s) => Some((Role::Metrics, s)),
+            _ => None,
+        }
+    }
+}
+
+/// The config section holding a role's port.
+fn port_key(role: Role) -> &'static str {
+    role.as_str()
+}
+
+/// Runs the parsed command with this environment; the exit code says how it ended.
+pub async fn run(cli: Cli, env: BTreeMap<String, String>) -> ExitCode {
+    let sources = cli.sources(env);
+    let loaded = config::load(&sources);
+    match (&cli.command, loaded) {
+        (Command::CheckConfig, Ok(_)) => {
+            println!("configuration is valid");
+            ExitCode::SUCCESS
+        }
+        (Command::PrintConfig, Ok(config)) => match serde_json::to_string_pretty(&config) {
+            Ok(text) => {
+                println!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: cannot print the configuration: {e}");
+                ExitCode::from(EXIT_FAILURE)
+            }
+        },
+        (_, Err(errors)) => {
+            eprintln!("configuration has {} problem(s):", errors.0.len());
+            for problem in &errors.0 {
+                eprintln!("  {problem}");
+            }
+            ExitCode::from(EXIT_CONFIG)
+        }
+        (_, Ok(config)) => {
+            let Some((role, _)) = cli.role() else { return ExitCode::from(EXIT_FAILURE) };
+            let config = Arc::new(config);
+            telemetry::init_logging(&config);
+            serve_role(role, config).await
+        }
+    }
+}
+
+/// Binds the role's port, starts the shutdown sequence on signals, and runs the role.
+async fn serve_role(role: Role, config: Arc<Config>) -> ExitCode {
+    let shutdown = Shutdown::new();
+    tokio::spawn(shutdown.clone().on_signal(config.server.grace_period));
+    let addr = (config.server.host, config.port(role));
+    let listener = match TcpListener::bind(addr).await {
+        Ok(listener) => listener,
+        Err(e) => {
+            tracing::error!(role = %role, addr = ?addr, error = %e, "cannot bind");
+            return ExitCode::from(EXIT_UNAVAILABLE);
+        }
+    };
+    let ctx = Context::new(role, config, shutdown);
+    match start(role, listener, ctx).await {
+        Ok(()) => {
+            tracing::info!(role = %role, "stopped");
+            ExitCode::SUCCESS
+        }
+        Err(RunError::Unavailable(e)) => {
+            tracing::error!(role = %role, error = %e, "a dependency is unavailable at start-up");
+            ExitCode::from(EXIT_UNAVAILABLE)
+        }
+        Err(RunError::Other(e)) => {
+            tracing::error!(role = %role, error = format!("{e:#}"), "role failed");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+/// Why a role stopped other than by shutdown.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// A backend or the IdP could not be reached at start-up.
+    #[error(transparent)]
+    Unavailable(#[from] crate::backends::BackendError),
+    /// Anything else.
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+/// The one dispatch from a role to its module.
+pub async fn start(role: Role, listener: TcpListener, ctx: Context) -> Result<(), RunError> {
+    match role {
+        Role::Gateway | Role::Stream | Role::Auth | Role::Entitlements | Role::Metrics => {
+            Err(RunError::Other(anyhow::anyhow!(
+                "the {role} role has not landed yet; `access --help` lists what runs"
+            )))
+        }
+    }
+}

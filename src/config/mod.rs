@@ -1,0 +1,432 @@
+//! Typed configuration, layered with figment and validated in full at start-up.
+//!
+//! Layers, later winning: built-in defaults (`Default` impls) -> an optional TOML or YAML file ->
+//! `ACCESS_*` environment variables -> CLI flags. The loader takes every source as an argument
+//! ([`Sources`]) so tests never touch the process environment.
+//!
+//! Environment keys nest with `__` (`ACCESS_SERVER__GRACE_PERIOD=5s` is `server.grace_period`), so
+//! the operators' flat names (`ACCESS_REDIS_URL`) are simply top-level keys. A secret key can
+//! instead be read from a file named by `<KEY>_FILE` (`ACCESS_POSTGRES_DSN_FILE`), as Kubernetes
+//! mounts Secrets. Every problem is reported with the key that caused it ([`Problem`]): unknown keys,
+//! values of the wrong type, and the semantic checks of [`Config::validate`].
+
+mod env;
+pub mod secret;
+mod sections;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Format, Serialized, Toml, Yaml};
+use figment::value::{Dict, Value};
+use figment::{Figment, Provider};
+use serde::{Deserialize, Serialize};
+use url::Url;
+
+pub use secret::{Secret, SecretUrl};
+pub use sections::*;
+
+use crate::roles::Role;
+
+/// The whole configuration of one `access` process. Every role reads the sections it needs.
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    /// Deployment environment; `production` forbids the embedded backends and dev keys.
+    pub env: Environment,
+    /// `tracing` filter directive (`info`, `access=debug,info`).
+    pub log_level: LogLevel,
+    /// Log line format: `json` (default) or `text` for humans at a terminal.
+    pub log_format: LogFormat,
+    /// Redis (`redis://` or `rediss://`, password allowed). Unset: in-process maps.
+    pub redis_url: Option<SecretUrl>,
+    /// PostgreSQL DSN (URL or key=value; `sslmode=require` honoured). Unset: in-memory store.
+    pub postgres_dsn: Option<Secret>,
+    /// Kafka bootstrap brokers, `host:port`, a list or a comma-separated string. Unset:
+    /// in-process bus.
+    pub kafka_bootstrap: Vec<String>,
+    /// The IdP's JWKS endpoint (Keycloak: `.../realms/<realm>/protocol/openid-connect/certs`).
+    /// Unset: dev mode with a local signing key.
+    pub jwks_url: Option<Url>,
+    /// Where callers outside the layer reach the auth role.
+    pub auth_service_url: Option<Url>,
+    /// Where the gateway and stream reach the entitlements role.
+    pub entitlements_service_url: Option<Url>,
+    /// Where the gateway and stream push usage.
+    pub metrics_service_url: Option<Url>,
+    /// Export OpenTelemetry traces to `otel_exporter`.
+    pub enable_tracing: bool,
+    /// OTLP/HTTP traces endpoint (`http://collector:4318/v1/traces`).
+    pub otel_exporter: Option<Url>,
+    /// What every listener shares: limits, timeouts, shutdown.
+    pub server: ServerConfig,
+    /// PostgreSQL pool settings.
+    pub postgres: PostgresConfig,
+    /// Redis client settings.
+    pub redis: RedisConfig,
+    /// Kafka client settings (TLS, SASL).
+    pub kafka: KafkaConfig,
+    /// The `auth` section every role reads, and the auth role's port.
+    pub auth: AuthConfig,
+    /// The gateway role.
+    pub gateway: RoleListen,
+    /// The stream role.
+    pub stream: RoleListen,
+    /// The entitlements role.
+    pub entitlements: RoleListen,
+    /// The metrics role.
+    pub metrics: RoleListen,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            env: Environment::default(),
+            log_level: LogLevel::default(),
+            log_format: LogFormat::default(),
+            redis_url: None,
+            postgres_dsn: None,
+            kafka_bootstrap: Vec::new(),
+            jwks_url: None,
+            auth_service_url: None,
+            entitlements_service_url: None,
+            metrics_service_url: None,
+            enable_tracing: false,
+            otel_exporter: None,
+            server: ServerConfig::default(),
+            postgres: PostgresConfig::default(),
+            redis: RedisConfig::default(),
+            kafka: KafkaConfig::default(),
+            auth: AuthConfig::default(),
+            gateway: RoleListen::new(Role::Gateway),
+            stream: RoleListen::new(Role::Stream),
+            entitlements: RoleListen::new(Role::Entitlements),
+            metrics: RoleListen::new(Role::Metrics),
+        }
+    }
+}
+
+impl Config {
+    /// The port a role listens on.
+    pub fn port(&self, role: Role) -> u16 {
+        match role {
+            Role::Gateway => self.gateway.port,
+            Role::Stream => self.stream.port,
+            Role::Auth => self.auth.port,
+            Role::Entitlements => self.entitlements.port,
+            Role::Metrics => self.metrics.port,
+        }
+    }
+
+    /// The Redis key prefix of this environment: `access:<env>:` (`docs/contracts.md`).
+    pub fn redis_prefix(&self) -> String {
+        format!("access:{}:", self.env.as_str())
+    }
+
+    /// Semantic checks that types cannot express; every problem names its key.
+    pub fn validate(&self) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        if self.env == Environment::Production {
+            let missing = [
+                ("redis_url", self.redis_url.is_none()),
+                ("postgres_dsn", self.postgres_dsn.is_none()),
+                ("kafka_bootstrap", self.kafka_bootstrap.is_empty()),
+                ("jwks_url", self.jwks_url.is_none()),
+            ];
+            for (key, is_missing) in missing {
+                if is_missing {
+                    problems.push(Problem::new(
+                        key,
+                        "required when ACCESS_ENV=production (the in-process default is for \
+                         development only)",
+                    ));
+                }
+            }
+        }
+        if let Some(url) = &self.redis_url {
+            if !matches!(url.expose().scheme(), "redis" | "rediss") {
+                problems.push(Problem::new("redis_url", "scheme must be redis:// or rediss://"));
+            }
+        }
+        if let Some(dsn) = &self.postgres_dsn {
+            if let Err(e) = dsn.expose().parse::<tokio_postgres::Config>() {
+                problems.push(Problem::new("postgres_dsn", format!("not a valid DSN: {e}")));
+            }
+        }
+        for broker in &self.kafka_bootstrap {
+            let valid = broker
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !valid {
+                problems
+                    .push(Problem::new("kafka_bootstrap", format!("{broker:?} is not host:port")));
+            }
+        }
+        for (key, url) in [
+            ("jwks_url", &self.jwks_url),
+            ("auth_service_url", &self.auth_service_url),
+            ("entitlements_service_url", &self.entitlements_service_url),
+            ("metrics_service_url", &self.metrics_service_url),
+            ("otel_exporter", &self.otel_exporter),
+        ] {
+            if let Some(url) = url {
+                if !matches!(url.scheme(), "http" | "https") {
+                    problems.push(Problem::new(key, "scheme must be http:// or https://"));
+                }
+            }
+        }
+        if self.enable_tracing && self.otel_exporter.is_none() {
+            problems.push(Problem::new(
+                "otel_exporter",
+                "required when enable_tracing is true (an OTLP/HTTP traces URL)",
+            ));
+        }
+        problems.extend(self.server.validate());
+        problems.extend(self.kafka.validate());
+        problems.extend(self.postgres.validate());
+        problems.extend(self.auth.validate(self.env));
+        problems
+    }
+}
+
+/// One configuration problem: the key (dotted path) and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Problem {
+    /// Dotted config path (`gateway.port`).
+    pub key: String,
+    /// What is wrong, for a human.
+    pub message: String,
+}
+
+impl Problem {
+    /// A problem with `key`.
+    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Problem { key: key.into(), message: message.into() }
+    }
+
+    /// The environment variable that sets this key (`ACCESS_GATEWAY__PORT`).
+    pub fn env_var(&self) -> String {
+        env::var_name(&self.key)
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({}): {}", self.key, self.env_var(), self.message)
+    }
+}
+
+/// Every problem found while loading; [`fmt::Display`] prints one per line.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<Problem>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The sources a configuration is built from. `main` fills it from the process; tests build it.
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    /// An optional TOML (`.toml`) or YAML (`.yaml`, `.yml`) file.
+    pub file: Option<PathBuf>,
+    /// Environment variables; only `ACCESS_*` ones are read.
+    pub env: BTreeMap<String, String>,
+    /// CLI flags as (dotted key, value), applied last.
+    pub overrides: Vec<(String, Value)>,
+}
+
+impl Sources {
+    /// Sources with this environment map.
+    pub fn from_env<K: Into<String>, V: Into<String>>(
+        env: impl IntoIterator<Item = (K, V)>,
+    ) -> Self {
+        Sources {
+            env: env.into_iter().map(|(k, v)| (k.into(), v.into())).collect(),
+            ..Sources::default()
+        }
+    }
+
+    /// Adds a CLI override.
+    pub fn with_override(mut self, key: &str, value: impl Into<Value>) -> Self {
+        self.overrides.push((key.to_string(), value.into()));
+        self
+    }
+}
+
+/// Loads, type-checks and validates the configuration, or returns every problem found.
+pub fn load(sources: &Sources) -> Result<Config, ConfigErrors> {
+    let mut problems = Vec::new();
+    let mut figment = Figment::new();
+    if let Some(path) = &sources.file {
+        match file_format(path) {
+            Ok(FileFormat::Toml) => figment = figment.merge(Toml::file_exact(path)),
+            Ok(FileFormat::Yaml) => figment = figment.merge(Yaml::file_exact(path)),
+            Err(p) => problems.push(p),
+        }
+    }
+    let (env_provider, env_problems) = env::EnvProvider::new(&sources.env);
+    problems.extend(env_problems);
+    figment = figment.merge(env_provider);
+    for (key, value) in &sources.overrides {
+        figment = figment.merge(Serialized::global(key, value.clone()));
+    }
+
+    // Unknown keys: everything provided must be a key the defaults know.
+    match figment.data() {
+        Ok(data) => {
+            let known = Figment::from(Serialized::defaults(Config::default()))
+                .data()
+                .ok()
+                .and_then(|mut d| d.remove(&figment::Profile::Default))
+                .unwrap_or_default();
+            for data in data.values() {
+                unknown_keys(data, &known, "", &mut problems);
+            }
+        }
+        Err(e) => problems.extend(figment_problems(e, "")),
+    }
+
+    // Types: each section on its own, so one bad section does not hide the others' problems.
+    let config = extract_sections(&figment, &mut problems);
+    if let Some(config) = &config {
+        problems.extend(config.validate());
+    }
+    match config {
+        Some(config) if problems.is_empty() => Ok(config),
+        _ => Err(ConfigErrors(problems)),
+    }
+}
+
+enum FileFormat {
+    Toml,
+    Yaml,
+}
+
+fn file_format(path: &Path) -> Result<FileFormat, Problem> {
+    if !path.is_file() {
+        return Err(Problem::new("--config", format!("{}: no such file", path.display())));
+    }
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("toml") => Ok(FileFormat::Toml),
+        Some("yaml" | "yml") => Ok(FileFormat::Yaml),
+        _ => Err(Problem::new(
+            "--config",
+            format!("{}: the file must end in .toml, .yaml or .yml", path.display()),
+        )),
+    }
+}
+
+/// Keys whose values are open maps (user-chosen names), not checked key by key.
+const OPEN_MAPS: &[&str] = &[];
+
+fn unknown_keys(given: &Dict, known: &Dict, prefix: &str, problems: &mut Vec<Problem>) {
+    for (key, value) in given {
+        let path = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
+        match known.get(key) {
+            None => problems.push(Problem::new(path, "unknown key")),
+            Some(Value::Dict(_, known_inner)) if !OPEN_MAPS.contains(&path.as_str()) => {
+                if let Value::Dict(_, inner) = value {
+                    unknown_keys(inner, known_inner, &path, problems);
+                }
+            }
+            Some(_) => {}
+        }
+    }
+}
+
+/// Problems of a figment error chain. `extract_inner(section)` appends the section to the error's
+/// path; `section` puts it back in front, where it belongs.
+fn figment_problems(error: figment::Error, section: &str) -> Vec<Problem> {
+    let section: Vec<String> =
+        section.split('.').filter(|s| !s.is_empty()).map(String::from).collect();
+    error
+        .into_iter()
+        .map(|e| {
+            let mut path = e.path.clone();
+            if !section.is_empty() && path.ends_with(&section) {
+                path.truncate(path.len() - section.len());
+                path.splice(0..0, section.iter().cloned());
+            }
+            let key = if path.is_empty() { "(root)".to_string() } else { path.join(".") };
+            let mut message = e.kind.to_string();
+            if let Some(source) = e.metadata.as_ref().and_then(|m| m.source.as_ref()) {
+                message = format!("{message} (from {source})");
+            }
+            Problem::new(key, message)
+        })
+        .collect()
+}
+
+/// Extracts each top-level key and section on its own, so that one bad value does not hide the
+/// problems of the others; `None` when any failed (their problems are in `problems`).
+fn extract_sections(figment: &Figment, problems: &mut Vec<Problem>) -> Option<Config> {
+    fn get<T: for<'de> Deserialize<'de>>(
+        figment: &Figment,
+        key: &str,
+        default: T,
+        problems: &mut Vec<Problem>,
+    ) -> Option<T> {
+        if !figment.contains(key) {
+            return Some(default);
+        }
+        figment.extract_inner::<T>(key).map_err(|e| problems.extend(figment_problems(e, key))).ok()
+    }
+    let d = Config::default();
+    // Every key is evaluated before any `?`, so all problems are collected.
+    let env = get(figment, "env", d.env, problems);
+    let log_level = get(figment, "log_level", d.log_level, problems);
+    let log_format = get(figment, "log_format", d.log_format, problems);
+    let redis_url = get(figment, "redis_url", d.redis_url, problems);
+    let postgres_dsn = get(figment, "postgres_dsn", d.postgres_dsn, problems);
+    let kafka_bootstrap = get(figment, "kafka_bootstrap", StringOrList::default(), problems);
+    let jwks_url = get(figment, "jwks_url", d.jwks_url, problems);
+    let auth_service_url = get(figment, "auth_service_url", d.auth_service_url, problems);
+    let entitlements_service_url =
+        get(figment, "entitlements_service_url", d.entitlements_service_url, problems);
+    let metrics_service_url = get(figment, "metrics_service_url", d.metrics_service_url, problems);
+    let enable_tracing = get(figment, "enable_tracing", d.enable_tracing, problems);
+    let otel_exporter = get(figment, "otel_exporter", d.otel_exporter, problems);
+    let server = get(figment, "server", d.server, problems);
+    let postgres = get(figment, "postgres", d.postgres, problems);
+    let redis = get(figment, "redis", d.redis, problems);
+    let kafka = get(figment, "kafka", d.kafka, problems);
+    let auth = get(figment, "auth", d.auth, problems);
+    let gateway = get(figment, "gateway", d.gateway, problems);
+    let stream = get(figment, "stream", d.stream, problems);
+    let entitlements = get(figment, "entitlements", d.entitlements, problems);
+    let metrics = get(figment, "metrics", d.metrics, problems);
+    Some(Config {
+        env: env?,
+        log_level: log_level?,
+        log_format: log_format?,
+        redis_url: redis_url?,
+        postgres_dsn: postgres_dsn?,
+        kafka_bootstrap: kafka_bootstrap?.0,
+        jwks_url: jwks_url?,
+        auth_service_url: auth_service_url?,
+        entitlements_service_url: entitlements_service_url?,
+        metrics_service_url: metrics_service_url?,
+        enable_tracing: enable_tracing?,
+        otel_exporter: otel_exporter?,
+        server: server?,
+        postgres: postgres?,
+        redis: redis?,
+        kafka: kafka?,
+        auth: auth?,
+        gateway: gateway?,
+        stream: stream?,
+        entitlements: entitlements?,
+        metrics: metrics?,
+    })
+}
+
+#[cfg(test)]
+mod tests;

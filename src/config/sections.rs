@@ -1,0 +1,374 @@
+//! The typed sections of [`super::Config`] and their validation.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+use super::{Problem, Secret};
+use crate::roles::Role;
+
+/// The deployment environment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Environment {
+    /// A developer's machine or a dev cluster: embedded backends and the dev key allowed.
+    #[default]
+    #[serde(alias = "dev", alias = "local")]
+    Development,
+    /// Pre-production.
+    Staging,
+    /// Production: every backend must be configured; no dev key.
+    #[serde(alias = "prod")]
+    Production,
+}
+
+impl Environment {
+    /// The name used in Redis keys and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Environment::Development => "development",
+            Environment::Staging => "staging",
+            Environment::Production => "production",
+        }
+    }
+}
+
+/// A `tracing` filter directive, checked when loaded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LogLevel(pub String);
+
+impl Default for LogLevel {
+    fn default() -> Self {
+        LogLevel("info".into())
+    }
+}
+
+impl<'de> Deserialize<'de> for LogLevel {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = String::deserialize(d)?;
+        tracing_subscriber::EnvFilter::try_new(&raw)
+            .map(|_| LogLevel(raw.clone()))
+            .map_err(|e| serde::de::Error::custom(format!("{raw:?} is not a log filter: {e}")))
+    }
+}
+
+/// The log line format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One JSON object per line: what the cluster's log pipeline reads.
+    #[default]
+    Json,
+    /// Human-readable lines for a terminal.
+    Text,
+}
+
+/// A list given either as a list or as a comma-separated string (`"a:9092,b:9092"`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct StringOrList(pub Vec<String>);
+
+impl<'de> Deserialize<'de> for StringOrList {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            One(String),
+            Many(Vec<String>),
+        }
+        Ok(StringOrList(match Raw::deserialize(d)? {
+            Raw::One(s) => {
+                s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect()
+            }
+            Raw::Many(v) => v,
+        }))
+    }
+}
+
+/// What every listener shares: edge limits, timeouts and the shutdown sequence.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to bind; roles bind all interfaces by default.
+    pub host: IpAddr,
+    /// A connection that has not sent its request head in this time is closed.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Largest request head (request line and headers) accepted, bytes.
+    pub max_header_bytes: usize,
+    /// Largest request body accepted, bytes; larger is 413.
+    pub max_body_bytes: usize,
+    /// Requests served at once; beyond it, 503 at once instead of an unbounded queue.
+    pub max_concurrency: usize,
+    /// After SIGTERM: report not-ready and keep serving this long, so load balancers move away.
+    #[serde(with = "humantime_serde")]
+    pub grace_period: Duration,
+    /// Then: stop accepting, and give in-flight work this long to finish.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    /// Each readiness check must answer within this.
+    #[serde(with = "humantime_serde")]
+    pub ready_check_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            host: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            header_read_timeout: Duration::from_secs(10),
+            max_header_bytes: 64 * 1024,
+            max_body_bytes: 1024 * 1024,
+            max_concurrency: 1024,
+            grace_period: Duration::from_secs(5),
+            drain_timeout: Duration::from_secs(20),
+            ready_check_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+impl ServerConfig {
+    pub(super) fn validate(&self) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        if self.max_header_bytes < 8192 {
+            problems.push(Problem::new("server.max_header_bytes", "must be at least 8192"));
+        }
+        if self.max_body_bytes == 0 {
+            problems.push(Problem::new("server.max_body_bytes", "must be greater than 0"));
+        }
+        if self.max_concurrency == 0 {
+            problems.push(Problem::new("server.max_concurrency", "must be greater than 0"));
+        }
+        if self.header_read_timeout.is_zero() {
+            problems.push(Problem::new("server.header_read_timeout", "must be greater than 0"));
+        }
+        if self.ready_check_timeout.is_zero() {
+            problems.push(Problem::new("server.ready_check_timeout", "must be greater than 0"));
+        }
+        problems
+    }
+}
+
+/// PostgreSQL pool settings (the DSN is the top-level `postgres_dsn`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// Connections per replica.
+    pub pool_size: usize,
+    /// How long to wait for a connection.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// A CA bundle (PEM) to trust for `sslmode=require`, besides the system's.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        PostgresConfig { pool_size: 16, connect_timeout: Duration::from_secs(5), ca_file: None }
+    }
+}
+
+impl PostgresConfig {
+    pub(super) fn validate(&self) -> Vec<Problem> {
+        let mut problems = check_file("postgres.ca_file", self.ca_file.as_ref());
+        if self.pool_size == 0 {
+            problems.push(Problem::new("postgres.pool_size", "must be greater than 0"));
+        }
+        problems
+    }
+}
+
+/// Redis client settings (the URL is the top-level `redis_url`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// How long to wait for the connection at start-up and for each command.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig { timeout: Duration::from_secs(2) }
+    }
+}
+
+/// Kafka client settings (the brokers are the top-level `kafka_bootstrap`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Connect with TLS (system roots, plus `ca_file` when set).
+    pub tls: bool,
+    /// A CA bundle (PEM) to trust, besides the system's.
+    pub ca_file: Option<PathBuf>,
+    /// SASL mechanism; unset means no SASL.
+    pub sasl_mechanism: Option<SaslMechanism>,
+    /// SASL user name.
+    pub sasl_username: Option<String>,
+    /// SASL password (or `ACCESS_KAFKA__SASL_PASSWORD_FILE`).
+    pub sasl_password: Option<Secret>,
+    /// Client id sent to the broker.
+    pub client_id: String,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            tls: false,
+            ca_file: None,
+            sasl_mechanism: None,
+            sasl_username: None,
+            sasl_password: None,
+            client_id: "access".into(),
+        }
+    }
+}
+
+/// The SASL mechanisms rskafka speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING-KEBAB-CASE")]
+pub enum SaslMechanism {
+    /// `PLAIN` (only over TLS).
+    Plain,
+    /// `SCRAM-SHA-256`.
+    ScramSha256,
+    /// `SCRAM-SHA-512`.
+    ScramSha512,
+}
+
+impl KafkaConfig {
+    pub(super) fn validate(&self) -> Vec<Problem> {
+        let mut problems = check_file("kafka.ca_file", self.ca_file.as_ref());
+        if self.sasl_mechanism.is_some()
+            && (self.sasl_username.is_none() || self.sasl_password.is_none())
+        {
+            problems.push(Problem::new(
+                "kafka.sasl_username",
+                "sasl_mechanism needs both sasl_username and sasl_password",
+            ));
+        }
+        if self.sasl_mechanism == Some(SaslMechanism::Plain) && !self.tls {
+            problems.push(Problem::new(
+                "kafka.tls",
+                "SASL PLAIN sends the password in clear; enable tls",
+            ));
+        }
+        if self.ca_file.is_some() && !self.tls {
+            problems.push(Problem::new("kafka.ca_file", "set, but kafka.tls is false"));
+        }
+        problems
+    }
+}
+
+/// The one `auth` section every role reads (`docs/contracts.md`, Identity), and the auth role's port.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// The auth role's port.
+    pub port: u16,
+    /// Exact `iss` required of tokens; unset accepts any issuer (dev mode only).
+    pub issuer: Option<String>,
+    /// Our client id: `aud` must contain it, or `azp` equal it.
+    pub audience: Option<String>,
+    /// The signing algorithms accepted.
+    pub algorithms: Vec<String>,
+    /// Clock skew allowed on `exp`, `nbf`, `iat`.
+    #[serde(with = "humantime_serde")]
+    pub leeway: Duration,
+    /// The role that grants administration.
+    pub admin_role: String,
+    /// The role that marks a service caller.
+    pub service_role: String,
+    /// Tenant given to tokens without a `tenant_id` claim; unset refuses them.
+    pub default_tenant: Option<String>,
+    /// The dev signing key (dev mode only); default under the user's data directory.
+    pub dev_key_file: Option<PathBuf>,
+    /// Client-credentials token URL for service tokens; unset signs them with the dev key.
+    pub token_url: Option<url::Url>,
+    /// Client id for client credentials.
+    pub client_id: Option<String>,
+    /// Client secret for client credentials (or `ACCESS_AUTH__CLIENT_SECRET_FILE`).
+    pub client_secret: Option<Secret>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            port: Role::Auth.default_port(),
+            issuer: None,
+            audience: None,
+            algorithms: vec!["RS256".into(), "ES256".into()],
+            leeway: Duration::from_secs(60),
+            admin_role: "admin".into(),
+            service_role: "service".into(),
+            default_tenant: None,
+            dev_key_file: None,
+            token_url: None,
+            client_id: None,
+            client_secret: None,
+        }
+    }
+}
+
+/// Algorithms we can verify; `none` and HMAC are never accepted.
+pub const SUPPORTED_ALGORITHMS: &[&str] =
+    &["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA"];
+
+impl AuthConfig {
+    pub(super) fn validate(&self, env: Environment) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        if self.algorithms.is_empty() {
+            problems.push(Problem::new("auth.algorithms", "must name at least one algorithm"));
+        }
+        for alg in &self.algorithms {
+            if !SUPPORTED_ALGORITHMS.contains(&alg.as_str()) {
+                problems.push(Problem::new(
+                    "auth.algorithms",
+                    format!("{alg:?} is not allowed (one of {})", SUPPORTED_ALGORITHMS.join(", ")),
+                ));
+            }
+        }
+        if env == Environment::Production {
+            if self.issuer.is_none() {
+                problems.push(Problem::new("auth.issuer", "required when ACCESS_ENV=production"));
+            }
+            if self.audience.is_none() {
+                problems.push(Problem::new("auth.audience", "required when ACCESS_ENV=production"));
+            }
+        }
+        if self.token_url.is_some() && (self.client_id.is_none() || self.client_secret.is_none()) {
+            problems.push(Problem::new(
+                "auth.client_id",
+                "token_url needs client_id and client_secret",
+            ));
+        }
+        problems
+    }
+}
+
+/// Where a role listens. Roles that have their own section replace this with their `Config`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleListen {
+    /// The role's port.
+    pub port: u16,
+}
+
+impl RoleListen {
+    /// The role's default port.
+    pub fn new(role: Role) -> Self {
+        RoleListen { port: role.default_port() }
+    }
+}
+
+/// A file the configuration points to must exist and be readable.
+fn check_file(key: &str, path: Option<&PathBuf>) -> Vec<Problem> {
+    match path {
+        Some(p) => match std::fs::metadata(p) {
+            Ok(m) if m.is_file() => Vec::new(),
+            Ok(_) => vec![Problem::new(key, format!("{} is not a file", p.display()))],
+            Err(e) => vec![Problem::new(key, format!("{}: {e}", p.display()))],
+        },
+        None => Vec::new(),
+    }
+}

@@ -1,0 +1,18 @@
+//! The 254Carbon Access Layer: the edge of the market-data platform, one binary with five roles.
+//!
+//! - [`cli`]: the subcommands and the one dispatch from a role to its module.
+//! - [`config`]: typed, layered, validated configuration (figment; `ACCESS_*` env).
+//! - [`error`]: the closed set of error codes and their one mapping to HTTP.
+//! - [`telemetry`]: JSON logs, the Prometheus registry, metric names.
+//! - [`server`]: what every role reuses: serve on a bound listener, health/readiness, shutdown,
+//!   common layers.
+//! - [`backends`]: Redis, PostgreSQL and Kafka connections with readiness checks.
+//! - [`roles`]: the roles, each `Config -> build -> State -> router -> run`.
+
+pub mod backends;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod roles;
+pub mod server;
+pub mod telemetry;

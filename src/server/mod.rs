@@ -1,0 +1,191 @@
+//! What every role reuses: the [`Context`] handed to a role, [`app`] (the common routes and layers
+//! around a role's router) and [`serve`] (HTTP on an already-bound listener until shutdown).
+//!
+//! Servers never bind or read the environment: production binds in `cli.rs`, tests bind
+//! `127.0.0.1:0`.
+
+pub mod layers;
+mod readiness;
+mod shutdown;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{middleware, Json, Router};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tower::ServiceExt;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+
+pub use readiness::{CheckResult, Readiness, ReadyCheck, Report};
+pub use shutdown::Shutdown;
+
+use crate::config::Config;
+use crate::error::{ApiError, ErrorCode};
+use crate::roles::Role;
+use crate::telemetry;
+
+/// What a role is given besides its own config: shared config, shutdown, readiness, metrics.
+#[derive(Clone)]
+pub struct Context {
+    /// The role this context serves (the `role` label of its metrics).
+    pub role: Role,
+    /// The whole validated configuration.
+    pub config: Arc<Config>,
+    /// The process's shutdown state.
+    pub shutdown: Shutdown,
+    /// This role's readiness.
+    pub readiness: Readiness,
+    /// The process's Prometheus registry, rendered by `/metrics`.
+    pub metrics: PrometheusHandle,
+}
+
+impl Context {
+    /// A context for `role`; installs the process's metrics recorder if it is not yet.
+    pub fn new(role: Role, config: Arc<Config>, shutdown: Shutdown) -> Self {
+        let readiness = Readiness::new(shutdown.clone(), config.server.ready_check_timeout);
+        let metrics = telemetry::metrics_handle();
+        telemetry::record_build_info(role);
+        Context { role, config, shutdown, readiness, metrics }
+    }
+}
+
+/// The role's router wrapped with `/health`, `/ready`, `/metrics`, JSON 404/405 and the shared
+/// layers (request id, trace span and metrics, load shedding, body limit).
+pub fn app(ctx: &Context, role_router: Router) -> Router {
+    let server = &ctx.config.server;
+    let common = Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(render_metrics))
+        .with_state(ctx.clone());
+    role_router
+        .merge(common)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(server.max_body_bytes))
+        .layer(middleware::from_fn_with_state(server.max_body_bytes, layers::limit_body))
+        .layer(middleware::from_fn_with_state(
+            layers::Shed {
+                role: ctx.role,
+                permits: Arc::new(Semaphore::new(server.max_concurrency)),
+            },
+            layers::shed,
+        ))
+        .layer(middleware::from_fn_with_state(layers::Observe { role: ctx.role }, layers::observe))
+        .layer(PropagateRequestIdLayer::new(layers::REQUEST_ID.clone()))
+        .layer(SetRequestIdLayer::new(layers::REQUEST_ID.clone(), MakeRequestUuid))
+}
+
+/// Serves `app` on `listener` until the context's shutdown stops it, then drains in-flight
+/// connections under `server.drain_timeout`. Each connection gets its peer address as
+/// [`ConnectInfo`]; HTTP/1.1 upgrades (WebSocket) are supported.
+pub async fn serve(listener: TcpListener, app: Router, ctx: &Context) -> std::io::Result<()> {
+    let server = &ctx.config.server;
+    let addr = listener.local_addr()?;
+    tracing::info!(role = %ctx.role, addr = %addr, "listening");
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(server.header_read_timeout)
+        .max_buf_size(server.max_header_bytes);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(server.max_header_bytes).unwrap_or(u32::MAX));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of file descriptors and friends: back off instead of spinning.
+                    tracing::warn!(role = %ctx.role, error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = ctx.shutdown.stopping() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = app.clone().map_request(move |mut req: Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+            req
+        });
+        let connection = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service))
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => tracing::info!(role = %ctx.role, "drained"),
+        _ = tokio::time::sleep(server.drain_timeout) => {
+            tracing::warn!(role = %ctx.role, deadline = ?server.drain_timeout,
+                "drain deadline passed; closing the remaining connections");
+        }
+    }
+    Ok(())
+}
+
+async fn health(State(ctx): State<Context>) -> Response {
+    Json(json!({
+        "status": "ok",
+        "service": ctx.role.service_name(),
+        "role": ctx.role,
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_seconds": ctx.readiness.uptime().as_secs(),
+    }))
+    .into_response()
+}
+
+async fn ready(State(ctx): State<Context>) -> Response {
+    let report = ctx.readiness.report().await;
+    if report.is_ready() {
+        return Json(json!({ "status": report.status, "checks": report.checks })).into_response();
+    }
+    let failing: Vec<_> = report.checks.iter().filter(|c| !c.ok).map(|c| c.name).collect();
+    let message = match report.status {
+        "draining" => "shutting down".to_string(),
+        "starting" => "start-up work is not done".to_string(),
+        _ => format!("not ready: {} unavailable", failing.join(", ")),
+    };
+    let body = json!({
+        "status": report.status,
+        "code": ErrorCode::DependencyUnavailable,
+        "message": message,
+        "failing": failing,
+        "checks": report.checks,
+    });
+    (http::StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+}
+
+async fn render_metrics(State(ctx): State<Context>) -> Response {
+    (
+        [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        ctx.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such route")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(ErrorCode::MethodNotAllowed, "method not allowed on this route")
+}

@@ -1,0 +1,126 @@
+//! Liveness is cheap, readiness is honest.
+//!
+//! `/health` never touches a dependency. `/ready` answers 200 only when start-up work is done, the
+//! process is not draining, and every registered dependency check passes within its timeout; else
+//! 503 naming each failing one.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use serde::Serialize;
+
+use super::Shutdown;
+
+/// A dependency check: `Ok` when the dependency answers.
+pub trait ReadyCheck: Send + Sync {
+    /// Checks once; the error names what is wrong, without secrets.
+    fn check(&self) -> BoxFuture<'_, Result<(), String>>;
+}
+
+impl<F> ReadyCheck for F
+where
+    F: Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync,
+{
+    fn check(&self) -> BoxFuture<'_, Result<(), String>> {
+        self()
+    }
+}
+
+/// The readiness of one role: its checks, whether start-up is done, and the shutdown state.
+#[derive(Clone)]
+pub struct Readiness {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// Written at start-up, read per probe: a std lock held only to clone the list.
+    checks: RwLock<Vec<(&'static str, Arc<dyn ReadyCheck>)>>,
+    started: AtomicBool,
+    shutdown: Shutdown,
+    timeout: Duration,
+    since: Instant,
+}
+
+/// What `/ready` reports.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// `ready`, `starting`, `draining` or `not_ready`.
+    pub status: &'static str,
+    /// Each check by name: `ok` or the error.
+    pub checks: Vec<CheckResult>,
+}
+
+/// One check's outcome.
+#[derive(Debug, Serialize)]
+pub struct CheckResult {
+    /// The dependency (`redis`, `postgres`, `kafka`, `jwks`, ...).
+    pub name: &'static str,
+    /// Whether it answered.
+    pub ok: bool,
+    /// Why not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Report {
+    /// Whether the role is ready.
+    pub fn is_ready(&self) -> bool {
+        self.status == "ready"
+    }
+}
+
+impl Readiness {
+    /// Readiness that is "starting" until [`Readiness::mark_started`].
+    pub fn new(shutdown: Shutdown, timeout: Duration) -> Self {
+        Readiness {
+            inner: Arc::new(Inner {
+                checks: RwLock::new(Vec::new()),
+                started: AtomicBool::new(false),
+                shutdown,
+                timeout,
+                since: Instant::now(),
+            }),
+        }
+    }
+
+    /// Registers a dependency check under a name.
+    pub fn add_check(&self, name: &'static str, check: impl ReadyCheck + 'static) {
+        let mut checks = self.inner.checks.write().unwrap_or_else(|p| p.into_inner());
+        checks.push((name, Arc::new(check)));
+    }
+
+    /// Start-up work is done.
+    pub fn mark_started(&self) {
+        self.inner.started.store(true, Ordering::Release);
+    }
+
+    /// How long since this role began starting.
+    pub fn uptime(&self) -> Duration {
+        self.inner.since.elapsed()
+    }
+
+    /// Runs every check concurrently, each under the timeout.
+    pub async fn report(&self) -> Report {
+        let checks: Vec<_> = self.inner.checks.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let results = futures::future::join_all(checks.iter().map(|(name, check)| async move {
+            let outcome = match tokio::time::timeout(self.inner.timeout, check.check()).await {
+                Ok(outcome) => outcome,
+                Err(_) => Err(format!("no answer within {:?}", self.inner.timeout)),
+            };
+            CheckResult { name, ok: outcome.is_ok(), error: outcome.err() }
+        }))
+        .await;
+        let status = if self.inner.shutdown.is_draining() {
+            "draining"
+        } else if !self.inner.started.load(Ordering::Acquire) {
+            "starting"
+        } else if results.iter().all(|r| r.ok) {
+            "ready"
+        } else {
+            "not_ready"
+        };
+        Report { status, checks: results }
+    }
+}

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Installs and starts what the tests need that is not already running:
+#   - the tansu broker (cargo install, reused when present), started on $ACCESS_TEST_KAFKA_PORT
+#     with in-memory storage;
+#   - PostgreSQL and Redis: checked, and started with this machine kind's own commands if down.
+# Writes $CARGO_TARGET_DIR/test-services.env for `make test` to source. Idempotent.
+set -euo pipefail
+
+TANSU_VERSION=0.6.0
+KAFKA_PORT=${ACCESS_TEST_KAFKA_PORT:-19092}
+STATE_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/access/target}
+mkdir -p "$STATE_DIR"
+ENV_FILE="$STATE_DIR/test-services.env"
+export PATH="$HOME/.cargo/bin:$PATH"
+
+say() { echo "services: $*" >&2; }
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+wait_port() {
+  local port=$1 what=$2
+  for _ in $(seq 1 100); do
+    port_open "$port" && return 0
+    sleep 0.1
+  done
+  say "$what did not open port $port"; return 1
+}
+
+# --- tansu -------------------------------------------------------------------------------------
+if ! tansu --version 2>/dev/null | grep -q "$TANSU_VERSION"; then
+  say "installing tansu $TANSU_VERSION (first time only: about 9 minutes)"
+  cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore,libsql
+fi
+if port_open "$KAFKA_PORT"; then
+  say "a broker already listens on $KAFKA_PORT; reusing it"
+else
+  say "starting tansu on 127.0.0.1:$KAFKA_PORT (memory storage)"
+  nohup tansu broker \
+    --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+    --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+    --storage-engine "memory://tansu/" \
+    >"$STATE_DIR/tansu.log" 2>&1 &
+  wait_port "$KAFKA_PORT" tansu || { tail -20 "$STATE_DIR/tansu.log" >&2; exit 1; }
+fi
+
+# --- PostgreSQL --------------------------------------------------------------------------------
+if ! pg_isready -q -h 127.0.0.1 -p 5432; then
+  say "starting PostgreSQL"
+  pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main start
+  for _ in $(seq 1 50); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 0.2; done
+fi
+pg_isready -h 127.0.0.1 -p 5432 >/dev/null || { say "PostgreSQL does not answer on 5432"; exit 1; }
+
+# --- Redis -------------------------------------------------------------------------------------
+if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
+  say "starting Redis"
+  mkdir -p /var/lib/redis /var/log/redis
+  redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
+    --dir /var/lib/redis --logfile /var/log/redis/ci.log
+  wait_port 6379 redis
+fi
+redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null || { say "Redis does not answer on 6379"; exit 1; }
+
+cat >"$ENV_FILE" <<ENV
+export ACCESS_TEST_KAFKA=127.0.0.1:$KAFKA_PORT
+export ACCESS_TEST_TANSU=$(command -v tansu)
+ENV
+say "ready: kafka 127.0.0.1:$KAFKA_PORT, postgres 127.0.0.1:5432, redis 127.0.0.1:6379"
