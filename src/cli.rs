@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use tokio::net::TcpListener;
 
 use crate::config::{self, Config, Sources};
-use crate::roles::Role;
+use crate::roles::{self, Role};
 use crate::server::{Context, Shutdown};
 use crate::telemetry;
 
@@ -53,6 +53,25 @@ pub enum Command {
     CheckConfig,
     /// Print the effective configuration (secrets redacted) as JSON.
     PrintConfig,
+    /// Print a dev-mode token signed by the dev key (dev mode only: no ACCESS_JWKS_URL).
+    Token(TokenArgs),
+}
+
+/// Options of `access token`.
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    /// The subject (`sub`).
+    #[arg(long)]
+    pub sub: String,
+    /// The tenant (`tenant_id`).
+    #[arg(long)]
+    pub tenant: String,
+    /// Roles, comma-separated (`trader,admin`).
+    #[arg(long, value_delimiter = ',')]
+    pub roles: Vec<String>,
+    /// Lifetime (`30m`, `1h`).
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub ttl: std::time::Duration,
 }
 
 /// Options of a role subcommand.
@@ -109,6 +128,7 @@ pub async fn run(cli: Cli, env: BTreeMap<String, String>) -> ExitCode {
                 ExitCode::from(EXIT_FAILURE)
             }
         },
+        (Command::Token(args), Ok(config)) => print_token(args, &config),
         (_, Err(errors)) => {
             eprintln!("configuration has {} problem(s):", errors.0.len());
             for problem in &errors.0 {
@@ -121,6 +141,34 @@ pub async fn run(cli: Cli, env: BTreeMap<String, String>) -> ExitCode {
             let config = Arc::new(config);
             telemetry::init_logging(&config);
             serve_role(role, config).await
+        }
+    }
+}
+
+fn print_token(args: &TokenArgs, config: &Config) -> ExitCode {
+    if config.jwks_url.is_some() || config.env == crate::config::Environment::Production {
+        eprintln!("error: `access token` works in dev mode only (no ACCESS_JWKS_URL, ACCESS_ENV not production); get tokens from the identity provider");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let path = config.auth.dev_key_path();
+    let issued = crate::auth::devkey::DevKey::load_or_create(&path).and_then(|key| {
+        key.issue(&crate::auth::devkey::TokenRequest {
+            subject: &args.sub,
+            tenant: &args.tenant,
+            roles: &args.roles,
+            ttl: args.ttl,
+            issuer: config.auth.issuer.as_deref(),
+            audience: config.auth.audience.as_deref(),
+        })
+    });
+    match issued {
+        Ok(token) => {
+            println!("{token}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: dev key {}: {e}", path.display());
+            ExitCode::from(EXIT_FAILURE)
         }
     }
 }
@@ -165,13 +213,17 @@ pub enum RunError {
     Other(#[from] anyhow::Error),
 }
 
-/// The one dispatch from a role to its module.
+/// The one dispatch from a role to its module: build the role's state (I/O, no binding), then run
+/// it on the listener.
 pub async fn start(role: Role, listener: TcpListener, ctx: Context) -> Result<(), RunError> {
     match role {
-        Role::Gateway | Role::Stream | Role::Auth | Role::Entitlements | Role::Metrics => {
-            Err(RunError::Other(anyhow::anyhow!(
-                "the {role} role has not landed yet; `access --help` lists what runs"
-            )))
+        Role::Auth => {
+            let auth = crate::auth::Auth::build(&ctx).await?;
+            let state = roles::auth::build(&ctx, auth);
+            roles::auth::run(listener, state, ctx).await
         }
+        Role::Gateway | Role::Stream | Role::Entitlements | Role::Metrics => Err(RunError::Other(
+            anyhow::anyhow!("the {role} role has not landed yet; `access auth` runs today"),
+        )),
     }
 }

@@ -7,8 +7,10 @@
 //! - [`server`]: what every role reuses: serve on a bound listener, health/readiness, shutdown,
 //!   common layers.
 //! - [`backends`]: Redis, PostgreSQL and Kafka connections with readiness checks.
+//! - [`auth`]: in-process JWT verification, revocation, dev key, service tokens.
 //! - [`roles`]: the roles, each `Config -> build -> State -> router -> run`.
 
+pub mod auth;
 pub mod backends;
 pub mod cli;
 pub mod config;

@@ -10,20 +10,47 @@ use crate::config::{RedisConfig, SecretUrl};
 /// A connected client. fred multiplexes commands over one connection and reconnects by itself.
 pub type Client = fred::clients::Client;
 
-/// Connects, waiting at most `config.timeout` for the first connection.
-pub async fn connect(url: &SecretUrl, config: &RedisConfig) -> Result<Client, BackendError> {
-    let err = |m: &dyn std::fmt::Display| BackendError::new("redis", url.redacted(), m);
-    let fred_config = FredConfig::from_url(url.expose().as_str()).map_err(|e| err(&e))?;
-    let client = Builder::from_config(fred_config)
+/// A client for pub/sub subscriptions (a connection of its own, as Redis requires).
+pub type SubscriberClient = fred::clients::SubscriberClient;
+
+fn builder(url: &SecretUrl, config: &RedisConfig) -> Result<Builder, BackendError> {
+    let fred_config = FredConfig::from_url(url.expose().as_str())
+        .map_err(|e| BackendError::new("redis", url.redacted(), e))?;
+    let mut builder = Builder::from_config(fred_config);
+    builder
         .with_connection_config(|c| {
             c.connection_timeout = config.timeout;
             c.internal_command_timeout = config.timeout;
         })
         .with_performance_config(|p| p.default_command_timeout = config.timeout)
         // Reconnect forever with capped backoff: an outage must heal without a restart.
-        .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
-        .build()
-        .map_err(|e| err(&e))?;
+        .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2));
+    Ok(builder)
+}
+
+/// Connects, waiting at most `config.timeout` for the first connection.
+pub async fn connect(url: &SecretUrl, config: &RedisConfig) -> Result<Client, BackendError> {
+    let err = |m: &dyn std::fmt::Display| BackendError::new("redis", url.redacted(), m);
+    let client = builder(url, config)?.build().map_err(|e| err(&e))?;
+    init(client, url, config).await
+}
+
+/// Connects a subscriber client.
+pub async fn subscriber(
+    url: &SecretUrl,
+    config: &RedisConfig,
+) -> Result<SubscriberClient, BackendError> {
+    let err = |m: &dyn std::fmt::Display| BackendError::new("redis", url.redacted(), m);
+    let client = builder(url, config)?.build_subscriber_client().map_err(|e| err(&e))?;
+    init(client, url, config).await
+}
+
+async fn init<C: ClientLike>(
+    client: C,
+    url: &SecretUrl,
+    config: &RedisConfig,
+) -> Result<C, BackendError> {
+    let err = |m: &dyn std::fmt::Display| BackendError::new("redis", url.redacted(), m);
     match tokio::time::timeout(config.timeout, client.init()).await {
         Ok(Ok(_task)) => Ok(client),
         Ok(Err(e)) => {

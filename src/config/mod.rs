@@ -118,9 +118,9 @@ impl Config {
         }
     }
 
-    /// The Redis key prefix of this environment: `access:<env>:` (`docs/contracts.md`).
+    /// The Redis key prefix: `access:<env>:` (`docs/contracts.md`) unless `redis.prefix` is set.
     pub fn redis_prefix(&self) -> String {
-        format!("access:{}:", self.env.as_str())
+        self.redis.prefix.clone().unwrap_or_else(|| format!("access:{}:", self.env.as_str()))
     }
 
     /// Semantic checks that types cannot express; every problem names its key.
@@ -295,7 +295,12 @@ pub fn load(sources: &Sources) -> Result<Config, ConfigErrors> {
     }
 
     // Types: each section on its own, so one bad section does not hide the others' problems.
-    let config = extract_sections(&figment, &mut problems);
+    let mut config = extract_sections(&figment, &mut problems);
+    if let Some(config) = &mut config {
+        if config.auth.dev_key_file.is_none() {
+            config.auth.dev_key_file = default_dev_key_file(&sources.env);
+        }
+    }
     if let Some(config) = &config {
         problems.extend(config.validate());
     }
@@ -303,6 +308,16 @@ pub fn load(sources: &Sources) -> Result<Config, ConfigErrors> {
         Some(config) if problems.is_empty() => Ok(config),
         _ => Err(ConfigErrors(problems)),
     }
+}
+
+/// The dev key's default home: `$XDG_DATA_HOME/access/dev-key.json`, else
+/// `$HOME/.local/share/access/dev-key.json`.
+fn default_dev_key_file(env: &BTreeMap<String, String>) -> Option<PathBuf> {
+    let data = match env.get("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(env.get("HOME").filter(|h| !h.is_empty())?).join(".local/share"),
+    };
+    Some(data.join("access").join("dev-key.json"))
 }
 
 enum FileFormat {

@@ -185,11 +185,13 @@ pub struct RedisConfig {
     /// How long to wait for the connection at start-up and for each command.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    /// Key prefix; default `access:<env>:`. Set it to keep two layers (or tests) apart on one Redis.
+    pub prefix: Option<String>,
 }
 
 impl Default for RedisConfig {
     fn default() -> Self {
-        RedisConfig { timeout: Duration::from_secs(2) }
+        RedisConfig { timeout: Duration::from_secs(2), prefix: None }
     }
 }
 
@@ -289,6 +291,20 @@ pub struct AuthConfig {
     pub client_id: Option<String>,
     /// Client secret for client credentials (or `ACCESS_AUTH__CLIENT_SECRET_FILE`).
     pub client_secret: Option<Secret>,
+    /// How often the JWKS is refetched.
+    #[serde(with = "humantime_serde")]
+    pub jwks_refresh: Duration,
+    /// At most one unknown-kid refetch per this interval.
+    #[serde(with = "humantime_serde")]
+    pub jwks_cooldown: Duration,
+    /// Timeout of a JWKS or token-endpoint request.
+    #[serde(with = "humantime_serde")]
+    pub jwks_timeout: Duration,
+    /// Verified tokens cached per process.
+    pub cache_capacity: usize,
+    /// The longest token lifetime the IdP issues: how long a user revocation is kept.
+    #[serde(with = "humantime_serde")]
+    pub max_token_lifetime: Duration,
 }
 
 impl Default for AuthConfig {
@@ -306,6 +322,11 @@ impl Default for AuthConfig {
             token_url: None,
             client_id: None,
             client_secret: None,
+            jwks_refresh: Duration::from_secs(300),
+            jwks_cooldown: Duration::from_secs(10),
+            jwks_timeout: Duration::from_secs(5),
+            cache_capacity: 100_000,
+            max_token_lifetime: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -315,6 +336,25 @@ pub const SUPPORTED_ALGORITHMS: &[&str] =
     &["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA"];
 
 impl AuthConfig {
+    /// The claim rules verifiers apply.
+    pub fn claim_rules(&self) -> crate::auth::ClaimRules {
+        crate::auth::ClaimRules {
+            issuer: self.issuer.clone(),
+            audience: self.audience.clone(),
+            leeway: self.leeway.as_secs(),
+            default_tenant: self.default_tenant.clone(),
+            service_role: self.service_role.clone(),
+        }
+    }
+
+    /// The dev key file: the configured one, else under the user's data directory (filled in by
+    /// the loader from `XDG_DATA_HOME` or `HOME`), else the system's temporary directory.
+    pub fn dev_key_path(&self) -> PathBuf {
+        self.dev_key_file
+            .clone()
+            .unwrap_or_else(|| std::env::temp_dir().join("access-dev-key.json"))
+    }
+
     pub(super) fn validate(&self, env: Environment) -> Vec<Problem> {
         let mut problems = Vec::new();
         if self.algorithms.is_empty() {
@@ -334,6 +374,16 @@ impl AuthConfig {
             }
             if self.audience.is_none() {
                 problems.push(Problem::new("auth.audience", "required when ACCESS_ENV=production"));
+            }
+        }
+        if self.cache_capacity == 0 {
+            problems.push(Problem::new("auth.cache_capacity", "must be greater than 0"));
+        }
+        if let Some(path) = &self.dev_key_file {
+            if path.exists() {
+                if let Err(e) = crate::auth::devkey::DevKey::load_or_create(path) {
+                    problems.push(Problem::new("auth.dev_key_file", e));
+                }
             }
         }
         if self.token_url.is_some() && (self.client_id.is_none() || self.client_secret.is_none()) {

@@ -2,6 +2,8 @@
 //! `Config` (data) -> `build(config, ctx)` does I/O and binds nothing -> `State` (cheap-clone
 //! handles) -> `router(state)` is pure -> `run(listener, state, ctx)`.
 
+pub mod auth;
+
 use std::fmt;
 
 use serde::Serialize;

@@ -1,0 +1,200 @@
+//! The dev signing key: one ES256 key in a file, shared by every `access` process on a machine so
+//! separate processes agree (dev mode only; `ACCESS_ENV=production` refuses it).
+//!
+//! Created atomically by whichever process needs it first: the key is written to a private
+//! temporary file and hard-linked into place, which fails if another process won the race, in
+//! which case that process's key is read instead.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use josekit::jwk::{Jwk, KeyPair};
+use josekit::jws::alg::ecdsa::EcdsaJwsSigner;
+use josekit::jws::{JwsHeader, ES256};
+use josekit::jwt::{self, JwtPayload};
+use serde_json::{json, Map, Value};
+
+use super::jwks::KeySet;
+use super::unix_now;
+
+/// The issuer of dev tokens when `auth.issuer` is not set.
+pub const DEV_ISSUER: &str = "access-dev";
+
+/// The dev key: its signer and its public JWK.
+pub struct DevKey {
+    path: PathBuf,
+    signer: EcdsaJwsSigner,
+    public: Jwk,
+}
+
+impl std::fmt::Debug for DevKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DevKey")
+            .field("path", &self.path)
+            .field("kid", &self.kid())
+            .finish_non_exhaustive()
+    }
+}
+
+impl DevKey {
+    /// Reads the key at `path`, creating it first if there is none.
+    pub fn load_or_create(path: &Path) -> Result<DevKey, String> {
+        if !path.exists() {
+            create(path)?;
+        }
+        let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let private =
+            Jwk::from_bytes(&bytes).map_err(|e| format!("{}: not a JWK: {e}", path.display()))?;
+        let signer = ES256
+            .signer_from_jwk(&private)
+            .map_err(|e| format!("{}: not an ES256 key: {e}", path.display()))?;
+        let mut public = private.to_public_key().map_err(|e| e.to_string())?;
+        public.set_key_use("sig");
+        public.set_algorithm("ES256");
+        // josekit's public half drops the key id; tokens name the key by it.
+        if let Some(kid) = private.key_id() {
+            public.set_key_id(kid);
+        }
+        Ok(DevKey { path: path.to_path_buf(), signer, public })
+    }
+
+    /// The key id.
+    pub fn kid(&self) -> Option<&str> {
+        self.public.key_id()
+    }
+
+    /// Where the key lives.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The public JWKS document (`/.well-known/jwks.json`).
+    pub fn jwks(&self) -> Value {
+        json!({ "keys": [Value::Object(self.public.as_ref().clone())] })
+    }
+
+    /// The key set verifiers use in dev mode.
+    pub fn key_set(&self) -> KeySet {
+        KeySet::from_jwks(self.jwks().to_string().as_bytes(), &["ES256".to_string()])
+            .unwrap_or_default()
+    }
+
+    /// Signs these claims as a JWT.
+    pub fn sign(&self, claims: Map<String, Value>) -> Result<String, String> {
+        let payload = JwtPayload::from_map(claims).map_err(|e| e.to_string())?;
+        let mut header = JwsHeader::new();
+        header.set_token_type("JWT");
+        if let Some(kid) = self.kid() {
+            header.set_key_id(kid);
+        }
+        jwt::encode_with_signer(&payload, &header, &self.signer).map_err(|e| e.to_string())
+    }
+
+    /// A token for `subject` in `tenant` with `roles`, valid for `ttl`.
+    pub fn issue(&self, request: &TokenRequest<'_>) -> Result<String, String> {
+        let now = unix_now();
+        let mut claims = Map::new();
+        claims.insert("sub".into(), json!(request.subject));
+        claims.insert("tenant_id".into(), json!(request.tenant));
+        claims.insert("roles".into(), json!(request.roles));
+        claims.insert("iss".into(), json!(request.issuer.unwrap_or(DEV_ISSUER)));
+        if let Some(aud) = request.audience {
+            claims.insert("aud".into(), json!(aud));
+            claims.insert("azp".into(), json!(aud));
+        }
+        claims.insert("iat".into(), json!(now));
+        claims.insert("exp".into(), json!(now + request.ttl.as_secs()));
+        claims.insert("jti".into(), json!(uuid::Uuid::new_v4().to_string()));
+        self.sign(claims)
+    }
+}
+
+/// What a dev token says.
+#[derive(Debug, Clone)]
+pub struct TokenRequest<'a> {
+    /// `sub`.
+    pub subject: &'a str,
+    /// `tenant_id`.
+    pub tenant: &'a str,
+    /// `roles`.
+    pub roles: &'a [String],
+    /// Lifetime.
+    pub ttl: Duration,
+    /// `iss`; the dev issuer when `None`.
+    pub issuer: Option<&'a str>,
+    /// `aud` and `azp`.
+    pub audience: Option<&'a str>,
+}
+
+fn create(path: &Path) -> Result<(), String> {
+    let err = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| err(&e))?;
+    }
+    let pair = ES256.generate_key_pair().map_err(|e| err(&e))?;
+    let mut jwk = pair.to_jwk_key_pair();
+    jwk.set_key_id(format!("dev-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]));
+    jwk.set_algorithm("ES256");
+    jwk.set_key_use("sig");
+    let tmp = path.with_extension(format!(
+        "tmp.{}.{}",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    ));
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(&tmp).map_err(|e| err(&e))?;
+    let written = file
+        .write_all(jwk.to_string().as_bytes())
+        .and_then(|_| file.sync_all())
+        .map_err(|e| err(&e))
+        .and_then(|_| match std::fs::hard_link(&tmp, path) {
+            Ok(()) => Ok(()),
+            // Another process created it first: theirs is the key.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(err(&e)),
+        });
+    let _ = std::fs::remove_file(&tmp);
+    written
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn racing_processes_end_up_with_one_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nested/dev-key.json");
+        let kids: Vec<String> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| {
+                    s.spawn(|| DevKey::load_or_create(&path).unwrap().kid().unwrap().to_string())
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(kids.windows(2).all(|w| w[0] == w[1]), "{kids:?}");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        }
+        let leftovers = std::fs::read_dir(path.parent().unwrap()).unwrap().count();
+        assert_eq!(leftovers, 1, "no temporary files left behind");
+    }
+
+    #[test]
+    fn the_published_key_holds_no_private_part() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = DevKey::load_or_create(&dir.path().join("k.json")).unwrap();
+        let jwks = key.jwks();
+        assert!(jwks["keys"][0].get("d").is_none(), "{jwks}");
+        assert_eq!(jwks["keys"][0]["kid"].as_str(), key.kid());
+        assert!(key.kid().is_some_and(|k| k.starts_with("dev-")));
+        assert!(key.key_set().verifier(key.kid(), "ES256").is_some());
+    }
+}

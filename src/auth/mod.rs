@@ -1,0 +1,280 @@
+//! The auth module: in-process JWT verification used by every role (no network hop per request),
+//! revocation, the dev signing key and the service-token source. The auth role
+//! (`roles::auth`) serves it over HTTP.
+//!
+//! - [`claims`]: claim validation and role extraction (pure).
+//! - [`jwks`]: the signing keys: fetched from the IdP's JWKS, or the dev key.
+//! - [`devkey`]: the dev signing key file shared by every process on a machine.
+//! - [`revocation`]: revoked tokens and users, in Redis or in memory, announced to every verifier.
+//! - [`verifier`]: the verifier with its verified-token cache.
+//! - [`token_source`]: service tokens for calls between roles.
+//! - [`extract`]: the `Caller` extractor for handlers that need an identity.
+
+pub mod claims;
+pub mod devkey;
+pub mod extract;
+pub mod jwks;
+pub mod revocation;
+pub mod token_source;
+pub mod verifier;
+
+use std::fmt;
+use std::sync::Arc;
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+pub use claims::{ClaimRules, UserInfo};
+pub use extract::Caller;
+pub use verifier::{Verified, Verifier};
+
+use crate::error::{ApiError, ErrorCode};
+
+/// Who is calling, once verified (`docs/contracts.md`, Identity).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Identity {
+    /// `sub` for users and services; `apikey:<key id>` for API keys.
+    pub subject: String,
+    /// The tenant; never empty.
+    pub tenant: String,
+    /// Our roles only.
+    pub roles: Vec<String>,
+    /// How the caller authenticated.
+    pub kind: IdentityKind,
+    /// Unix seconds after which the credential is no longer valid.
+    pub expires_at: u64,
+}
+
+impl Identity {
+    /// Whether the identity has `role`.
+    pub fn has_role(&self, role: &str) -> bool {
+        self.roles.iter().any(|r| r == role)
+    }
+}
+
+/// How a caller authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdentityKind {
+    /// A JWT from the IdP (or the dev key).
+    User,
+    /// An API key.
+    ApiKey,
+    /// A service token (has the service role).
+    Service,
+}
+
+/// Why a credential was refused: the `reason` of an `unauthenticated` error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// `exp` has passed (beyond the leeway).
+    Expired,
+    /// `nbf` or `iat` is in the future (beyond the leeway).
+    NotYetValid,
+    /// The signature does not verify.
+    BadSignature,
+    /// No key with the token's `kid`, even after a refetch.
+    UnknownKey,
+    /// `iss` is not ours.
+    WrongIssuer,
+    /// Neither `aud` nor `azp` names our client.
+    WrongAudience,
+    /// The algorithm is not on the allow-list (`none` and HMAC never are).
+    AlgorithmNotAllowed,
+    /// Not a JWT, or a required claim is missing or mistyped; also a missing credential.
+    Malformed,
+    /// The token, or every token of its user issued before a time, was revoked.
+    Revoked,
+    /// No `tenant_id` claim and no default tenant.
+    MissingTenant,
+}
+
+impl Reason {
+    /// The wire name (`expired`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Expired => "expired",
+            Reason::NotYetValid => "not_yet_valid",
+            Reason::BadSignature => "bad_signature",
+            Reason::UnknownKey => "unknown_key",
+            Reason::WrongIssuer => "wrong_issuer",
+            Reason::WrongAudience => "wrong_audience",
+            Reason::AlgorithmNotAllowed => "algorithm_not_allowed",
+            Reason::Malformed => "malformed",
+            Reason::Revoked => "revoked",
+            Reason::MissingTenant => "missing_tenant",
+        }
+    }
+
+    /// A human message for the reason.
+    pub fn message(self) -> &'static str {
+        match self {
+            Reason::Expired => "the token has expired",
+            Reason::NotYetValid => "the token is not valid yet",
+            Reason::BadSignature => "the token's signature does not verify",
+            Reason::UnknownKey => "the token was signed by a key we do not know",
+            Reason::WrongIssuer => "the token was issued by another issuer",
+            Reason::WrongAudience => "the token is not meant for this service",
+            Reason::AlgorithmNotAllowed => "the token's signing algorithm is not allowed",
+            Reason::Malformed => "the credential is missing or malformed",
+            Reason::Revoked => "the token has been revoked",
+            Reason::MissingTenant => "the token names no tenant",
+        }
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A verification that did not produce an identity.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AuthError {
+    /// The credential is refused (401).
+    #[error("{0}")]
+    Rejected(Reason),
+    /// We could not decide: no keys ever loaded, or the revocation store is down (503).
+    #[error("authentication unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl From<Reason> for AuthError {
+    fn from(reason: Reason) -> Self {
+        AuthError::Rejected(reason)
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        match e {
+            AuthError::Rejected(reason) => {
+                ApiError::new(ErrorCode::Unauthenticated, reason.message())
+                    .with_reason(reason.as_str())
+            }
+            AuthError::Unavailable(cause) => ApiError::dependency("auth", anyhow::anyhow!(cause)),
+        }
+    }
+}
+
+/// The hex SHA-256 of a token: how a token is named in Redis and in the cache, never itself.
+pub fn token_hash(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// Strips an optional `Bearer ` prefix (any case) and surrounding space.
+pub fn strip_bearer(raw: &str) -> &str {
+    let raw = raw.trim();
+    match raw.get(..7) {
+        Some(prefix) if prefix.eq_ignore_ascii_case("bearer ") => raw[7..].trim(),
+        _ => raw,
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The shared handles every role that authenticates needs.
+#[derive(Clone)]
+pub struct Auth {
+    /// The verifier.
+    pub verifier: Arc<Verifier>,
+    /// Revocations and user records.
+    pub revocations: Arc<dyn revocation::RevocationStore>,
+    /// The dev key, in dev mode.
+    pub dev_key: Option<Arc<devkey::DevKey>>,
+}
+
+impl Auth {
+    /// Builds the auth handles from the configuration: keys (JWKS or the dev key), the revocation
+    /// store (Redis or memory), the verifier and its background tasks. Registers the `jwks` (and
+    /// `redis`) readiness checks on `ctx`.
+    pub async fn build(ctx: &crate::server::Context) -> Result<Auth, crate::cli::RunError> {
+        use crate::config::Environment;
+        let config = &ctx.config;
+        let auth = &config.auth;
+        let (jwks, dev_key) = match &config.jwks_url {
+            Some(url) => {
+                let jwks = Arc::new(
+                    jwks::Jwks::remote(
+                        ctx.role,
+                        url.clone(),
+                        auth.algorithms.clone(),
+                        auth.jwks_timeout,
+                        auth.jwks_cooldown,
+                    )
+                    .map_err(|e| anyhow::anyhow!(e))?,
+                );
+                // A failed first fetch is not fatal: the role stays not-ready and keeps trying.
+                if let Err(e) = jwks.refresh("startup").await {
+                    tracing::warn!(role = %ctx.role, error = %e, "no signing keys yet; not ready until the JWKS answers");
+                }
+                jwks.spawn_refresh(auth.jwks_refresh, ctx.shutdown.clone());
+                (jwks, None)
+            }
+            None => {
+                if config.env == Environment::Production {
+                    return Err(anyhow::anyhow!(
+                        "dev mode (no ACCESS_JWKS_URL) is refused when ACCESS_ENV=production"
+                    )
+                    .into());
+                }
+                let path = auth.dev_key_path();
+                let key = devkey::DevKey::load_or_create(&path)
+                    .map_err(|e| anyhow::anyhow!("dev key: {e}"))?;
+                tracing::warn!(role = %ctx.role, key = %path.display(),
+                    "DEV MODE: tokens are verified against a local dev key, not an identity provider; never use this in production");
+                (Arc::new(jwks::Jwks::fixed(ctx.role, key.key_set())), Some(Arc::new(key)))
+            }
+        };
+        let revocations: Arc<dyn revocation::RevocationStore> = match &config.redis_url {
+            Some(url) => {
+                let client = crate::backends::redis::connect(url, &config.redis).await?;
+                let subscriber = crate::backends::redis::subscriber(url, &config.redis).await?;
+                ctx.readiness
+                    .add_check("redis", crate::backends::redis::ready_check(client.clone()));
+                revocation::RedisStore::start(
+                    client,
+                    subscriber,
+                    config.redis_prefix(),
+                    auth.max_token_lifetime,
+                    ctx.shutdown.clone(),
+                )
+                .await
+                .map_err(|e| crate::backends::BackendError::new("redis", url.redacted(), e))?
+            }
+            None => Arc::new(revocation::MemoryStore::new()),
+        };
+        let verifier = Arc::new(Verifier::new(
+            ctx.role,
+            jwks.clone(),
+            auth.claim_rules(),
+            auth.algorithms.clone(),
+            revocations.clone(),
+            auth.cache_capacity,
+        ));
+        verifier.spawn_revocation_listener(ctx.shutdown.clone());
+        let loaded = jwks.clone();
+        ctx.readiness.add_check(
+            "jwks",
+            move || -> futures::future::BoxFuture<'static, Result<(), String>> {
+                let ok = loaded.is_loaded();
+                Box::pin(async move {
+                    if ok {
+                        Ok(())
+                    } else {
+                        Err("no signing keys loaded from the JWKS yet".into())
+                    }
+                })
+            },
+        );
+        Ok(Auth { verifier, revocations, dev_key })
+    }
+}

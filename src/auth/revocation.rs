@@ -1,0 +1,385 @@
+//! Revoked tokens and users, and the user records verifiers keep.
+//!
+//! Redis (shared by every replica and role) when `redis_url` is set, in memory otherwise. Keys
+//! (`docs/contracts.md`): `revoked:token:<sha256>` until the token's `exp`,
+//! `revoked:user:<subject>` = not-before (unix s) for `auth.max_token_lifetime`, and
+//! `user:<subject>` (last seen, tenant, roles) for 30 days. Every revocation is announced on the
+//! `revocations` channel; verifiers drop what they cached, so a revocation is honoured everywhere
+//! within the pub/sub delay.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fred::prelude::{
+    ClientLike, EventInterface, Expiration, HashesInterface, KeysInterface, PubsubInterface,
+};
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+use super::{unix_now, Identity};
+use crate::backends::redis::{Client, SubscriberClient};
+use crate::server::Shutdown;
+
+/// A revocation, as stored and announced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Revocation {
+    /// One token (by hash) until it expires.
+    Token {
+        /// Hex SHA-256 of the token.
+        hash: String,
+        /// The token's `exp`.
+        until: u64,
+    },
+    /// Every token of `subject` issued at or before `not_before`.
+    User {
+        /// The user.
+        subject: String,
+        /// Unix seconds.
+        not_before: u64,
+    },
+    /// Announcements may have been missed (the subscriber reconnected): drop every cached
+    /// verification.
+    Resync,
+}
+
+/// What `GET /auth/users/{id}` shows.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct UserRecord {
+    /// The user.
+    pub user_id: String,
+    /// Tenant at last sight.
+    pub tenant_id: Option<String>,
+    /// Roles at last sight.
+    pub roles: Vec<String>,
+    /// Unix seconds of the last verified request (sampled: at most once a minute per process).
+    pub last_seen: Option<u64>,
+    /// Tokens issued at or before this (unix s) are revoked.
+    pub revoked_before: Option<u64>,
+}
+
+/// Where revocations and user records live.
+pub trait RevocationStore: Send + Sync {
+    /// Stores a revocation and announces it to every verifier.
+    fn revoke(&self, revocation: Revocation) -> BoxFuture<'_, Result<(), String>>;
+    /// Whether this token (by hash) or its user (issued at `iat`) is revoked.
+    fn is_revoked<'a>(
+        &'a self,
+        hash: &'a str,
+        subject: &'a str,
+        iat: Option<u64>,
+    ) -> BoxFuture<'a, Result<bool, String>>;
+    /// Announcements from every replica (including this one).
+    fn subscribe(&self) -> broadcast::Receiver<Revocation>;
+    /// Records that `identity` was seen now (sampled by the caller).
+    fn record_seen<'a>(&'a self, identity: &'a Identity) -> BoxFuture<'a, Result<(), String>>;
+    /// The record of a user; `None` when never seen nor revoked.
+    fn user<'a>(&'a self, subject: &'a str) -> BoxFuture<'a, Result<Option<UserRecord>, String>>;
+}
+
+/// Whether a token issued at `iat` falls under a user's not-before. A token without `iat` cannot
+/// prove it is newer, so it is revoked too.
+fn issued_before(iat: Option<u64>, not_before: u64) -> bool {
+    iat.is_none_or(|iat| iat <= not_before)
+}
+
+/// Announcements are small and rare; a receiver that lags this far resyncs.
+const ANNOUNCE_CAPACITY: usize = 1024;
+
+/// The embedded default: one process, maps under a mutex (held for map operations only).
+pub struct MemoryStore {
+    state: Mutex<MemoryState>,
+    tx: broadcast::Sender<Revocation>,
+}
+
+#[derive(Default)]
+struct MemoryState {
+    tokens: HashMap<String, u64>,
+    users: HashMap<String, u64>,
+    seen: HashMap<String, UserRecord>,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        MemoryStore { state: Mutex::default(), tx: broadcast::channel(ANNOUNCE_CAPACITY).0 }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, MemoryState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RevocationStore for MemoryStore {
+    fn revoke(&self, revocation: Revocation) -> BoxFuture<'_, Result<(), String>> {
+        {
+            let mut state = self.state();
+            let now = unix_now();
+            state.tokens.retain(|_, until| *until >= now);
+            match &revocation {
+                Revocation::Token { hash, until } => {
+                    state.tokens.insert(hash.clone(), *until);
+                }
+                Revocation::User { subject, not_before } => {
+                    state.users.insert(subject.clone(), *not_before);
+                }
+                Revocation::Resync => {}
+            }
+        }
+        let _ = self.tx.send(revocation);
+        Box::pin(async { Ok(()) })
+    }
+
+    fn is_revoked<'a>(
+        &'a self,
+        hash: &'a str,
+        subject: &'a str,
+        iat: Option<u64>,
+    ) -> BoxFuture<'a, Result<bool, String>> {
+        let state = self.state();
+        let revoked = state.tokens.contains_key(hash)
+            || state.users.get(subject).is_some_and(|nb| issued_before(iat, *nb));
+        Box::pin(async move { Ok(revoked) })
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<Revocation> {
+        self.tx.subscribe()
+    }
+
+    fn record_seen<'a>(&'a self, identity: &'a Identity) -> BoxFuture<'a, Result<(), String>> {
+        let record = UserRecord {
+            user_id: identity.subject.clone(),
+            tenant_id: Some(identity.tenant.clone()),
+            roles: identity.roles.clone(),
+            last_seen: Some(unix_now()),
+            revoked_before: None,
+        };
+        self.state().seen.insert(identity.subject.clone(), record);
+        Box::pin(async { Ok(()) })
+    }
+
+    fn user<'a>(&'a self, subject: &'a str) -> BoxFuture<'a, Result<Option<UserRecord>, String>> {
+        let state = self.state();
+        let revoked_before = state.users.get(subject).copied();
+        let record = match (state.seen.get(subject), revoked_before) {
+            (Some(r), _) => Some(UserRecord { revoked_before, ..r.clone() }),
+            (None, Some(_)) => Some(UserRecord {
+                user_id: subject.to_string(),
+                revoked_before,
+                ..Default::default()
+            }),
+            (None, None) => None,
+        };
+        Box::pin(async move { Ok(record) })
+    }
+}
+
+/// How long a user record lives after the last sight.
+const USER_RECORD_TTL: i64 = 30 * 24 * 3600;
+
+/// The Redis store, shared by every replica and role.
+pub struct RedisStore {
+    client: Client,
+    prefix: String,
+    channel: String,
+    user_ttl: Duration,
+    tx: broadcast::Sender<Revocation>,
+}
+
+impl RedisStore {
+    /// A store over `client` with key prefix `prefix` (`access:<env>:`); announcements arrive
+    /// through `subscriber` until shutdown.
+    pub async fn start(
+        client: Client,
+        subscriber: SubscriberClient,
+        prefix: String,
+        user_ttl: Duration,
+        shutdown: Shutdown,
+    ) -> Result<Arc<Self>, String> {
+        let channel = format!("{prefix}revocations");
+        let (tx, _) = broadcast::channel(ANNOUNCE_CAPACITY);
+        subscriber.subscribe(channel.clone()).await.map_err(|e| format!("redis subscribe: {e}"))?;
+        // Re-subscribes after a reconnect.
+        let _resubscribe = subscriber.manage_subscriptions();
+        let mut messages = subscriber.message_rx();
+        let mut reconnects = subscriber.reconnect_rx();
+        let forward = tx.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    message = messages.recv() => match message {
+                        Ok(message) => {
+                            let text = message.value.as_string().unwrap_or_default();
+                            match serde_json::from_str::<Revocation>(&text) {
+                                Ok(r) => { let _ = forward.send(r); }
+                                Err(e) => tracing::warn!(error = %e, "ignoring a malformed revocation announcement"),
+                            }
+                        }
+                        Err(broadcast::error::RecvError::Lagged(_)) => { let _ = forward.send(Revocation::Resync); }
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    },
+                    Ok(_) = reconnects.recv() => { let _ = forward.send(Revocation::Resync); }
+                    _ = shutdown.stopping() => {
+                        let _ = subscriber.quit().await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Arc::new(RedisStore { client, prefix, channel, user_ttl, tx }))
+    }
+
+    fn key(&self, rest: &str) -> String {
+        format!("{}{}", self.prefix, rest)
+    }
+}
+
+impl RevocationStore for RedisStore {
+    fn revoke(&self, revocation: Revocation) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            let now = unix_now();
+            match &revocation {
+                Revocation::Token { hash, until } => {
+                    let ttl = until.saturating_sub(now).max(1) as i64;
+                    let _: () = self
+                        .client
+                        .set(
+                            self.key(&format!("revoked:token:{hash}")),
+                            1,
+                            Some(Expiration::EX(ttl)),
+                            None,
+                            false,
+                        )
+                        .await
+                        .map_err(|e| format!("redis: {e}"))?;
+                }
+                Revocation::User { subject, not_before } => {
+                    let ttl = self.user_ttl.as_secs().max(1) as i64;
+                    let _: () = self
+                        .client
+                        .set(
+                            self.key(&format!("revoked:user:{subject}")),
+                            *not_before,
+                            Some(Expiration::EX(ttl)),
+                            None,
+                            false,
+                        )
+                        .await
+                        .map_err(|e| format!("redis: {e}"))?;
+                }
+                Revocation::Resync => {}
+            }
+            let text = serde_json::to_string(&revocation).map_err(|e| e.to_string())?;
+            let _: i64 = self
+                .client
+                .publish(self.channel.clone(), text)
+                .await
+                .map_err(|e| format!("redis: {e}"))?;
+            Ok(())
+        })
+    }
+
+    fn is_revoked<'a>(
+        &'a self,
+        hash: &'a str,
+        subject: &'a str,
+        iat: Option<u64>,
+    ) -> BoxFuture<'a, Result<bool, String>> {
+        Box::pin(async move {
+            let keys = vec![
+                self.key(&format!("revoked:token:{hash}")),
+                self.key(&format!("revoked:user:{subject}")),
+            ];
+            let (token, user): (Option<String>, Option<u64>) =
+                self.client.mget(keys).await.map_err(|e| format!("redis: {e}"))?;
+            Ok(token.is_some() || user.is_some_and(|nb| issued_before(iat, nb)))
+        })
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<Revocation> {
+        self.tx.subscribe()
+    }
+
+    fn record_seen<'a>(&'a self, identity: &'a Identity) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let key = self.key(&format!("user:{}", identity.subject));
+            let fields: HashMap<String, String> = HashMap::from([
+                ("last_seen".to_string(), unix_now().to_string()),
+                ("tenant_id".to_string(), identity.tenant.clone()),
+                ("roles".to_string(), serde_json::to_string(&identity.roles).unwrap_or_default()),
+            ]);
+            let _: () = self.client.hset(&key, fields).await.map_err(|e| format!("redis: {e}"))?;
+            let _: () = self
+                .client
+                .expire(&key, USER_RECORD_TTL, None)
+                .await
+                .map_err(|e| format!("redis: {e}"))?;
+            Ok(())
+        })
+    }
+
+    fn user<'a>(&'a self, subject: &'a str) -> BoxFuture<'a, Result<Option<UserRecord>, String>> {
+        Box::pin(async move {
+            let fields: HashMap<String, String> = self
+                .client
+                .hgetall(self.key(&format!("user:{subject}")))
+                .await
+                .map_err(|e| format!("redis: {e}"))?;
+            let revoked_before: Option<u64> = self
+                .client
+                .get(self.key(&format!("revoked:user:{subject}")))
+                .await
+                .map_err(|e| format!("redis: {e}"))?;
+            if fields.is_empty() && revoked_before.is_none() {
+                return Ok(None);
+            }
+            Ok(Some(UserRecord {
+                user_id: subject.to_string(),
+                tenant_id: fields.get("tenant_id").cloned(),
+                roles: fields
+                    .get("roles")
+                    .and_then(|r| serde_json::from_str(r).ok())
+                    .unwrap_or_default(),
+                last_seen: fields.get("last_seen").and_then(|s| s.parse().ok()),
+                revoked_before,
+            }))
+        })
+    }
+}
+
+/// Decides which sightings to record: at most one per subject per `every` in this process.
+pub struct SeenSampler {
+    every: Duration,
+    last: Mutex<HashMap<String, Instant>>,
+}
+
+impl SeenSampler {
+    /// A sampler recording each subject at most once per `every`.
+    pub fn new(every: Duration) -> Self {
+        SeenSampler { every, last: Mutex::default() }
+    }
+
+    /// Whether `subject` should be recorded now.
+    pub fn should_record(&self, subject: &str) -> bool {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        if last.len() > 100_000 {
+            last.retain(|_, at| now.duration_since(*at) < self.every);
+        }
+        match last.get(subject) {
+            Some(at) if now.duration_since(*at) < self.every => false,
+            _ => {
+                last.insert(subject.to_string(), now);
+                true
+            }
+        }
+    }
+}

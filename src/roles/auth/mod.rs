@@ -1,0 +1,156 @@
+//! The auth role (port 8010): the auth module over HTTP for callers outside the layer.
+//!
+//! - `POST /auth/verify`, `POST /auth/verify-ws`: `{"token"}` -> 200 `{"valid": true, "claims",
+//!   "user_info"}` or 200 `{"valid": false, "code", "reason", "message"}`; a missing or malformed
+//!   body is 400.
+//! - `GET /auth/me`: the caller's own user info.
+//! - `POST /auth/logout`: revokes the caller's token until it expires.
+//! - `POST /auth/users/{id}/revoke` (admin): revokes every token of the user issued until now.
+//! - `GET /auth/users/{id}` (admin): tenant, roles, last seen, revoked-before; 404 if unknown.
+//! - `GET /.well-known/jwks.json`: the dev key's public half (dev mode only).
+
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRef, Path, State as AxumState};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::auth::revocation::Revocation;
+use crate::auth::{unix_now, Auth, AuthError, Caller, Verifier};
+use crate::cli::RunError;
+use crate::error::{ApiError, ApiResult};
+use crate::server::{self, Context};
+
+/// The auth role's state: the shared auth handles and the admin role's name.
+#[derive(Clone)]
+pub struct State {
+    auth: Auth,
+    admin_role: Arc<str>,
+}
+
+impl FromRef<State> for Arc<Verifier> {
+    fn from_ref(state: &State) -> Self {
+        state.auth.verifier.clone()
+    }
+}
+
+/// Builds the state from the auth handles (built once per process by the caller).
+pub fn build(ctx: &Context, auth: Auth) -> State {
+    State { auth, admin_role: ctx.config.auth.admin_role.as_str().into() }
+}
+
+/// The role's routes.
+pub fn router(state: State) -> Router {
+    Router::new()
+        .route("/auth/verify", post(verify))
+        .route("/auth/verify-ws", post(verify))
+        .route("/auth/me", get(me))
+        .route("/auth/logout", post(logout))
+        .route("/auth/users/{id}", get(user))
+        .route("/auth/users/{id}/revoke", post(revoke_user))
+        .route("/.well-known/jwks.json", get(jwks))
+        .with_state(state)
+}
+
+/// Serves the role on `listener` until shutdown.
+pub async fn run(listener: TcpListener, state: State, ctx: Context) -> Result<(), RunError> {
+    ctx.readiness.mark_started();
+    let app = server::app(&ctx, router(state));
+    server::serve(listener, app, &ctx).await.map_err(|e| RunError::Other(e.into()))
+}
+
+#[derive(Deserialize)]
+struct VerifyBody {
+    token: String,
+}
+
+async fn verify(
+    AxumState(state): AxumState<State>,
+    body: Result<Json<VerifyBody>, JsonRejection>,
+) -> ApiResult<Response> {
+    let Json(body) = body.map_err(|e| {
+        ApiError::invalid_request(format!("expected {{\"token\": \"...\"}}: {}", e.body_text()))
+    })?;
+    match state.auth.verifier.verify(&body.token).await {
+        Ok(v) => {
+            Ok(Json(json!({ "valid": true, "claims": v.claims, "user_info": v.info }))
+                .into_response())
+        }
+        Err(AuthError::Rejected(reason)) => Ok(Json(json!({
+            "valid": false,
+            "code": "unauthenticated",
+            "reason": reason.as_str(),
+            "message": reason.message(),
+        }))
+        .into_response()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn me(caller: Caller) -> Response {
+    Json(json!({ "identity": caller.0.identity, "user_info": caller.0.info })).into_response()
+}
+
+async fn logout(AxumState(state): AxumState<State>, caller: Caller) -> ApiResult<Response> {
+    let until = caller.0.identity.expires_at;
+    let revocation = Revocation::Token { hash: caller.0.token_hash.clone(), until };
+    state
+        .auth
+        .revocations
+        .revoke(revocation.clone())
+        .await
+        .map_err(|e| ApiError::dependency("redis", anyhow::anyhow!(e)))?;
+    // This replica stops accepting the token at once; the others on the announcement.
+    state.auth.verifier.apply(&revocation);
+    tracing::info!(subject = %caller.0.identity.subject, "token revoked by logout");
+    Ok(Json(json!({ "revoked": true, "until": until })).into_response())
+}
+
+async fn revoke_user(
+    AxumState(state): AxumState<State>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    caller.require_role(&state.admin_role)?;
+    let not_before = unix_now();
+    let revocation = Revocation::User { subject: id.clone(), not_before };
+    state
+        .auth
+        .revocations
+        .revoke(revocation.clone())
+        .await
+        .map_err(|e| ApiError::dependency("redis", anyhow::anyhow!(e)))?;
+    state.auth.verifier.apply(&revocation);
+    tracing::info!(admin = %caller.0.identity.subject, user = %id, "user's tokens revoked");
+    Ok(Json(json!({ "user_id": id, "revoked_before": not_before })).into_response())
+}
+
+async fn user(
+    AxumState(state): AxumState<State>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    caller.require_role(&state.admin_role)?;
+    match state
+        .auth
+        .revocations
+        .user(&id)
+        .await
+        .map_err(|e| ApiError::dependency("redis", anyhow::anyhow!(e)))?
+    {
+        Some(record) => Ok(Json(record).into_response()),
+        None => Err(ApiError::not_found(format!("no user {id:?} has been seen or revoked"))),
+    }
+}
+
+async fn jwks(AxumState(state): AxumState<State>) -> ApiResult<Response> {
+    match &state.auth.dev_key {
+        Some(key) => Ok(Json(key.jwks()).into_response()),
+        None => Err(ApiError::not_found("keys are published by the identity provider, not here")),
+    }
+}
