@@ -13,7 +13,7 @@ fn redis_url(url: &str) -> SecretUrl {
 }
 
 fn quick_redis() -> RedisConfig {
-    RedisConfig { timeout: Duration::from_millis(500) }
+    RedisConfig { timeout: Duration::from_millis(500), prefix: None }
 }
 
 #[tokio::test]

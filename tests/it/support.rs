@@ -85,3 +85,31 @@ pub async fn closed_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     l.local_addr().unwrap().port()
 }
+
+/// Starts `role` through the binary's own dispatch (`cli::start`) on 127.0.0.1:0.
+pub async fn start(role: Role, config: Config) -> Running {
+    let ctx = Context::new(role, Arc::new(config), Shutdown::new());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let run_ctx = ctx.clone();
+    let handle = tokio::spawn(async move {
+        access::cli::start(role, listener, run_ctx)
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    });
+    Running { addr, ctx, handle }
+}
+
+/// Waits until `/ready` answers 200.
+pub async fn wait_ready(url: &str) {
+    eventually(Duration::from_secs(10), &format!("{url}/ready is 200"), || async {
+        let r = http().get(format!("{url}/ready")).send().await.ok()?;
+        (r.status() == 200).then_some(())
+    })
+    .await;
+}
+
+/// A Redis key prefix no other test uses.
+pub fn redis_prefix() -> String {
+    format!("test:{}:", uuid::Uuid::new_v4().simple())
+}
