@@ -6,7 +6,7 @@ SHELL := /bin/bash
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/access/target
 BIN := $(CARGO_TARGET_DIR)/debug/access
 
-.PHONY: help run test services build lint fmt bench
+.PHONY: help run test services build lint fmt bench-auth
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -29,3 +29,6 @@ lint: ## Formatting and clippy, as CI would want them
 
 fmt: ## Format the code
 	cargo fmt
+
+bench-auth: ## Verifications per second (RS256, ES256, cold and cached) beside openssl speed
+	cargo bench --locked --bench auth

@@ -4,7 +4,12 @@
 //! `exp` (`expired`), `nbf` and `iat` (`not_yet_valid`), issuer (`wrong_issuer`), audience or
 //! `azp` (`wrong_audience`), tenant (`missing_tenant`). All times allow `leeway`.
 
-use serde_json::{Map, Value};
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fmt;
+
+use serde::de::{self, Deserializer, IgnoredAny, SeqAccess, Visitor};
+use serde::Deserialize;
 
 use super::{Identity, IdentityKind, Reason};
 
@@ -46,70 +51,257 @@ pub struct UserInfo {
     pub iat: Option<u64>,
 }
 
+/// The claims we read, borrowed from the payload where possible (no map of every claim is
+/// built). Unknown claims are skipped. A claim of the wrong type makes the token `malformed`,
+/// except role lists, where anything that is not a string is ignored.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct Claims<'a> {
+    #[serde(borrow)]
+    sub: Option<Cow<'a, str>>,
+    exp: Option<NumericDate>,
+    nbf: Option<NumericDate>,
+    iat: Option<NumericDate>,
+    #[serde(borrow)]
+    iss: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    aud: Option<Audience<'a>>,
+    #[serde(borrow)]
+    azp: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    tenant_id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    email: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    preferred_username: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    scope: Option<Cow<'a, str>>,
+    roles: StrList,
+    realm_access: RoleHolder,
+    #[serde(borrow)]
+    resource_access: HashMap<Cow<'a, str>, RoleHolder>,
+}
+
+impl<'a> Claims<'a> {
+    /// Parses a JWT payload; anything that is not a JSON object of the right shape is `malformed`.
+    pub fn parse(payload: &'a [u8]) -> Result<Self, Reason> {
+        serde_json::from_slice(payload).map_err(|_| Reason::Malformed)
+    }
+}
+
+/// `aud`: one string or a list.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Audience<'a> {
+    #[serde(borrow)]
+    One(Cow<'a, str>),
+    #[serde(borrow)]
+    Many(Vec<Cow<'a, str>>),
+}
+
+/// A NumericDate: a non-negative number of seconds (fractions are truncated).
+#[derive(Debug, Clone, Copy)]
+struct NumericDate(u64);
+
+impl<'de> Deserialize<'de> for NumericDate {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = f64::deserialize(d)?;
+        if v.is_finite() && v >= 0.0 {
+            Ok(NumericDate(v as u64))
+        } else {
+            Err(de::Error::custom("a NumericDate must be a non-negative number"))
+        }
+    }
+}
+
+/// `{"roles": [...]}`, as in `realm_access` and each `resource_access` entry; any other shape
+/// counts as no roles.
+#[derive(Debug, Default)]
+struct RoleHolder(Vec<String>);
+
+impl<'de> Deserialize<'de> for RoleHolder {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RoleHolder;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object with roles")
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<RoleHolder, A::Error> {
+                let mut roles = Vec::new();
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    if key == "roles" {
+                        roles = map.next_value::<StrList>()?.0;
+                    } else {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+                Ok(RoleHolder(roles))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<RoleHolder, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(RoleHolder::default())
+            }
+            fn visit_str<E>(self, _: &str) -> Result<RoleHolder, E> {
+                Ok(RoleHolder::default())
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<RoleHolder, E> {
+                Ok(RoleHolder::default())
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<RoleHolder, E> {
+                Ok(RoleHolder::default())
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<RoleHolder, E> {
+                Ok(RoleHolder::default())
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<RoleHolder, E> {
+                Ok(RoleHolder::default())
+            }
+            fn visit_unit<E>(self) -> Result<RoleHolder, E> {
+                Ok(RoleHolder::default())
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A list of strings where anything else (numbers, nulls, objects, a non-list) is ignored.
+#[derive(Debug, Default)]
+struct StrList(Vec<String>);
+
+impl<'de> Deserialize<'de> for StrList {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        /// One element: a string, or something ignored.
+        struct Item(Option<String>);
+        impl<'de> Deserialize<'de> for Item {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct V;
+                impl<'de> Visitor<'de> for V {
+                    type Value = Item;
+                    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                        f.write_str("anything")
+                    }
+                    fn visit_str<E>(self, s: &str) -> Result<Item, E> {
+                        Ok(Item(Some(s.to_string())))
+                    }
+                    fn visit_map<A: de::MapAccess<'de>>(self, mut m: A) -> Result<Item, A::Error> {
+                        while m.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                        Ok(Item(None))
+                    }
+                    fn visit_seq<A: SeqAccess<'de>>(self, mut s: A) -> Result<Item, A::Error> {
+                        while s.next_element::<IgnoredAny>()?.is_some() {}
+                        Ok(Item(None))
+                    }
+                    fn visit_bool<E>(self, _: bool) -> Result<Item, E> {
+                        Ok(Item(None))
+                    }
+                    fn visit_i64<E>(self, _: i64) -> Result<Item, E> {
+                        Ok(Item(None))
+                    }
+                    fn visit_u64<E>(self, _: u64) -> Result<Item, E> {
+                        Ok(Item(None))
+                    }
+                    fn visit_f64<E>(self, _: f64) -> Result<Item, E> {
+                        Ok(Item(None))
+                    }
+                    fn visit_unit<E>(self) -> Result<Item, E> {
+                        Ok(Item(None))
+                    }
+                }
+                d.deserialize_any(V)
+            }
+        }
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = StrList;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a list of strings")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<StrList, A::Error> {
+                let mut out = Vec::new();
+                while let Some(Item(item)) = seq.next_element::<Item>()? {
+                    out.extend(item);
+                }
+                Ok(StrList(out))
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, mut m: A) -> Result<StrList, A::Error> {
+                while m.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(StrList::default())
+            }
+            fn visit_str<E>(self, _: &str) -> Result<StrList, E> {
+                Ok(StrList::default())
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<StrList, E> {
+                Ok(StrList::default())
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<StrList, E> {
+                Ok(StrList::default())
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<StrList, E> {
+                Ok(StrList::default())
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<StrList, E> {
+                Ok(StrList::default())
+            }
+            fn visit_unit<E>(self) -> Result<StrList, E> {
+                Ok(StrList::default())
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 /// Validates `claims` at time `now` (unix seconds) and builds the caller's identity.
 pub fn validate(
-    claims: &Map<String, Value>,
+    claims: &Claims<'_>,
     rules: &ClaimRules,
     now: u64,
 ) -> Result<(Identity, UserInfo), Reason> {
-    let subject = claims
-        .get("sub")
-        .and_then(Value::as_str)
-        .filter(|s| !s.is_empty())
-        .ok_or(Reason::Malformed)?;
-    let exp = number(claims, "exp")?.ok_or(Reason::Malformed)?;
+    let subject = claims.sub.as_deref().filter(|s| !s.is_empty()).ok_or(Reason::Malformed)?;
+    let exp = claims.exp.ok_or(Reason::Malformed)?.0;
     if now > exp.saturating_add(rules.leeway) {
         return Err(Reason::Expired);
     }
-    if let Some(nbf) = number(claims, "nbf")? {
-        if nbf > now.saturating_add(rules.leeway) {
-            return Err(Reason::NotYetValid);
-        }
+    if claims.nbf.is_some_and(|nbf| nbf.0 > now.saturating_add(rules.leeway)) {
+        return Err(Reason::NotYetValid);
     }
-    let iat = number(claims, "iat")?;
+    let iat = claims.iat.map(|d| d.0);
     if iat.is_some_and(|iat| iat > now.saturating_add(rules.leeway)) {
         return Err(Reason::NotYetValid);
     }
     if let Some(issuer) = &rules.issuer {
-        if claims.get("iss").and_then(Value::as_str) != Some(issuer.as_str()) {
+        if claims.iss.as_deref() != Some(issuer.as_str()) {
             return Err(Reason::WrongIssuer);
         }
     }
     if let Some(audience) = &rules.audience {
-        let in_aud = match claims.get("aud") {
-            Some(Value::String(a)) => a == audience,
-            Some(Value::Array(list)) => list.iter().any(|a| a.as_str() == Some(audience)),
-            _ => false,
+        let in_aud = match &claims.aud {
+            Some(Audience::One(a)) => a == audience,
+            Some(Audience::Many(list)) => list.iter().any(|a| a == audience),
+            None => false,
         };
-        let is_azp = claims.get("azp").and_then(Value::as_str) == Some(audience.as_str());
-        if !in_aud && !is_azp {
+        if !in_aud && claims.azp.as_deref() != Some(audience.as_str()) {
             return Err(Reason::WrongAudience);
         }
     }
-    let tenant = match claims.get("tenant_id").and_then(Value::as_str).filter(|t| !t.is_empty()) {
+    let tenant = match claims.tenant_id.as_deref().filter(|t| !t.is_empty()) {
         Some(t) => t.to_string(),
         None => rules.default_tenant.clone().ok_or(Reason::MissingTenant)?,
     };
     let client_roles = rules
         .audience
         .as_deref()
-        .map(|client| {
-            strings(
-                claims
-                    .get("resource_access")
-                    .and_then(|r| r.get(client))
-                    .and_then(|c| c.get("roles")),
-            )
-        })
+        .and_then(|client| claims.resource_access.get(client))
+        .map(|holder| holder.0.clone())
         .unwrap_or_default();
-    let mut roles = strings(claims.get("roles"));
-    roles.extend(strings(claims.get("realm_access").and_then(|r| r.get("roles"))));
+    let mut roles = claims.roles.0.clone();
+    roles.extend(claims.realm_access.0.iter().cloned());
     roles.extend(client_roles.iter().cloned());
     roles.sort();
     roles.dedup();
     let scopes = claims
-        .get("scope")
-        .and_then(Value::as_str)
+        .scope
+        .as_deref()
         .map(|s| s.split_whitespace().map(String::from).collect())
         .unwrap_or_default();
     let kind = if roles.iter().any(|r| r == &rules.service_role) {
@@ -127,8 +319,8 @@ pub fn validate(
     let info = UserInfo {
         user_id: subject.to_string(),
         tenant_id: tenant,
-        email: claims.get("email").and_then(Value::as_str).map(String::from),
-        username: claims.get("preferred_username").and_then(Value::as_str).map(String::from),
+        email: claims.email.as_deref().map(String::from),
+        username: claims.preferred_username.as_deref().map(String::from),
         roles,
         client_roles,
         scopes,
@@ -138,31 +330,9 @@ pub fn validate(
     Ok((identity, info))
 }
 
-/// A numeric date claim: absent is `None`, present but not a non-negative number is malformed.
-fn number(claims: &Map<String, Value>, name: &str) -> Result<Option<u64>, Reason> {
-    match claims.get(name) {
-        None => Ok(None),
-        Some(v) => v
-            .as_u64()
-            .or_else(|| v.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
-            .map(Some)
-            .ok_or(Reason::Malformed),
-    }
-}
-
-/// A list of strings; anything else in the list is ignored.
-fn strings(value: Option<&Value>) -> Vec<String> {
-    match value {
-        Some(Value::Array(items)) => {
-            items.iter().filter_map(Value::as_str).map(String::from).collect()
-        }
-        _ => Vec::new(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use serde_json::json;
+    use serde_json::{json, Value};
 
     use super::*;
 
@@ -189,7 +359,7 @@ mod tests {
         })
     }
 
-    fn with(patch: Value) -> Map<String, Value> {
+    fn with(patch: Value) -> Vec<u8> {
         let mut claims = good().as_object().unwrap().clone();
         for (k, v) in patch.as_object().unwrap() {
             if v.is_null() {
@@ -198,7 +368,11 @@ mod tests {
                 claims.insert(k.clone(), v.clone());
             }
         }
-        claims
+        serde_json::to_vec(&claims).unwrap()
+    }
+
+    fn check(payload: &[u8], rules: &ClaimRules) -> Result<(Identity, UserInfo), Reason> {
+        validate(&Claims::parse(payload)?, rules, NOW)
     }
 
     #[test]
@@ -220,39 +394,36 @@ mod tests {
             ("empty tenant", json!({"tenant_id": ""}), rules(), Reason::MissingTenant),
         ];
         for (name, patch, rules, reason) in table {
-            assert_eq!(validate(&with(patch), &rules, NOW).unwrap_err(), reason, "{name}");
+            assert_eq!(check(&with(patch), &rules).unwrap_err(), reason, "{name}");
         }
     }
 
     #[test]
     fn leeway_is_honoured_both_ways() {
-        assert!(validate(&with(json!({"exp": NOW - 59})), &rules(), NOW).is_ok());
-        assert!(validate(&with(json!({"nbf": NOW + 59})), &rules(), NOW).is_ok());
+        assert!(check(&with(json!({"exp": NOW - 59})), &rules()).is_ok());
+        assert!(check(&with(json!({"nbf": NOW + 59})), &rules()).is_ok());
         let strict = ClaimRules { leeway: 0, ..rules() };
-        assert_eq!(
-            validate(&with(json!({"exp": NOW - 1})), &strict, NOW).unwrap_err(),
-            Reason::Expired
-        );
+        assert_eq!(check(&with(json!({"exp": NOW - 1})), &strict).unwrap_err(), Reason::Expired);
     }
 
     #[test]
     fn audience_may_be_a_string_or_azp() {
-        assert!(validate(&with(json!({"aud": "access"})), &rules(), NOW).is_ok());
-        assert!(validate(&with(json!({"aud": "account", "azp": "access"})), &rules(), NOW).is_ok());
+        assert!(check(&with(json!({"aud": "access"})), &rules()).is_ok());
+        assert!(check(&with(json!({"aud": "account", "azp": "access"})), &rules()).is_ok());
         let open = ClaimRules { issuer: None, audience: None, ..rules() };
-        assert!(validate(&with(json!({"aud": null, "iss": null})), &open, NOW).is_ok());
+        assert!(check(&with(json!({"aud": null, "iss": null})), &open).is_ok());
     }
 
     #[test]
     fn a_default_tenant_admits_tokens_without_one() {
         let r = ClaimRules { default_tenant: Some("t0".into()), ..rules() };
-        let (identity, _) = validate(&with(json!({"tenant_id": null})), &r, NOW).unwrap();
+        let (identity, _) = check(&with(json!({"tenant_id": null})), &r).unwrap();
         assert_eq!(identity.tenant, "t0");
     }
 
     #[test]
     fn roles_come_only_from_our_sources_and_scopes_stay_scopes() {
-        let (identity, info) = validate(&with(json!({})), &rules(), NOW).unwrap();
+        let (identity, info) = check(&with(json!({})), &rules()).unwrap();
         assert_eq!(identity.roles, vec!["analyst", "trader", "viewer"]);
         assert!(
             !identity.roles.contains(&"admin".to_string()),
@@ -270,18 +441,33 @@ mod tests {
 
     #[test]
     fn the_service_role_makes_a_service_identity() {
-        let (identity, _) = validate(&with(json!({"roles": ["service"]})), &rules(), NOW).unwrap();
+        let (identity, _) = check(&with(json!({"roles": ["service"]})), &rules()).unwrap();
         assert_eq!(identity.kind, IdentityKind::Service);
     }
 
     #[test]
     fn junk_in_role_lists_is_ignored() {
-        let (identity, _) = validate(
-            &with(json!({"roles": ["a", 1, null], "realm_access": {"roles": "x"}})),
+        let (identity, _) = check(
+            &with(json!({"roles": ["a", 1, null, {"x": 1}], "realm_access": {"roles": "x"}})),
             &rules(),
-            NOW,
         )
         .unwrap();
         assert_eq!(identity.roles, vec!["a", "analyst"]);
+        let (identity, _) =
+            check(&with(json!({"realm_access": 7, "resource_access": {"access": []}})), &rules())
+                .unwrap();
+        assert_eq!(identity.roles, vec!["viewer"]);
+    }
+
+    #[test]
+    fn payloads_that_are_not_claim_objects_are_malformed() {
+        for payload in [&b"[]"[..], b"\"x\"", b"{", b"{\"sub\": 1, \"exp\": 1}", b"{\"aud\": 5}"] {
+            assert_eq!(
+                check(payload, &rules()).unwrap_err(),
+                Reason::Malformed,
+                "{}",
+                String::from_utf8_lossy(payload)
+            );
+        }
     }
 }

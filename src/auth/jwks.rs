@@ -27,10 +27,28 @@ pub mod names {
     pub const KEYS: &str = "access_auth_jwks_keys";
 }
 
-/// A parsed key set: per `kid`, a verifier per algorithm the key may sign with.
+/// Checks one key's signatures for one algorithm.
+pub enum SignatureCheck {
+    /// RS256/384/512 with pooled OpenSSL contexts (see [`super::rsa`]).
+    Rsa(super::rsa::RsaVerifier),
+    /// Every other algorithm, through josekit.
+    Jose(Box<dyn JwsVerifier>),
+}
+
+impl SignatureCheck {
+    /// Whether `signature` signs `message`.
+    pub fn verify(&self, message: &[u8], signature: &[u8]) -> bool {
+        match self {
+            SignatureCheck::Rsa(v) => v.verify(message, signature),
+            SignatureCheck::Jose(v) => v.verify(message, signature).is_ok(),
+        }
+    }
+}
+
+/// A parsed key set: per `kid`, a signature check per algorithm the key may sign with.
 #[derive(Default)]
 pub struct KeySet {
-    keys: HashMap<String, HashMap<&'static str, Arc<dyn JwsVerifier>>>,
+    keys: HashMap<String, HashMap<&'static str, Arc<SignatureCheck>>>,
 }
 
 impl KeySet {
@@ -58,7 +76,7 @@ impl KeySet {
 
     /// The verifier for a token's `kid` and `alg`. A token without `kid` matches when the set
     /// holds exactly one key.
-    pub fn verifier(&self, kid: Option<&str>, alg: &str) -> Option<Arc<dyn JwsVerifier>> {
+    pub fn verifier(&self, kid: Option<&str>, alg: &str) -> Option<Arc<SignatureCheck>> {
         let by_alg = match kid {
             Some(kid) => self.keys.get(kid)?,
             None if self.keys.len() == 1 => self.keys.values().next()?,
@@ -86,8 +104,8 @@ impl KeySet {
     }
 }
 
-fn verifiers_for(jwk: &Jwk, allowed: &[String]) -> HashMap<&'static str, Arc<dyn JwsVerifier>> {
-    use josekit::jws::{EdDSA, ES256, ES384, PS256, PS384, PS512, RS256, RS384, RS512};
+fn verifiers_for(jwk: &Jwk, allowed: &[String]) -> HashMap<&'static str, Arc<SignatureCheck>> {
+    use josekit::jws::{EdDSA, ES256, ES384, PS256, PS384, PS512};
     let candidates: &[&'static str] = match (jwk.key_type(), jwk.curve()) {
         ("RSA", _) => &["RS256", "RS384", "RS512", "PS256", "PS384", "PS512"],
         ("EC", Some("P-256")) => &["ES256"],
@@ -95,25 +113,31 @@ fn verifiers_for(jwk: &Jwk, allowed: &[String]) -> HashMap<&'static str, Arc<dyn
         ("OKP", Some("Ed25519")) => &["EdDSA"],
         _ => &[],
     };
-    let mut out: HashMap<&'static str, Arc<dyn JwsVerifier>> = HashMap::new();
+    let mut out: HashMap<&'static str, Arc<SignatureCheck>> = HashMap::new();
+    let rsa_part = |name: &str| jwk.parameter(name).and_then(|v| v.as_str());
     for &alg in candidates {
         if !allowed.iter().any(|a| a == alg) || jwk.algorithm().is_some_and(|a| a != alg) {
             continue;
         }
-        let verifier: Option<Arc<dyn JwsVerifier>> = match alg {
-            "RS256" => RS256.verifier_from_jwk(jwk).ok().map(|v| Arc::new(v) as _),
-            "RS384" => RS384.verifier_from_jwk(jwk).ok().map(|v| Arc::new(v) as _),
-            "RS512" => RS512.verifier_from_jwk(jwk).ok().map(|v| Arc::new(v) as _),
-            "PS256" => PS256.verifier_from_jwk(jwk).ok().map(|v| Arc::new(v) as _),
-            "PS384" => PS384.verifier_from_jwk(jwk).ok().map(|v| Arc::new(v) as _),
-            "PS512" => PS512.verifier_from_jwk(jwk).ok().map(|v| Arc::new(v) as _),
-            "ES256" => ES256.verifier_from_jwk(jwk).ok().map(|v| Arc::new(v) as _),
-            "ES384" => ES384.verifier_from_jwk(jwk).ok().map(|v| Arc::new(v) as _),
-            "EdDSA" => EdDSA.verifier_from_jwk(jwk).ok().map(|v| Arc::new(v) as _),
+        let jose =
+            |v: Result<Box<dyn JwsVerifier>, josekit::JoseError>| v.ok().map(SignatureCheck::Jose);
+        let check = match alg {
+            "RS256" | "RS384" | "RS512" => match (rsa_part("n"), rsa_part("e")) {
+                (Some(n), Some(e)) => {
+                    super::rsa::RsaVerifier::from_components(alg, n, e).map(SignatureCheck::Rsa)
+                }
+                _ => None,
+            },
+            "PS256" => jose(PS256.verifier_from_jwk(jwk).map(|v| Box::new(v) as _)),
+            "PS384" => jose(PS384.verifier_from_jwk(jwk).map(|v| Box::new(v) as _)),
+            "PS512" => jose(PS512.verifier_from_jwk(jwk).map(|v| Box::new(v) as _)),
+            "ES256" => jose(ES256.verifier_from_jwk(jwk).map(|v| Box::new(v) as _)),
+            "ES384" => jose(ES384.verifier_from_jwk(jwk).map(|v| Box::new(v) as _)),
+            "EdDSA" => jose(EdDSA.verifier_from_jwk(jwk).map(|v| Box::new(v) as _)),
             _ => None,
         };
-        if let Some(v) = verifier {
-            out.insert(alg, v);
+        if let Some(check) = check {
+            out.insert(alg, Arc::new(check));
         }
     }
     out
@@ -230,7 +254,7 @@ impl Jwks {
         &self,
         kid: Option<&str>,
         alg: &str,
-    ) -> Result<Arc<dyn JwsVerifier>, bool> {
+    ) -> Result<Arc<SignatureCheck>, bool> {
         let set = self.current();
         if let Some(v) = set.verifier(kid, alg) {
             return Ok(v);

@@ -5,6 +5,7 @@
 //! - [`claims`]: claim validation and role extraction (pure).
 //! - [`jwks`]: the signing keys: fetched from the IdP's JWKS, or the dev key.
 //! - [`devkey`]: the dev signing key file shared by every process on a machine.
+//! - [`rsa`]: RS256/384/512 checks with pooled OpenSSL contexts (the hot path of cold verification).
 //! - [`revocation`]: revoked tokens and users, in Redis or in memory, announced to every verifier.
 //! - [`verifier`]: the verifier with its verified-token cache.
 //! - [`token_source`]: service tokens for calls between roles.
@@ -15,6 +16,7 @@ pub mod devkey;
 pub mod extract;
 pub mod jwks;
 pub mod revocation;
+pub mod rsa;
 pub mod token_source;
 pub mod verifier;
 

@@ -11,11 +11,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use base64::Engine;
-use serde_json::{Map, Value};
+use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 use tokio::sync::broadcast::error::RecvError;
 
-use super::claims::{self, ClaimRules, UserInfo};
+use super::claims::{self, ClaimRules, Claims, UserInfo};
 use super::jwks::Jwks;
 use super::revocation::{Revocation, RevocationStore, SeenSampler};
 use super::{strip_bearer, unix_now, AuthError, Identity, Reason};
@@ -37,8 +37,8 @@ pub struct Verified {
     pub identity: Identity,
     /// The user-facing view.
     pub info: UserInfo,
-    /// Every claim, as signed.
-    pub claims: Map<String, Value>,
+    /// Every claim, as signed (the payload's JSON, kept as text).
+    pub claims: Box<RawValue>,
     /// Hex SHA-256 of the token (how it is named for revocation).
     pub token_hash: String,
 }
@@ -56,8 +56,12 @@ pub struct Verifier {
     /// Users revoked since this process started, from announcements: subject -> not-before.
     revoked_users: RwLock<HashMap<String, u64>>,
     seen: SeenSampler,
+    /// Sampled sightings for the one writer task; bounded so a flood of new users cannot queue
+    /// without limit.
+    sightings: tokio::sync::mpsc::Sender<Identity>,
     cached_hits: metrics::Counter,
     cold_ok: metrics::Counter,
+    cache_entries: metrics::Gauge,
 }
 
 impl Verifier {
@@ -70,6 +74,16 @@ impl Verifier {
         revocations: Arc<dyn RevocationStore>,
         capacity: usize,
     ) -> Self {
+        let (sightings, mut queue) = tokio::sync::mpsc::channel::<Identity>(1024);
+        let store = revocations.clone();
+        // Ends when the verifier (the only sender) is dropped.
+        tokio::spawn(async move {
+            while let Some(identity) = queue.recv().await {
+                if let Err(e) = store.record_seen(&identity).await {
+                    tracing::debug!(error = %e, "could not record a user sighting");
+                }
+            }
+        });
         Verifier {
             role,
             jwks,
@@ -80,6 +94,8 @@ impl Verifier {
             capacity,
             revoked_users: RwLock::default(),
             seen: SeenSampler::new(std::time::Duration::from_secs(60)),
+            sightings,
+            cache_entries: metrics::gauge!(names::CACHE_ENTRIES, "role" => role.as_str()),
             cached_hits: metrics::counter!(names::VERIFICATIONS, "role" => role.as_str(), "outcome" => "cached"),
             cold_ok: metrics::counter!(names::VERIFICATIONS, "role" => role.as_str(), "outcome" => "ok"),
         }
@@ -120,13 +136,8 @@ impl Verifier {
         self.cold_ok.increment(1);
         self.insert(digest, verified.clone(), now);
         if self.seen.should_record(&verified.identity.subject) {
-            let store = self.revocations.clone();
-            let identity = verified.identity.clone();
-            tokio::spawn(async move {
-                if let Err(e) = store.record_seen(&identity).await {
-                    tracing::debug!(error = %e, "could not record a user sighting");
-                }
-            });
+            // Full queue: the sighting is dropped; it is sampled anyway and never worth a wait.
+            let _ = self.sightings.try_send(verified.identity.clone());
         }
         Ok(verified)
     }
@@ -142,18 +153,23 @@ impl Verifier {
         digest: &[u8; 32],
         now: u64,
     ) -> Result<Verified, AuthError> {
-        let header = parse_header(token)?;
-        let alg = header.get("alg").and_then(Value::as_str).ok_or(Reason::Malformed)?;
+        let jws = Compact::parse(token)?;
+        let header = Header::parse(&jws.header)?;
+        let alg = header.alg.as_ref();
         if alg.eq_ignore_ascii_case("none")
             || alg.starts_with("HS")
             || !self.allowed.iter().any(|a| a == alg)
         {
             return Err(Reason::AlgorithmNotAllowed.into());
         }
+        // Extensions we do not implement (`crit`, and `b64` which needs it) must be refused.
+        if header.crit.is_some() || header.b64.is_some() {
+            return Err(Reason::Malformed.into());
+        }
         if !self.jwks.is_loaded() {
             return Err(AuthError::Unavailable("no signing keys loaded yet".into()));
         }
-        let kid = header.get("kid").and_then(Value::as_str);
+        let kid = header.kid.as_deref();
         let verifier = self.jwks.verifier(kid, alg).await.map_err(|unknown_kid| {
             if unknown_kid {
                 Reason::UnknownKey
@@ -161,13 +177,17 @@ impl Verifier {
                 Reason::AlgorithmNotAllowed
             }
         })?;
-        let (payload, _) =
-            josekit::jwt::decode_with_verifier(token, verifier.as_ref()).map_err(|e| match e {
-                josekit::JoseError::InvalidSignature(_) => Reason::BadSignature,
-                _ => Reason::Malformed,
-            })?;
-        let claims = payload.claims_set().clone();
-        let (identity, info) = claims::validate(&claims, &self.rules, now)?;
+        // The signature over the signing input, checked before the payload is even decoded.
+        if !verifier.verify(jws.signing_input.as_bytes(), &jws.signature) {
+            return Err(Reason::BadSignature.into());
+        }
+        let payload = jws.payload()?;
+        let (identity, info) = claims::validate(&Claims::parse(&payload)?, &self.rules, now)?;
+        // Parsed above, so it is a JSON object; kept as text for whoever wants every claim.
+        let claims = String::from_utf8(payload)
+            .ok()
+            .and_then(|p| RawValue::from_string(p).ok())
+            .ok_or(Reason::Malformed)?;
         let token_hash = hex::encode(digest);
         match self.revocations.is_revoked(&token_hash, &identity.subject, info.iat).await {
             Ok(false) => {}
@@ -192,7 +212,7 @@ impl Verifier {
             }
         }
         cache.insert(digest, verified);
-        metrics::gauge!(names::CACHE_ENTRIES, "role" => self.role.as_str()).set(cache.len() as f64);
+        self.cache_entries.set(cache.len() as f64);
     }
 
     /// Applies one announced revocation to this verifier's caches.
@@ -235,19 +255,50 @@ impl Verifier {
     }
 }
 
-/// The decoded JOSE header of a compact JWS, or `malformed`.
-fn parse_header(token: &str) -> Result<Map<String, Value>, Reason> {
-    let mut parts = token.split('.');
-    let (Some(header), Some(_), Some(_), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err(Reason::Malformed);
-    };
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(header)
-        .map_err(|_| Reason::Malformed)?;
-    match serde_json::from_slice(&bytes) {
-        Ok(Value::Object(map)) => Ok(map),
-        _ => Err(Reason::Malformed),
+/// The JOSE header fields we act on; the rest are ignored.
+#[derive(serde::Deserialize)]
+struct Header<'a> {
+    #[serde(borrow)]
+    alg: std::borrow::Cow<'a, str>,
+    #[serde(borrow, default)]
+    kid: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default)]
+    crit: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    b64: Option<serde::de::IgnoredAny>,
+}
+
+impl<'a> Header<'a> {
+    fn parse(bytes: &'a [u8]) -> Result<Self, Reason> {
+        serde_json::from_slice(bytes).map_err(|_| Reason::Malformed)
+    }
+}
+
+/// A compact JWS split into its parts: header and signature decoded, payload still encoded.
+struct Compact<'a> {
+    header: Vec<u8>,
+    signing_input: &'a str,
+    payload: &'a str,
+    signature: Vec<u8>,
+}
+
+impl<'a> Compact<'a> {
+    fn parse(token: &'a str) -> Result<Self, Reason> {
+        let b64 = &base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let (signing_input, signature) = token.rsplit_once('.').ok_or(Reason::Malformed)?;
+        let (header, payload) = signing_input.split_once('.').ok_or(Reason::Malformed)?;
+        if payload.contains('.') {
+            return Err(Reason::Malformed);
+        }
+        let header = b64.decode(header).map_err(|_| Reason::Malformed)?;
+        let signature = b64.decode(signature).map_err(|_| Reason::Malformed)?;
+        Ok(Compact { header, signing_input, payload, signature })
+    }
+
+    /// The decoded payload bytes.
+    fn payload(&self) -> Result<Vec<u8>, Reason> {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(self.payload)
+            .map_err(|_| Reason::Malformed)
     }
 }
