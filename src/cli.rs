@@ -139,8 +139,17 @@ pub async fn run(cli: Cli, env: BTreeMap<String, String>) -> ExitCode {
         (_, Ok(config)) => {
             let Some((role, _)) = cli.role() else { return ExitCode::from(EXIT_FAILURE) };
             let config = Arc::new(config);
-            telemetry::init_logging(&config);
-            serve_role(role, config).await
+            let telemetry = match telemetry::init(&config, role.service_name()) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            let code = serve_role(role, config).await;
+            // The exporter's blocking client must not be shut down on a runtime thread.
+            let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+            code
         }
     }
 }

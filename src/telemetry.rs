@@ -3,6 +3,12 @@
 //! Logs are structured (`json` by default) at `log_level`. Metrics go to one process-wide
 //! Prometheus registry (metrics-exporter-prometheus), rendered by every role's `/metrics`; every
 //! metric carries a `role` label set where it is recorded, so `access all` keeps them apart.
+//! Traces: with `enable_tracing`, spans are exported over OTLP/HTTP (protobuf) to `otel_exporter`
+//! in batches from a background thread, and an incoming W3C `traceparent` becomes the parent of
+//! the request's span.
+//! Traces: with `enable_tracing`, spans are exported over OTLP/HTTP (protobuf) to `otel_exporter`
+//! in batches from a background thread, and an incoming W3C `traceparent` becomes the parent of
+//! the request's span.
 
 use std::sync::OnceLock;
 
@@ -35,10 +41,54 @@ const SECONDS_BUCKETS: &[f64] = &[
     5.0, 10.0,
 ];
 
-/// Starts logging. Call once, in `main`; a second call is ignored (tests may start several roles).
-pub fn init_logging(config: &Config) {
+/// Keeps the trace exporter alive; [`Telemetry::shutdown`] flushes what is buffered.
+#[must_use = "dropping the guard without shutdown() loses the last spans"]
+pub struct Telemetry {
+    tracer: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Flushes and stops the trace exporter (at most a few seconds).
+    pub fn shutdown(self) {
+        if let Some(provider) = self.tracer {
+            if let Err(e) = provider.shutdown_with_timeout(std::time::Duration::from_secs(5)) {
+                tracing::warn!(error = %e, "could not flush the last spans");
+            }
+        }
+    }
+}
+
+/// Starts logging, and trace export when enabled. Call once, in the process's entry point; a
+/// second call only logs (tests may start several roles in one process).
+pub fn init(config: &Config, service: &str) -> Result<Telemetry, String> {
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_otlp::WithExportConfig as _;
     let filter = EnvFilter::try_new(&config.log_level.0).unwrap_or_else(|_| EnvFilter::new("info"));
-    let registry = tracing_subscriber::registry().with(filter);
+    let (tracer, otel_layer) = match (&config.enable_tracing, &config.otel_exporter) {
+        (true, Some(endpoint)) => {
+            let exporter = opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_endpoint(endpoint.as_str())
+                .with_timeout(std::time::Duration::from_secs(5))
+                .build()
+                .map_err(|e| format!("OTLP exporter for {endpoint}: {e}"))?;
+            let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+                .with_batch_exporter(exporter)
+                .with_resource(
+                    opentelemetry_sdk::Resource::builder()
+                        .with_service_name(service.to_string())
+                        .build(),
+                )
+                .build();
+            opentelemetry::global::set_text_map_propagator(
+                opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+            );
+            let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("access"));
+            (Some(provider), Some(layer))
+        }
+        _ => (None, None),
+    };
+    let registry = tracing_subscriber::registry().with(filter).with(otel_layer);
     let result = match config.log_format {
         LogFormat::Json => registry
             .with(
@@ -55,6 +105,28 @@ pub fn init_logging(config: &Config) {
         }
     };
     drop(result);
+    Ok(Telemetry { tracer })
+}
+
+/// Reads W3C trace context from request headers.
+pub struct HeaderExtractor<'a>(pub &'a http::HeaderMap);
+
+impl opentelemetry::propagation::Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+/// Makes the request's `traceparent` (if any) the parent of `span`; a no-op without tracing.
+pub fn adopt_trace_parent(span: &tracing::Span, headers: &http::HeaderMap) {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let parent =
+        opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers)));
+    let _ = span.set_parent(parent);
 }
 
 /// The process's Prometheus registry, installed as the global `metrics` recorder on first use.

@@ -48,6 +48,7 @@ pub async fn observe(State(o): State<Observe>, req: Request, next: Next) -> Resp
     let trace_id = header_str(&req, &TRACEPARENT).and_then(trace_id_of).unwrap_or_default();
     let span = tracing::info_span!("request", role = %o.role, request_id = %request_id,
         trace_id = %trace_id, method, route = %route);
+    crate::telemetry::adopt_trace_parent(&span, req.headers());
     let response = next.run(req).instrument(span.clone()).await;
     let elapsed = start.elapsed();
     let status = response.status();

@@ -1,7 +1,6 @@
 //! The auth role against a JWKS served over real HTTP from generated RSA and EC keys, and the real
 //! Redis for revocations.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use access::roles::Role;
@@ -9,7 +8,7 @@ use serde_json::{json, Value};
 
 use crate::idp::{claims, now, Idp, Key, AUDIENCE, ISSUER};
 use crate::support::{
-    config, eventually, http, redis_prefix, start, wait_ready, Running, REDIS_URL,
+    config, eventually, http, redis_prefix, spawn_binary, start, wait_ready, Running, REDIS_URL,
 };
 
 /// The auth role verifying against `idp`, revocations in the real Redis under a fresh prefix.
@@ -54,6 +53,16 @@ async fn rs256_and_es256_verify_and_every_reason_is_reported() {
     assert_eq!(v["user_info"]["roles"], json!(["trader"]));
     assert_eq!(v["user_info"]["email"], "alice@example.com");
     assert_eq!(v["claims"]["iss"], ISSUER);
+    let ws: Value = http()
+        .post(s.url("/auth/verify-ws"))
+        .json(&json!({ "token": rsa.sign(&claims("alice", json!({}))) }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ws["valid"], true, "the old streaming handshake endpoint answers the same: {ws}");
     let v = verify(&s, &format!("Bearer {}", ec.sign(&claims("bob", json!({}))))).await;
     assert_eq!(v["valid"], true, "a Bearer prefix is accepted: {v}");
 
@@ -263,52 +272,6 @@ async fn user_records_need_admin_and_show_revocations() {
         .unwrap();
     assert!(record["revoked_before"].as_u64().is_some(), "{record}");
     assert_eq!(reason(&verify(&s, &trader).await), "revoked");
-}
-
-/// A second verifier in another process: the built binary.
-struct Process {
-    child: std::process::Child,
-    url: String,
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts `access <role> --port 0` and reads the bound address from its "listening" log line.
-fn spawn_binary(role: &str, env: &[(&str, &str)]) -> Process {
-    use std::io::BufRead;
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_access"));
-    cmd.env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("ACCESS_SERVER__HOST", "127.0.0.1")
-        .args([role, "--port", "0"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut sent = false;
-        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-            if !sent {
-                if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                    if v["message"] == "listening" {
-                        let _ = tx.send(v["addr"].as_str().unwrap_or_default().to_string());
-                        sent = true;
-                    }
-                }
-            }
-        }
-    });
-    let addr = rx.recv_timeout(Duration::from_secs(20)).expect("the binary logs its address");
-    Process { child, url: format!("http://{addr}") }
 }
 
 #[tokio::test]

@@ -7,3 +7,4 @@ mod binary;
 mod idp;
 mod runtime;
 mod support;
+mod telemetry;
