@@ -231,8 +231,13 @@ pub async fn start(role: Role, listener: TcpListener, ctx: Context) -> Result<()
             let state = roles::auth::build(&ctx, auth);
             roles::auth::run(listener, state, ctx).await
         }
-        Role::Gateway | Role::Stream | Role::Entitlements | Role::Metrics => Err(RunError::Other(
-            anyhow::anyhow!("the {role} role has not landed yet; `access auth` runs today"),
-        )),
+        Role::Entitlements => {
+            let auth = crate::auth::Auth::build(&ctx).await?;
+            let state = roles::entitlements::build(&ctx, auth).await?;
+            roles::entitlements::run(listener, state, ctx).await
+        }
+        Role::Gateway | Role::Stream | Role::Metrics => Err(RunError::Other(anyhow::anyhow!(
+            "the {role} role has not landed yet; `access auth` and `access entitlements` run today"
+        ))),
     }
 }

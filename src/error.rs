@@ -275,11 +275,27 @@ impl From<JsonRejection> for ApiError {
     }
 }
 
-/// Pulls the field name out of serde's "missing field `x`" / "unknown field `x`" messages.
+/// The field a JSON body error is about. axum reports serde_path_to_error's form,
+/// "...target type: <path>: <serde message>", where the path is "." at the root; serde's own
+/// message names a missing or unknown field in backticks. Both are combined
+/// (`conditions[0].operator`).
 fn field_from_serde_message(message: &str) -> Option<String> {
-    let start = message.find('`')? + 1;
-    let end = start + message[start..].find('`')?;
-    Some(message[start..end].to_string())
+    let rest = message.split_once("target type: ").map_or(message, |(_, r)| r);
+    let (path, detail) = match rest.split_once(": ") {
+        Some((path, detail)) if !path.contains(' ') => (Some(path).filter(|p| *p != "."), detail),
+        _ => (None, rest),
+    };
+    let named = ["missing field `", "unknown field `"].iter().find_map(|lead| {
+        let start = detail.find(lead)? + lead.len();
+        let end = start + detail[start..].find('`')?;
+        Some(&detail[start..end])
+    });
+    match (path, named) {
+        (Some(p), Some(n)) => Some(format!("{p}.{n}")),
+        (Some(p), None) => Some(p.to_string()),
+        (None, Some(n)) => Some(n.to_string()),
+        (None, None) => None,
+    }
 }
 
 /// `axum::Json`, but its rejections are [`ApiError`]s, so a bad body gets the project's error body.
@@ -368,10 +384,19 @@ mod tests {
 
     #[test]
     fn serde_field_names_are_extracted() {
-        assert_eq!(
-            field_from_serde_message("missing field `token` at line 1 column 2").as_deref(),
-            Some("token")
-        );
-        assert_eq!(field_from_serde_message("no backticks"), None);
+        let table = [
+            ("missing field `token` at line 1 column 2", Some("token")),
+            ("Failed to deserialize the JSON body into the target type: missing field `name` at line 1", Some("name")),
+            (
+                "Failed to deserialize the JSON body into the target type: conditions[0].operator: unknown variant `resembles`, expected one of `equals`",
+                Some("conditions[0].operator"),
+            ),
+            ("Failed to deserialize the JSON body into the target type: conditions[0]: missing field `field` at line 1", Some("conditions[0].field")),
+            ("Failed to deserialize the JSON body into the target type: .: unknown field `nope`", Some("nope")),
+            ("no backticks", None),
+        ];
+        for (message, field) in table {
+            assert_eq!(field_from_serde_message(message).as_deref(), field, "{message}");
+        }
     }
 }

@@ -11,8 +11,11 @@ use super::BackendError;
 use crate::config::secret::redact_dsn;
 use crate::config::{PostgresConfig, Secret};
 
-/// Builds the pool and checks one connection, within `config.connect_timeout`.
-pub async fn connect(dsn: &Secret, config: &PostgresConfig) -> Result<Pool, BackendError> {
+/// The connection settings and TLS connector for `dsn`.
+pub fn settings(
+    dsn: &Secret,
+    config: &PostgresConfig,
+) -> Result<(tokio_postgres::Config, MakeTlsConnector), BackendError> {
     let target = redact_dsn(dsn.expose());
     let err = |m: &dyn std::fmt::Display| BackendError::new("postgres", target.clone(), m);
     let mut pg: tokio_postgres::Config = dsn.expose().parse().map_err(|e| err(&e))?;
@@ -28,7 +31,14 @@ pub async fn connect(dsn: &Secret, config: &PostgresConfig) -> Result<Pool, Back
         let cert = native_tls::Certificate::from_pem(&pem).map_err(|e| err(&e))?;
         tls.add_root_certificate(cert);
     }
-    let tls = MakeTlsConnector::new(tls.build().map_err(|e| err(&e))?);
+    Ok((pg, MakeTlsConnector::new(tls.build().map_err(|e| err(&e))?)))
+}
+
+/// Builds the pool and checks one connection, within `config.connect_timeout`.
+pub async fn connect(dsn: &Secret, config: &PostgresConfig) -> Result<Pool, BackendError> {
+    let target = redact_dsn(dsn.expose());
+    let err = |m: &dyn std::fmt::Display| BackendError::new("postgres", target.clone(), m);
+    let (pg, tls) = settings(dsn, config)?;
     let manager =
         Manager::from_config(pg, tls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
     let pool = Pool::builder(manager)
@@ -50,7 +60,7 @@ async fn check(pool: &Pool) -> Result<(), String> {
 }
 
 /// The error with its sources (tokio-postgres puts the useful part in the source).
-fn describe(e: &dyn std::error::Error) -> String {
+pub fn describe(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
@@ -69,4 +79,50 @@ pub fn ready_check(
         let pool = pool.clone();
         Box::pin(async move { check(&pool).await.map_err(|e| format!("postgres: {e}")) })
     }
+}
+
+/// The layer's one migration set, in order.
+const MIGRATIONS: &[(i32, &str, &str)] =
+    &[(1, "entitlements", include_str!("../../migrations/0001_entitlements.sql"))];
+
+/// The advisory lock every replica takes to migrate: replicas starting together apply each
+/// migration once.
+const MIGRATION_LOCK: i64 = 0x0061_6363_6573_735f;
+
+/// Applies the migrations not yet applied, in one transaction under an advisory lock.
+pub async fn migrate(pool: &Pool) -> Result<(), String> {
+    let mut client = pool.get().await.map_err(|e| describe(&e))?;
+    let tx = client.transaction().await.map_err(|e| describe(&e))?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(|e| describe(&e))?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS access_schema_migrations (
+            version int PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())",
+    )
+    .await
+    .map_err(|e| describe(&e))?;
+    let applied: Vec<i32> = tx
+        .query("SELECT version FROM access_schema_migrations", &[])
+        .await
+        .map_err(|e| describe(&e))?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    for (version, name, sql) in MIGRATIONS {
+        if applied.contains(version) {
+            continue;
+        }
+        tx.batch_execute(sql)
+            .await
+            .map_err(|e| format!("migration {version} ({name}): {}", describe(&e)))?;
+        tx.execute(
+            "INSERT INTO access_schema_migrations (version, name) VALUES ($1, $2)",
+            &[version, name],
+        )
+        .await
+        .map_err(|e| describe(&e))?;
+        tracing::info!(version, name, "applied migration");
+    }
+    tx.commit().await.map_err(|e| describe(&e))
 }

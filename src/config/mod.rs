@@ -73,7 +73,7 @@ pub struct Config {
     /// The stream role.
     pub stream: RoleListen,
     /// The entitlements role.
-    pub entitlements: RoleListen,
+    pub entitlements: crate::roles::entitlements::Config,
     /// The metrics role.
     pub metrics: RoleListen,
 }
@@ -100,7 +100,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             gateway: RoleListen::new(Role::Gateway),
             stream: RoleListen::new(Role::Stream),
-            entitlements: RoleListen::new(Role::Entitlements),
+            entitlements: crate::roles::entitlements::Config::default(),
             metrics: RoleListen::new(Role::Metrics),
         }
     }
@@ -185,6 +185,7 @@ impl Config {
         problems.extend(self.kafka.validate());
         problems.extend(self.postgres.validate());
         problems.extend(self.auth.validate(self.env));
+        problems.extend(self.entitlements.validate());
         problems
     }
 }

@@ -3,6 +3,7 @@
 //! handles) -> `router(state)` is pure -> `run(listener, state, ctx)`.
 
 pub mod auth;
+pub mod entitlements;
 
 use std::fmt;
 

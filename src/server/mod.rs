@@ -155,10 +155,13 @@ async fn health(State(ctx): State<Context>) -> Response {
 
 async fn ready(State(ctx): State<Context>) -> Response {
     let report = ctx.readiness.report().await;
-    if report.is_ready() {
-        return Json(json!({ "status": report.status, "checks": report.checks })).into_response();
-    }
     let failing: Vec<_> = report.checks.iter().filter(|c| !c.ok).map(|c| c.name).collect();
+    if report.is_ready() {
+        return Json(
+            json!({ "status": report.status, "failing": failing, "checks": report.checks }),
+        )
+        .into_response();
+    }
     let message = match report.status {
         "draining" => "shutting down".to_string(),
         "starting" => "start-up work is not done".to_string(),

@@ -2,7 +2,8 @@
 //!
 //! `/health` never touches a dependency. `/ready` answers 200 only when start-up work is done, the
 //! process is not draining, and every registered dependency check passes within its timeout; else
-//! 503 naming each failing one.
+//! 503 naming each failing one. A soft check (a dependency the role can serve without, such as
+//! the entitlements role's PostgreSQL for reads) only turns the status to `degraded`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
@@ -35,8 +36,9 @@ pub struct Readiness {
 }
 
 struct Inner {
-    /// Written at start-up, read per probe: a std lock held only to clone the list.
-    checks: RwLock<Vec<(&'static str, Arc<dyn ReadyCheck>)>>,
+    /// Written at start-up, read per probe: a std lock held only to clone the list. The flag
+    /// marks a soft check: failing, it reports `degraded` but keeps the role ready.
+    checks: RwLock<Vec<(&'static str, Arc<dyn ReadyCheck>, bool)>>,
     started: AtomicBool,
     shutdown: Shutdown,
     timeout: Duration,
@@ -46,7 +48,8 @@ struct Inner {
 /// What `/ready` reports.
 #[derive(Debug, Serialize)]
 pub struct Report {
-    /// `ready`, `starting`, `draining` or `not_ready`.
+    /// `ready`, `degraded` (a soft check fails; still ready), `starting`, `draining` or
+    /// `not_ready`.
     pub status: &'static str,
     /// Each check by name: `ok` or the error.
     pub checks: Vec<CheckResult>,
@@ -59,15 +62,17 @@ pub struct CheckResult {
     pub name: &'static str,
     /// Whether it answered.
     pub ok: bool,
+    /// Whether the role keeps serving without it.
+    pub soft: bool,
     /// Why not.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
 
 impl Report {
-    /// Whether the role is ready.
+    /// Whether the role is ready (degraded counts: it still serves).
     pub fn is_ready(&self) -> bool {
-        self.status == "ready"
+        matches!(self.status, "ready" | "degraded")
     }
 }
 
@@ -85,10 +90,17 @@ impl Readiness {
         }
     }
 
-    /// Registers a dependency check under a name.
+    /// Registers a dependency check under a name: failing, the role is not ready.
     pub fn add_check(&self, name: &'static str, check: impl ReadyCheck + 'static) {
         let mut checks = self.inner.checks.write().unwrap_or_else(|p| p.into_inner());
-        checks.push((name, Arc::new(check)));
+        checks.push((name, Arc::new(check), false));
+    }
+
+    /// Registers a check the role can serve without (it degrades): failing, `/ready` still
+    /// answers 200 with status `degraded` and names it, so load balancers keep sending traffic.
+    pub fn add_soft_check(&self, name: &'static str, check: impl ReadyCheck + 'static) {
+        let mut checks = self.inner.checks.write().unwrap_or_else(|p| p.into_inner());
+        checks.push((name, Arc::new(check), true));
     }
 
     /// Start-up work is done.
@@ -104,20 +116,23 @@ impl Readiness {
     /// Runs every check concurrently, each under the timeout.
     pub async fn report(&self) -> Report {
         let checks: Vec<_> = self.inner.checks.read().unwrap_or_else(|p| p.into_inner()).clone();
-        let results = futures::future::join_all(checks.iter().map(|(name, check)| async move {
-            let outcome = match tokio::time::timeout(self.inner.timeout, check.check()).await {
-                Ok(outcome) => outcome,
-                Err(_) => Err(format!("no answer within {:?}", self.inner.timeout)),
-            };
-            CheckResult { name, ok: outcome.is_ok(), error: outcome.err() }
-        }))
-        .await;
+        let results =
+            futures::future::join_all(checks.iter().map(|(name, check, soft)| async move {
+                let outcome = match tokio::time::timeout(self.inner.timeout, check.check()).await {
+                    Ok(outcome) => outcome,
+                    Err(_) => Err(format!("no answer within {:?}", self.inner.timeout)),
+                };
+                CheckResult { name, ok: outcome.is_ok(), soft: *soft, error: outcome.err() }
+            }))
+            .await;
         let status = if self.inner.shutdown.is_draining() {
             "draining"
         } else if !self.inner.started.load(Ordering::Acquire) {
             "starting"
         } else if results.iter().all(|r| r.ok) {
             "ready"
+        } else if results.iter().all(|r| r.ok || r.soft) {
+            "degraded"
         } else {
             "not_ready"
         };

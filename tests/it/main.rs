@@ -4,6 +4,7 @@
 mod auth;
 mod backends;
 mod binary;
+mod entitlements;
 mod idp;
 mod runtime;
 mod support;

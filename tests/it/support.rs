@@ -182,3 +182,180 @@ impl Process {
         }
     }
 }
+
+/// A database of its own for one test, dropped afterwards.
+pub struct Db {
+    pub name: String,
+    pub dsn: String,
+}
+
+impl Db {
+    pub async fn new() -> Db {
+        let name = format!("access_test_{}", uuid::Uuid::new_v4().simple());
+        let (client, connection) =
+            tokio_postgres::connect(POSTGRES_DSN, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(connection);
+        client.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
+        Db { dsn: format!("postgres://postgres@127.0.0.1:5432/{name}"), name }
+    }
+
+    pub async fn client(&self) -> tokio_postgres::Client {
+        let (client, connection) =
+            tokio_postgres::connect(&self.dsn, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(connection);
+        client
+    }
+}
+
+impl Drop for Db {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("psql")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-q",
+                "-c",
+                &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+            ])
+            .output();
+    }
+}
+
+/// A dev key in a temporary directory and tokens signed by it.
+pub struct DevKeys {
+    _dir: tempfile::TempDir,
+    pub path: String,
+    key: access::auth::devkey::DevKey,
+}
+
+impl DevKeys {
+    pub fn new() -> DevKeys {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dev-key.json");
+        let key = access::auth::devkey::DevKey::load_or_create(&path).unwrap();
+        DevKeys { path: path.display().to_string(), key, _dir: dir }
+    }
+
+    pub fn token(&self, sub: &str, tenant: &str, roles: &[&str]) -> String {
+        let roles: Vec<String> = roles.iter().map(|r| r.to_string()).collect();
+        self.key
+            .issue(&access::auth::devkey::TokenRequest {
+                subject: sub,
+                tenant,
+                roles: &roles,
+                ttl: Duration::from_secs(600),
+                issuer: None,
+                audience: None,
+            })
+            .unwrap()
+    }
+}
+
+/// A private PostgreSQL cluster on a free port (for outage tests; never the machine's own).
+pub struct PrivatePostgres {
+    dir: tempfile::TempDir,
+    pub port: u16,
+}
+
+impl PrivatePostgres {
+    fn bin(name: &str) -> String {
+        let version = std::fs::read_dir("/usr/lib/postgresql")
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .max()
+            .unwrap();
+        format!("/usr/lib/postgresql/{}/bin/{name}", version.to_string_lossy())
+    }
+
+    fn as_postgres(args: &[&str]) -> std::process::Output {
+        std::process::Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    pub async fn start() -> PrivatePostgres {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        assert!(std::process::Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(dir.path())
+            .status()
+            .unwrap()
+            .success());
+        let out = Self::as_postgres(&[
+            &Self::bin("initdb"),
+            "-D",
+            data.to_str().unwrap(),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+        ]);
+        assert!(out.status.success(), "initdb: {}", String::from_utf8_lossy(&out.stderr));
+        let port = closed_port().await;
+        let pg = PrivatePostgres { dir, port };
+        pg.up();
+        pg
+    }
+
+    pub fn dsn(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    pub fn up(&self) {
+        let data = self.dir.path().join("data");
+        let log = self.dir.path().join("log");
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1",
+            self.port,
+            self.dir.path().display()
+        );
+        let out = Self::as_postgres(&[
+            &Self::bin("pg_ctl"),
+            "-D",
+            data.to_str().unwrap(),
+            "-l",
+            log.to_str().unwrap(),
+            "-o",
+            &options,
+            "-w",
+            "start",
+        ]);
+        assert!(out.status.success(), "pg_ctl start: {}", String::from_utf8_lossy(&out.stdout));
+    }
+
+    pub fn down(&self) {
+        let data = self.dir.path().join("data");
+        let out = Self::as_postgres(&[
+            &Self::bin("pg_ctl"),
+            "-D",
+            data.to_str().unwrap(),
+            "-m",
+            "immediate",
+            "-w",
+            "stop",
+        ]);
+        assert!(out.status.success(), "pg_ctl stop: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let data = self.dir.path().join("data");
+        let _ = Self::as_postgres(&[
+            &Self::bin("pg_ctl"),
+            "-D",
+            data.to_str().unwrap(),
+            "-m",
+            "immediate",
+            "stop",
+        ]);
+    }
+}

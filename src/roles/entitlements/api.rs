@@ -1,0 +1,319 @@
+//! The entitlements HTTP API. Checks need a valid token; a caller without the service role may
+//! only ask about itself (its own subject and tenant, with its own roles). Rule changes need the
+//! admin role; reading rules needs admin or service.
+
+use axum::extract::{Path, Query, State as AxumState};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use super::eval::CheckRequest;
+use super::rules::{glob_matches, RuleInput};
+use super::store::StoreError;
+use super::State;
+use crate::auth::{Caller, IdentityKind};
+use crate::error::{ApiError, ApiResult, ErrorCode, Json};
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound => ApiError::not_found("no rule with that id"),
+            StoreError::Conflict { .. } => {
+                ApiError::new(ErrorCode::Conflict, e.to_string()).with_field("version")
+            }
+            StoreError::Unavailable(cause) => {
+                ApiError::dependency("postgres", anyhow::anyhow!(cause))
+            }
+        }
+    }
+}
+
+/// A non-service caller may only check itself; its roles are its token's.
+fn authorize(state: &State, caller: &Caller, req: &mut CheckRequest) -> Result<(), ApiError> {
+    let id = &caller.0.identity;
+    if id.kind == IdentityKind::Service || id.has_role(&state.service_role) {
+        return Ok(());
+    }
+    if req.user_id != id.subject || req.tenant_id != id.tenant {
+        return Err(ApiError::new(
+            ErrorCode::Forbidden,
+            "without the service role a caller may only check itself",
+        ));
+    }
+    req.roles = id.roles.clone();
+    Ok(())
+}
+
+fn require_admin(state: &State, caller: &Caller) -> Result<(), ApiError> {
+    caller.require_role(&state.admin_role)
+}
+
+fn require_reader(state: &State, caller: &Caller) -> Result<(), ApiError> {
+    let id = &caller.0.identity;
+    if id.has_role(&state.admin_role) || id.has_role(&state.service_role) {
+        Ok(())
+    } else {
+        Err(ApiError::new(ErrorCode::Forbidden, "reading rules needs the admin or service role"))
+    }
+}
+
+pub(super) async fn check(
+    AxumState(state): AxumState<State>,
+    caller: Caller,
+    Json(mut req): Json<CheckRequest>,
+) -> ApiResult<Response> {
+    authorize(&state, &caller, &mut req)?;
+    Ok(axum::Json(state.engine.check(&req).await).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct BatchItem {
+    /// The caller's correlation id, echoed.
+    id: Value,
+    #[serde(flatten)]
+    req: CheckRequest,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Batch {
+    checks: Vec<Value>,
+}
+
+pub(super) async fn check_batch(
+    AxumState(state): AxumState<State>,
+    caller: Caller,
+    Json(batch): Json<Batch>,
+) -> ApiResult<Response> {
+    if batch.checks.len() > state.max_batch {
+        return Err(ApiError::validation(
+            "checks",
+            format!("at most {} checks per batch", state.max_batch),
+        ));
+    }
+    let mut results = Vec::with_capacity(batch.checks.len());
+    for (i, raw) in batch.checks.into_iter().enumerate() {
+        // Each item stands alone: a malformed or forbidden one fails by itself.
+        let id = raw.get("id").cloned().unwrap_or(Value::Null);
+        let item: BatchItem = match serde_json::from_value(raw) {
+            Ok(item) => item,
+            Err(e) => {
+                results.push(json!({"id": id, "error": {"code": "validation_failed", "field": format!("checks[{i}]"), "message": e.to_string()}}));
+                continue;
+            }
+        };
+        let mut req = item.req;
+        match authorize(&state, &caller, &mut req) {
+            Ok(()) => {
+                let decision = state.engine.check(&req).await;
+                let mut v = serde_json::to_value(decision).unwrap_or(Value::Null);
+                v["id"] = item.id;
+                results.push(v);
+            }
+            Err(e) => results.push(
+                json!({"id": item.id, "error": {"code": e.code(), "message": e.public_message()}}),
+            ),
+        }
+    }
+    Ok(axum::Json(json!({ "results": results })).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ResourcesRequest {
+    user_id: String,
+    tenant_id: String,
+    #[serde(default)]
+    roles: Vec<String>,
+    action: String,
+    resources: Vec<String>,
+    #[serde(default)]
+    context: Value,
+}
+
+pub(super) async fn resources(
+    AxumState(state): AxumState<State>,
+    caller: Caller,
+    Json(body): Json<ResourcesRequest>,
+) -> ApiResult<Response> {
+    if body.resources.len() > state.max_batch {
+        return Err(ApiError::validation(
+            "resources",
+            format!("at most {} resources", state.max_batch),
+        ));
+    }
+    let (mut allowed, mut denied) = (Vec::new(), Vec::new());
+    let mut version = 0;
+    for resource in body.resources {
+        let mut req = CheckRequest {
+            user_id: body.user_id.clone(),
+            tenant_id: body.tenant_id.clone(),
+            roles: body.roles.clone(),
+            resource: resource.clone(),
+            action: body.action.clone(),
+            context: body.context.clone(),
+        };
+        authorize(&state, &caller, &mut req)?;
+        let d = state.engine.check(&req).await;
+        version = d.rules_version;
+        if d.allowed {
+            allowed.push(resource)
+        } else {
+            denied.push(resource)
+        }
+    }
+    Ok(axum::Json(json!({ "allowed": allowed, "denied": denied, "rules_version": version }))
+        .into_response())
+}
+
+#[derive(Deserialize)]
+pub(super) struct ListQuery {
+    tenant_id: Option<String>,
+    user_id: Option<String>,
+    /// Rules whose resource glob matches this resource.
+    resource: Option<String>,
+    #[serde(default)]
+    offset: usize,
+    limit: Option<usize>,
+}
+
+pub(super) async fn list(
+    AxumState(state): AxumState<State>,
+    caller: Caller,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<Response> {
+    require_reader(&state, &caller)?;
+    let limit = q.limit.unwrap_or(100);
+    if limit == 0 || limit > 1000 {
+        return Err(ApiError::validation("limit", "limit must be 1 to 1000"));
+    }
+    let snap = state.engine.snapshot();
+    let matching: Vec<_> = snap
+        .rules()
+        .iter()
+        .filter(|r| q.tenant_id.as_ref().is_none_or(|t| r.input.tenant_id.as_ref() == Some(t)))
+        .filter(|r| q.user_id.as_ref().is_none_or(|u| r.input.user_id.as_ref() == Some(u)))
+        .filter(|r| q.resource.as_ref().is_none_or(|res| glob_matches(&r.input.resource, res)))
+        .collect();
+    let page: Vec<_> = matching.iter().skip(q.offset).take(limit).map(|r| r.as_ref()).collect();
+    Ok(axum::Json(json!({
+        "rules": page, "total": matching.len(), "offset": q.offset, "limit": limit, "rules_version": snap.version(),
+    }))
+    .into_response())
+}
+
+pub(super) async fn get_rule(
+    AxumState(state): AxumState<State>,
+    caller: Caller,
+    Path(id): Path<Uuid>,
+) -> ApiResult<Response> {
+    require_reader(&state, &caller)?;
+    let snap = state.engine.snapshot();
+    let rule = snap.get(id).ok_or_else(|| ApiError::not_found("no rule with that id"))?;
+    Ok(([(http::header::ETAG, format!("\"{}\"", rule.version))], axum::Json(rule.as_ref()))
+        .into_response())
+}
+
+pub(super) async fn history(
+    AxumState(state): AxumState<State>,
+    caller: Caller,
+    Path(id): Path<Uuid>,
+) -> ApiResult<Response> {
+    require_reader(&state, &caller)?;
+    let entries = state.engine.store().history(id).await?;
+    if entries.is_empty() && state.engine.snapshot().get(id).is_none() {
+        return Err(ApiError::not_found("no rule with that id"));
+    }
+    Ok(axum::Json(json!({ "rule_id": id, "history": entries })).into_response())
+}
+
+pub(super) async fn create(
+    AxumState(state): AxumState<State>,
+    caller: Caller,
+    Json(input): Json<RuleInput>,
+) -> ApiResult<Response> {
+    require_admin(&state, &caller)?;
+    input.validate()?;
+    let (rule, version) =
+        state.engine.store().create(input, caller.0.identity.subject.clone()).await?;
+    state.engine.changed(version).await;
+    Ok((
+        StatusCode::CREATED,
+        [(http::header::ETAG, format!("\"{}\"", rule.version))],
+        axum::Json(rule),
+    )
+        .into_response())
+}
+
+/// The version a change expects: `If-Match` (an ETag) or, for `PUT`, the body's `version`.
+fn expected_version(headers: &HeaderMap, body: Option<i64>) -> Result<Option<i64>, ApiError> {
+    match headers.get(http::header::IF_MATCH) {
+        Some(v) => {
+            let text =
+                v.to_str().unwrap_or_default().trim().trim_start_matches("W/").trim_matches('"');
+            text.parse().map(Some).map_err(|_| {
+                ApiError::validation("If-Match", "If-Match must be a rule version (its ETag)")
+            })
+        }
+        None => Ok(body),
+    }
+}
+
+pub(super) async fn update(
+    AxumState(state): AxumState<State>,
+    caller: Caller,
+    Path(id): Path<Uuid>,
+    headers: HeaderMap,
+    Json(input): Json<RuleInput>,
+) -> ApiResult<Response> {
+    require_admin(&state, &caller)?;
+    input.validate()?;
+    let expected = expected_version(&headers, input.version)?.ok_or_else(|| {
+        ApiError::validation(
+            "version",
+            "name the version you are replacing (body version or If-Match)",
+        )
+    })?;
+    let (rule, version) =
+        state.engine.store().update(id, input, expected, caller.0.identity.subject.clone()).await?;
+    state.engine.changed(version).await;
+    Ok(([(http::header::ETAG, format!("\"{}\"", rule.version))], axum::Json(rule)).into_response())
+}
+
+pub(super) async fn delete(
+    AxumState(state): AxumState<State>,
+    caller: Caller,
+    Path(id): Path<Uuid>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    require_admin(&state, &caller)?;
+    let expected = expected_version(&headers, None)?;
+    let version =
+        state.engine.store().delete(id, expected, caller.0.identity.subject.clone()).await?;
+    state.engine.changed(version).await;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+pub(super) async fn stats(AxumState(state): AxumState<State>, _caller: Caller) -> Response {
+    use std::sync::atomic::Ordering::Relaxed;
+    let snap = state.engine.snapshot();
+    let s = &state.engine.stats;
+    let checks = s.checks.load(Relaxed);
+    axum::Json(json!({
+        "rules": snap.rules().len(),
+        "rules_version": snap.version(),
+        "snapshot_loaded_at": snap.loaded_at(),
+        "snapshot_age_seconds": (chrono::Utc::now() - snap.loaded_at()).num_seconds(),
+        "checks": checks,
+        "allowed": s.allowed.load(Relaxed),
+        "denied": checks - s.allowed.load(Relaxed).min(checks),
+        "cache_hits": s.cache_hits.load(Relaxed),
+        "cache_errors": s.cache_errors.load(Relaxed),
+        "reload_errors": s.reload_errors.load(Relaxed),
+        "store": state.store_kind,
+    }))
+    .into_response()
+}

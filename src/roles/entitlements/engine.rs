@@ -1,0 +1,337 @@
+//! The engine behind the API: the current snapshot, the decision cache, and rule changes.
+//!
+//! Checks read an immutable [`Snapshot`] (swapped whole on reload), so they never wait for the
+//! store and keep answering while PostgreSQL is down. A change is written to the store, then this
+//! replica reloads before answering, and every other replica reloads on the announcement; the
+//! decision cache is keyed by rules version, so no decision from an older version is served.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use fred::prelude::{Expiration, KeysInterface, PubsubInterface};
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use super::eval::{CheckRequest, Reason, Snapshot};
+use super::store::{RuleStore, StoreError};
+use crate::backends::redis::Client as RedisClient;
+use crate::server::Shutdown;
+
+/// Metric names.
+pub mod names {
+    /// Checks by outcome and cache use.
+    pub const CHECKS: &str = "access_entitlements_checks_total";
+    /// The rules version served.
+    pub const RULES_VERSION: &str = "access_entitlements_rules_version";
+    /// Unix time of the last successful snapshot load.
+    pub const SNAPSHOT_LOADED: &str = "access_entitlements_snapshot_loaded_timestamp_seconds";
+    /// Rules in the snapshot.
+    pub const RULES: &str = "access_entitlements_rules";
+    /// Decision-cache operations that failed (Redis down): the check was computed instead.
+    pub const CACHE_ERRORS: &str = "access_entitlements_cache_errors_total";
+}
+
+/// A decision, as answered.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Decision {
+    /// Whether the action is allowed.
+    pub allowed: bool,
+    /// Why: `allowed_by_rule`, `denied_by_rule` or `default_deny`.
+    pub reason: String,
+    /// The deciding rule.
+    pub rule_id: Option<Uuid>,
+    /// Identifies this decision (for audit and support).
+    pub decision_id: Uuid,
+    /// The rules version it was computed against.
+    pub rules_version: i64,
+    /// How long a caller may cache it, seconds.
+    pub ttl_seconds: u64,
+    /// Whether it came from the decision cache.
+    #[serde(default)]
+    pub cached: bool,
+}
+
+/// Where decisions are cached: Redis (shared) or memory (one process).
+pub trait DecisionCache: Send + Sync {
+    /// A cached decision.
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Decision>, String>>;
+    /// Caches a decision for `ttl`.
+    fn put<'a>(
+        &'a self,
+        key: &'a str,
+        decision: &'a Decision,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), String>>;
+}
+
+/// In-process decision cache, bounded.
+pub struct MemoryCache {
+    /// Decisions with their expiry; a std mutex held for one map operation.
+    entries: Mutex<HashMap<String, (Decision, Instant)>>,
+    capacity: usize,
+}
+
+impl MemoryCache {
+    /// A cache of at most `capacity` decisions.
+    pub fn new(capacity: usize) -> Self {
+        MemoryCache { entries: Mutex::default(), capacity }
+    }
+}
+
+impl DecisionCache for MemoryCache {
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Decision>, String>> {
+        let hit = {
+            let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+            entries.get(key).filter(|(_, until)| *until > Instant::now()).map(|(d, _)| d.clone())
+        };
+        Box::pin(async move { Ok(hit) })
+    }
+
+    fn put<'a>(
+        &'a self,
+        key: &'a str,
+        decision: &'a Decision,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        {
+            let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+            if entries.len() >= self.capacity {
+                let now = Instant::now();
+                entries.retain(|_, (_, until)| *until > now);
+                if entries.len() >= self.capacity {
+                    entries.clear();
+                }
+            }
+            entries.insert(key.to_string(), (decision.clone(), Instant::now() + ttl));
+        }
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// The decision cache in Redis: `<prefix>ent:<rules version>:<sha256 of request>`.
+pub struct RedisCache {
+    client: RedisClient,
+    prefix: String,
+}
+
+impl RedisCache {
+    /// A cache under `prefix` (`access:<env>:`).
+    pub fn new(client: RedisClient, prefix: String) -> Self {
+        RedisCache { client, prefix }
+    }
+}
+
+impl DecisionCache for RedisCache {
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Decision>, String>> {
+        Box::pin(async move {
+            let raw: Option<String> = self
+                .client
+                .get(format!("{}{key}", self.prefix))
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(raw.and_then(|r| serde_json::from_str(&r).ok()))
+        })
+    }
+
+    fn put<'a>(
+        &'a self,
+        key: &'a str,
+        decision: &'a Decision,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let body = serde_json::to_string(decision).map_err(|e| e.to_string())?;
+            let ttl = Expiration::EX(ttl.as_secs().max(1) as i64);
+            let _: () = self
+                .client
+                .set(format!("{}{key}", self.prefix), body, Some(ttl), None, false)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(())
+        })
+    }
+}
+
+/// Counters for `/entitlements/stats`.
+#[derive(Default)]
+pub struct Stats {
+    /// Checks answered.
+    pub checks: AtomicU64,
+    /// Of which allowed.
+    pub allowed: AtomicU64,
+    /// Served from the cache.
+    pub cache_hits: AtomicU64,
+    /// Cache failures (computed instead).
+    pub cache_errors: AtomicU64,
+    /// Snapshot reloads that failed.
+    pub reload_errors: AtomicU64,
+}
+
+/// The engine.
+pub struct Engine {
+    store: Arc<dyn RuleStore>,
+    /// Swapped whole on reload; readers clone the `Arc` under a short read lock.
+    snapshot: RwLock<Arc<Snapshot>>,
+    /// Serialises reloads so an older load never replaces a newer one.
+    reloading: tokio::sync::Mutex<()>,
+    cache: Arc<dyn DecisionCache>,
+    publisher: Option<(RedisClient, String)>,
+    ttl: Duration,
+    /// Counters.
+    pub stats: Stats,
+}
+
+impl Engine {
+    /// Loads the first snapshot from `store`.
+    pub async fn start(
+        store: Arc<dyn RuleStore>,
+        cache: Arc<dyn DecisionCache>,
+        publisher: Option<(RedisClient, String)>,
+        ttl: Duration,
+    ) -> Result<Arc<Self>, StoreError> {
+        let loaded = store.load().await?;
+        let engine = Arc::new(Engine {
+            store,
+            snapshot: RwLock::new(Arc::new(Snapshot::new(loaded.rules, loaded.version))),
+            reloading: tokio::sync::Mutex::new(()),
+            cache,
+            publisher,
+            ttl,
+            stats: Stats::default(),
+        });
+        engine.record_snapshot();
+        Ok(engine)
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn RuleStore> {
+        &self.store
+    }
+
+    /// The current snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn record_snapshot(&self) {
+        let snap = self.snapshot();
+        metrics::gauge!(names::RULES_VERSION, "role" => "entitlements").set(snap.version() as f64);
+        metrics::gauge!(names::RULES, "role" => "entitlements").set(snap.rules().len() as f64);
+        metrics::gauge!(names::SNAPSHOT_LOADED, "role" => "entitlements")
+            .set(snap.loaded_at().timestamp() as f64);
+    }
+
+    /// Reloads the snapshot from the store; keeps the current one when the store fails.
+    pub async fn reload(&self) -> Result<(), StoreError> {
+        let _one_at_a_time = self.reloading.lock().await;
+        match self.store.load().await {
+            Ok(loaded) => {
+                if loaded.version >= self.snapshot().version() {
+                    *self.snapshot.write().unwrap_or_else(|p| p.into_inner()) =
+                        Arc::new(Snapshot::new(loaded.rules, loaded.version));
+                    self.record_snapshot();
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.stats.reload_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(role = "entitlements", error = %e, "cannot reload rules; serving the last snapshot");
+                Err(e)
+            }
+        }
+    }
+
+    /// After a change this replica made: reload at once, and tell other roles' caches.
+    pub async fn changed(&self, version: i64) {
+        let _ = self.reload().await;
+        if let Some((client, channel)) = &self.publisher {
+            let published: Result<i64, _> =
+                client.publish(channel.clone(), version.to_string()).await;
+            if let Err(e) = published {
+                tracing::warn!(role = "entitlements", error = %e, "cannot announce the rules version");
+            }
+        }
+    }
+
+    /// Reloads on every announced change and every `interval` (in case an announcement was
+    /// missed), until shutdown.
+    pub fn spawn_refresh(self: &Arc<Self>, interval: Duration, shutdown: Shutdown) {
+        let engine = self.clone();
+        let mut changes = self.store.changes();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    change = changes.recv() => match change {
+                        Ok(v) if v >= 0 && v <= engine.snapshot().version() => {}
+                        Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => { let _ = engine.reload().await; }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    },
+                    _ = tokio::time::sleep(interval) => { let _ = engine.reload().await; }
+                    _ = shutdown.stopping() => return,
+                }
+            }
+        });
+    }
+
+    /// Answers one check.
+    pub async fn check(&self, req: &CheckRequest) -> Decision {
+        let snap = self.snapshot();
+        let key = cache_key(snap.version(), req);
+        self.stats.checks.fetch_add(1, Ordering::Relaxed);
+        match self.cache.get(&key).await {
+            Ok(Some(mut hit)) => {
+                self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+                self.count(hit.allowed, "hit");
+                hit.cached = true;
+                return hit;
+            }
+            Ok(None) => {}
+            Err(e) => self.cache_error(&e),
+        }
+        let outcome = snap.evaluate(req, Utc::now());
+        let decision = Decision {
+            allowed: outcome.allowed,
+            reason: match outcome.reason {
+                Reason::AllowedByRule => "allowed_by_rule",
+                Reason::DeniedByRule => "denied_by_rule",
+                Reason::DefaultDeny => "default_deny",
+            }
+            .into(),
+            rule_id: outcome.rule_id,
+            decision_id: Uuid::new_v4(),
+            rules_version: snap.version(),
+            ttl_seconds: self.ttl.as_secs(),
+            cached: false,
+        };
+        self.count(decision.allowed, "miss");
+        if let Err(e) = self.cache.put(&key, &decision, self.ttl).await {
+            self.cache_error(&e);
+        }
+        decision
+    }
+
+    fn count(&self, allowed: bool, cache: &'static str) {
+        if allowed {
+            self.stats.allowed.fetch_add(1, Ordering::Relaxed);
+        }
+        let outcome = if allowed { "allowed" } else { "denied" };
+        metrics::counter!(names::CHECKS, "role" => "entitlements", "outcome" => outcome, "cache" => cache).increment(1);
+    }
+
+    fn cache_error(&self, e: &str) {
+        self.stats.cache_errors.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(names::CACHE_ERRORS, "role" => "entitlements").increment(1);
+        tracing::debug!(role = "entitlements", error = %e, "decision cache unavailable; computing");
+    }
+}
+
+/// `ent:<rules version>:<sha256 of the request>`.
+pub fn cache_key(version: i64, req: &CheckRequest) -> String {
+    let body = serde_json::to_vec(req).unwrap_or_default();
+    format!("ent:{version}:{}", hex::encode(Sha256::digest(&body)))
+}

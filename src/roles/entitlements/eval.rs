@@ -1,0 +1,402 @@
+//! Rule evaluation over an immutable snapshot (documented in `docs/entitlements.md`).
+//!
+//! 1. Default deny.
+//! 2. A rule applies when it is enabled, not expired, its resource glob matches, its actions
+//!    include the action (or `*`), its subject scope matches (tenant, user, any of its roles; each
+//!    unset means any) and all its conditions hold.
+//! 3. Among applicable rules the highest priority decides; at equal priority a deny beats an
+//!    allow; the deciding rule reported is the one with the smallest id, so the answer is the same
+//!    on every replica.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use super::rules::{glob_matches, literal_prefix, Effect, Operator, Rule};
+
+/// "May this subject do this action on this resource?"
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckRequest {
+    /// The subject.
+    pub user_id: String,
+    /// The subject's tenant.
+    pub tenant_id: String,
+    /// The subject's roles.
+    #[serde(default)]
+    pub roles: Vec<String>,
+    /// The resource (`instrument:EURUSD`).
+    pub resource: String,
+    /// The action (`read`).
+    pub action: String,
+    /// Anything else conditions may test (`context.<path>`).
+    #[serde(default)]
+    pub context: Value,
+}
+
+/// Why a decision was reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// An allow rule decided.
+    AllowedByRule,
+    /// A deny rule decided.
+    DeniedByRule,
+    /// No rule applied.
+    DefaultDeny,
+}
+
+/// The outcome of evaluating one request against one snapshot.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Outcome {
+    /// Whether the action is allowed.
+    pub allowed: bool,
+    /// Why.
+    pub reason: Reason,
+    /// The deciding rule, if any.
+    pub rule_id: Option<Uuid>,
+}
+
+/// All enabled rules at one rules version, indexed for lookup by resource.
+pub struct Snapshot {
+    version: i64,
+    /// Rules whose resource has no `*`, by resource.
+    exact: HashMap<String, Vec<Arc<Rule>>>,
+    /// Rules with a glob, checked by literal prefix first.
+    globs: Vec<Arc<Rule>>,
+    /// Every rule (disabled ones too), by id, for the rules API.
+    all: Vec<Arc<Rule>>,
+    loaded_at: DateTime<Utc>,
+}
+
+impl Snapshot {
+    /// Indexes `rules` as rules version `version`.
+    pub fn new(mut rules: Vec<Rule>, version: i64) -> Self {
+        rules.sort_by_key(|r| r.id);
+        let all: Vec<Arc<Rule>> = rules.into_iter().map(Arc::new).collect();
+        let mut exact: HashMap<String, Vec<Arc<Rule>>> = HashMap::new();
+        let mut globs = Vec::new();
+        for rule in all.iter().filter(|r| r.input.enabled) {
+            if rule.input.resource.contains('*') {
+                globs.push(rule.clone());
+            } else {
+                exact.entry(rule.input.resource.clone()).or_default().push(rule.clone());
+            }
+        }
+        Snapshot { version, exact, globs, all, loaded_at: Utc::now() }
+    }
+
+    /// The rules version.
+    pub fn version(&self) -> i64 {
+        self.version
+    }
+
+    /// When this snapshot was built.
+    pub fn loaded_at(&self) -> DateTime<Utc> {
+        self.loaded_at
+    }
+
+    /// Every rule, ordered by id.
+    pub fn rules(&self) -> &[Arc<Rule>] {
+        &self.all
+    }
+
+    /// A rule by id.
+    pub fn get(&self, id: Uuid) -> Option<&Arc<Rule>> {
+        self.all.binary_search_by_key(&id, |r| r.id).ok().map(|i| &self.all[i])
+    }
+
+    /// Evaluates `req` at instant `now`.
+    pub fn evaluate(&self, req: &CheckRequest, now: DateTime<Utc>) -> Outcome {
+        let exact = self.exact.get(&req.resource).map(Vec::as_slice).unwrap_or_default();
+        let globs = self.globs.iter().filter(|r| {
+            req.resource.starts_with(literal_prefix(&r.input.resource))
+                && glob_matches(&r.input.resource, &req.resource)
+        });
+        // (priority, is deny, id) of the best rule so far: higher priority, then deny, then the
+        // smaller id wins.
+        let mut best: Option<(i32, bool, Uuid)> = None;
+        for rule in exact.iter().chain(globs) {
+            if !applies(rule, req, now) {
+                continue;
+            }
+            let candidate = (rule.input.priority, rule.input.effect == Effect::Deny, rule.id);
+            best = Some(match best {
+                None => candidate,
+                Some(b) if (candidate.0, candidate.1) > (b.0, b.1) => candidate,
+                Some(b) if (candidate.0, candidate.1) == (b.0, b.1) && candidate.2 < b.2 => {
+                    candidate
+                }
+                Some(b) => b,
+            });
+        }
+        match best {
+            None => Outcome { allowed: false, reason: Reason::DefaultDeny, rule_id: None },
+            Some((_, true, id)) => {
+                Outcome { allowed: false, reason: Reason::DeniedByRule, rule_id: Some(id) }
+            }
+            Some((_, false, id)) => {
+                Outcome { allowed: true, reason: Reason::AllowedByRule, rule_id: Some(id) }
+            }
+        }
+    }
+}
+
+fn applies(rule: &Rule, req: &CheckRequest, now: DateTime<Utc>) -> bool {
+    let r = &rule.input;
+    r.enabled
+        && r.expires_at.is_none_or(|at| at > now)
+        && r.actions.iter().any(|a| a == "*" || *a == req.action)
+        && r.tenant_id.as_deref().is_none_or(|t| t == req.tenant_id)
+        && r.user_id.as_deref().is_none_or(|u| u == req.user_id)
+        && (r.roles.is_empty() || r.roles.iter().any(|role| req.roles.contains(role)))
+        && r.conditions.iter().all(|c| condition_holds(c.operator, &c.field, &c.value, req))
+}
+
+/// The value of a request field (`context.a.b` walks the context object).
+fn field<'a>(req: &'a CheckRequest, name: &str) -> Option<Cow<'a, Value>> {
+    match name {
+        "user_id" => Some(Cow::Owned(Value::String(req.user_id.clone()))),
+        "tenant_id" => Some(Cow::Owned(Value::String(req.tenant_id.clone()))),
+        "resource" => Some(Cow::Owned(Value::String(req.resource.clone()))),
+        "action" => Some(Cow::Owned(Value::String(req.action.clone()))),
+        "roles" => {
+            Some(Cow::Owned(Value::Array(req.roles.iter().cloned().map(Value::String).collect())))
+        }
+        other => {
+            let path = other.strip_prefix("context.")?;
+            let mut v = &req.context;
+            for key in path.split('.') {
+                v = v.get(key)?;
+            }
+            Some(Cow::Borrowed(v))
+        }
+    }
+}
+
+fn condition_holds(op: Operator, name: &str, operand: &Value, req: &CheckRequest) -> bool {
+    let actual = field(req, name);
+    if op == Operator::Exists {
+        return actual.is_some() == operand.as_bool().unwrap_or(true);
+    }
+    let Some(actual) = actual else { return false };
+    // "$field" refers to another field of the request.
+    let operand: Cow<'_, Value> = match operand.as_str().and_then(|s| s.strip_prefix('$')) {
+        Some(reference) => match field(req, reference) {
+            Some(v) => v,
+            None => return false,
+        },
+        None => Cow::Borrowed(operand),
+    };
+    let (actual, operand) = (actual.as_ref(), operand.as_ref());
+    match op {
+        Operator::Equals => actual == operand,
+        Operator::NotEquals => actual != operand,
+        Operator::In | Operator::NotIn => {
+            let Some(list) = operand.as_array() else { return false };
+            let found = match actual {
+                Value::Array(items) => items.iter().any(|i| list.contains(i)),
+                scalar => list.contains(scalar),
+            };
+            found == (op == Operator::In)
+        }
+        Operator::GreaterThan => compare(actual, operand).is_some_and(|o| o.is_gt()),
+        Operator::LessThan => compare(actual, operand).is_some_and(|o| o.is_lt()),
+        Operator::Contains => match (actual, operand) {
+            (Value::Array(items), v) => items.contains(v),
+            (Value::String(s), Value::String(sub)) => s.contains(sub.as_str()),
+            _ => false,
+        },
+        Operator::StartsWith => {
+            matches!((actual, operand), (Value::String(s), Value::String(p)) if s.starts_with(p.as_str()))
+        }
+        Operator::EndsWith => {
+            matches!((actual, operand), (Value::String(s), Value::String(p)) if s.ends_with(p.as_str()))
+        }
+        Operator::Exists => unreachable!("handled above"),
+    }
+}
+
+fn compare(a: &Value, b: &Value) -> Option<std::cmp::Ordering> {
+    a.as_f64()?.partial_cmp(&b.as_f64()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::roles::entitlements::rules::RuleInput;
+
+    fn rule(n: u128, body: Value) -> Rule {
+        let mut input =
+            json!({"name": format!("r{n}"), "effect": "allow", "resource": "*", "actions": ["*"]});
+        for (k, v) in body.as_object().unwrap() {
+            input[k] = v.clone();
+        }
+        let input: RuleInput = serde_json::from_value(input).unwrap();
+        input.validate().unwrap();
+        Rule {
+            id: Uuid::from_u128(n),
+            input,
+            created_at: Utc::now(),
+            updated_at: Utc::now(),
+            version: 1,
+        }
+    }
+
+    fn req(patch: Value) -> CheckRequest {
+        let mut r = json!({"user_id": "alice", "tenant_id": "t1", "roles": ["trader"], "resource": "instrument:EURUSD",
+            "action": "read", "context": {"desk": "fx", "size": 10, "tenant_id": "t1", "tags": ["a", "b"]}});
+        for (k, v) in patch.as_object().unwrap() {
+            r[k] = v.clone();
+        }
+        serde_json::from_value(r).unwrap()
+    }
+
+    fn decide(rules: Vec<Rule>, r: &CheckRequest) -> Outcome {
+        Snapshot::new(rules, 1).evaluate(r, Utc::now())
+    }
+
+    #[test]
+    fn default_deny() {
+        let o = decide(vec![], &req(json!({})));
+        assert_eq!(o, Outcome { allowed: false, reason: Reason::DefaultDeny, rule_id: None });
+        let o = decide(vec![rule(1, json!({"resource": "curve"}))], &req(json!({})));
+        assert!(!o.allowed);
+    }
+
+    #[test]
+    fn highest_priority_decides_and_deny_wins_ties() {
+        let allow_hi = rule(1, json!({"priority": 10}));
+        let deny_lo = rule(2, json!({"priority": 5, "effect": "deny"}));
+        let o = decide(vec![allow_hi.clone(), deny_lo.clone()], &req(json!({})));
+        assert_eq!((o.allowed, o.rule_id), (true, Some(Uuid::from_u128(1))));
+        let deny_same = rule(3, json!({"priority": 10, "effect": "deny"}));
+        let o = decide(vec![allow_hi, deny_lo, deny_same], &req(json!({})));
+        assert_eq!(
+            (o.allowed, o.reason, o.rule_id),
+            (false, Reason::DeniedByRule, Some(Uuid::from_u128(3)))
+        );
+    }
+
+    #[test]
+    fn ties_report_the_smallest_id_whatever_the_order() {
+        let a = rule(7, json!({}));
+        let b = rule(4, json!({}));
+        assert_eq!(
+            decide(vec![a.clone(), b.clone()], &req(json!({}))).rule_id,
+            Some(Uuid::from_u128(4))
+        );
+        assert_eq!(decide(vec![b, a], &req(json!({}))).rule_id, Some(Uuid::from_u128(4)));
+    }
+
+    #[test]
+    fn globs_actions_and_subject_scope() {
+        let rules = vec![rule(
+            1,
+            json!({"resource": "instrument:*", "actions": ["read"], "tenant_id": "t1", "roles": ["trader", "analyst"]}),
+        )];
+        assert!(decide(rules.clone(), &req(json!({}))).allowed);
+        assert!(!decide(rules.clone(), &req(json!({"action": "write"}))).allowed, "action");
+        assert!(!decide(rules.clone(), &req(json!({"tenant_id": "t2"}))).allowed, "tenant scope");
+        assert!(!decide(rules.clone(), &req(json!({"roles": ["viewer"]}))).allowed, "roles any-of");
+        assert!(!decide(rules.clone(), &req(json!({"resource": "curve:EUR"}))).allowed, "glob");
+        let user = vec![rule(1, json!({"user_id": "bob"}))];
+        assert!(!decide(user.clone(), &req(json!({}))).allowed);
+        assert!(decide(user, &req(json!({"user_id": "bob"}))).allowed);
+    }
+
+    #[test]
+    fn disabled_and_expired_rules_never_apply() {
+        assert!(!decide(vec![rule(1, json!({"enabled": false}))], &req(json!({}))).allowed);
+        let past = (Utc::now() - chrono::Duration::seconds(1)).to_rfc3339();
+        let future = (Utc::now() + chrono::Duration::hours(1)).to_rfc3339();
+        assert!(!decide(vec![rule(1, json!({"expires_at": past}))], &req(json!({}))).allowed);
+        assert!(decide(vec![rule(1, json!({"expires_at": future}))], &req(json!({}))).allowed);
+    }
+
+    #[test]
+    fn every_operator() {
+        let cases: Vec<(Value, bool)> = vec![
+            (json!({"field": "context.desk", "operator": "equals", "value": "fx"}), true),
+            (json!({"field": "context.desk", "operator": "equals", "value": "rates"}), false),
+            (json!({"field": "context.desk", "operator": "not_equals", "value": "rates"}), true),
+            (
+                json!({"field": "context.tenant_id", "operator": "equals", "value": "$tenant_id"}),
+                true,
+            ),
+            (
+                json!({"field": "context.tenant_id", "operator": "not_equals", "value": "$tenant_id"}),
+                false,
+            ),
+            (json!({"field": "context.desk", "operator": "in", "value": ["fx", "rates"]}), true),
+            (json!({"field": "roles", "operator": "in", "value": ["admin", "trader"]}), true),
+            (json!({"field": "roles", "operator": "not_in", "value": ["admin"]}), true),
+            (json!({"field": "context.desk", "operator": "not_in", "value": ["fx"]}), false),
+            (json!({"field": "context.size", "operator": "greater_than", "value": 5}), true),
+            (json!({"field": "context.size", "operator": "greater_than", "value": 10}), false),
+            (json!({"field": "context.size", "operator": "less_than", "value": 10.5}), true),
+            (json!({"field": "context.desk", "operator": "less_than", "value": 1}), false),
+            (json!({"field": "context.tags", "operator": "contains", "value": "b"}), true),
+            (json!({"field": "roles", "operator": "contains", "value": "admin"}), false),
+            (json!({"field": "resource", "operator": "contains", "value": "EUR"}), true),
+            (json!({"field": "resource", "operator": "starts_with", "value": "instrument:"}), true),
+            (json!({"field": "resource", "operator": "ends_with", "value": "JPY"}), false),
+            (json!({"field": "action", "operator": "ends_with", "value": "ad"}), true),
+            (json!({"field": "context.desk", "operator": "exists", "value": true}), true),
+            (json!({"field": "context.nope", "operator": "exists", "value": false}), true),
+            (json!({"field": "context.nope", "operator": "exists"}), false),
+            (json!({"field": "context.nope", "operator": "not_equals", "value": "x"}), false),
+            (json!({"field": "user_id", "operator": "equals", "value": "alice"}), true),
+        ];
+        for (condition, expected) in cases {
+            let r = rule(1, json!({"conditions": [condition.clone()]}));
+            assert_eq!(decide(vec![r], &req(json!({}))).allowed, expected, "{condition}");
+        }
+    }
+
+    #[test]
+    fn all_conditions_must_hold() {
+        let r = rule(
+            1,
+            json!({"conditions": [
+            {"field": "context.desk", "operator": "equals", "value": "fx"},
+            {"field": "context.size", "operator": "greater_than", "value": 100}]}),
+        );
+        assert!(!decide(vec![r], &req(json!({}))).allowed);
+    }
+
+    #[test]
+    fn tenant_isolation_as_the_seed_writes_it() {
+        let isolation = rule(
+            1,
+            json!({"effect": "deny", "priority": 1000, "conditions": [
+            {"field": "context.tenant_id", "operator": "exists", "value": true},
+            {"field": "context.tenant_id", "operator": "not_equals", "value": "$tenant_id"},
+            {"field": "roles", "operator": "not_in", "value": ["admin"]}]}),
+        );
+        let allow = rule(2, json!({"priority": 100}));
+        let rules = vec![isolation, allow];
+        assert!(decide(rules.clone(), &req(json!({}))).allowed, "own tenant");
+        let foreign = req(json!({"context": {"tenant_id": "t2"}}));
+        assert!(!decide(rules.clone(), &foreign).allowed, "another tenant's data");
+        let admin = req(json!({"context": {"tenant_id": "t2"}, "roles": ["admin"]}));
+        assert!(decide(rules, &admin).allowed, "admins cross tenants");
+    }
+
+    #[test]
+    fn exact_and_glob_rules_combine() {
+        let rules = vec![
+            rule(1, json!({"resource": "instrument:*", "priority": 1})),
+            rule(2, json!({"resource": "instrument:EURUSD", "effect": "deny", "priority": 2})),
+        ];
+        assert!(!decide(rules.clone(), &req(json!({}))).allowed);
+        assert!(decide(rules, &req(json!({"resource": "instrument:USDJPY"}))).allowed);
+    }
+}

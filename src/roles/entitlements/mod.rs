@@ -1,0 +1,206 @@
+//! The entitlements role (port 8011): access rules in PostgreSQL (or memory), decisions from an
+//! in-memory snapshot, cached in Redis (or memory) by rules version.
+//!
+//! - [`rules`]: the rule model, validation and globs.
+//! - [`eval`]: deterministic evaluation over a snapshot.
+//! - [`store`]: PostgreSQL and in-memory rule stores (audit, version, announcements).
+//! - [`engine`]: snapshot swapping, the decision cache, change handling.
+//! - `api`: the HTTP handlers.
+
+mod api;
+pub mod engine;
+pub mod eval;
+pub mod rules;
+pub mod store;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::FromRef;
+use axum::routing::{get, post};
+use axum::Router;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+
+use crate::auth::{Auth, Verifier};
+use crate::cli::RunError;
+use crate::config::Problem;
+use crate::server::{self, Context};
+use engine::{DecisionCache, Engine};
+use rules::RuleInput;
+use store::RuleStore;
+
+/// The built-in seed rules (`config/seed-rules.yaml`).
+pub const DEFAULT_SEED: &str = include_str!("../../../config/seed-rules.yaml");
+
+/// The `entitlements` config section.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The role's port.
+    pub port: u16,
+    /// YAML seed rules for the in-memory store; unset uses the built-in seed.
+    pub seed_file: Option<PathBuf>,
+    /// How long a decision may be cached (here and by callers).
+    #[serde(with = "humantime_serde")]
+    pub decision_ttl: Duration,
+    /// Decisions cached in memory when there is no Redis.
+    pub cache_capacity: usize,
+    /// Most checks in one batch (and resources in one resources call).
+    pub max_batch: usize,
+    /// Reload the snapshot this often even without an announcement.
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            port: crate::roles::Role::Entitlements.default_port(),
+            seed_file: None,
+            decision_ttl: Duration::from_secs(30),
+            cache_capacity: 100_000,
+            max_batch: 1000,
+            reload_interval: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Config {
+    /// Checks the section, including that the seed file parses.
+    pub fn validate(&self) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        if let Some(path) = &self.seed_file {
+            if let Err(e) = load_seed(Some(path)) {
+                problems.push(Problem::new("entitlements.seed_file", e));
+            }
+        }
+        if self.max_batch == 0 {
+            problems.push(Problem::new("entitlements.max_batch", "must be greater than 0"));
+        }
+        if self.reload_interval.is_zero() {
+            problems.push(Problem::new("entitlements.reload_interval", "must be greater than 0"));
+        }
+        problems
+    }
+}
+
+/// Reads and validates seed rules (the built-in ones when `path` is `None`).
+pub fn load_seed(path: Option<&PathBuf>) -> Result<Vec<RuleInput>, String> {
+    let text = match path {
+        Some(p) => std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?,
+        None => DEFAULT_SEED.to_string(),
+    };
+    let rules: Vec<RuleInput> =
+        serde_yaml::from_str(&text).map_err(|e| format!("seed rules: {e}"))?;
+    for (i, rule) in rules.iter().enumerate() {
+        rule.validate().map_err(|e| format!("seed rule {i} ({}): {}", rule.name, e))?;
+    }
+    Ok(rules)
+}
+
+/// The role's state.
+#[derive(Clone)]
+pub struct State {
+    engine: Arc<Engine>,
+    verifier: Arc<Verifier>,
+    admin_role: Arc<str>,
+    service_role: Arc<str>,
+    max_batch: usize,
+    store_kind: &'static str,
+}
+
+impl FromRef<State> for Arc<Verifier> {
+    fn from_ref(state: &State) -> Self {
+        state.verifier.clone()
+    }
+}
+
+impl State {
+    /// The engine (for tests and benchmarks in this crate).
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+}
+
+/// Connects the store (migrating PostgreSQL under its advisory lock) and the cache, loads the
+/// first snapshot, and starts the refresh task.
+pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
+    let config = &ctx.config;
+    let section = &config.entitlements;
+    let (store, store_kind): (Arc<dyn RuleStore>, _) = match &config.postgres_dsn {
+        Some(dsn) => {
+            let pool = crate::backends::postgres::connect(dsn, &config.postgres).await?;
+            crate::backends::postgres::migrate(&pool).await.map_err(|e| {
+                crate::backends::BackendError::new(
+                    "postgres",
+                    crate::config::secret::redact_dsn(dsn.expose()),
+                    e,
+                )
+            })?;
+            // Reads keep working from the snapshot while PostgreSQL is down: a soft check.
+            ctx.readiness
+                .add_soft_check("postgres", crate::backends::postgres::ready_check(pool.clone()));
+            let settings = crate::backends::postgres::settings(dsn, &config.postgres)?;
+            (
+                store::PgStore::start(pool, settings, ctx.shutdown.clone()) as Arc<dyn RuleStore>,
+                "postgres",
+            )
+        }
+        None => {
+            let seed = load_seed(section.seed_file.as_ref()).map_err(|e| anyhow::anyhow!(e))?;
+            (Arc::new(store::MemoryStore::new(seed)) as Arc<dyn RuleStore>, "memory")
+        }
+    };
+    let (cache, publisher): (Arc<dyn DecisionCache>, _) = match &config.redis_url {
+        Some(url) => {
+            let client = crate::backends::redis::connect(url, &config.redis).await?;
+            // Without Redis decisions are computed uncached: a soft check.
+            ctx.readiness
+                .add_soft_check("redis", crate::backends::redis::ready_check(client.clone()));
+            let prefix = config.redis_prefix();
+            (
+                Arc::new(engine::RedisCache::new(client.clone(), prefix.clone()))
+                    as Arc<dyn DecisionCache>,
+                Some((client, format!("{prefix}rules"))),
+            )
+        }
+        None => (
+            Arc::new(engine::MemoryCache::new(section.cache_capacity)) as Arc<dyn DecisionCache>,
+            None,
+        ),
+    };
+    let engine = Engine::start(store, cache, publisher, section.decision_ttl)
+        .await
+        .map_err(|e| anyhow::anyhow!("loading rules: {e}"))?;
+    engine.spawn_refresh(section.reload_interval, ctx.shutdown.clone());
+    Ok(State {
+        engine,
+        verifier: auth.verifier,
+        admin_role: config.auth.admin_role.as_str().into(),
+        service_role: config.auth.service_role.as_str().into(),
+        max_batch: section.max_batch,
+        store_kind,
+    })
+}
+
+/// The role's routes.
+pub fn router(state: State) -> Router {
+    Router::new()
+        .route("/entitlements/check", post(api::check))
+        .route("/entitlements/check/batch", post(api::check_batch))
+        .route("/entitlements/resources", post(api::resources))
+        .route("/entitlements/rules", get(api::list).post(api::create))
+        .route("/entitlements/rules/{id}", get(api::get_rule).put(api::update).delete(api::delete))
+        .route("/entitlements/rules/{id}/history", get(api::history))
+        .route("/entitlements/stats", get(api::stats))
+        .with_state(state)
+}
+
+/// Serves the role until shutdown.
+pub async fn run(listener: TcpListener, state: State, ctx: Context) -> Result<(), RunError> {
+    ctx.readiness.mark_started();
+    let app = server::app(&ctx, router(state));
+    server::serve(listener, app, &ctx).await.map_err(|e| RunError::Other(e.into()))
+}
