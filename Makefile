@@ -6,7 +6,7 @@ SHELL := /bin/bash
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/access/target
 BIN := $(CARGO_TARGET_DIR)/debug/access
 
-.PHONY: help run test services build lint fmt bench-auth
+.PHONY: help run test services build lint fmt bench-auth bench-entitlements
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -32,3 +32,6 @@ fmt: ## Format the code
 
 bench-auth: ## Verifications per second (RS256, ES256, cold and cached) beside openssl speed
 	cargo bench --locked --bench auth
+
+bench-entitlements: services ## Entitlement checks over HTTP with 10,000 rules: checks/s, p50/p99, warm and cold
+	cargo bench --locked --bench entitlements

@@ -1,0 +1,132 @@
+//! Entitlement checks over HTTP with 10,000 rules: checks per second and p50/p99 latency, warm
+//! (every check a decision-cache hit) and cold (every check a new request: evaluated), with the
+//! in-process cache and with Redis. `cargo bench --bench entitlements` (`make bench-entitlements`);
+//! not part of `make test`. The client runs in the same process, on the same two cores.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use access::config::{self, Sources};
+use access::roles::Role;
+use access::server::{Context, Shutdown};
+use serde_json::json;
+
+const RULES: usize = 10_000;
+const CONNECTIONS: usize = 8;
+const RUN: Duration = Duration::from_secs(4);
+
+fn seed_file(dir: &std::path::Path) -> String {
+    let mut yaml = String::new();
+    for i in 0..RULES - 10 {
+        yaml.push_str(&format!(
+            "- {{name: r{i}, effect: allow, resource: \"instrument:SYM{i}\", actions: [read], roles: [trader], priority: {}}}\n",
+            i % 5
+        ));
+    }
+    for i in 0..10 {
+        yaml.push_str(&format!(
+            "- {{name: g{i}, effect: deny, resource: \"instrument:SYM{i}*\", actions: [write], priority: 10, conditions: [{{field: context.size, operator: greater_than, value: 1000}}]}}\n"
+        ));
+    }
+    let path = dir.join("rules.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    path.display().to_string()
+}
+
+async fn start(env: Vec<(String, String)>) -> String {
+    let config = config::load(&Sources::from_env(env)).unwrap_or_else(|e| panic!("{e}"));
+    let ctx = Context::new(Role::Entitlements, Arc::new(config), Shutdown::new());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { access::cli::start(Role::Entitlements, listener, ctx).await });
+    let client = reqwest::Client::new();
+    for _ in 0..200 {
+        if client.get(format!("{url}/ready")).send().await.is_ok_and(|r| r.status() == 200) {
+            return url;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("the role did not become ready");
+}
+
+/// Runs `CONNECTIONS` clients for `RUN`; `warm` reuses 100 requests, cold makes each unique.
+async fn measure(url: &str, token: &str, warm: bool) -> (f64, f64, f64) {
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..CONNECTIONS)
+        .map(|c| {
+            let url = format!("{url}/entitlements/check");
+            let token = token.to_string();
+            tokio::spawn(async move {
+                let client = reqwest::Client::builder().pool_max_idle_per_host(1).build().unwrap();
+                let mut latencies = Vec::new();
+                let mut n = 0usize;
+                while started.elapsed() < RUN {
+                    let i = if warm { n % 100 } else { c * 10_000_000 + n };
+                    let body = json!({
+                        "user_id": format!("user-{i}"), "tenant_id": "t1", "roles": ["trader"],
+                        "resource": format!("instrument:SYM{}", (i * 7919) % (RULES - 10)), "action": "read",
+                        "context": {"size": 10},
+                    });
+                    let t = Instant::now();
+                    let r = client.post(&url).bearer_auth(&token).json(&body).send().await.unwrap();
+                    assert_eq!(r.status(), 200);
+                    let _ = r.bytes().await.unwrap();
+                    latencies.push(t.elapsed());
+                    n += 1;
+                }
+                latencies
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    all.sort();
+    let pct = |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)].as_secs_f64() * 1e3;
+    (all.len() as f64 / elapsed, pct(0.50), pct(0.99))
+}
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let seed = seed_file(dir.path());
+        let key_file = dir.path().join("dev-key.json").display().to_string();
+        let key = access::auth::devkey::DevKey::load_or_create(std::path::Path::new(&key_file)).unwrap();
+        let token = key
+            .issue(&access::auth::devkey::TokenRequest {
+                subject: "service:gateway",
+                tenant: "platform",
+                roles: &["service".to_string()],
+                ttl: Duration::from_secs(3600),
+                issuer: None,
+                audience: None,
+            })
+            .unwrap();
+        let base = vec![
+            ("ACCESS_AUTH__DEV_KEY_FILE".to_string(), key_file.clone()),
+            ("ACCESS_ENTITLEMENTS__SEED_FILE".to_string(), seed.clone()),
+            ("ACCESS_LOG_LEVEL".to_string(), "warn".to_string()),
+        ];
+        let memory = start(base.clone()).await;
+        let mut with_redis = base.clone();
+        with_redis.push(("ACCESS_REDIS_URL".into(), "redis://127.0.0.1:6379".into()));
+        with_redis.push(("ACCESS_REDIS__PREFIX".into(), format!("bench:{}:", uuid::Uuid::new_v4().simple())));
+        let redis = start(with_redis).await;
+
+        println!();
+        println!("entitlement checks over HTTP, {RULES} rules, {CONNECTIONS} keep-alive connections, {RUN:?} each, client in-process");
+        println!("{:<40} {:>10} {:>10} {:>10}", "case", "checks/s", "p50 ms", "p99 ms");
+        for (name, url, warm) in [
+            ("embedded cache, warm (cache hits)", &memory, true),
+            ("embedded cache, cold (evaluated)", &memory, false),
+            ("Redis cache, warm (cache hits)", &redis, true),
+            ("Redis cache, cold (evaluated + SET)", &redis, false),
+        ] {
+            let (rate, p50, p99) = measure(url, &token, warm).await;
+            println!("{name:<40} {rate:>10.0} {p50:>10.3} {p99:>10.3}");
+        }
+    });
+}
