@@ -6,7 +6,7 @@ SHELL := /bin/bash
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/access/target
 BIN := $(CARGO_TARGET_DIR)/debug/access
 
-.PHONY: help run test services build lint fmt bench-auth bench-entitlements
+.PHONY: help run test services build lint fmt bench-auth bench-entitlements bench-metrics
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -21,7 +21,7 @@ services: ## Install and start what the tests need (tansu; check PostgreSQL and 
 	@tests/services.sh
 
 test: services ## Run every test against the real Redis, PostgreSQL and tansu
-	source $(CARGO_TARGET_DIR)/test-services.env && cargo test --locked --all-targets
+	source $(CARGO_TARGET_DIR)/test-services.env && cargo test --locked --lib --bins --tests
 
 lint: ## Formatting and clippy, as CI would want them
 	cargo fmt --check
@@ -35,3 +35,6 @@ bench-auth: ## Verifications per second (RS256, ES256, cold and cached) beside o
 
 bench-entitlements: services ## Entitlement checks over HTTP with 10,000 rules: checks/s, p50/p99, warm and cold
 	cargo bench --locked --bench entitlements
+
+bench-metrics: ## Metrics ingest over HTTP: points/s single and batched, memory per series
+	cargo bench --locked --bench metrics

@@ -84,7 +84,8 @@ async fn measure(url: &str, token: &str, warm: bool) -> (f64, f64, f64) {
     }
     let elapsed = started.elapsed().as_secs_f64();
     all.sort();
-    let pct = |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)].as_secs_f64() * 1e3;
+    let pct =
+        |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)].as_secs_f64() * 1e3;
     (all.len() as f64 / elapsed, pct(0.50), pct(0.99))
 }
 

@@ -236,8 +236,13 @@ pub async fn start(role: Role, listener: TcpListener, ctx: Context) -> Result<()
             let state = roles::entitlements::build(&ctx, auth).await?;
             roles::entitlements::run(listener, state, ctx).await
         }
-        Role::Gateway | Role::Stream | Role::Metrics => Err(RunError::Other(anyhow::anyhow!(
-            "the {role} role has not landed yet; `access auth` and `access entitlements` run today"
+        Role::Metrics => {
+            let auth = crate::auth::Auth::build(&ctx).await?;
+            let state = roles::metrics::build(&ctx, auth);
+            roles::metrics::run(listener, state, ctx).await
+        }
+        Role::Gateway | Role::Stream => Err(RunError::Other(anyhow::anyhow!(
+            "the {role} role has not landed yet; `access auth`, `access entitlements` and `access metrics` run today"
         ))),
     }
 }

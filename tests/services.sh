@@ -2,6 +2,7 @@
 # Installs and starts what the tests need that is not already running:
 #   - the tansu broker (cargo install, reused when present), started on $ACCESS_TEST_KAFKA_PORT
 #     with in-memory storage;
+#   - promtool (Debian's prometheus package), which checks the exported metrics;
 #   - PostgreSQL and Redis: checked, and started with this machine kind's own commands if down.
 # Writes $CARGO_TARGET_DIR/test-services.env for `make test` to source. Idempotent.
 set -euo pipefail
@@ -41,6 +42,14 @@ else
     --storage-engine "memory://tansu/" \
     >"$STATE_DIR/tansu.log" 2>&1 &
   wait_port "$KAFKA_PORT" tansu || { tail -20 "$STATE_DIR/tansu.log" >&2; exit 1; }
+fi
+
+# --- promtool (Debian's prometheus package) ----------------------------------------------------
+if ! command -v promtool >/dev/null; then
+  say "installing Debian's prometheus package (promtool checks the exported metrics)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >/dev/null
+  apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 fi
 
 # --- PostgreSQL --------------------------------------------------------------------------------

@@ -25,6 +25,20 @@ pub mod names {
     pub const LAST_SUCCESS: &str = "access_auth_jwks_last_success_timestamp_seconds";
     /// Keys in the current set.
     pub const KEYS: &str = "access_auth_jwks_keys";
+
+    /// Registers the descriptions.
+    pub fn describe() {
+        metrics::describe_counter!(
+            FETCHES,
+            "JWKS fetches, by reason (startup, periodic, unknown_kid) and outcome"
+        );
+        metrics::describe_gauge!(
+            LAST_SUCCESS,
+            metrics::Unit::Seconds,
+            "Unix time of the last successful JWKS fetch"
+        );
+        metrics::describe_gauge!(KEYS, "Signing keys in the current JWKS");
+    }
 }
 
 /// Checks one key's signatures for one algorithm.

@@ -28,6 +28,15 @@ pub mod names {
     pub const VERIFICATIONS: &str = "access_auth_verifications_total";
     /// Entries in the verified-token cache.
     pub const CACHE_ENTRIES: &str = "access_auth_token_cache_entries";
+
+    /// Registers the descriptions.
+    pub fn describe() {
+        metrics::describe_counter!(
+            VERIFICATIONS,
+            "Token verifications, by outcome (ok, cached, or the rejection reason)"
+        );
+        metrics::describe_gauge!(CACHE_ENTRIES, "Verified tokens held in the cache");
+    }
 }
 
 /// A verified token.

@@ -75,7 +75,7 @@ pub struct Config {
     /// The entitlements role.
     pub entitlements: crate::roles::entitlements::Config,
     /// The metrics role.
-    pub metrics: RoleListen,
+    pub metrics: crate::roles::metrics::Config,
 }
 
 impl Default for Config {
@@ -101,7 +101,7 @@ impl Default for Config {
             gateway: RoleListen::new(Role::Gateway),
             stream: RoleListen::new(Role::Stream),
             entitlements: crate::roles::entitlements::Config::default(),
-            metrics: RoleListen::new(Role::Metrics),
+            metrics: crate::roles::metrics::Config::default(),
         }
     }
 }
@@ -186,6 +186,7 @@ impl Config {
         problems.extend(self.postgres.validate());
         problems.extend(self.auth.validate(self.env));
         problems.extend(self.entitlements.validate());
+        problems.extend(self.metrics.validate());
         problems
     }
 }

@@ -46,7 +46,12 @@ pub struct Context {
     pub readiness: Readiness,
     /// The process's Prometheus registry, rendered by `/metrics`.
     pub metrics: PrometheusHandle,
+    /// More exposition text appended by `/metrics` (the metrics role's ingested series).
+    exposition: Arc<std::sync::RwLock<Vec<Exposition>>>,
 }
+
+/// Writes Prometheus text for `/metrics` after the process's own metrics.
+pub type Exposition = Arc<dyn Fn(&mut String) + Send + Sync>;
 
 impl Context {
     /// A context for `role`; installs the process's metrics recorder if it is not yet.
@@ -54,7 +59,12 @@ impl Context {
         let readiness = Readiness::new(shutdown.clone(), config.server.ready_check_timeout);
         let metrics = telemetry::metrics_handle();
         telemetry::record_build_info(role);
-        Context { role, config, shutdown, readiness, metrics }
+        Context { role, config, shutdown, readiness, metrics, exposition: Arc::default() }
+    }
+
+    /// Adds text to this role's `/metrics`, after the process's own metrics.
+    pub fn add_exposition(&self, render: Exposition) {
+        self.exposition.write().unwrap_or_else(|p| p.into_inner()).push(render);
     }
 }
 
@@ -178,10 +188,12 @@ async fn ready(State(ctx): State<Context>) -> Response {
 }
 
 async fn render_metrics(State(ctx): State<Context>) -> Response {
-    (
-        [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-        ctx.metrics.render(),
-    )
+    let mut text = ctx.metrics.render();
+    let extra: Vec<Exposition> = ctx.exposition.read().unwrap_or_else(|p| p.into_inner()).clone();
+    for render in extra {
+        render(&mut text);
+    }
+    ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text)
         .into_response()
 }
 

@@ -6,6 +6,7 @@ mod backends;
 mod binary;
 mod entitlements;
 mod idp;
+mod metrics;
 mod runtime;
 mod support;
 mod telemetry;

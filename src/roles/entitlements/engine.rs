@@ -34,6 +34,25 @@ pub mod names {
     pub const RULES: &str = "access_entitlements_rules";
     /// Decision-cache operations that failed (Redis down): the check was computed instead.
     pub const CACHE_ERRORS: &str = "access_entitlements_cache_errors_total";
+
+    /// Registers the descriptions.
+    pub fn describe() {
+        metrics::describe_counter!(
+            CHECKS,
+            "Entitlement checks, by outcome (allowed, denied) and cache (hit, miss)"
+        );
+        metrics::describe_gauge!(RULES_VERSION, "The rules version this replica serves");
+        metrics::describe_gauge!(
+            SNAPSHOT_LOADED,
+            metrics::Unit::Seconds,
+            "Unix time the rules snapshot was last loaded"
+        );
+        metrics::describe_gauge!(RULES, "Rules in the snapshot");
+        metrics::describe_counter!(
+            CACHE_ERRORS,
+            "Decision-cache operations that failed; the check was computed instead"
+        );
+    }
 }
 
 /// A decision, as answered.

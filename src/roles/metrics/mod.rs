@@ -1,0 +1,518 @@
+//! The metrics role (port 8012): ingests metrics pushed by the edge and by platform jobs and
+//! exports them to Prometheus beside its own, under guards (names, label caps, series limits with
+//! overflow folding, a total cap, type conflicts, a TTL).
+//!
+//! - [`registry`]: tracked points (counter / gauge / histogram), guards, exposition, trends.
+//! - [`pushgateway`]: the Pushgateway-compatible path and its text-format parser.
+//!
+//! State is per replica: run one, or route each job to one replica (see the README).
+
+pub mod pushgateway;
+pub mod registry;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State as AxumState};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+
+use crate::auth::{Auth, AuthError, Reason, Verifier};
+use crate::cli::RunError;
+use crate::config::Problem;
+use crate::error::{ApiError, ApiResult, ErrorCode, Json};
+use crate::server::{self, Context};
+use registry::{Accepted, Limits, Point, Rejection, Tracked};
+
+/// Metric names of the role itself.
+pub mod names {
+    /// Points and pushed samples accepted, by kind (`tracked`, `pushed`).
+    pub const POINTS: &str = "access_metrics_points_total";
+    /// Refusals by reason.
+    pub const REJECTED: &str = "access_metrics_rejected_total";
+    /// Points folded into a metric's overflow series.
+    pub const OVERFLOWED: &str = "access_metrics_overflowed_total";
+    /// Series dropped by the TTL.
+    pub const EXPIRED: &str = "access_metrics_expired_series_total";
+    /// Series held.
+    pub const SERIES: &str = "access_metrics_series";
+    /// The total series cap.
+    pub const SERIES_LIMIT: &str = "access_metrics_series_limit";
+
+    /// Registers the descriptions.
+    pub fn describe() {
+        metrics::describe_counter!(
+            POINTS,
+            "Pushed points and samples accepted, by kind (tracked, pushed)"
+        );
+        metrics::describe_counter!(REJECTED, "Pushed points refused, by reason");
+        metrics::describe_counter!(OVERFLOWED, "Points folded into a metric's overflow series");
+        metrics::describe_counter!(EXPIRED, "Series dropped after their TTL");
+        metrics::describe_gauge!(SERIES, "Ingested series held (tracked and pushed)");
+        metrics::describe_gauge!(SERIES_LIMIT, "The total cap on ingested series");
+    }
+}
+
+/// The `metrics` config section.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The role's port.
+    pub port: u16,
+    /// Accept pushes without a service token (in-cluster jobs fenced by the NetworkPolicy).
+    pub open_ingest: bool,
+    /// Labels per point, `service` and `tenant_id` included.
+    pub max_labels: usize,
+    /// Characters per label value.
+    pub max_label_value_length: usize,
+    /// Series per metric; beyond, points fold into one `overflow="true"` series.
+    pub max_series_per_metric: usize,
+    /// Series in all; beyond, new series are refused.
+    pub max_series: usize,
+    /// A series not pushed for this long is dropped.
+    #[serde(with = "humantime_serde")]
+    pub series_ttl: Duration,
+    /// Histogram bucket upper bounds.
+    pub buckets: Vec<f64>,
+    /// Samples kept per series for `/metrics/trends`.
+    pub history: usize,
+    /// Points per batch.
+    pub max_batch: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            port: crate::roles::Role::Metrics.default_port(),
+            open_ingest: false,
+            max_labels: 16,
+            max_label_value_length: 256,
+            max_series_per_metric: 1000,
+            max_series: 100_000,
+            series_ttl: Duration::from_secs(3600),
+            buckets: vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0],
+            history: 120,
+            max_batch: 10_000,
+        }
+    }
+}
+
+impl Config {
+    /// Checks the section.
+    pub fn validate(&self) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        if self.buckets.is_empty()
+            || self.buckets.windows(2).any(|w| w[0] >= w[1])
+            || self.buckets.iter().any(|b| !b.is_finite())
+        {
+            problems.push(Problem::new(
+                "metrics.buckets",
+                "buckets must be finite and strictly increasing",
+            ));
+        }
+        for (key, value) in [
+            ("metrics.max_labels", self.max_labels),
+            ("metrics.max_series_per_metric", self.max_series_per_metric),
+            ("metrics.max_series", self.max_series),
+            ("metrics.max_batch", self.max_batch),
+        ] {
+            if value == 0 {
+                problems.push(Problem::new(key, "must be greater than 0"));
+            }
+        }
+        if self.series_ttl.is_zero() {
+            problems.push(Problem::new("metrics.series_ttl", "must be greater than 0"));
+        }
+        problems
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            max_labels: self.max_labels,
+            max_label_value_length: self.max_label_value_length,
+            max_series_per_metric: self.max_series_per_metric.max(2),
+            max_series: self.max_series,
+            buckets: self.buckets.clone(),
+            history: self.history,
+        }
+    }
+}
+
+/// Tracked and pushed series. One std mutex: every operation is a short in-memory update, and a
+/// push must see both kinds at once to enforce the shared cap and name separation.
+#[derive(Default)]
+struct Store {
+    tracked: Tracked,
+    groups: pushgateway::Groups,
+}
+
+/// The role's state.
+#[derive(Clone)]
+pub struct State {
+    store: Arc<Mutex<Store>>,
+    limits: Arc<Limits>,
+    verifier: Arc<Verifier>,
+    open_ingest: bool,
+    service_role: Arc<str>,
+    admin_role: Arc<str>,
+    max_batch: usize,
+    ttl: Duration,
+}
+
+impl State {
+    fn store(&self) -> std::sync::MutexGuard<'_, Store> {
+        self.store.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A caller with the service role, unless ingest is open.
+    async fn authorize_ingest(&self, headers: &HeaderMap) -> ApiResult<()> {
+        if self.open_ingest {
+            return Ok(());
+        }
+        let verified = self.caller(headers).await?;
+        if verified.identity.has_role(&self.service_role) {
+            Ok(())
+        } else {
+            Err(ApiError::new(ErrorCode::Forbidden, "pushing metrics needs a service token"))
+        }
+    }
+
+    /// A caller with the admin or service role.
+    async fn authorize_read(&self, headers: &HeaderMap) -> ApiResult<()> {
+        let verified = self.caller(headers).await?;
+        let id = &verified.identity;
+        if id.has_role(&self.service_role) || id.has_role(&self.admin_role) {
+            Ok(())
+        } else {
+            Err(ApiError::new(
+                ErrorCode::Forbidden,
+                "reading series needs the admin or service role",
+            ))
+        }
+    }
+
+    async fn caller(&self, headers: &HeaderMap) -> ApiResult<Arc<crate::auth::Verified>> {
+        let header = headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .filter(|h| h.get(..7).is_some_and(|p| p.eq_ignore_ascii_case("bearer ")))
+            .ok_or(AuthError::Rejected(Reason::Malformed))?;
+        Ok(self.verifier.verify(header).await?)
+    }
+
+    /// Applies one point, counting the outcome.
+    fn track(&self, point: &Point) -> Result<Accepted, Rejection> {
+        let now = unix_now();
+        let outcome = {
+            let mut store = self.store();
+            let Store { tracked, groups } = &mut *store;
+            let result = tracked.ingest(point, now, &self.limits, groups.series_count(), |name| {
+                groups.has_family(name)
+            });
+            metrics::gauge!(names::SERIES, "role" => "metrics")
+                .set((tracked.series_count() + groups.series_count()) as f64);
+            result
+        };
+        match outcome {
+            Ok(accepted) => {
+                metrics::counter!(names::POINTS, "role" => "metrics", "kind" => "tracked")
+                    .increment(1);
+                if accepted == Accepted::Overflowed {
+                    metrics::counter!(names::OVERFLOWED, "role" => "metrics").increment(1);
+                }
+            }
+            Err(reason) => {
+                metrics::counter!(names::REJECTED, "role" => "metrics", "reason" => reason.as_str())
+                    .increment(1)
+            }
+        }
+        outcome
+    }
+
+    /// Drops series past their TTL.
+    fn expire(&self) {
+        let cutoff = unix_now() - self.ttl.as_secs_f64();
+        let mut store = self.store();
+        let dropped = store.tracked.expire(cutoff) + store.groups.expire(cutoff);
+        if dropped > 0 {
+            metrics::counter!(names::EXPIRED, "role" => "metrics").increment(dropped as u64);
+        }
+        metrics::gauge!(names::SERIES, "role" => "metrics")
+            .set((store.tracked.series_count() + store.groups.series_count()) as f64);
+    }
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+fn rejection_error(reason: Rejection, message: impl Into<String>) -> ApiError {
+    let code = match reason {
+        Rejection::TypeConflict => ErrorCode::Conflict,
+        _ => ErrorCode::ValidationFailed,
+    };
+    ApiError::new(code, message).with_reason(reason.as_str())
+}
+
+/// Builds the state, registers the exposition of ingested series and starts the TTL sweeper.
+pub fn build(ctx: &Context, auth: Auth) -> State {
+    let config = &ctx.config.metrics;
+    let state = State {
+        store: Arc::default(),
+        limits: Arc::new(config.limits()),
+        verifier: auth.verifier,
+        open_ingest: config.open_ingest,
+        service_role: ctx.config.auth.service_role.as_str().into(),
+        admin_role: ctx.config.auth.admin_role.as_str().into(),
+        max_batch: config.max_batch,
+        ttl: config.series_ttl,
+    };
+    metrics::gauge!(names::SERIES_LIMIT, "role" => "metrics").set(config.max_series as f64);
+    metrics::gauge!(names::SERIES, "role" => "metrics").set(0.0);
+    let render = state.clone();
+    ctx.add_exposition(Arc::new(move |out: &mut String| {
+        render.expire();
+        let store = render.store();
+        store.tracked.render(&render.limits.buckets, out);
+        store.groups.render(out);
+    }));
+    let sweeper = state.clone();
+    let shutdown = ctx.shutdown.clone();
+    let every = (config.series_ttl / 10).clamp(Duration::from_millis(100), Duration::from_secs(60));
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => sweeper.expire(),
+                _ = shutdown.stopping() => return,
+            }
+        }
+    });
+    state
+}
+
+/// The role's routes (`GET /metrics` is the shared one, with the ingested series appended).
+pub fn router(state: State) -> Router {
+    Router::new()
+        .route("/metrics/track", post(track))
+        .route("/metrics/track/batch", post(track_batch))
+        .route(
+            "/metrics/job/{*group}",
+            axum::routing::put(push_replace).post(push_merge).delete(push_delete),
+        )
+        .route("/metrics/series", get(series))
+        .route("/metrics/stats", get(stats))
+        .route("/metrics/trends/{name}", get(trends))
+        .with_state(state)
+}
+
+/// Serves the role until shutdown.
+pub async fn run(listener: TcpListener, state: State, ctx: Context) -> Result<(), RunError> {
+    ctx.readiness.mark_started();
+    let app = server::app(&ctx, router(state));
+    server::serve(listener, app, &ctx).await.map_err(|e| RunError::Other(e.into()))
+}
+
+async fn track(
+    AxumState(state): AxumState<State>,
+    headers: HeaderMap,
+    Json(point): Json<Point>,
+) -> ApiResult<Response> {
+    state.authorize_ingest(&headers).await?;
+    match state.track(&point) {
+        Ok(accepted) => Ok(axum::Json(
+            json!({ "accepted": true, "overflowed": accepted == Accepted::Overflowed }),
+        )
+        .into_response()),
+        Err(reason) => {
+            Err(rejection_error(reason, format!("{} refused: {}", point.name, reason.as_str())))
+        }
+    }
+}
+
+async fn track_batch(
+    AxumState(state): AxumState<State>,
+    headers: HeaderMap,
+    Json(points): Json<Vec<Value>>,
+) -> ApiResult<Response> {
+    state.authorize_ingest(&headers).await?;
+    if points.len() > state.max_batch {
+        return Err(ApiError::validation(
+            "body",
+            format!("at most {} points per batch", state.max_batch),
+        ));
+    }
+    let (mut accepted, mut rejected) = (0, 0);
+    let results: Vec<Value> = points
+        .into_iter()
+        .enumerate()
+        .map(|(index, raw)| {
+            let outcome = match serde_json::from_value::<Point>(raw) {
+                Ok(point) => state.track(&point).map_err(|r| (r.as_str(), format!("{}: {}", point.name, r.as_str()))),
+                Err(e) => {
+                    metrics::counter!(names::REJECTED, "role" => "metrics", "reason" => "invalid_point").increment(1);
+                    Err(("invalid_point", e.to_string()))
+                }
+            };
+            match outcome {
+                Ok(a) => {
+                    accepted += 1;
+                    json!({"index": index, "ok": true, "overflowed": a == Accepted::Overflowed})
+                }
+                Err((reason, message)) => {
+                    rejected += 1;
+                    json!({"index": index, "ok": false, "reason": reason, "message": message})
+                }
+            }
+        })
+        .collect();
+    Ok(axum::Json(json!({ "accepted": accepted, "rejected": rejected, "results": results }))
+        .into_response())
+}
+
+async fn push(
+    state: State,
+    headers: HeaderMap,
+    group: String,
+    body: Bytes,
+    mode: pushgateway::Mode,
+) -> ApiResult<Response> {
+    state.authorize_ingest(&headers).await?;
+    let key = pushgateway::grouping_key(&group).map_err(|m| ApiError::validation("path", m))?;
+    let text = std::str::from_utf8(&body)
+        .map_err(|_| ApiError::invalid_request("the body is not UTF-8 text"))?;
+    let families = pushgateway::parse(text)
+        .map_err(|e| ApiError::invalid_request(format!("text format: {e}")))?;
+    let samples: usize = families.iter().map(|f| f.samples.len()).sum();
+    let result = {
+        let mut store = state.store();
+        let Store { tracked, groups } = &mut *store;
+        groups.push(
+            key,
+            families,
+            mode,
+            unix_now(),
+            &state.limits,
+            tracked.series_count(),
+            |name| tracked.has_family(name),
+        )
+    };
+    match result {
+        Ok(()) => {
+            metrics::counter!(names::POINTS, "role" => "metrics", "kind" => "pushed")
+                .increment(samples as u64);
+            Ok(StatusCode::OK.into_response())
+        }
+        Err((reason, message)) => {
+            metrics::counter!(names::REJECTED, "role" => "metrics", "reason" => reason.as_str())
+                .increment(1);
+            Err(rejection_error(reason, message))
+        }
+    }
+}
+
+async fn push_replace(
+    AxumState(state): AxumState<State>,
+    headers: HeaderMap,
+    Path(group): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    push(state, headers, group, body, pushgateway::Mode::Replace).await
+}
+
+async fn push_merge(
+    AxumState(state): AxumState<State>,
+    headers: HeaderMap,
+    Path(group): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    push(state, headers, group, body, pushgateway::Mode::Merge).await
+}
+
+async fn push_delete(
+    AxumState(state): AxumState<State>,
+    headers: HeaderMap,
+    Path(group): Path<String>,
+) -> ApiResult<Response> {
+    state.authorize_ingest(&headers).await?;
+    let key = pushgateway::grouping_key(&group).map_err(|m| ApiError::validation("path", m))?;
+    state.store().groups.delete(&key);
+    // As Pushgateway: deleting a group that is not there is not an error.
+    Ok(StatusCode::ACCEPTED.into_response())
+}
+
+#[derive(Deserialize)]
+struct SeriesQuery {
+    name: Option<String>,
+    service: Option<String>,
+    tenant_id: Option<String>,
+}
+
+async fn series(
+    AxumState(state): AxumState<State>,
+    headers: HeaderMap,
+    Query(q): Query<SeriesQuery>,
+) -> ApiResult<Response> {
+    state.authorize_read(&headers).await?;
+    let store = state.store();
+    let list: Vec<_> = store
+        .tracked
+        .list()
+        .into_iter()
+        .chain(store.groups.list())
+        .filter(|s| q.name.as_ref().is_none_or(|n| &s.name == n || s.name == format!("{n}_total")))
+        .filter(|s| q.service.as_ref().is_none_or(|v| s.labels.get("service") == Some(v)))
+        .filter(|s| q.tenant_id.as_ref().is_none_or(|v| s.labels.get("tenant_id") == Some(v)))
+        .collect();
+    Ok(axum::Json(json!({ "series": list, "count": list.len() })).into_response())
+}
+
+async fn stats(AxumState(state): AxumState<State>, headers: HeaderMap) -> ApiResult<Response> {
+    state.authorize_read(&headers).await?;
+    let store = state.store();
+    let (tracked, pushed) = (store.tracked.series_count(), store.groups.series_count());
+    Ok(axum::Json(json!({
+        "series": tracked + pushed,
+        "tracked_series": tracked,
+        "pushed_series": pushed,
+        "max_series": state.limits.max_series,
+        "max_series_per_metric": state.limits.max_series_per_metric,
+        "series_ttl_seconds": state.ttl.as_secs(),
+    }))
+    .into_response())
+}
+
+#[derive(Deserialize)]
+struct TrendQuery {
+    window: Option<String>,
+}
+
+async fn trends(
+    AxumState(state): AxumState<State>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    Query(q): Query<TrendQuery>,
+) -> ApiResult<Response> {
+    state.authorize_read(&headers).await?;
+    let window = match &q.window {
+        Some(w) => humantime::parse_duration(w)
+            .map_err(|e| ApiError::validation("window", format!("{w:?}: {e}")))?,
+        None => Duration::from_secs(300),
+    };
+    let points = state
+        .store()
+        .tracked
+        .history(&name, unix_now() - window.as_secs_f64())
+        .ok_or_else(|| ApiError::not_found(format!("no tracked metric {name:?}")))?;
+    let trend = registry::trend(&points);
+    Ok(axum::Json(json!({ "name": name, "window_seconds": window.as_secs(), "trend": trend }))
+        .into_response())
+}
