@@ -241,8 +241,13 @@ pub async fn start(role: Role, listener: TcpListener, ctx: Context) -> Result<()
             let state = roles::metrics::build(&ctx, auth);
             roles::metrics::run(listener, state, ctx).await
         }
-        Role::Gateway | Role::Stream => Err(RunError::Other(anyhow::anyhow!(
-            "the {role} role has not landed yet; `access auth`, `access entitlements` and `access metrics` run today"
+        Role::Gateway => {
+            let auth = crate::auth::Auth::build(&ctx).await?;
+            let state = roles::gateway::build(&ctx, auth).await?;
+            roles::gateway::run(listener, state, ctx).await
+        }
+        Role::Stream => Err(RunError::Other(anyhow::anyhow!(
+            "the stream role has not landed yet; `access auth`, `access entitlements`, `access metrics` and `access gateway` run today"
         ))),
     }
 }

@@ -69,7 +69,7 @@ pub struct Config {
     /// The `auth` section every role reads, and the auth role's port.
     pub auth: AuthConfig,
     /// The gateway role.
-    pub gateway: RoleListen,
+    pub gateway: crate::roles::gateway::Config,
     /// The stream role.
     pub stream: RoleListen,
     /// The entitlements role.
@@ -98,7 +98,7 @@ impl Default for Config {
             redis: RedisConfig::default(),
             kafka: KafkaConfig::default(),
             auth: AuthConfig::default(),
-            gateway: RoleListen::new(Role::Gateway),
+            gateway: crate::roles::gateway::Config::default(),
             stream: RoleListen::new(Role::Stream),
             entitlements: crate::roles::entitlements::Config::default(),
             metrics: crate::roles::metrics::Config::default(),
@@ -187,6 +187,7 @@ impl Config {
         problems.extend(self.auth.validate(self.env));
         problems.extend(self.entitlements.validate());
         problems.extend(self.metrics.validate());
+        problems.extend(self.gateway.validate());
         problems
     }
 }

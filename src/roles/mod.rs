@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod entitlements;
+pub mod gateway;
 pub mod metrics;
 
 use std::fmt;

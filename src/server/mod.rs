@@ -71,6 +71,16 @@ impl Context {
 /// The role's router wrapped with `/health`, `/ready`, `/metrics`, JSON 404/405 and the shared
 /// layers (request id, trace span and metrics, load shedding, body limit).
 pub fn app(ctx: &Context, role_router: Router) -> Router {
+    with_shared(ctx, role_router.fallback(not_found))
+}
+
+/// As [`app`], for a role whose router has its own fallback (the gateway proxies every path it
+/// does not serve itself).
+pub fn app_with_fallback(ctx: &Context, role_router: Router) -> Router {
+    with_shared(ctx, role_router)
+}
+
+fn with_shared(ctx: &Context, role_router: Router) -> Router {
     let server = &ctx.config.server;
     let common = Router::new()
         .route("/health", get(health))
@@ -79,7 +89,6 @@ pub fn app(ctx: &Context, role_router: Router) -> Router {
         .with_state(ctx.clone());
     role_router
         .merge(common)
-        .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(server.max_body_bytes))
         .layer(middleware::from_fn_with_state(server.max_body_bytes, layers::limit_body))

@@ -5,6 +5,7 @@ mod auth;
 mod backends;
 mod binary;
 mod entitlements;
+mod gateway;
 mod idp;
 mod metrics;
 mod runtime;

@@ -1,0 +1,182 @@
+//! Entitlement checks for the gateway: asked of the entitlements role with a service token,
+//! remembered briefly in a local decision cache that is emptied when a new rules version is
+//! announced. When the role cannot answer, the request is refused (fail closed) unless
+//! `gateway.entitlements_fail_open` is set.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fred::prelude::{ClientLike, EventInterface, PubsubInterface};
+use serde_json::json;
+use url::Url;
+
+use crate::auth::token_source::TokenSource;
+use crate::auth::Identity;
+use crate::server::Shutdown;
+
+/// Metric names.
+pub mod names {
+    /// Checks by outcome (`allowed`, `denied`, `unavailable`, `fail_open`) and source (`cache`, `remote`).
+    pub const CHECKS: &str = "access_gateway_entitlement_checks_total";
+}
+
+/// An entitlement that could not be decided.
+#[derive(Debug, thiserror::Error)]
+#[error("entitlements unavailable: {0}")]
+pub struct Unavailable(pub String);
+
+/// The client.
+pub struct Entitlements {
+    http: reqwest::Client,
+    url: Url,
+    tokens: Arc<TokenSource>,
+    /// Decisions by request key, with their expiry. A std mutex held for one map operation.
+    cache: Mutex<HashMap<String, (bool, Instant)>>,
+    ttl: Duration,
+    fail_open: bool,
+}
+
+const CACHE_CAP: usize = 100_000;
+
+impl Entitlements {
+    /// A client of the role at `url`.
+    pub fn new(
+        url: Url,
+        tokens: Arc<TokenSource>,
+        ttl: Duration,
+        fail_open: bool,
+        timeout: Duration,
+    ) -> Result<Self, String> {
+        let http =
+            reqwest::Client::builder().timeout(timeout).build().map_err(|e| e.to_string())?;
+        Ok(Entitlements { http, url, tokens, cache: Mutex::default(), ttl, fail_open })
+    }
+
+    /// The role's base URL (for the status page).
+    pub fn url(&self) -> &Url {
+        &self.url
+    }
+
+    /// Empties the local cache (a new rules version).
+    pub fn clear(&self) {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
+    /// Whether `identity` may do `action` on `resource`.
+    pub async fn allowed(
+        &self,
+        identity: &Identity,
+        resource: &str,
+        action: &str,
+    ) -> Result<bool, Unavailable> {
+        let key = format!(
+            "{}\u{1}{}\u{1}{}\u{1}{}\u{1}{}",
+            identity.subject,
+            identity.tenant,
+            identity.roles.join(","),
+            resource,
+            action
+        );
+        let cached = self
+            .cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .filter(|(_, until)| *until > Instant::now())
+            .map(|(a, _)| *a);
+        if let Some(allowed) = cached {
+            count(allowed, "cache");
+            return Ok(allowed);
+        }
+        match self.ask(identity, resource, action).await {
+            Ok((allowed, ttl)) => {
+                let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+                if cache.len() >= CACHE_CAP {
+                    cache.clear();
+                }
+                cache.insert(key, (allowed, Instant::now() + ttl.min(self.ttl)));
+                count(allowed, "remote");
+                Ok(allowed)
+            }
+            Err(e) if self.fail_open => {
+                tracing::warn!(role = "gateway", error = %e, "entitlements unavailable; allowing (fail open)");
+                metrics::counter!(names::CHECKS, "role" => "gateway", "outcome" => "fail_open", "source" => "remote").increment(1);
+                Ok(true)
+            }
+            Err(e) => {
+                metrics::counter!(names::CHECKS, "role" => "gateway", "outcome" => "unavailable", "source" => "remote").increment(1);
+                Err(e)
+            }
+        }
+    }
+
+    async fn ask(
+        &self,
+        identity: &Identity,
+        resource: &str,
+        action: &str,
+    ) -> Result<(bool, Duration), Unavailable> {
+        let token = self.tokens.token().await.map_err(Unavailable)?;
+        let body = json!({
+            "user_id": identity.subject, "tenant_id": identity.tenant, "roles": identity.roles,
+            "resource": resource, "action": action, "context": {},
+        });
+        let response = self
+            .http
+            .post(self.url.join("entitlements/check").map_err(|e| Unavailable(e.to_string()))?)
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| Unavailable(e.to_string()))?;
+        if !response.status().is_success() {
+            return Err(Unavailable(format!("HTTP {}", response.status())));
+        }
+        let decision: serde_json::Value =
+            response.json().await.map_err(|e| Unavailable(e.to_string()))?;
+        let allowed =
+            decision["allowed"].as_bool().ok_or_else(|| Unavailable("no allowed field".into()))?;
+        let ttl = Duration::from_secs(decision["ttl_seconds"].as_u64().unwrap_or(5));
+        Ok((allowed, ttl))
+    }
+
+    /// Empties the cache whenever a new rules version is published on the Redis `rules` channel
+    /// (and after a reconnect, when one may have been missed), until shutdown.
+    pub fn follow_rules(
+        self: &Arc<Self>,
+        subscriber: crate::backends::redis::SubscriberClient,
+        channel: String,
+        shutdown: Shutdown,
+    ) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = subscriber.subscribe(channel).await {
+                tracing::warn!(role = "gateway", error = %e, "cannot follow rules versions; decisions expire by TTL only");
+                return;
+            }
+            let _resubscribe = subscriber.manage_subscriptions();
+            let mut messages = subscriber.message_rx();
+            let mut reconnects = subscriber.reconnect_rx();
+            loop {
+                tokio::select! {
+                    m = messages.recv() => match m {
+                        Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => this.clear(),
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    },
+                    Ok(_) = reconnects.recv() => this.clear(),
+                    _ = shutdown.stopping() => {
+                        let _ = subscriber.quit().await;
+                        return;
+                    }
+                }
+            }
+        });
+    }
+}
+
+fn count(allowed: bool, source: &'static str) {
+    let outcome = if allowed { "allowed" } else { "denied" };
+    metrics::counter!(names::CHECKS, "role" => "gateway", "outcome" => outcome, "source" => source)
+        .increment(1);
+}

@@ -1,0 +1,400 @@
+//! The gateway role (port 8000): the platform's REST front door.
+//!
+//! - [`routes`]: the route table (file or built-in), compiled and swapped whole on SIGHUP.
+//! - [`proxy`]: the request path: route, authenticate, entitle, breaker, forward.
+//! - [`breaker`]: a circuit breaker per upstream.
+//! - [`entitle`]: entitlement checks against the entitlements role, with a local decision cache.
+//! - [`usage`]: per-tenant usage pushed to the metrics role.
+//!
+//! Gateway endpoints (admin role): `GET /api/v1/status`, `/api/v1/metadata/routes`,
+//! `/api/v1/circuit-breakers`. Everything else is a data route.
+
+pub mod breaker;
+pub mod entitle;
+pub mod proxy;
+pub mod routes;
+pub mod usage;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{FromRef, State as AxumState};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::net::TcpListener;
+use url::Url;
+
+use crate::auth::token_source::TokenSource;
+use crate::auth::{Auth, Caller, Verifier};
+use crate::cli::RunError;
+use crate::config::Problem;
+use crate::error::ApiResult;
+use crate::server::{self, Context, Shutdown};
+use breaker::{Breaker, BreakerConfig};
+use entitle::Entitlements;
+use routes::Table;
+
+/// The `gateway` config section.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The role's port.
+    pub port: u16,
+    /// The route table (YAML); unset uses the built-in `config/routes.yaml`. Reloaded on SIGHUP.
+    pub routes_file: Option<PathBuf>,
+    /// Upstream groups routes refer to by name.
+    pub upstreams: BTreeMap<String, Vec<Url>>,
+    /// Default upstream deadline for a response head.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Default retries (idempotent, body-less requests, after a failed connection).
+    pub retries: u32,
+    /// Peers whose `X-Forwarded-For`/`-Proto` are believed (CIDRs).
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Browser origins allowed by CORS (exact, or `*`).
+    pub cors_origins: Vec<String>,
+    /// Allow requests when the entitlements role cannot answer (default: refuse with 503).
+    pub entitlements_fail_open: bool,
+    /// The longest a decision is remembered locally.
+    #[serde(with = "humantime_serde")]
+    pub decision_cache_ttl: Duration,
+    /// Circuit breakers.
+    pub breaker: BreakerConfig,
+    /// How often usage is pushed to the metrics role.
+    #[serde(with = "humantime_serde")]
+    pub usage_interval: Duration,
+    /// Distinct (tenant, route, status class) keys kept between pushes.
+    pub usage_max_keys: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let local = Url::parse("http://127.0.0.1:8100").expect("a valid URL");
+        Config {
+            port: crate::roles::Role::Gateway.default_port(),
+            routes_file: None,
+            upstreams: ["market_data", "curves", "projections"]
+                .iter()
+                .map(|g| (g.to_string(), vec![local.clone()]))
+                .collect(),
+            timeout: Duration::from_secs(10),
+            retries: 1,
+            trusted_proxies: Vec::new(),
+            cors_origins: Vec::new(),
+            entitlements_fail_open: false,
+            decision_cache_ttl: Duration::from_secs(5),
+            breaker: BreakerConfig::default(),
+            usage_interval: Duration::from_secs(5),
+            usage_max_keys: 10_000,
+        }
+    }
+}
+
+impl Config {
+    /// Checks the section, compiling the route table.
+    pub fn validate(&self) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        match routes::load_specs(self.routes_file.as_deref()) {
+            Ok(specs) => {
+                if let Err(list) =
+                    Table::compile(specs, &self.upstreams, self.timeout, self.retries)
+                {
+                    problems
+                        .extend(list.into_iter().map(|p| Problem::new("gateway.routes_file", p)));
+                }
+            }
+            Err(e) => problems.push(Problem::new("gateway.routes_file", e)),
+        }
+        if !(0.0..=1.0).contains(&self.breaker.error_rate) {
+            problems.push(Problem::new("gateway.breaker.error_rate", "must be between 0 and 1"));
+        }
+        problems
+    }
+
+    fn table(&self) -> Result<Table, String> {
+        let specs = routes::load_specs(self.routes_file.as_deref())?;
+        Table::compile(specs, &self.upstreams, self.timeout, self.retries).map_err(|p| p.join("; "))
+    }
+}
+
+/// The role's state.
+#[derive(Clone)]
+pub struct State {
+    /// The route table; swapped whole on reload (readers clone the `Arc` under a short lock).
+    table: Arc<RwLock<Arc<Table>>>,
+    verifier: Arc<Verifier>,
+    entitlements: Arc<Entitlements>,
+    /// Breakers by upstream base URL, created on first use.
+    breakers: Arc<RwLock<HashMap<String, Arc<Breaker>>>>,
+    breaker_config: BreakerConfig,
+    client: Client<HttpConnector, Body>,
+    trusted_proxies: Arc<Vec<ipnet::IpNet>>,
+    usage: Arc<usage::Usage>,
+    admin_role: Arc<str>,
+    config: Config,
+}
+
+impl FromRef<State> for Arc<Verifier> {
+    fn from_ref(state: &State) -> Self {
+        state.verifier.clone()
+    }
+}
+
+impl State {
+    fn table(&self) -> Arc<Table> {
+        self.table.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn breaker(&self, base: &Url) -> Arc<Breaker> {
+        if let Some(b) = self.breakers.read().unwrap_or_else(|p| p.into_inner()).get(base.as_str())
+        {
+            return b.clone();
+        }
+        let mut all = self.breakers.write().unwrap_or_else(|p| p.into_inner());
+        all.entry(base.to_string())
+            .or_insert_with(|| Arc::new(Breaker::new(self.breaker_config.clone(), Instant::now())))
+            .clone()
+    }
+
+    fn publish_breaker(&self, base: &Url) {
+        let (state, _) = self.breaker(base).describe(Instant::now());
+        let value = match state {
+            "closed" => 0.0,
+            "half_open" => 1.0,
+            _ => 2.0,
+        };
+        let upstream = base
+            .host_str()
+            .map(|h| format!("{h}:{}", base.port_or_known_default().unwrap_or(80)))
+            .unwrap_or_default();
+        metrics::gauge!(proxy::names::BREAKER_STATE, "role" => "gateway", "upstream" => upstream)
+            .set(value);
+    }
+
+    /// Re-reads the route table; a bad one is refused and the current table kept.
+    pub fn reload(&self) -> Result<usize, String> {
+        let table = self.config.table()?;
+        let n = table.routes().len();
+        *self.table.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);
+        Ok(n)
+    }
+}
+
+/// The service-token source for calls to other roles: client credentials when configured, else
+/// the dev key.
+pub fn token_source(ctx: &Context, auth: &Auth) -> Result<Arc<TokenSource>, RunError> {
+    let a = &ctx.config.auth;
+    match (&a.token_url, &a.client_id, &a.client_secret, &auth.dev_key) {
+        (Some(url), Some(id), Some(secret), _) => Ok(Arc::new(TokenSource::client_credentials(url.clone(), id.clone(), secret.clone(), a.jwks_timeout).map_err(|e| anyhow::anyhow!(e))?)),
+        (_, _, _, Some(key)) => Ok(Arc::new(TokenSource::dev(
+            key.clone(),
+            ctx.role.as_str(),
+            a.default_tenant.clone().unwrap_or_else(|| "platform".into()),
+            a.service_role.clone(),
+            a.issuer.clone(),
+            a.audience.clone(),
+        ))),
+        _ => Err(anyhow::anyhow!("service tokens need auth.token_url, auth.client_id and auth.client_secret (or dev mode)").into()),
+    }
+}
+
+/// Builds the state: the route table, the upstream client, entitlements and usage.
+pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
+    let config = ctx.config.gateway.clone();
+    let table = config.table().map_err(|e| anyhow::anyhow!("routes: {e}"))?;
+    let tokens = token_source(ctx, &auth)?;
+    let entitlements_url = ctx.config.entitlements_service_url.clone().unwrap_or_else(|| {
+        tracing::warn!(
+            role = "gateway",
+            "ACCESS_ENTITLEMENTS_SERVICE_URL is not set; using http://127.0.0.1:8011"
+        );
+        Url::parse("http://127.0.0.1:8011").expect("a valid URL")
+    });
+    let entitlements = Arc::new(
+        Entitlements::new(
+            entitlements_url,
+            tokens.clone(),
+            config.decision_cache_ttl,
+            config.entitlements_fail_open,
+            Duration::from_secs(2),
+        )
+        .map_err(|e| anyhow::anyhow!(e))?,
+    );
+    if let Some(url) = &ctx.config.redis_url {
+        let subscriber = crate::backends::redis::subscriber(url, &ctx.config.redis).await?;
+        entitlements.follow_rules(
+            subscriber,
+            format!("{}rules", ctx.config.redis_prefix()),
+            ctx.shutdown.clone(),
+        );
+    }
+    let usage = usage::Usage::new(config.usage_max_keys);
+    if let Some(url) = &ctx.config.metrics_service_url {
+        usage.spawn_push(url.clone(), tokens, config.usage_interval, ctx.shutdown.clone());
+    }
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(Duration::from_secs(2)));
+    let client = Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .build(connector);
+    Ok(State {
+        table: Arc::new(RwLock::new(Arc::new(table))),
+        verifier: auth.verifier,
+        entitlements,
+        breakers: Arc::default(),
+        breaker_config: config.breaker.clone(),
+        client,
+        trusted_proxies: Arc::new(config.trusted_proxies.clone()),
+        usage,
+        admin_role: ctx.config.auth.admin_role.as_str().into(),
+        config,
+    })
+}
+
+/// The role's routes: the gateway endpoints, everything else proxied; CORS answered first.
+pub fn router(state: State) -> Router {
+    let cors = cors(&state.config.cors_origins);
+    Router::new()
+        .route("/api/v1/status", get(status))
+        .route("/api/v1/metadata/routes", get(route_metadata))
+        .route("/api/v1/circuit-breakers", get(circuit_breakers))
+        .fallback(proxy::forward)
+        .with_state(state)
+        .layer(cors)
+}
+
+fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| http::HeaderValue::from_str(o).ok()))
+    };
+    CorsLayer::new()
+        .allow_origin(allow)
+        .allow_methods(tower_http::cors::Any)
+        .allow_headers([
+            http::header::AUTHORIZATION,
+            http::header::CONTENT_TYPE,
+            http::HeaderName::from_static("x-api-key"),
+            http::HeaderName::from_static("x-request-id"),
+        ])
+        .expose_headers([
+            http::HeaderName::from_static("x-request-id"),
+            http::HeaderName::from_static("x-cache"),
+            http::header::RETRY_AFTER,
+        ])
+        .max_age(Duration::from_secs(600))
+}
+
+/// Serves the role until shutdown, reloading routes on SIGHUP.
+pub async fn run(listener: TcpListener, state: State, ctx: Context) -> Result<(), RunError> {
+    spawn_reload_on_sighup(state.clone(), ctx.shutdown.clone());
+    ctx.readiness.mark_started();
+    // The data routes are the router's fallback, so the shared 404 must not replace it.
+    let app = server::app_with_fallback(&ctx, router(state));
+    server::serve(listener, app, &ctx).await.map_err(|e| RunError::Other(e.into()))
+}
+
+fn spawn_reload_on_sighup(state: State, shutdown: Shutdown) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::error!(
+                role = "gateway",
+                "cannot listen for SIGHUP; routes reload only on restart"
+            );
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = hup.recv() => match state.reload() {
+                    Ok(n) => tracing::info!(role = "gateway", routes = n, "routes reloaded"),
+                    Err(e) => tracing::error!(role = "gateway", error = %e, "routes not reloaded; keeping the current table"),
+                },
+                _ = shutdown.stopping() => return,
+            }
+        }
+    });
+}
+
+async fn status(AxumState(state): AxumState<State>, caller: Caller) -> ApiResult<Response> {
+    caller.require_role(&state.admin_role)?;
+    let entitlements = reqwest::Client::new()
+        .get(
+            state
+                .entitlements
+                .url()
+                .join("ready")
+                .map_err(|e| crate::error::ApiError::internal(anyhow::anyhow!(e)))?,
+        )
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await
+        .map(|r| r.status().is_success())
+        .unwrap_or(false);
+    let now = Instant::now();
+    let breakers: Vec<_> = state
+        .breakers
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .map(|(u, b)| json!({"upstream": u, "state": b.describe(now).0}))
+        .collect();
+    Ok(axum::Json(json!({
+        "routes": state.table().routes().len(),
+        "dependencies": {
+            "entitlements": {"url": state.entitlements.url().as_str(), "ready": entitlements},
+            "jwks": {"loaded": state.verifier.jwks().is_loaded()},
+        },
+        "circuit_breakers": breakers,
+    }))
+    .into_response())
+}
+
+async fn route_metadata(AxumState(state): AxumState<State>, caller: Caller) -> ApiResult<Response> {
+    caller.require_role(&state.admin_role)?;
+    let table = state.table();
+    let routes: Vec<_> = table
+        .routes()
+        .iter()
+        .map(|r| {
+            json!({
+                "name": r.spec.name, "path": r.spec.path, "methods": r.spec.methods, "auth": r.spec.auth,
+                "entitlement": r.spec.entitlement, "upstreams": r.upstreams, "timeout_seconds": r.timeout.as_secs_f64(),
+                "retries": r.retries, "strip_prefix": r.spec.strip_prefix, "rate_limits": r.spec.rate_limits,
+            })
+        })
+        .collect();
+    Ok(axum::Json(json!({ "routes": routes })).into_response())
+}
+
+async fn circuit_breakers(
+    AxumState(state): AxumState<State>,
+    caller: Caller,
+) -> ApiResult<Response> {
+    caller.require_role(&state.admin_role)?;
+    let now = Instant::now();
+    let list: Vec<_> = state
+        .breakers
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .map(|(u, b)| {
+            let (s, opened) = b.describe(now);
+            json!({"upstream": u, "state": s, "times_opened": opened})
+        })
+        .collect();
+    Ok(axum::Json(json!({ "circuit_breakers": list })).into_response())
+}

@@ -1,0 +1,311 @@
+//! The request path for data routes (`docs/contracts.md`): route match (404/405) ->
+//! authenticate (401) -> entitlement (403) -> circuit breaker (503) -> upstream with timeout and
+//! retries (502/504) -> response. CORS preflights are answered by the CORS layer before this.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State as AxumState};
+use axum::response::{IntoResponse, Response};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Uri};
+
+use super::breaker::Admission;
+use super::routes::{render_resource, AuthMode};
+use super::State;
+use crate::auth::{AuthError, Identity, Reason};
+use crate::error::{ApiError, ErrorCode};
+use crate::server::layers::{method_label, status_class};
+
+/// Metric names.
+pub mod names {
+    /// Requests by route, method and status class.
+    pub const REQUESTS: &str = "access_gateway_requests_total";
+    /// Whole-request latency by route.
+    pub const DURATION: &str = "access_gateway_request_duration_seconds";
+    /// Upstream latency (to the response head) by route.
+    pub const UPSTREAM_DURATION: &str = "access_gateway_upstream_duration_seconds";
+    /// Authentication failures by reason.
+    pub const AUTH_FAILURES: &str = "access_gateway_auth_failures_total";
+    /// Breaker state per upstream: 0 closed, 1 half-open, 2 open.
+    pub const BREAKER_STATE: &str = "access_gateway_circuit_breaker_state";
+}
+
+/// Identity headers the gateway sets for upstreams; copies sent by clients are removed.
+pub static IDENTITY_HEADERS: [HeaderName; 3] = [
+    HeaderName::from_static("x-user-id"),
+    HeaderName::from_static("x-tenant-id"),
+    HeaderName::from_static("x-user-roles"),
+];
+
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in HOP_BY_HOP.iter().chain(listed.iter()) {
+        headers.remove(name);
+    }
+}
+
+/// The client's address: the peer, or, when the peer is a trusted proxy, the rightmost address in
+/// `X-Forwarded-For` that is not itself a trusted proxy.
+fn client_ip(state: &State, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+    let trusted = |ip: &IpAddr| state.trusted_proxies.iter().any(|net| net.contains(ip));
+    if !trusted(&peer) {
+        return peer;
+    }
+    let chain: Vec<IpAddr> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    chain.into_iter().rev().find(|ip| !trusted(ip)).unwrap_or(peer)
+}
+
+/// The fallback handler: every request that is not a gateway endpoint.
+pub async fn forward(
+    AxumState(state): AxumState<State>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    req: Request,
+) -> Response {
+    let started = Instant::now();
+    let table = state.table();
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let Some(matched) = table.find(&path) else {
+        return ApiError::not_found("no route for this path").into_response();
+    };
+    let (route, params) = (matched.route, matched.params);
+    if !route.allows(&method) {
+        return ApiError::new(ErrorCode::MethodNotAllowed, "method not allowed on this route")
+            .into_response();
+    }
+    let route_name = route.spec.name.clone();
+    let response = match handle(&state, &route, &params, peer, req).await {
+        Ok((response, identity, bytes_in)) => {
+            if let Some(identity) = &identity {
+                let bytes_out = response
+                    .headers()
+                    .get(header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                state.usage.record(
+                    &identity.tenant,
+                    &route_name,
+                    status_class(response.status().as_u16()),
+                    bytes_in,
+                    bytes_out,
+                );
+            }
+            response
+        }
+        Err(e) => e.into_response(),
+    };
+    let labels = [
+        ("role", "gateway".to_string()),
+        ("route", route_name.clone()),
+        ("method", method_label(&method).to_string()),
+        ("status_class", status_class(response.status().as_u16()).to_string()),
+    ];
+    metrics::counter!(names::REQUESTS, &labels).increment(1);
+    metrics::histogram!(names::DURATION, "role" => "gateway", "route" => route_name)
+        .record(started.elapsed().as_secs_f64());
+    response
+}
+
+async fn authenticate(
+    state: &State,
+    mode: AuthMode,
+    headers: &HeaderMap,
+) -> Result<Option<Identity>, ApiError> {
+    if mode == AuthMode::None {
+        return Ok(None);
+    }
+    let bearer = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let outcome = match bearer {
+        Some(h) if h.get(..7).is_some_and(|p| p.eq_ignore_ascii_case("bearer ")) => {
+            state.verifier.verify(h).await.map(|v| Some(v.identity.clone()))
+        }
+        Some(_) => Err(AuthError::Rejected(Reason::Malformed)),
+        None if mode == AuthMode::Optional => Ok(None),
+        None => Err(AuthError::Rejected(Reason::Malformed)),
+    };
+    outcome.map_err(|e| {
+        if let AuthError::Rejected(reason) = &e {
+            metrics::counter!(names::AUTH_FAILURES, "role" => "gateway", "reason" => reason.as_str()).increment(1);
+        }
+        ApiError::from(e)
+    })
+}
+
+type Handled = (Response, Option<Identity>, u64);
+
+async fn handle(
+    state: &State,
+    route: &super::routes::Route,
+    params: &[(String, String)],
+    peer: SocketAddr,
+    req: Request,
+) -> Result<Handled, ApiError> {
+    let identity = authenticate(state, route.spec.auth, req.headers()).await?;
+    if let (Some(spec), Some(identity)) = (&route.spec.entitlement, &identity) {
+        let resource = render_resource(&spec.resource, params);
+        let action = route.action(req.method());
+        match state.entitlements.allowed(identity, &resource, &action).await {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(ApiError::new(
+                    ErrorCode::Forbidden,
+                    format!("not entitled to {action} {resource}"),
+                ))
+            }
+            Err(e) => return Err(ApiError::dependency("entitlements", anyhow::anyhow!(e))),
+        }
+    }
+    let (mut parts, body) = req.into_parts();
+    let bytes_in = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let client = client_ip(state, peer.ip(), &parts.headers);
+    let proto = if state.trusted_proxies.iter().any(|n| n.contains(&peer.ip())) {
+        parts.headers.get("x-forwarded-proto").cloned().unwrap_or(HeaderValue::from_static("http"))
+    } else {
+        HeaderValue::from_static("http")
+    };
+    let host = parts.headers.get(header::HOST).cloned();
+    strip_hop_by_hop(&mut parts.headers);
+    for name in IDENTITY_HEADERS.iter().chain([
+        &HeaderName::from_static("x-forwarded-for"),
+        &HeaderName::from_static("x-forwarded-proto"),
+        &HeaderName::from_static("x-forwarded-host"),
+    ]) {
+        parts.headers.remove(name);
+    }
+    if let Some(identity) = &identity {
+        for (name, value) in IDENTITY_HEADERS.iter().zip([
+            &identity.subject,
+            &identity.tenant,
+            &identity.roles.join(","),
+        ]) {
+            if let Ok(v) = HeaderValue::from_str(value) {
+                parts.headers.insert(name.clone(), v);
+            }
+        }
+    }
+    if let Ok(v) = HeaderValue::from_str(&client.to_string()) {
+        parts.headers.insert("x-forwarded-for", v);
+    }
+    parts.headers.insert("x-forwarded-proto", proto);
+    if let Some(host) = host {
+        parts.headers.insert("x-forwarded-host", host);
+    }
+    let path_and_query = {
+        let path = parts.uri.path();
+        let stripped =
+            route.spec.strip_prefix.as_deref().and_then(|p| path.strip_prefix(p)).unwrap_or(path);
+        let stripped = if stripped.is_empty() { "/" } else { stripped };
+        match parts.uri.query() {
+            Some(q) => format!("{stripped}?{q}"),
+            None => stripped.to_string(),
+        }
+    };
+    let idempotent = matches!(
+        parts.method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
+    );
+    // A body can be sent once; only body-less idempotent requests are retried.
+    let retryable =
+        idempotent && bytes_in == 0 && parts.headers.get(header::TRANSFER_ENCODING).is_none();
+    let attempts = if retryable { route.retries + 1 } else { 1 };
+    let mut body = Some(body);
+    let mut last_error = None;
+    for attempt in 0..attempts {
+        let index = route.next.fetch_add(1, Ordering::Relaxed) % route.upstreams.len().max(1);
+        let Some(base) = route.upstreams.get(index) else { break };
+        let breaker = state.breaker(base);
+        let admission = breaker.admit(Instant::now());
+        if let Admission::Refuse(retry_after) = admission {
+            last_error = Some(
+                ApiError::new(
+                    ErrorCode::CircuitOpen,
+                    format!(
+                        "the circuit breaker for {} is open",
+                        base.host_str().unwrap_or("upstream")
+                    ),
+                )
+                .with_retry_after(retry_after),
+            );
+            continue;
+        }
+        let uri: Uri =
+            match format!("{}{}", base.as_str().trim_end_matches('/'), path_and_query).parse() {
+                Ok(u) => u,
+                Err(e) => return Err(ApiError::internal(anyhow::anyhow!("upstream URI: {e}"))),
+            };
+        let mut upstream =
+            http::Request::from_parts(parts.clone(), body.take().unwrap_or_else(Body::empty));
+        *upstream.uri_mut() = uri;
+        if let Some(authority) = upstream.uri().authority().map(|a| a.as_str().to_string()) {
+            if let Ok(v) = HeaderValue::from_str(&authority) {
+                upstream.headers_mut().insert(header::HOST, v);
+            }
+        }
+        let sent = Instant::now();
+        let outcome = tokio::time::timeout(route.timeout, state.client.request(upstream)).await;
+        metrics::histogram!(names::UPSTREAM_DURATION, "role" => "gateway", "route" => route.spec.name.clone()).record(sent.elapsed().as_secs_f64());
+        match outcome {
+            Ok(Ok(response)) => {
+                breaker.record(response.status().as_u16() < 500, Instant::now());
+                state.publish_breaker(base);
+                let (mut parts, body) = response.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                return Ok((Response::from_parts(parts, Body::new(body)), identity, bytes_in));
+            }
+            Ok(Err(e)) => {
+                breaker.record(false, Instant::now());
+                state.publish_breaker(base);
+                tracing::warn!(role = "gateway", route = %route.spec.name, upstream = %base, attempt, error = %e, "upstream request failed");
+                last_error = Some(
+                    ApiError::new(ErrorCode::UpstreamUnavailable, e.to_string())
+                        .with_source(anyhow::anyhow!("{e:?}")),
+                );
+                if !e.is_connect() {
+                    break;
+                }
+            }
+            Err(_) => {
+                breaker.record(false, Instant::now());
+                state.publish_breaker(base);
+                return Err(ApiError::new(
+                    ErrorCode::UpstreamTimeout,
+                    format!("{} did not answer within {:?}", route.spec.name, route.timeout),
+                ));
+            }
+        }
+    }
+    Err(last_error
+        .unwrap_or_else(|| ApiError::new(ErrorCode::UpstreamUnavailable, "no upstream configured")))
+}
