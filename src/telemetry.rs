@@ -172,4 +172,5 @@ fn describe() {
     crate::auth::verifier::names::describe();
     crate::roles::entitlements::engine::names::describe();
     crate::roles::metrics::names::describe();
+    crate::roles::gateway::proxy::names::describe();
 }

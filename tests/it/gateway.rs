@@ -77,11 +77,14 @@ async fn layer(extra: &[(&str, &str)]) -> Layer {
     let seed = dir.path().join("seed.yaml");
     std::fs::write(&seed, SEED).unwrap();
     let seed = seed.display().to_string();
+    let prefix = redis_prefix();
     let entitlements = start(
         Role::Entitlements,
         config(&[
             ("ACCESS_AUTH__DEV_KEY_FILE", &keys.path),
             ("ACCESS_ENTITLEMENTS__SEED_FILE", &seed),
+            ("ACCESS_REDIS_URL", REDIS_URL),
+            ("ACCESS_REDIS__PREFIX", &prefix),
         ]),
     )
     .await;
@@ -91,7 +94,6 @@ async fn layer(extra: &[(&str, &str)]) -> Layer {
     let routes_file = dir.path().join("routes.yaml");
     std::fs::write(&routes_file, routes_yaml(&upstream, closed_port().await)).unwrap();
     let routes = routes_file.display().to_string();
-    let prefix = redis_prefix();
     let ent_url = entitlements.url("");
     let mut env = vec![
         ("ACCESS_AUTH__DEV_KEY_FILE", keys.path.as_str()),
@@ -458,4 +460,26 @@ async fn layer_with_keys(l: &Layer, extra: &[(&str, &str)]) -> Running {
     let g = start(Role::Gateway, config(&env)).await;
     wait_ready(&g.url("")).await;
     g
+}
+
+#[tokio::test]
+async fn a_rules_change_reaches_the_gateways_decision_cache_at_once() {
+    let l = layer(&[]).await;
+    let trader = l.keys.token("alice", "t1", &["trader"]);
+    let url = l.gateway.url("/api/v1/prices/latest/EURUSD");
+    assert_eq!(get_json(&url, Some(&trader)).await.0, 200, "allowed, and now cached for up to 5s");
+    let admin = l.keys.token("root", "t0", &["admin"]);
+    let r = http()
+        .post(l.entitlements.url("/entitlements/rules"))
+        .bearer_auth(&admin)
+        .json(&json!({"name": "freeze-eurusd", "effect": "deny", "resource": "instrument:EURUSD", "actions": ["*"], "priority": 500}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    // Well inside the local cache's 5 s: the new rules version empties it.
+    eventually(Duration::from_secs(1), "the gateway refuses after the rules change", || async {
+        (get_json(&url, Some(&trader)).await.0 == 403).then_some(())
+    })
+    .await;
 }

@@ -31,6 +31,31 @@ pub mod names {
     pub const AUTH_FAILURES: &str = "access_gateway_auth_failures_total";
     /// Breaker state per upstream: 0 closed, 1 half-open, 2 open.
     pub const BREAKER_STATE: &str = "access_gateway_circuit_breaker_state";
+
+    /// Registers the descriptions of every gateway metric.
+    pub fn describe() {
+        use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+        describe_counter!(REQUESTS, "Gateway requests by route, method and status class");
+        describe_histogram!(DURATION, Unit::Seconds, "Whole gateway request latency by route");
+        describe_histogram!(
+            UPSTREAM_DURATION,
+            Unit::Seconds,
+            "Upstream latency to the response head by route"
+        );
+        describe_counter!(AUTH_FAILURES, "Gateway authentication failures by reason");
+        describe_gauge!(
+            BREAKER_STATE,
+            "Circuit breaker state per upstream: 0 closed, 1 half-open, 2 open"
+        );
+        describe_counter!(
+            super::super::entitle::names::CHECKS,
+            "Gateway entitlement checks by outcome and source (cache, remote)"
+        );
+        describe_counter!(
+            super::super::usage::names::DROPPED,
+            "Usage increments dropped (too many keys, or the metrics role unreachable)"
+        );
+    }
 }
 
 /// Identity headers the gateway sets for upstreams; copies sent by clients are removed.
