@@ -2,6 +2,7 @@
 //! revocation, the dev signing key and the service-token source. The auth role
 //! (`roles::auth`) serves it over HTTP.
 //!
+//! - [`api_keys`]: API keys (`X-API-Key`), stored hashed, with rotation and revocation.
 //! - [`claims`]: claim validation and role extraction (pure).
 //! - [`jwks`]: the signing keys: fetched from the IdP's JWKS, or the dev key.
 //! - [`devkey`]: the dev signing key file shared by every process on a machine.
@@ -11,6 +12,7 @@
 //! - [`token_source`]: service tokens for calls between roles.
 //! - [`extract`]: the `Caller` extractor for handlers that need an identity.
 
+pub mod api_keys;
 pub mod claims;
 pub mod devkey;
 pub mod extract;
@@ -192,6 +194,8 @@ pub struct Auth {
     pub revocations: Arc<dyn revocation::RevocationStore>,
     /// The dev key, in dev mode.
     pub dev_key: Option<Arc<devkey::DevKey>>,
+    /// API keys.
+    pub api_keys: Arc<api_keys::ApiKeys>,
 }
 
 impl Auth {
@@ -277,6 +281,25 @@ impl Auth {
                 })
             },
         );
-        Ok(Auth { verifier, revocations, dev_key })
+        let key_store: Arc<dyn api_keys::KeyStore> = match &config.postgres_dsn {
+            Some(dsn) => {
+                let pool = crate::backends::postgres::connect(dsn, &config.postgres).await?;
+                crate::backends::postgres::migrate(&pool).await.map_err(|e| {
+                    crate::backends::BackendError::new(
+                        "postgres",
+                        crate::config::secret::redact_dsn(dsn.expose()),
+                        e,
+                    )
+                })?;
+                Arc::new(api_keys::PgKeys::new(pool))
+            }
+            None => Arc::new(api_keys::MemoryKeys::default()),
+        };
+        Ok(Auth {
+            verifier,
+            revocations,
+            dev_key,
+            api_keys: Arc::new(api_keys::ApiKeys::new(key_store)),
+        })
     }
 }

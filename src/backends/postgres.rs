@@ -82,8 +82,10 @@ pub fn ready_check(
 }
 
 /// The layer's one migration set, in order.
-const MIGRATIONS: &[(i32, &str, &str)] =
-    &[(1, "entitlements", include_str!("../../migrations/0001_entitlements.sql"))];
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "entitlements", include_str!("../../migrations/0001_entitlements.sql")),
+    (2, "api_keys", include_str!("../../migrations/0002_api_keys.sql")),
+];
 
 /// The advisory lock every replica takes to migrate: replicas starting together apply each
 /// migration once.

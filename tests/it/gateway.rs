@@ -483,3 +483,110 @@ async fn a_rules_change_reaches_the_gateways_decision_cache_at_once() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn api_key_lifecycle_create_use_rotate_with_overlap_revoke() {
+    let db = crate::support::Db::new().await;
+    let l = layer(&[("ACCESS_POSTGRES_DSN", &db.dsn)]).await;
+    let auth = start(
+        Role::Auth,
+        config(&[("ACCESS_AUTH__DEV_KEY_FILE", &l.keys.path), ("ACCESS_POSTGRES_DSN", &db.dsn)]),
+    )
+    .await;
+    wait_ready(&auth.url("")).await;
+    let admin = l.keys.token("root", "t0", &["admin"]);
+    let trader = l.keys.token("alice", "t1", &["trader"]);
+
+    let r = http()
+        .post(auth.url("/auth/api-keys"))
+        .bearer_auth(&trader)
+        .json(&json!({"name": "x", "tenant_id": "t1"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403, "only admins manage keys");
+    let r = http()
+        .post(auth.url("/auth/api-keys"))
+        .bearer_auth(&admin)
+        .json(&json!({"name": "pricing-bot", "tenant_id": "t1", "roles": ["trader"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let created: Value = r.json().await.unwrap();
+    let (id, key) =
+        (created["id"].as_str().unwrap().to_string(), created["key"].as_str().unwrap().to_string());
+    assert!(key.starts_with(&format!("ak_{id}_")));
+    let (_, listed, _) = get_json(&auth.url("/auth/api-keys"), Some(&admin)).await;
+    assert_eq!(listed["api_keys"][0]["id"], id.as_str());
+    assert!(
+        !listed.to_string().contains(&key[key.len() - 20..]),
+        "the secret is shown once, never listed"
+    );
+
+    let use_key = |k: String| {
+        let url = l.gateway.url("/api/v1/prices/latest/EURUSD");
+        async move {
+            let r = http().get(url).header("x-api-key", k).send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let (status, body) = use_key(key.clone()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["x-user-id"], format!("apikey:{id}"));
+    assert_eq!(body["x-tenant-id"], "t1");
+    assert_eq!(body["x-api-key"], Value::Null, "the key is not forwarded upstream");
+    assert_eq!(use_key(format!("ak_{id}_wrong")).await.0, 401);
+
+    let r = http()
+        .post(auth.url(&format!("/auth/api-keys/{id}/rotate")))
+        .bearer_auth(&admin)
+        .json(&json!({"overlap": "1h"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let rotated: Value = r.json().await.unwrap();
+    let new_key = rotated["key"].as_str().unwrap().to_string();
+    assert_ne!(new_key, key);
+    assert_eq!(use_key(new_key.clone()).await.0, 200);
+    assert_eq!(use_key(key.clone()).await.0, 200, "the old key works during the overlap");
+    let r = http()
+        .post(auth.url(&format!("/auth/api-keys/{id}/rotate")))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    let newest = r.json::<Value>().await.unwrap()["key"].as_str().unwrap().to_string();
+    eventually(
+        Duration::from_secs(2),
+        "a rotation without overlap retires the previous key",
+        || async { (use_key(new_key.clone()).await.0 == 401).then_some(()) },
+    )
+    .await;
+    assert_eq!(use_key(newest.clone()).await.0, 200);
+
+    let r = http()
+        .delete(auth.url(&format!("/auth/api-keys/{id}")))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let refused = eventually(Duration::from_secs(2), "the revoked key is refused", || async {
+        let (status, body) = use_key(newest.clone()).await;
+        (status == 401).then_some(body)
+    })
+    .await;
+    assert_eq!(refused["reason"], "revoked");
+
+    let (_, audit, _) =
+        get_json(&auth.url(&format!("/auth/api-keys/{id}/audit")), Some(&admin)).await;
+    let actions: Vec<_> =
+        audit["audit"].as_array().unwrap().iter().map(|a| a["action"].as_str().unwrap()).collect();
+    assert_eq!(actions, vec!["create", "rotate", "rotate", "revoke"]);
+    assert_eq!(audit["audit"][0]["actor"], "root");
+    let (_, listed, _) = get_json(&auth.url("/auth/api-keys"), Some(&admin)).await;
+    assert!(listed["api_keys"][0]["last_used_at"].is_string(), "last use recorded: {listed}");
+}

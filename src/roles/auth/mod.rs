@@ -8,6 +8,9 @@
 //! - `POST /auth/users/{id}/revoke` (admin): revokes every token of the user issued until now.
 //! - `GET /auth/users/{id}` (admin): tenant, roles, last seen, revoked-before; 404 if unknown.
 //! - `GET /.well-known/jwks.json`: the dev key's public half (dev mode only).
+//! - API keys (admin): `POST /auth/api-keys` (the key is shown once), `GET /auth/api-keys`,
+//!   `POST /auth/api-keys/{id}/rotate` (`{"overlap": "1h"}`: the old secret works that long),
+//!   `DELETE /auth/api-keys/{id}`, `GET /auth/api-keys/{id}/audit`.
 
 use std::sync::Arc;
 
@@ -54,6 +57,10 @@ pub fn router(state: State) -> Router {
         .route("/auth/users/{id}", get(user))
         .route("/auth/users/{id}/revoke", post(revoke_user))
         .route("/.well-known/jwks.json", get(jwks))
+        .route("/auth/api-keys", get(list_keys).post(create_key))
+        .route("/auth/api-keys/{id}", axum::routing::delete(revoke_key))
+        .route("/auth/api-keys/{id}/rotate", post(rotate_key))
+        .route("/auth/api-keys/{id}/audit", get(key_audit))
         .with_state(state)
 }
 
@@ -153,4 +160,105 @@ async fn jwks(AxumState(state): AxumState<State>) -> ApiResult<Response> {
         Some(key) => Ok(Json(key.jwks()).into_response()),
         None => Err(ApiError::not_found("keys are published by the identity provider, not here")),
     }
+}
+
+fn key_error(e: crate::auth::api_keys::KeyError) -> ApiError {
+    match e {
+        crate::auth::api_keys::KeyError::NotFound => {
+            ApiError::not_found("no such API key (or it is revoked)")
+        }
+        crate::auth::api_keys::KeyError::Unavailable(cause) => {
+            ApiError::dependency("postgres", anyhow::anyhow!(cause))
+        }
+    }
+}
+
+async fn create_key(
+    AxumState(state): AxumState<State>,
+    caller: Caller,
+    crate::error::Json(new): crate::error::Json<crate::auth::api_keys::NewKey>,
+) -> ApiResult<Response> {
+    caller.require_role(&state.admin_role)?;
+    if new.name.trim().is_empty() {
+        return Err(ApiError::validation("name", "a name is required"));
+    }
+    if new.tenant_id.trim().is_empty() {
+        return Err(ApiError::validation("tenant_id", "a tenant is required"));
+    }
+    let (key, text) =
+        state.auth.api_keys.create(new, &caller.0.identity.subject).await.map_err(key_error)?;
+    tracing::info!(admin = %caller.0.identity.subject, key = %key.id, "API key created");
+    let mut body = serde_json::to_value(&key).unwrap_or_default();
+    body["key"] = json!(text);
+    Ok((http::StatusCode::CREATED, Json(body)).into_response())
+}
+
+async fn list_keys(AxumState(state): AxumState<State>, caller: Caller) -> ApiResult<Response> {
+    caller.require_role(&state.admin_role)?;
+    let keys = state.auth.api_keys.store().list().await.map_err(key_error)?;
+    Ok(Json(json!({ "api_keys": keys })).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RotateBody {
+    /// How long the old secret keeps working (`"1h"`); default none.
+    #[serde(default, with = "humantime_serde")]
+    overlap: Option<std::time::Duration>,
+}
+
+async fn rotate_key(
+    AxumState(state): AxumState<State>,
+    caller: Caller,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult<Response> {
+    caller.require_role(&state.admin_role)?;
+    // The body is optional: no overlap means the old secret stops at once.
+    let overlap = if body.is_empty() {
+        None
+    } else {
+        serde_json::from_slice::<RotateBody>(&body)
+            .map_err(|e| ApiError::validation("overlap", e.to_string()))?
+            .overlap
+    }
+    .unwrap_or_default();
+    let until = chrono::Utc::now()
+        + chrono::Duration::from_std(overlap)
+            .map_err(|_| ApiError::validation("overlap", "too long"))?;
+    let (key, text) = state
+        .auth
+        .api_keys
+        .rotate(&id, until, &caller.0.identity.subject)
+        .await
+        .map_err(key_error)?;
+    tracing::info!(admin = %caller.0.identity.subject, key = %key.id, "API key rotated");
+    let mut body = serde_json::to_value(&key).unwrap_or_default();
+    body["key"] = json!(text);
+    Ok(Json(body).into_response())
+}
+
+async fn revoke_key(
+    AxumState(state): AxumState<State>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    caller.require_role(&state.admin_role)?;
+    state.auth.api_keys.revoke(&id, &caller.0.identity.subject).await.map_err(key_error)?;
+    tracing::info!(admin = %caller.0.identity.subject, key = %id, "API key revoked");
+    Ok(http::StatusCode::NO_CONTENT.into_response())
+}
+
+async fn key_audit(
+    AxumState(state): AxumState<State>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    caller.require_role(&state.admin_role)?;
+    let rows = state.auth.api_keys.store().audit(&id).await.map_err(key_error)?;
+    let rows: Vec<_> = rows
+        .into_iter()
+        .map(|(action, actor, at)| json!({"action": action, "actor": actor, "at": at}))
+        .collect();
+    Ok(Json(json!({ "key_id": id, "audit": rows })).into_response())
 }

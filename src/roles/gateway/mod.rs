@@ -132,6 +132,7 @@ pub struct State {
     /// The route table; swapped whole on reload (readers clone the `Arc` under a short lock).
     table: Arc<RwLock<Arc<Table>>>,
     verifier: Arc<Verifier>,
+    api_keys: Arc<crate::auth::api_keys::ApiKeys>,
     entitlements: Arc<Entitlements>,
     /// Breakers by upstream base URL, created on first use.
     breakers: Arc<RwLock<HashMap<String, Arc<Breaker>>>>,
@@ -250,6 +251,7 @@ pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
     Ok(State {
         table: Arc::new(RwLock::new(Arc::new(table))),
         verifier: auth.verifier,
+        api_keys: auth.api_keys,
         entitlements,
         breakers: Arc::default(),
         breaker_config: config.breaker.clone(),

@@ -58,6 +58,9 @@ pub mod names {
     }
 }
 
+/// The API-key header (never forwarded).
+pub static API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+
 /// Identity headers the gateway sets for upstreams; copies sent by clients are removed.
 pub static IDENTITY_HEADERS: [HeaderName; 3] = [
     HeaderName::from_static("x-user-id"),
@@ -167,7 +170,11 @@ async fn authenticate(
         return Ok(None);
     }
     let bearer = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let api_key = headers.get(&API_KEY).and_then(|v| v.to_str().ok());
     let outcome = match bearer {
+        None if api_key.is_some() => {
+            state.api_keys.verify(api_key.unwrap_or_default()).await.map(Some)
+        }
         Some(h) if h.get(..7).is_some_and(|p| p.eq_ignore_ascii_case("bearer ")) => {
             state.verifier.verify(h).await.map(|v| Some(v.identity.clone()))
         }
@@ -222,7 +229,9 @@ async fn handle(
     };
     let host = parts.headers.get(header::HOST).cloned();
     strip_hop_by_hop(&mut parts.headers);
+    // Client copies of identity and forwarding headers, and the API key, never reach upstreams.
     for name in IDENTITY_HEADERS.iter().chain([
+        &API_KEY,
         &HeaderName::from_static("x-forwarded-for"),
         &HeaderName::from_static("x-forwarded-proto"),
         &HeaderName::from_static("x-forwarded-host"),

@@ -1,0 +1,539 @@
+//! API keys (`X-API-Key`), owned by the auth module.
+//!
+//! A key reads `ak_<id>_<secret>`; only the SHA-256 of the secret is stored (PostgreSQL when
+//! configured, else memory: then keys live in one process). The secret is shown once, when the key
+//! is created or rotated. A rotation keeps the previous secret valid until a chosen time, so
+//! clients can roll over. An API-key caller is `Identity { subject: "apikey:<id>", kind: ApiKey }`.
+//! Verifiers cache a key record for one second, so a revocation is honoured everywhere within it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::Pool;
+use futures::future::BoxFuture;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use super::{AuthError, Identity, IdentityKind, Reason};
+use crate::backends::postgres::describe;
+
+/// A stored key (no secret).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ApiKey {
+    /// The key id (the part after `ak_`).
+    pub id: String,
+    /// A label.
+    pub name: String,
+    /// The tenant its caller acts in.
+    pub tenant_id: String,
+    /// Its roles.
+    pub roles: Vec<String>,
+    /// When created.
+    pub created_at: DateTime<Utc>,
+    /// When it stops working, if ever.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// When revoked.
+    pub revoked_at: Option<DateTime<Utc>>,
+    /// Last use seen (sampled: at most once a minute per process).
+    pub last_used_at: Option<DateTime<Utc>>,
+    /// Until when the previous secret still works after a rotation.
+    pub previous_valid_until: Option<DateTime<Utc>>,
+    #[serde(skip)]
+    secret_hash: String,
+    #[serde(skip)]
+    previous_hash: Option<String>,
+}
+
+/// What `create` is given.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewKey {
+    /// A label.
+    pub name: String,
+    /// The tenant.
+    pub tenant_id: String,
+    /// Roles.
+    #[serde(default)]
+    pub roles: Vec<String>,
+    /// Expiry (UTC).
+    #[serde(default)]
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// A store failure.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// No such key.
+    #[error("no such API key")]
+    NotFound,
+    /// The store cannot be reached.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// Where keys live.
+pub trait KeyStore: Send + Sync {
+    /// Inserts a key and its audit row.
+    fn insert(&self, key: ApiKey, actor: &str) -> BoxFuture<'_, Result<(), KeyError>>;
+    /// One key.
+    fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<ApiKey>, KeyError>>;
+    /// Every key, newest first.
+    fn list(&self) -> BoxFuture<'_, Result<Vec<ApiKey>, KeyError>>;
+    /// New secret; the old one valid until `until`.
+    fn rotate<'a>(
+        &'a self,
+        id: &'a str,
+        new_hash: String,
+        until: DateTime<Utc>,
+        actor: &'a str,
+    ) -> BoxFuture<'a, Result<ApiKey, KeyError>>;
+    /// Revokes a key (both secrets).
+    fn revoke<'a>(&'a self, id: &'a str, actor: &'a str) -> BoxFuture<'a, Result<(), KeyError>>;
+    /// Records a use.
+    fn touch<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), KeyError>>;
+    /// The audit trail of a key: (action, actor, at).
+    fn audit<'a>(
+        &'a self,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<(String, String, DateTime<Utc>)>, KeyError>>;
+}
+
+fn hash(secret: &str) -> String {
+    hex::encode(Sha256::digest(secret.as_bytes()))
+}
+
+/// Equal-length comparison that does not stop at the first difference.
+fn same(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn secret() -> String {
+    format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple())
+}
+
+/// The embedded store.
+#[derive(Default)]
+pub struct MemoryKeys {
+    /// Keys and audit rows; a std mutex held for one map operation.
+    state: Mutex<(HashMap<String, ApiKey>, Vec<(String, String, String, DateTime<Utc>)>)>,
+}
+
+impl KeyStore for MemoryKeys {
+    fn insert(&self, key: ApiKey, actor: &str) -> BoxFuture<'_, Result<(), KeyError>> {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.1.push((key.id.clone(), "create".into(), actor.into(), Utc::now()));
+        s.0.insert(key.id.clone(), key);
+        Box::pin(async { Ok(()) })
+    }
+    fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<ApiKey>, KeyError>> {
+        let key = self.state.lock().unwrap_or_else(|p| p.into_inner()).0.get(id).cloned();
+        Box::pin(async move { Ok(key) })
+    }
+    fn list(&self) -> BoxFuture<'_, Result<Vec<ApiKey>, KeyError>> {
+        let mut keys: Vec<ApiKey> =
+            self.state.lock().unwrap_or_else(|p| p.into_inner()).0.values().cloned().collect();
+        keys.sort_by(|a, b| b.created_at.cmp(&a.created_at));
+        Box::pin(async move { Ok(keys) })
+    }
+    fn rotate<'a>(
+        &'a self,
+        id: &'a str,
+        new_hash: String,
+        until: DateTime<Utc>,
+        actor: &'a str,
+    ) -> BoxFuture<'a, Result<ApiKey, KeyError>> {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let out = match s.0.get_mut(id) {
+            Some(key) if key.revoked_at.is_none() => {
+                key.previous_hash = Some(std::mem::replace(&mut key.secret_hash, new_hash));
+                key.previous_valid_until = Some(until);
+                Ok(key.clone())
+            }
+            _ => Err(KeyError::NotFound),
+        };
+        if out.is_ok() {
+            s.1.push((id.to_string(), "rotate".into(), actor.into(), Utc::now()));
+        }
+        Box::pin(async move { out })
+    }
+    fn revoke<'a>(&'a self, id: &'a str, actor: &'a str) -> BoxFuture<'a, Result<(), KeyError>> {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let out = match s.0.get_mut(id) {
+            Some(key) => {
+                key.revoked_at.get_or_insert_with(Utc::now);
+                Ok(())
+            }
+            None => Err(KeyError::NotFound),
+        };
+        if out.is_ok() {
+            s.1.push((id.to_string(), "revoke".into(), actor.into(), Utc::now()));
+        }
+        Box::pin(async move { out })
+    }
+    fn touch<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), KeyError>> {
+        if let Some(key) = self.state.lock().unwrap_or_else(|p| p.into_inner()).0.get_mut(id) {
+            key.last_used_at = Some(Utc::now());
+        }
+        Box::pin(async { Ok(()) })
+    }
+    fn audit<'a>(
+        &'a self,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<(String, String, DateTime<Utc>)>, KeyError>> {
+        let rows = self
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .1
+            .iter()
+            .filter(|r| r.0 == id)
+            .map(|r| (r.1.clone(), r.2.clone(), r.3))
+            .collect();
+        Box::pin(async move { Ok(rows) })
+    }
+}
+
+/// Keys in PostgreSQL (migration 0002).
+pub struct PgKeys {
+    pool: Pool,
+}
+
+impl PgKeys {
+    /// A store over a migrated pool.
+    pub fn new(pool: Pool) -> Self {
+        PgKeys { pool }
+    }
+}
+
+fn unavailable(e: &dyn std::error::Error) -> KeyError {
+    KeyError::Unavailable(describe(e))
+}
+
+const COLUMNS: &str = "id, name, tenant_id, roles, secret_hash, previous_hash, previous_valid_until, created_at, expires_at, revoked_at, last_used_at";
+
+fn from_row(r: &tokio_postgres::Row) -> ApiKey {
+    ApiKey {
+        id: r.get(0),
+        name: r.get(1),
+        tenant_id: r.get(2),
+        roles: r.get(3),
+        secret_hash: r.get(4),
+        previous_hash: r.get(5),
+        previous_valid_until: r.get(6),
+        created_at: r.get(7),
+        expires_at: r.get(8),
+        revoked_at: r.get(9),
+        last_used_at: r.get(10),
+    }
+}
+
+impl PgKeys {
+    async fn audited(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+        id: &str,
+        action: &str,
+        actor: &str,
+    ) -> Result<u64, KeyError> {
+        let mut client = self.pool.get().await.map_err(|e| unavailable(&e))?;
+        let tx = client.transaction().await.map_err(|e| unavailable(&e))?;
+        let n = tx.execute(sql, params).await.map_err(|e| unavailable(&e))?;
+        if n > 0 {
+            tx.execute(
+                "INSERT INTO access_api_keys_audit (key_id, action, actor) VALUES ($1, $2, $3)",
+                &[&id, &action, &actor],
+            )
+            .await
+            .map_err(|e| unavailable(&e))?;
+        }
+        tx.commit().await.map_err(|e| unavailable(&e))?;
+        Ok(n)
+    }
+}
+
+impl KeyStore for PgKeys {
+    fn insert(&self, key: ApiKey, actor: &str) -> BoxFuture<'_, Result<(), KeyError>> {
+        let actor = actor.to_string();
+        Box::pin(async move {
+            self.audited(
+                "INSERT INTO access_api_keys (id, name, tenant_id, roles, secret_hash, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                &[&key.id, &key.name, &key.tenant_id, &key.roles, &key.secret_hash, &key.created_at, &key.expires_at],
+                &key.id,
+                "create",
+                &actor,
+            )
+            .await
+            .map(|_| ())
+        })
+    }
+    fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<ApiKey>, KeyError>> {
+        Box::pin(async move {
+            let client = self.pool.get().await.map_err(|e| unavailable(&e))?;
+            let row = client
+                .query_opt(&format!("SELECT {COLUMNS} FROM access_api_keys WHERE id = $1"), &[&id])
+                .await
+                .map_err(|e| unavailable(&e))?;
+            Ok(row.as_ref().map(from_row))
+        })
+    }
+    fn list(&self) -> BoxFuture<'_, Result<Vec<ApiKey>, KeyError>> {
+        Box::pin(async move {
+            let client = self.pool.get().await.map_err(|e| unavailable(&e))?;
+            let rows = client
+                .query(
+                    &format!("SELECT {COLUMNS} FROM access_api_keys ORDER BY created_at DESC"),
+                    &[],
+                )
+                .await
+                .map_err(|e| unavailable(&e))?;
+            Ok(rows.iter().map(from_row).collect())
+        })
+    }
+    fn rotate<'a>(
+        &'a self,
+        id: &'a str,
+        new_hash: String,
+        until: DateTime<Utc>,
+        actor: &'a str,
+    ) -> BoxFuture<'a, Result<ApiKey, KeyError>> {
+        Box::pin(async move {
+            let n = self
+                .audited(
+                    "UPDATE access_api_keys SET previous_hash = secret_hash, secret_hash = $2, previous_valid_until = $3 WHERE id = $1 AND revoked_at IS NULL",
+                    &[&id, &new_hash, &until],
+                    id,
+                    "rotate",
+                    actor,
+                )
+                .await?;
+            if n == 0 {
+                return Err(KeyError::NotFound);
+            }
+            self.get(id).await?.ok_or(KeyError::NotFound)
+        })
+    }
+    fn revoke<'a>(&'a self, id: &'a str, actor: &'a str) -> BoxFuture<'a, Result<(), KeyError>> {
+        Box::pin(async move {
+            let n = self.audited("UPDATE access_api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE id = $1", &[&id], id, "revoke", actor).await?;
+            if n == 0 {
+                Err(KeyError::NotFound)
+            } else {
+                Ok(())
+            }
+        })
+    }
+    fn touch<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), KeyError>> {
+        Box::pin(async move {
+            let client = self.pool.get().await.map_err(|e| unavailable(&e))?;
+            client
+                .execute("UPDATE access_api_keys SET last_used_at = now() WHERE id = $1", &[&id])
+                .await
+                .map_err(|e| unavailable(&e))?;
+            Ok(())
+        })
+    }
+    fn audit<'a>(
+        &'a self,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<(String, String, DateTime<Utc>)>, KeyError>> {
+        Box::pin(async move {
+            let client = self.pool.get().await.map_err(|e| unavailable(&e))?;
+            let rows = client.query("SELECT action, actor, at FROM access_api_keys_audit WHERE key_id = $1 ORDER BY id", &[&id]).await.map_err(|e| unavailable(&e))?;
+            Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
+        })
+    }
+}
+
+/// Keys with a short-lived local cache of records; the handle every role uses.
+pub struct ApiKeys {
+    store: Arc<dyn KeyStore>,
+    /// Records by id with when they were read; a std mutex held for one map operation.
+    cache: Mutex<HashMap<String, (Option<ApiKey>, Instant)>>,
+    touched: super::revocation::SeenSampler,
+}
+
+/// How long a key record is trusted without asking the store again.
+const RECORD_TTL: Duration = Duration::from_secs(1);
+
+impl ApiKeys {
+    /// Keys in `store`.
+    pub fn new(store: Arc<dyn KeyStore>) -> Self {
+        ApiKeys {
+            store,
+            cache: Mutex::default(),
+            touched: super::revocation::SeenSampler::new(Duration::from_secs(60)),
+        }
+    }
+
+    /// The store (admin operations).
+    pub fn store(&self) -> &Arc<dyn KeyStore> {
+        &self.store
+    }
+
+    /// Creates a key; returns it and the full key text (shown once).
+    pub async fn create(&self, new: NewKey, actor: &str) -> Result<(ApiKey, String), KeyError> {
+        let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+        let secret = secret();
+        let key = ApiKey {
+            id: id.clone(),
+            name: new.name,
+            tenant_id: new.tenant_id,
+            roles: new.roles,
+            created_at: Utc::now(),
+            expires_at: new.expires_at,
+            revoked_at: None,
+            last_used_at: None,
+            previous_valid_until: None,
+            secret_hash: hash(&secret),
+            previous_hash: None,
+        };
+        self.store.insert(key.clone(), actor).await?;
+        Ok((key, format!("ak_{id}_{secret}")))
+    }
+
+    /// Rotates a key: a new secret (returned, shown once); the old one works until `until`.
+    pub async fn rotate(
+        &self,
+        id: &str,
+        until: DateTime<Utc>,
+        actor: &str,
+    ) -> Result<(ApiKey, String), KeyError> {
+        let secret = secret();
+        let key = self.store.rotate(id, hash(&secret), until, actor).await?;
+        self.forget(id);
+        Ok((key, format!("ak_{id}_{secret}")))
+    }
+
+    /// Revokes a key.
+    pub async fn revoke(&self, id: &str, actor: &str) -> Result<(), KeyError> {
+        self.store.revoke(id, actor).await?;
+        self.forget(id);
+        Ok(())
+    }
+
+    fn forget(&self, id: &str) {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+    }
+
+    /// The record of `id`: from the local cache unless `fresh`, else from the store.
+    async fn record(&self, id: &str, fresh: bool) -> Result<Option<ApiKey>, AuthError> {
+        if !fresh {
+            let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((record, _)) = cache.get(id).filter(|(_, at)| at.elapsed() < RECORD_TTL) {
+                return Ok(record.clone());
+            }
+        }
+        let record = self
+            .store
+            .get(id)
+            .await
+            .map_err(|e| AuthError::Unavailable(format!("API keys: {e}")))?;
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() > 100_000 {
+            cache.clear();
+        }
+        cache.insert(id.to_string(), (record.clone(), Instant::now()));
+        Ok(record)
+    }
+
+    /// Verifies an `X-API-Key` value.
+    pub async fn verify(&self, raw: &str) -> Result<Identity, AuthError> {
+        let (id, secret) = raw
+            .trim()
+            .strip_prefix("ak_")
+            .and_then(|r| r.split_once('_'))
+            .ok_or(AuthError::Rejected(Reason::Malformed))?;
+        let given = hash(secret);
+        let matches = |key: &ApiKey, now: DateTime<Utc>| {
+            same(&given, &key.secret_hash)
+                || key.previous_hash.as_deref().is_some_and(|h| same(&given, h))
+                    && key.previous_valid_until.is_some_and(|until| now < until)
+        };
+        let now = Utc::now();
+        let mut key =
+            self.record(id, false).await?.ok_or(AuthError::Rejected(Reason::UnknownKey))?;
+        if !matches(&key, now) {
+            // The cached record may predate a rotation: ask the store once before refusing.
+            key = self.record(id, true).await?.ok_or(AuthError::Rejected(Reason::UnknownKey))?;
+        }
+        if !matches(&key, now) {
+            let retired = key.previous_hash.as_deref().is_some_and(|h| same(&given, h));
+            return Err(AuthError::Rejected(if retired {
+                Reason::Expired
+            } else {
+                Reason::BadSignature
+            }));
+        }
+        if key.revoked_at.is_some() {
+            return Err(AuthError::Rejected(Reason::Revoked));
+        }
+        if key.expires_at.is_some_and(|at| at <= now) {
+            return Err(AuthError::Rejected(Reason::Expired));
+        }
+        if self.touched.should_record(&key.id) {
+            let store = self.store.clone();
+            let id = key.id.clone();
+            tokio::spawn(async move {
+                let _ = store.touch(&id).await;
+            });
+        }
+        Ok(Identity {
+            subject: format!("apikey:{}", key.id),
+            tenant: key.tenant_id,
+            roles: key.roles,
+            kind: IdentityKind::ApiKey,
+            expires_at: key.expires_at.map(|t| t.timestamp().max(0) as u64).unwrap_or(u64::MAX),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn lifecycle_in_memory() {
+        let keys = ApiKeys::new(Arc::new(MemoryKeys::default()));
+        let (key, text) = keys
+            .create(
+                NewKey {
+                    name: "n".into(),
+                    tenant_id: "t1".into(),
+                    roles: vec!["trader".into()],
+                    expires_at: None,
+                },
+                "root",
+            )
+            .await
+            .unwrap();
+        let id = keys.verify(&text).await.unwrap();
+        assert_eq!(
+            (id.subject.as_str(), id.tenant.as_str(), id.kind),
+            (format!("apikey:{}", key.id).as_str(), "t1", IdentityKind::ApiKey)
+        );
+        assert!(matches!(
+            keys.verify(&format!("ak_{}_wrong", key.id)).await,
+            Err(AuthError::Rejected(Reason::BadSignature))
+        ));
+        assert!(matches!(
+            keys.verify("ak_nope_x").await,
+            Err(AuthError::Rejected(Reason::UnknownKey))
+        ));
+        assert!(matches!(
+            keys.verify("garbage").await,
+            Err(AuthError::Rejected(Reason::Malformed))
+        ));
+        let (_, new_text) =
+            keys.rotate(&key.id, Utc::now() + chrono::Duration::hours(1), "root").await.unwrap();
+        assert!(keys.verify(&text).await.is_ok(), "old key works during the overlap");
+        assert!(keys.verify(&new_text).await.is_ok());
+        keys.revoke(&key.id, "root").await.unwrap();
+        assert!(matches!(keys.verify(&new_text).await, Err(AuthError::Rejected(Reason::Revoked))));
+        let audit: Vec<String> =
+            keys.store().audit(&key.id).await.unwrap().into_iter().map(|a| a.0).collect();
+        assert_eq!(audit, vec!["create", "rotate", "revoke"]);
+    }
+}
