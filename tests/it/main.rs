@@ -8,6 +8,7 @@ mod entitlements;
 mod gateway;
 mod idp;
 mod metrics;
+mod ratelimit;
 mod runtime;
 mod support;
 mod telemetry;

@@ -359,3 +359,54 @@ impl Drop for PrivatePostgres {
         ]);
     }
 }
+
+/// A validated config from a TOML file's text and `ACCESS_*` pairs.
+pub fn config_with_file(toml: &str, pairs: &[(&str, &str)]) -> Config {
+    let mut file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    std::io::Write::write_all(&mut file, toml.as_bytes()).unwrap();
+    let mut sources = Sources::from_env(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    sources.file = Some(file.path().to_path_buf());
+    config::load(&sources).unwrap_or_else(|e| panic!("test config is invalid:\n{e}"))
+}
+
+/// A private redis-server on a free port, killed when dropped.
+pub struct PrivateRedis {
+    child: std::process::Child,
+    pub url: String,
+}
+
+impl PrivateRedis {
+    pub async fn start() -> PrivateRedis {
+        let port = closed_port().await;
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        eventually(Duration::from_secs(5), "private redis up", || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()
+        })
+        .await;
+        PrivateRedis { child, url: format!("redis://127.0.0.1:{port}") }
+    }
+
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -3,6 +3,7 @@
 //! - [`routes`]: the route table (file or built-in), compiled and swapped whole on SIGHUP.
 //! - [`proxy`]: the request path: route, authenticate, entitle, breaker, forward.
 //! - [`breaker`]: a circuit breaker per upstream.
+//! - [`ratelimit`]: GCRA rate limits in Redis (or in-process), and the cheap per-IP limit.
 //! - [`entitle`]: entitlement checks against the entitlements role, with a local decision cache.
 //! - [`usage`]: per-tenant usage pushed to the metrics role.
 //!
@@ -12,6 +13,7 @@
 pub mod breaker;
 pub mod entitle;
 pub mod proxy;
+pub mod ratelimit;
 pub mod routes;
 pub mod usage;
 
@@ -74,6 +76,15 @@ pub struct Config {
     pub usage_interval: Duration,
     /// Distinct (tenant, route, status class) keys kept between pushes.
     pub usage_max_keys: usize,
+    /// Rate-limit policies by name (the platform's tiers by default); routes name theirs in
+    /// `rate_limits`, else `authenticated` applies to identified callers and `public` to others.
+    pub rate_limits: BTreeMap<String, ratelimit::Policy>,
+    /// When Redis cannot answer: `local` (in-process limits), `open` (allow) or `closed` (503).
+    pub rate_limit_on_store_error: ratelimit::OnStoreError,
+    /// Count would-be rejections without rejecting.
+    pub rate_limit_shadow: bool,
+    /// The cheap per-address limit applied before any token is verified.
+    pub ip_limit: ratelimit::Policy,
 }
 
 impl Default for Config {
@@ -95,6 +106,10 @@ impl Default for Config {
             breaker: BreakerConfig::default(),
             usage_interval: Duration::from_secs(5),
             usage_max_keys: 10_000,
+            rate_limits: ratelimit::default_policies(),
+            rate_limit_on_store_error: ratelimit::OnStoreError::Local,
+            rate_limit_shadow: false,
+            ip_limit: ratelimit::Policy { rate: 200, period: Duration::from_secs(1), burst: 400 },
         }
     }
 }
@@ -113,6 +128,30 @@ impl Config {
                 }
             }
             Err(e) => problems.push(Problem::new("gateway.routes_file", e)),
+        }
+        for (name, p) in self
+            .rate_limits
+            .iter()
+            .map(|(n, p)| (format!("gateway.rate_limits.{n}"), p))
+            .chain([("gateway.ip_limit".to_string(), &self.ip_limit)])
+        {
+            if p.rate == 0 || p.burst == 0 || p.period.is_zero() {
+                problems.push(Problem::new(name, "rate, burst and period must be greater than 0"));
+            }
+        }
+        if let Ok(specs) = routes::load_specs(self.routes_file.as_deref()) {
+            for spec in specs {
+                for policy in spec.rate_limits.iter().filter(|p| !self.rate_limits.contains_key(*p))
+                {
+                    problems.push(Problem::new(
+                        "gateway.routes_file",
+                        format!(
+                            "route {} names an unknown rate-limit policy {policy:?}",
+                            spec.name
+                        ),
+                    ));
+                }
+            }
         }
         if !(0.0..=1.0).contains(&self.breaker.error_rate) {
             problems.push(Problem::new("gateway.breaker.error_rate", "must be between 0 and 1"));
@@ -140,6 +179,8 @@ pub struct State {
     client: Client<HttpConnector, Body>,
     trusted_proxies: Arc<Vec<ipnet::IpNet>>,
     usage: Arc<usage::Usage>,
+    limiter: Arc<ratelimit::Limiter>,
+    ip_limit: Arc<ratelimit::IpLimit>,
     admin_role: Arc<str>,
     config: Config,
 }
@@ -242,6 +283,19 @@ pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
     if let Some(url) = &ctx.config.metrics_service_url {
         usage.spawn_push(url.clone(), tokens, config.usage_interval, ctx.shutdown.clone());
     }
+    let limiter_redis = match &ctx.config.redis_url {
+        Some(url) => Some((
+            crate::backends::redis::connect(url, &ctx.config.redis).await?,
+            ctx.config.redis_prefix(),
+        )),
+        None => None,
+    };
+    let limiter = Arc::new(ratelimit::Limiter::new(
+        config.rate_limits.clone(),
+        limiter_redis,
+        config.rate_limit_on_store_error,
+        config.rate_limit_shadow,
+    ));
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(Duration::from_secs(2)));
@@ -258,6 +312,8 @@ pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
         client,
         trusted_proxies: Arc::new(config.trusted_proxies.clone()),
         usage,
+        ip_limit: ratelimit::IpLimit::new(config.ip_limit.clone()),
+        limiter,
         admin_role: ctx.config.auth.admin_role.as_str().into(),
         config,
     })
@@ -270,6 +326,7 @@ pub fn router(state: State) -> Router {
         .route("/api/v1/status", get(status))
         .route("/api/v1/metadata/routes", get(route_metadata))
         .route("/api/v1/circuit-breakers", get(circuit_breakers))
+        .route("/api/v1/rate-limits", get(rate_limits))
         .fallback(proxy::forward)
         .with_state(state)
         .layer(cors)
@@ -399,4 +456,30 @@ async fn circuit_breakers(
         })
         .collect();
     Ok(axum::Json(json!({ "circuit_breakers": list })).into_response())
+}
+
+async fn rate_limits(AxumState(state): AxumState<State>, caller: Caller) -> ApiResult<Response> {
+    use std::sync::atomic::Ordering::Relaxed;
+    caller.require_role(&state.admin_role)?;
+    let counts = state.limiter.counts();
+    let policies: Vec<_> = state
+        .limiter
+        .policies()
+        .iter()
+        .map(|(name, p)| {
+            let c = &counts[name];
+            json!({
+                "name": name, "rate": p.rate, "period_seconds": p.period.as_secs_f64(), "burst": p.burst,
+                "allowed": c.allowed.load(Relaxed), "limited": c.limited.load(Relaxed),
+                "shadow_limited": c.shadow_limited.load(Relaxed), "store_errors": c.store_errors.load(Relaxed),
+            })
+        })
+        .collect();
+    Ok(axum::Json(json!({
+        "policies": policies,
+        "shadow": state.limiter.shadow(),
+        "on_store_error": state.config.rate_limit_on_store_error,
+        "ip_limit": state.config.ip_limit,
+    }))
+    .into_response())
 }

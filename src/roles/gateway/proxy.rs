@@ -192,6 +192,19 @@ async fn authenticate(
 
 type Handled = (Response, Option<Identity>, u64);
 
+/// `RateLimit-Limit` (the burst), `-Remaining`, `-Reset` (seconds) of the tightest policy.
+fn rate_limit_headers(outcome: &super::ratelimit::Outcome) -> Vec<(HeaderName, HeaderValue)> {
+    let Some((_, policy, verdict)) = &outcome.tightest else { return Vec::new() };
+    vec![
+        (HeaderName::from_static("ratelimit-limit"), HeaderValue::from(policy.burst)),
+        (HeaderName::from_static("ratelimit-remaining"), HeaderValue::from(verdict.remaining)),
+        (
+            HeaderName::from_static("ratelimit-reset"),
+            HeaderValue::from(verdict.reset_us.div_ceil(1_000_000)),
+        ),
+    ]
+}
+
 async fn handle(
     state: &State,
     route: &super::routes::Route,
@@ -199,7 +212,40 @@ async fn handle(
     peer: SocketAddr,
     req: Request,
 ) -> Result<Handled, ApiError> {
+    let client = client_ip(state, peer.ip(), req.headers());
+    // The cheap per-address limit, before any signature is checked.
+    if let Err(retry_after) = state.ip_limit.check(client) {
+        return Err(ApiError::new(ErrorCode::RateLimited, "too many requests from this address")
+            .with_retry_after(retry_after));
+    }
     let identity = authenticate(state, route.spec.auth, req.headers()).await?;
+    let policies: Vec<String> = if route.spec.rate_limits.is_empty() {
+        vec![if identity.is_some() { "authenticated" } else { "public" }.to_string()]
+    } else {
+        route.spec.rate_limits.clone()
+    };
+    let subject =
+        identity.as_ref().map(|i| i.subject.clone()).unwrap_or_else(|| format!("ip:{client}"));
+    let limit = state.limiter.check(&policies, &subject).await;
+    let limit_headers = rate_limit_headers(&limit);
+    if limit.store_unavailable {
+        return Err(ApiError::dependency(
+            "redis",
+            anyhow::anyhow!("rate-limit store unavailable; rate_limit_on_store_error = closed"),
+        ));
+    }
+    if !limit.allowed {
+        let retry_after = limit
+            .tightest
+            .as_ref()
+            .map(|(_, _, v)| v.retry_us.div_ceil(1_000_000).max(1))
+            .unwrap_or(1);
+        let mut response = ApiError::new(ErrorCode::RateLimited, "rate limit exceeded")
+            .with_retry_after(retry_after)
+            .into_response();
+        response.headers_mut().extend(limit_headers);
+        return Ok((response, identity, 0));
+    }
     if let (Some(spec), Some(identity)) = (&route.spec.entitlement, &identity) {
         let resource = render_resource(&spec.resource, params);
         let action = route.action(req.method());
@@ -221,7 +267,6 @@ async fn handle(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    let client = client_ip(state, peer.ip(), &parts.headers);
     let proto = if state.trusted_proxies.iter().any(|n| n.contains(&peer.ip())) {
         parts.headers.get("x-forwarded-proto").cloned().unwrap_or(HeaderValue::from_static("http"))
     } else {
@@ -316,6 +361,7 @@ async fn handle(
                 state.publish_breaker(base);
                 let (mut parts, body) = response.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
+                parts.headers.extend(limit_headers);
                 return Ok((Response::from_parts(parts, Body::new(body)), identity, bytes_in));
             }
             Ok(Err(e)) => {

@@ -1,0 +1,392 @@
+//! Rate limits: GCRA (the generic cell rate algorithm) in Redis, exact across replicas.
+//!
+//! A policy is a rate per period with a burst: emission interval `T = period / rate`, tolerance
+//! `tau = T * (burst - 1)`; a request at `now` is allowed when `max(tat, now) + T - tau - T <= now`,
+//! and then stores `tat = max(tat, now) + T`. All policies of a request are checked in one Lua
+//! script (loaded once, run by SHA) on Redis's clock, so replicas agree and a request limited by
+//! one policy consumes none. The same algorithm runs in-process as the embedded default and, by
+//! configuration, as the fallback when Redis fails (or the limiter fails open or closed).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fred::prelude::LuaInterface;
+use serde::{Deserialize, Serialize};
+
+use crate::backends::redis::Client as RedisClient;
+
+/// The script.
+const SCRIPT: &str = include_str!("gcra.lua");
+
+/// Metric names.
+pub mod names {
+    /// Decisions by policy and outcome (`allowed`, `limited`, `shadow_limited`, `store_error`).
+    pub const DECISIONS: &str = "access_gateway_rate_limit_decisions_total";
+}
+
+/// A policy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// Requests per period.
+    pub rate: u64,
+    /// The period.
+    #[serde(with = "humantime_serde")]
+    pub period: Duration,
+    /// Requests allowed at once.
+    pub burst: u64,
+}
+
+impl Policy {
+    fn interval_us(&self) -> u64 {
+        (self.period.as_micros() as u64 / self.rate.max(1)).max(1)
+    }
+
+    fn tolerance_us(&self) -> u64 {
+        self.interval_us() * self.burst.saturating_sub(1)
+    }
+}
+
+/// The platform's tiers.
+pub fn default_policies() -> BTreeMap<String, Policy> {
+    let minute = Duration::from_secs(60);
+    [
+        ("public", 100, 20),
+        ("authenticated", 1000, 100),
+        ("heavy", 10, 2),
+        ("admin", 5, 5),
+        ("market_data", 600, 60),
+    ]
+    .into_iter()
+    .map(|(name, rate, burst)| (name.to_string(), Policy { rate, period: minute, burst }))
+    .collect()
+}
+
+/// What the limiter does when Redis cannot answer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnStoreError {
+    /// Use the in-process limiter (per replica).
+    #[default]
+    Local,
+    /// Allow.
+    Open,
+    /// Refuse with 503.
+    Closed,
+}
+
+/// One policy's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verdict {
+    /// Allowed by this policy.
+    pub allowed: bool,
+    /// Requests left right now.
+    pub remaining: u64,
+    /// Microseconds until the bucket is full again.
+    pub reset_us: u64,
+    /// Microseconds until a request would be allowed (0 when allowed).
+    pub retry_us: u64,
+}
+
+/// The outcome for a request over all its policies.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// Whether it may proceed (shadow mode always says yes).
+    pub allowed: bool,
+    /// The most restrictive policy's name and verdict (for the RateLimit-* headers).
+    pub tightest: Option<(String, Policy, Verdict)>,
+    /// The store failed and `on_store_error` is `closed`.
+    pub store_unavailable: bool,
+}
+
+/// The in-process GCRA: theoretical arrival times by key, in µs since `epoch`.
+pub struct LocalGcra {
+    epoch: Instant,
+    /// TATs; a std mutex held for one lookup and update.
+    tats: Mutex<HashMap<String, u64>>,
+}
+
+impl LocalGcra {
+    /// Empty.
+    pub fn new() -> Self {
+        LocalGcra { epoch: Instant::now(), tats: Mutex::default() }
+    }
+
+    /// Checks `(key, policy)` pairs atomically, as the script does.
+    pub fn check(&self, items: &[(String, &Policy)]) -> Vec<Verdict> {
+        // Offset so that `tat - tau - T` never goes below zero.
+        let now = self.epoch.elapsed().as_micros() as u64 + (1 << 50);
+        let mut tats = self.tats.lock().unwrap_or_else(|p| p.into_inner());
+        if tats.len() > 200_000 {
+            tats.retain(|_, tat| *tat > now);
+        }
+        let mut verdicts = Vec::with_capacity(items.len());
+        let mut new_tats = Vec::with_capacity(items.len());
+        for (key, policy) in items {
+            let (t, tau) = (policy.interval_us(), policy.tolerance_us());
+            let tat = tats.get(key).copied().unwrap_or(now).max(now);
+            let new_tat = tat + t;
+            let allow_at = new_tat - (tau + t);
+            if now < allow_at {
+                verdicts.push(Verdict {
+                    allowed: false,
+                    remaining: 0,
+                    reset_us: tat - now,
+                    retry_us: allow_at - now,
+                });
+            } else {
+                verdicts.push(Verdict {
+                    allowed: true,
+                    remaining: (now - allow_at) / t,
+                    reset_us: new_tat - now,
+                    retry_us: 0,
+                });
+                new_tats.push((key.clone(), new_tat));
+            }
+        }
+        if verdicts.iter().all(|v| v.allowed) {
+            tats.extend(new_tats);
+        }
+        verdicts
+    }
+}
+
+impl Default for LocalGcra {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Counters per policy for `GET /api/v1/rate-limits`.
+#[derive(Default, Debug)]
+pub struct Counts {
+    /// Allowed.
+    pub allowed: AtomicU64,
+    /// Refused.
+    pub limited: AtomicU64,
+    /// Would have been refused (shadow mode).
+    pub shadow_limited: AtomicU64,
+    /// The store failed.
+    pub store_errors: AtomicU64,
+}
+
+/// The limiter.
+pub struct Limiter {
+    policies: BTreeMap<String, Policy>,
+    redis: Option<(RedisClient, String)>,
+    /// The script's SHA once loaded (reloaded after a Redis restart forgets it).
+    sha: tokio::sync::RwLock<Option<String>>,
+    local: LocalGcra,
+    on_error: OnStoreError,
+    shadow: bool,
+    counts: HashMap<String, Counts>,
+}
+
+impl Limiter {
+    /// A limiter over `policies`; Redis (with the key prefix) when given.
+    pub fn new(
+        policies: BTreeMap<String, Policy>,
+        redis: Option<(RedisClient, String)>,
+        on_error: OnStoreError,
+        shadow: bool,
+    ) -> Self {
+        let counts = policies.keys().map(|k| (k.clone(), Counts::default())).collect();
+        Limiter {
+            policies,
+            redis,
+            sha: tokio::sync::RwLock::new(None),
+            local: LocalGcra::new(),
+            on_error,
+            shadow,
+            counts,
+        }
+    }
+
+    /// The policies.
+    pub fn policies(&self) -> &BTreeMap<String, Policy> {
+        &self.policies
+    }
+
+    /// The counters.
+    pub fn counts(&self) -> &HashMap<String, Counts> {
+        &self.counts
+    }
+
+    /// Whether shadow mode is on.
+    pub fn shadow(&self) -> bool {
+        self.shadow
+    }
+
+    async fn run_script(
+        &self,
+        client: &RedisClient,
+        keys: Vec<String>,
+        args: Vec<u64>,
+    ) -> Result<Vec<i64>, fred::error::Error> {
+        // Bound first: a guard in the match scrutinee would live through the arm that writes.
+        let cached = self.sha.read().await.clone();
+        let sha = match cached {
+            Some(sha) => sha,
+            None => {
+                let sha: String = client.script_load(SCRIPT).await?;
+                *self.sha.write().await = Some(sha.clone());
+                sha
+            }
+        };
+        match client.evalsha::<Vec<i64>, _, _, _>(sha, keys.clone(), args.clone()).await {
+            Err(e) if e.details().contains("NOSCRIPT") => {
+                let sha: String = client.script_load(SCRIPT).await?;
+                *self.sha.write().await = Some(sha.clone());
+                client.evalsha(sha, keys, args).await
+            }
+            other => other,
+        }
+    }
+
+    /// Checks the named policies for `subject` (a user, `apikey:<id>` or `ip:<addr>`).
+    pub async fn check(&self, policy_names: &[String], subject: &str) -> Outcome {
+        let items: Vec<(String, &Policy, &str)> = policy_names
+            .iter()
+            .filter_map(|name| self.policies.get_key_value(name))
+            .map(|(name, p)| (format!("rl:{name}:{subject}"), p, name.as_str()))
+            .collect();
+        if items.is_empty() {
+            return Outcome { allowed: true, tightest: None, store_unavailable: false };
+        }
+        let local = |items: &[(String, &Policy, &str)]| {
+            let pairs: Vec<(String, &Policy)> =
+                items.iter().map(|(k, p, _)| (k.clone(), *p)).collect();
+            self.local.check(&pairs)
+        };
+        let verdicts = match &self.redis {
+            None => local(&items),
+            Some((client, prefix)) => {
+                let keys = items.iter().map(|(k, _, _)| format!("{prefix}{k}")).collect();
+                let args = items
+                    .iter()
+                    .flat_map(|(_, p, _)| [p.interval_us(), p.tolerance_us()])
+                    .collect();
+                match self.run_script(client, keys, args).await {
+                    Ok(raw) if raw.len() == items.len() * 4 => raw
+                        .chunks(4)
+                        .map(|c| Verdict {
+                            allowed: c[0] == 1,
+                            remaining: c[1].max(0) as u64,
+                            reset_us: c[2].max(0) as u64,
+                            retry_us: c[3].max(0) as u64,
+                        })
+                        .collect(),
+                    failed => {
+                        let error = failed
+                            .err()
+                            .map(|e| e.to_string())
+                            .unwrap_or_else(|| "unexpected script answer".into());
+                        for (_, _, name) in &items {
+                            self.count(name, |c| &c.store_errors, "store_error");
+                        }
+                        tracing::warn!(role = "gateway", error = %error, mode = ?self.on_error, "rate-limit store unavailable");
+                        match self.on_error {
+                            OnStoreError::Local => local(&items),
+                            OnStoreError::Open => {
+                                return Outcome {
+                                    allowed: true,
+                                    tightest: None,
+                                    store_unavailable: false,
+                                }
+                            }
+                            OnStoreError::Closed => {
+                                return Outcome {
+                                    allowed: false,
+                                    tightest: None,
+                                    store_unavailable: true,
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        let allowed = verdicts.iter().all(|v| v.allowed);
+        for ((_, _, name), v) in items.iter().zip(&verdicts) {
+            match (v.allowed, allowed, self.shadow) {
+                (false, _, true) => self.count(name, |c| &c.shadow_limited, "shadow_limited"),
+                (false, _, false) => self.count(name, |c| &c.limited, "limited"),
+                (true, true, _) => self.count(name, |c| &c.allowed, "allowed"),
+                (true, false, _) => {}
+            }
+        }
+        let tightest = items
+            .iter()
+            .zip(&verdicts)
+            .min_by_key(|(_, v)| (v.allowed, v.remaining))
+            .map(|((_, p, name), v)| (name.to_string(), (*p).clone(), *v));
+        Outcome { allowed: allowed || self.shadow, tightest, store_unavailable: false }
+    }
+
+    fn count(&self, policy: &str, field: impl Fn(&Counts) -> &AtomicU64, outcome: &'static str) {
+        if let Some(c) = self.counts.get(policy) {
+            field(c).fetch_add(1, Ordering::Relaxed);
+        }
+        metrics::counter!(names::DECISIONS, "role" => "gateway", "policy" => policy.to_string(), "outcome" => outcome).increment(1);
+    }
+}
+
+/// A cheap in-process limit per client address, checked before any signature: floods of bad
+/// tokens are stopped before they cost a verification.
+pub struct IpLimit {
+    policy: Policy,
+    gcra: LocalGcra,
+}
+
+impl IpLimit {
+    /// A limit of `policy` per address.
+    pub fn new(policy: Policy) -> Arc<Self> {
+        Arc::new(IpLimit { policy, gcra: LocalGcra::new() })
+    }
+
+    /// Whether `ip` may go on; `Err(retry after seconds)` when not.
+    pub fn check(&self, ip: std::net::IpAddr) -> Result<(), u64> {
+        let v = self.gcra.check(&[(ip.to_string(), &self.policy)]);
+        match v.first() {
+            Some(v) if !v.allowed => Err(v.retry_us.div_ceil(1_000_000).max(1)),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gcra_allows_the_burst_then_one_per_interval() {
+        let gcra = LocalGcra::new();
+        let p = Policy { rate: 10, period: Duration::from_secs(1), burst: 3 };
+        let key = || vec![("k".to_string(), &p)];
+        let first: Vec<bool> = (0..4).map(|_| gcra.check(&key())[0].allowed).collect();
+        assert_eq!(first, vec![true, true, true, false], "the request after the burst is limited");
+        let limited = gcra.check(&key())[0];
+        assert!(limited.retry_us > 0 && limited.retry_us <= 100_000, "{limited:?}");
+        std::thread::sleep(Duration::from_micros(limited.retry_us + 2_000));
+        assert!(gcra.check(&key())[0].allowed, "allowed again after the emission interval");
+        assert!(!gcra.check(&key())[0].allowed);
+    }
+
+    #[test]
+    fn a_request_limited_by_one_policy_consumes_none() {
+        let gcra = LocalGcra::new();
+        let tight = Policy { rate: 1, period: Duration::from_secs(60), burst: 1 };
+        let loose = Policy { rate: 100, period: Duration::from_secs(1), burst: 100 };
+        let items = || vec![("a".to_string(), &tight), ("b".to_string(), &loose)];
+        assert!(gcra.check(&items()).iter().all(|v| v.allowed));
+        let second = gcra.check(&items());
+        assert!(!second[0].allowed && second[1].allowed);
+        let loose_only = gcra.check(&[("b".to_string(), &loose)]);
+        assert_eq!(
+            loose_only[0].remaining, 98,
+            "the refused request did not consume the loose policy"
+        );
+    }
+}

@@ -1,0 +1,271 @@
+//! GCRA rate limits in the gateway against the real Redis, shared by two gateways, and with a
+//! private Redis stopped mid-test under each failure mode and in shadow mode.
+
+use std::time::Duration;
+
+use access::roles::Role;
+use axum::routing::get;
+use axum::Router;
+use serde_json::Value;
+
+use crate::support::{
+    config_with_file, http, redis_prefix, start, wait_ready, DevKeys, PrivateRedis, Running,
+    REDIS_URL,
+};
+
+async fn upstream() -> String {
+    let app = Router::new().route("/{*rest}", get(|| async { "ok" }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    url
+}
+
+struct Gw {
+    _dir: tempfile::TempDir,
+    keys: DevKeys,
+    routes: String,
+}
+
+/// Routes: `/limited` (policy `burst3`), `/both` (`burst3` and `slow`), `/open` (no auth).
+async fn setup() -> Gw {
+    let dir = tempfile::tempdir().unwrap();
+    let up = upstream().await;
+    let routes = dir.path().join("routes.yaml");
+    std::fs::write(
+        &routes,
+        format!(
+            r#"
+- {{ name: limited, path: /limited, upstreams: ["{up}"], auth: none, rate_limits: [burst3] }}
+- {{ name: both, path: /both, upstreams: ["{up}"], auth: none, rate_limits: [burst3, slow] }}
+- {{ name: open, path: /open, upstreams: ["{up}"], auth: required }}
+- {{ name: outage, path: /outage, upstreams: ["{up}"], auth: none, rate_limits: [burst3_per_minute] }}
+"#
+        ),
+    )
+    .unwrap();
+    Gw { routes: routes.display().to_string(), keys: DevKeys::new(), _dir: dir }
+}
+
+const POLICIES: &str = r#"
+[gateway.rate_limits.burst3]
+rate = 1
+period = "1s"
+burst = 3
+[gateway.rate_limits.burst3_per_minute]
+rate = 1
+period = "1m"
+burst = 3
+[gateway.rate_limits.slow]
+rate = 1
+period = "1m"
+burst = 1
+[gateway.rate_limits.public]
+rate = 100
+period = "1m"
+burst = 100
+[gateway.rate_limits.authenticated]
+rate = 100
+period = "1m"
+burst = 100
+"#;
+
+async fn gateway(gw: &Gw, toml_extra: &str, env: &[(&str, &str)]) -> Running {
+    let mut all = vec![
+        ("ACCESS_AUTH__DEV_KEY_FILE", gw.keys.path.as_str()),
+        ("ACCESS_GATEWAY__ROUTES_FILE", gw.routes.as_str()),
+    ];
+    all.extend_from_slice(env);
+    let s =
+        start(Role::Gateway, config_with_file(&format!("{POLICIES}\n{toml_extra}"), &all)).await;
+    wait_ready(&s.url("")).await;
+    s
+}
+
+async fn hit(g: &Running, path: &str) -> (u16, reqwest::header::HeaderMap, Value) {
+    let r = http().get(g.url(path)).send().await.unwrap();
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    (status, headers, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn gcra_is_exact_at_the_boundary() {
+    let gw = setup().await;
+    let prefix = redis_prefix();
+    let g = gateway(&gw, "", &[("ACCESS_REDIS_URL", REDIS_URL), ("ACCESS_REDIS__PREFIX", &prefix)])
+        .await;
+    let mut statuses = Vec::new();
+    let mut remaining = Vec::new();
+    for _ in 0..4 {
+        let (status, headers, _) = hit(&g, "/limited").await;
+        statuses.push(status);
+        remaining.push(headers.get("ratelimit-remaining").map(|v| v.to_str().unwrap().to_string()));
+    }
+    assert_eq!(statuses, vec![200, 200, 200, 429], "the request after the burst is limited");
+    assert_eq!(remaining[0].as_deref(), Some("2"));
+    let (status, headers, body) = hit(&g, "/limited").await;
+    assert_eq!(status, 429);
+    assert_eq!(body["code"], "rate_limited");
+    assert_eq!(headers["retry-after"], "1");
+    assert_eq!(body["retry_after"], 1);
+    assert_eq!(headers["ratelimit-limit"], "3");
+    assert_eq!(headers["ratelimit-remaining"], "0");
+    // One emission interval (1 s) after the last allowed request, exactly one more is allowed.
+    let wait = headers["ratelimit-reset"].to_str().unwrap().parse::<u64>().unwrap();
+    assert!((1..=3).contains(&wait), "reset in seconds: {wait}");
+    tokio::time::sleep(Duration::from_millis(1050)).await;
+    assert_eq!(hit(&g, "/limited").await.0, 200);
+    assert_eq!(hit(&g, "/limited").await.0, 429);
+}
+
+#[tokio::test]
+async fn several_policies_on_one_route_and_a_refusal_consumes_none() {
+    let gw = setup().await;
+    let prefix = redis_prefix();
+    let g = gateway(&gw, "", &[("ACCESS_REDIS_URL", REDIS_URL), ("ACCESS_REDIS__PREFIX", &prefix)])
+        .await;
+    assert_eq!(hit(&g, "/both").await.0, 200);
+    let (status, headers, _) = hit(&g, "/both").await;
+    assert_eq!(status, 429, "slow (1 per minute) limits");
+    assert!(headers["retry-after"].to_str().unwrap().parse::<u64>().unwrap() > 50);
+    // The refused requests did not consume burst3 (same caller key: the client address).
+    assert_eq!(hit(&g, "/limited").await.0, 200);
+    assert_eq!(hit(&g, "/limited").await.0, 200);
+    assert_eq!(hit(&g, "/limited").await.0, 429, "burst3 had one used by the first /both");
+}
+
+#[tokio::test]
+async fn two_gateways_share_one_limit() {
+    let gw = setup().await;
+    let prefix = redis_prefix();
+    let env = [("ACCESS_REDIS_URL", REDIS_URL), ("ACCESS_REDIS__PREFIX", prefix.as_str())];
+    let (a, b) = (gateway(&gw, "", &env).await, gateway(&gw, "", &env).await);
+    let mut allowed = 0;
+    for i in 0..6 {
+        let g = if i % 2 == 0 { &a } else { &b };
+        if hit(g, "/limited").await.0 == 200 {
+            allowed += 1;
+        }
+    }
+    assert_eq!(allowed, 3, "one burst across both replicas");
+    let admin = gw.keys.token("root", "t0", &["admin"]);
+    let stats: Value = http()
+        .get(a.url("/api/v1/rate-limits"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let burst3 = stats["policies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "burst3")
+        .unwrap()
+        .clone();
+    assert!(
+        burst3["allowed"].as_u64().unwrap() >= 1 && burst3["limited"].as_u64().unwrap() >= 1,
+        "{stats}"
+    );
+}
+
+async fn with_outage(mode: &str, shadow: bool) -> Vec<u16> {
+    let gw = setup().await;
+    let mut redis = PrivateRedis::start().await;
+    let toml = format!(
+        "[gateway]\nrate_limit_on_store_error = \"{mode}\"\nrate_limit_shadow = {shadow}\n"
+    );
+    let g = gateway(
+        &gw,
+        &toml,
+        &[("ACCESS_REDIS_URL", &redis.url), ("ACCESS_REDIS__TIMEOUT", "300ms")],
+    )
+    .await;
+    redis.stop();
+    let mut statuses = Vec::new();
+    // Each request waits out the Redis timeout first, so the policy's interval is long.
+    for _ in 0..5 {
+        statuses.push(hit(&g, "/outage").await.0);
+    }
+    // (The admin API needs Redis for revocation checks, so the counters are read from /metrics.)
+    let text = http().get(g.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let errors = text.lines().find(|l| {
+        l.starts_with("access_gateway_rate_limit_decisions_total{")
+            && l.contains("policy=\"burst3_per_minute\"")
+            && l.contains("store_error")
+    });
+    assert!(errors.is_some(), "store errors are counted:\n{text}");
+    statuses
+}
+
+#[tokio::test]
+async fn with_redis_down_each_failure_mode_does_what_it_says() {
+    assert_eq!(
+        with_outage("local", false).await,
+        vec![200, 200, 200, 429, 429],
+        "local: the in-process GCRA limits"
+    );
+    assert_eq!(with_outage("open", false).await, vec![200; 5], "open: allowed");
+    assert_eq!(with_outage("closed", false).await, vec![503; 5], "closed: refused");
+    assert_eq!(with_outage("local", true).await, vec![200; 5], "shadow: counted, never refused");
+}
+
+#[tokio::test]
+async fn shadow_mode_counts_would_be_rejections() {
+    let gw = setup().await;
+    let prefix = redis_prefix();
+    let g = gateway(
+        &gw,
+        "[gateway]\nrate_limit_shadow = true\n",
+        &[("ACCESS_REDIS_URL", REDIS_URL), ("ACCESS_REDIS__PREFIX", &prefix)],
+    )
+    .await;
+    for _ in 0..5 {
+        assert_eq!(hit(&g, "/limited").await.0, 200);
+    }
+    let admin = gw.keys.token("root", "t0", &["admin"]);
+    let stats: Value = http()
+        .get(g.url("/api/v1/rate-limits"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let burst3 = stats["policies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "burst3")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (burst3["shadow_limited"].as_u64(), burst3["limited"].as_u64()),
+        (Some(2), Some(0)),
+        "{stats}"
+    );
+}
+
+#[tokio::test]
+async fn the_per_address_limit_stops_floods_of_bad_tokens_before_verification() {
+    let gw = setup().await;
+    let g = gateway(&gw, "[gateway.ip_limit]\nrate = 5\nperiod = \"1m\"\nburst = 5\n", &[]).await;
+    let mut statuses = Vec::new();
+    for _ in 0..7 {
+        let r = http().get(g.url("/open")).bearer_auth("bad.token.here").send().await.unwrap();
+        statuses.push(r.status().as_u16());
+    }
+    assert_eq!(statuses, vec![401, 401, 401, 401, 401, 429, 429]);
+    // The refusal is the per-address limit, reached before the token is looked at.
+    let r = http().get(g.url("/open")).bearer_auth("bad.token.here").send().await.unwrap();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(
+        (body["code"].as_str(), body["message"].as_str()),
+        (Some("rate_limited"), Some("too many requests from this address"))
+    );
+    assert!(body.get("reason").is_none(), "no authentication reason: the token was never verified");
+}
