@@ -388,6 +388,13 @@ async fn routes_reload_on_sighup_under_load_without_a_failed_request() {
             ("ACCESS_AUTH__DEV_KEY_FILE", &l.keys.path),
             ("ACCESS_GATEWAY__ROUTES_FILE", &routes),
             ("ACCESS_ENTITLEMENTS_SERVICE_URL", &ent),
+            // The load is one caller from one address: lift the limits out of its way.
+            ("ACCESS_GATEWAY__RATE_LIMITS__AUTHENTICATED__RATE", "1000000"),
+            ("ACCESS_GATEWAY__RATE_LIMITS__AUTHENTICATED__PERIOD", "1s"),
+            ("ACCESS_GATEWAY__RATE_LIMITS__AUTHENTICATED__BURST", "1000000"),
+            ("ACCESS_GATEWAY__IP_LIMIT__RATE", "1000000"),
+            ("ACCESS_GATEWAY__IP_LIMIT__PERIOD", "1s"),
+            ("ACCESS_GATEWAY__IP_LIMIT__BURST", "1000000"),
         ],
     );
     wait_ready(&p.url).await;

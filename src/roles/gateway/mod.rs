@@ -3,6 +3,7 @@
 //! - [`routes`]: the route table (file or built-in), compiled and swapped whole on SIGHUP.
 //! - [`proxy`]: the request path: route, authenticate, entitle, breaker, forward.
 //! - [`breaker`]: a circuit breaker per upstream.
+//! - [`cache`]: the response cache (Redis or in-process), with revalidation and coalescing.
 //! - [`ratelimit`]: GCRA rate limits in Redis (or in-process), and the cheap per-IP limit.
 //! - [`entitle`]: entitlement checks against the entitlements role, with a local decision cache.
 //! - [`usage`]: per-tenant usage pushed to the metrics role.
@@ -11,6 +12,8 @@
 //! `/api/v1/circuit-breakers`. Everything else is a data route.
 
 pub mod breaker;
+pub mod cache;
+mod cached;
 pub mod entitle;
 pub mod proxy;
 pub mod ratelimit;
@@ -83,8 +86,11 @@ pub struct Config {
     pub rate_limit_on_store_error: ratelimit::OnStoreError,
     /// Count would-be rejections without rejecting.
     pub rate_limit_shadow: bool,
-    /// The cheap per-address limit applied before any token is verified.
+    /// The cheap per-address limit applied before any token is verified. Behind a load balancer,
+    /// set `trusted_proxies`, or every client shares the balancer's address.
     pub ip_limit: ratelimit::Policy,
+    /// Bodies kept by the in-process cache (no Redis), bytes.
+    pub cache_max_bytes: usize,
 }
 
 impl Default for Config {
@@ -109,7 +115,8 @@ impl Default for Config {
             rate_limits: ratelimit::default_policies(),
             rate_limit_on_store_error: ratelimit::OnStoreError::Local,
             rate_limit_shadow: false,
-            ip_limit: ratelimit::Policy { rate: 200, period: Duration::from_secs(1), burst: 400 },
+            ip_limit: ratelimit::Policy { rate: 1000, period: Duration::from_secs(1), burst: 2000 },
+            cache_max_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -181,6 +188,7 @@ pub struct State {
     usage: Arc<usage::Usage>,
     limiter: Arc<ratelimit::Limiter>,
     ip_limit: Arc<ratelimit::IpLimit>,
+    cache: Arc<cache::Cache>,
     admin_role: Arc<str>,
     config: Config,
 }
@@ -283,16 +291,20 @@ pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
     if let Some(url) = &ctx.config.metrics_service_url {
         usage.spawn_push(url.clone(), tokens, config.usage_interval, ctx.shutdown.clone());
     }
-    let limiter_redis = match &ctx.config.redis_url {
+    let redis = match &ctx.config.redis_url {
         Some(url) => Some((
             crate::backends::redis::connect(url, &ctx.config.redis).await?,
             ctx.config.redis_prefix(),
         )),
         None => None,
     };
+    let cache_store: Arc<dyn cache::Store> = match &redis {
+        Some((client, prefix)) => Arc::new(cache::RedisStore::new(client.clone(), prefix.clone())),
+        None => Arc::new(cache::MemoryStore::new(config.cache_max_bytes)),
+    };
     let limiter = Arc::new(ratelimit::Limiter::new(
         config.rate_limits.clone(),
-        limiter_redis,
+        redis,
         config.rate_limit_on_store_error,
         config.rate_limit_shadow,
     ));
@@ -314,6 +326,7 @@ pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
         usage,
         ip_limit: ratelimit::IpLimit::new(config.ip_limit.clone()),
         limiter,
+        cache: cache::Cache::new(cache_store),
         admin_role: ctx.config.auth.admin_role.as_str().into(),
         config,
     })
@@ -327,6 +340,8 @@ pub fn router(state: State) -> Router {
         .route("/api/v1/metadata/routes", get(route_metadata))
         .route("/api/v1/circuit-breakers", get(circuit_breakers))
         .route("/api/v1/rate-limits", get(rate_limits))
+        .route("/api/v1/cache/stats", get(cache_stats))
+        .route("/api/v1/cache/purge", axum::routing::post(cache_purge))
         .fallback(proxy::forward)
         .with_state(state)
         .layer(cors)
@@ -482,4 +497,39 @@ async fn rate_limits(AxumState(state): AxumState<State>, caller: Caller) -> ApiR
         "ip_limit": state.config.ip_limit,
     }))
     .into_response())
+}
+
+async fn cache_stats(AxumState(state): AxumState<State>, caller: Caller) -> ApiResult<Response> {
+    use std::sync::atomic::Ordering::Relaxed;
+    caller.require_role(&state.admin_role)?;
+    let s = &state.cache.stats;
+    Ok(axum::Json(json!({
+        "hits": s.hits.load(Relaxed), "misses": s.misses.load(Relaxed), "stale": s.stale.load(Relaxed),
+        "bypass": s.bypass.load(Relaxed), "revalidations": s.revalidations.load(Relaxed),
+        "coalesced": s.coalesced.load(Relaxed), "errors": s.errors.load(Relaxed),
+    }))
+    .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Purge {
+    /// A route name, or a prefix of route names.
+    route: String,
+}
+
+async fn cache_purge(
+    AxumState(state): AxumState<State>,
+    caller: Caller,
+    crate::error::Json(purge): crate::error::Json<Purge>,
+) -> ApiResult<Response> {
+    caller.require_role(&state.admin_role)?;
+    let purged = state
+        .cache
+        .store
+        .purge(&purge.route)
+        .await
+        .map_err(|e| crate::error::ApiError::dependency("redis", anyhow::anyhow!(e)))?;
+    tracing::info!(role = "gateway", admin = %caller.0.identity.subject, route = %purge.route, purged, "cache purged");
+    Ok(axum::Json(json!({ "purged": purged })).into_response())
 }

@@ -58,6 +58,9 @@ pub mod names {
     }
 }
 
+/// Says how the response cache treated a response: `HIT`, `MISS`, `STALE` or `BYPASS`.
+pub static X_CACHE: HeaderName = HeaderName::from_static("x-cache");
+
 /// The API-key header (never forwarded).
 pub static API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
@@ -190,7 +193,7 @@ async fn authenticate(
     })
 }
 
-type Handled = (Response, Option<Identity>, u64);
+pub(super) type Handled = (Response, Option<Identity>, u64);
 
 /// `RateLimit-Limit` (the burst), `-Remaining`, `-Reset` (seconds) of the tightest policy.
 fn rate_limit_headers(outcome: &super::ratelimit::Outcome) -> Vec<(HeaderName, HeaderValue)> {
@@ -260,6 +263,36 @@ async fn handle(
             Err(e) => return Err(ApiError::dependency("entitlements", anyhow::anyhow!(e))),
         }
     }
+    let get_like = matches!(*req.method(), Method::GET | Method::HEAD);
+    let client_bypass = req
+        .headers()
+        .get(header::CACHE_CONTROL)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("no-store") || v.contains("no-cache"));
+    let mut handled = match route.cache.as_ref().filter(|_| get_like && !client_bypass) {
+        Some(policy) => {
+            super::cached::serve(state, route, policy, peer, client, identity, req).await?
+        }
+        None => {
+            state.cache.count(&route.spec.name, "bypass");
+            let mut handled = upstream(state, route, peer, client, identity, req).await?;
+            handled.0.headers_mut().insert(X_CACHE.clone(), HeaderValue::from_static("BYPASS"));
+            handled
+        }
+    };
+    handled.0.headers_mut().extend(limit_headers);
+    Ok(handled)
+}
+
+/// Forwards to the route's upstreams: round-robin, breaker, timeout, retries; header rewriting.
+pub(super) async fn upstream(
+    state: &State,
+    route: &super::routes::Route,
+    peer: SocketAddr,
+    client: IpAddr,
+    identity: Option<Identity>,
+    req: Request,
+) -> Result<Handled, ApiError> {
     let (mut parts, body) = req.into_parts();
     let bytes_in = parts
         .headers
@@ -361,7 +394,6 @@ async fn handle(
                 state.publish_breaker(base);
                 let (mut parts, body) = response.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
-                parts.headers.extend(limit_headers);
                 return Ok((Response::from_parts(parts, Body::new(body)), identity, bytes_in));
             }
             Ok(Err(e)) => {

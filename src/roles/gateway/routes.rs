@@ -75,9 +75,9 @@ pub struct RouteSpec {
     /// Rate-limit policies (applied by the rate limiter).
     #[serde(default)]
     pub rate_limits: Vec<String>,
-    /// Cache policy (applied by the response cache).
+    /// Cache policy: present means GET and HEAD responses may be cached.
     #[serde(default)]
-    pub cache: Option<serde_json::Value>,
+    pub cache: Option<super::cache::CachePolicy>,
 }
 
 /// A validated, compiled route.
@@ -95,6 +95,8 @@ pub struct Route {
     pub retries: u32,
     /// Round-robin position over `upstreams`.
     pub next: std::sync::atomic::AtomicUsize,
+    /// The cache policy, if the route is cached.
+    pub cache: Option<super::cache::CachePolicy>,
 }
 
 impl Route {
@@ -209,6 +211,7 @@ impl Table {
             }
             let timeout = spec.timeout.unwrap_or(default_timeout);
             let retries = spec.retries.unwrap_or(default_retries);
+            let cache = spec.cache.clone();
             routes.push(Arc::new(Route {
                 spec,
                 methods,
@@ -216,6 +219,7 @@ impl Table {
                 timeout,
                 retries,
                 next: Default::default(),
+                cache,
             }));
         }
         if problems.is_empty() {

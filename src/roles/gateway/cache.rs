@@ -1,0 +1,442 @@
+//! The response cache for GET and HEAD: Redis (shared) or in-process (the embedded default).
+//!
+//! Keys cover the method, the route, the path, the sorted query and the tenant (and the user when
+//! the route says `vary_user`), so no tenant ever sees another's data:
+//! `<prefix>cache:<route>:<sha256>`. Upstream `Cache-Control` decides: `no-store` and `private`
+//! are never stored, `s-maxage` beats `max-age`, nothing without either is stored, and
+//! `stale-while-revalidate` lets a stale entry be served while one revalidation (with
+//! `If-None-Match`) goes upstream. Entries over the route's size cap are not stored.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine;
+use bytes::Bytes;
+use fred::prelude::{Expiration, KeysInterface};
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::backends::redis::Client as RedisClient;
+
+/// A route's cache policy (`cache:` in the route table).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CachePolicy {
+    /// Key on the user as well as the tenant.
+    #[serde(default)]
+    pub vary_user: bool,
+    /// Largest body stored, bytes.
+    #[serde(default = "default_max_entry")]
+    pub max_entry_bytes: usize,
+}
+
+fn default_max_entry() -> usize {
+    1024 * 1024
+}
+
+/// A stored response.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Entry {
+    /// Status (only 200 is stored).
+    pub status: u16,
+    /// Headers worth replaying (content type, ETag, Cache-Control, Last-Modified).
+    pub headers: Vec<(String, String)>,
+    /// The body, base64 in storage.
+    #[serde(with = "b64")]
+    pub body: Bytes,
+    /// Unix ms when stored (or last revalidated).
+    pub stored_at: u64,
+    /// Freshness, seconds.
+    pub max_age: u64,
+    /// Stale-while-revalidate, seconds.
+    pub swr: u64,
+}
+
+mod b64 {
+    use base64::Engine;
+    use bytes::Bytes;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(b: &Bytes, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(b))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Bytes, D::Error> {
+        let text = String::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .map(Bytes::from)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl Entry {
+    /// The entry's ETag.
+    pub fn etag(&self) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == "etag").map(|(_, v)| v.as_str())
+    }
+
+    /// Age in seconds at unix ms `now`.
+    pub fn age(&self, now: u64) -> u64 {
+        now.saturating_sub(self.stored_at) / 1000
+    }
+}
+
+/// What `Cache-Control` allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Directives {
+    /// `no-store` or `private`: never stored here.
+    pub uncacheable: bool,
+    /// `s-maxage`, else `max-age`.
+    pub max_age: Option<u64>,
+    /// `stale-while-revalidate`.
+    pub swr: u64,
+}
+
+/// Parses a `Cache-Control` value.
+pub fn directives(value: Option<&str>) -> Directives {
+    let mut d = Directives::default();
+    let (mut max_age, mut s_maxage) = (None, None);
+    for part in value.unwrap_or_default().split(',') {
+        let part = part.trim().to_ascii_lowercase();
+        let (name, arg) = part
+            .split_once('=')
+            .map(|(n, a)| (n.trim().to_string(), Some(a.trim().trim_matches('"').to_string())))
+            .unwrap_or((part.clone(), None));
+        let secs = arg.as_deref().and_then(|a| a.parse::<u64>().ok());
+        match name.as_str() {
+            "no-store" | "private" | "no-cache" => d.uncacheable = true,
+            "max-age" => max_age = secs,
+            "s-maxage" => s_maxage = secs,
+            "stale-while-revalidate" => d.swr = secs.unwrap_or(0),
+            _ => {}
+        }
+    }
+    d.max_age = s_maxage.or(max_age);
+    d
+}
+
+/// The cache key of a request.
+pub fn key(
+    method: &str,
+    route: &str,
+    path: &str,
+    query: Option<&str>,
+    tenant: &str,
+    user: Option<&str>,
+) -> String {
+    let mut pairs: Vec<(String, String)> =
+        url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()).into_owned().collect();
+    pairs.sort();
+    let query = url::form_urlencoded::Serializer::new(String::new()).extend_pairs(pairs).finish();
+    let material =
+        format!("{method}\n{route}\n{path}\n{query}\n{tenant}\n{}", user.unwrap_or_default());
+    format!("cache:{route}:{}", hex::encode(Sha256::digest(material.as_bytes())))
+}
+
+/// Where entries live.
+pub trait Store: Send + Sync {
+    /// An entry.
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Entry>, String>>;
+    /// Stores an entry for `ttl`.
+    fn put<'a>(
+        &'a self,
+        key: &'a str,
+        entry: &'a Entry,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), String>>;
+    /// Deletes every entry whose route name starts with `route_prefix`; returns how many.
+    fn purge<'a>(&'a self, route_prefix: &'a str) -> BoxFuture<'a, Result<u64, String>>;
+}
+
+/// In-process entries with expiry, bounded by total body bytes.
+pub struct MemoryStore {
+    /// Entries by key with their expiry (unix ms); a std mutex held for one map operation.
+    entries: Mutex<HashMap<String, (Entry, u64)>>,
+    max_bytes: usize,
+}
+
+impl MemoryStore {
+    /// A store of at most `max_bytes` of bodies.
+    pub fn new(max_bytes: usize) -> Self {
+        MemoryStore { entries: Mutex::default(), max_bytes }
+    }
+}
+
+/// Unix ms now.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Store for MemoryStore {
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Entry>, String>> {
+        let hit = self
+            .entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .filter(|(_, until)| *until > now_ms())
+            .map(|(e, _)| e.clone());
+        Box::pin(async move { Ok(hit) })
+    }
+    fn put<'a>(
+        &'a self,
+        key: &'a str,
+        entry: &'a Entry,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        {
+            let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+            let now = now_ms();
+            let used: usize = entries.values().map(|(e, _)| e.body.len()).sum();
+            if used + entry.body.len() > self.max_bytes {
+                entries.retain(|_, (_, until)| *until > now);
+                let used: usize = entries.values().map(|(e, _)| e.body.len()).sum();
+                if used + entry.body.len() > self.max_bytes {
+                    entries.clear();
+                }
+            }
+            entries.insert(key.to_string(), (entry.clone(), now + ttl.as_millis() as u64));
+        }
+        Box::pin(async { Ok(()) })
+    }
+    fn purge<'a>(&'a self, route_prefix: &'a str) -> BoxFuture<'a, Result<u64, String>> {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let before = entries.len();
+        let lead = format!("cache:{route_prefix}");
+        entries.retain(|k, _| !k.starts_with(&lead));
+        let n = (before - entries.len()) as u64;
+        Box::pin(async move { Ok(n) })
+    }
+}
+
+/// Entries in Redis.
+pub struct RedisStore {
+    client: RedisClient,
+    prefix: String,
+}
+
+impl RedisStore {
+    /// A store under `prefix` (`access:<env>:`).
+    pub fn new(client: RedisClient, prefix: String) -> Self {
+        RedisStore { client, prefix }
+    }
+}
+
+impl Store for RedisStore {
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Entry>, String>> {
+        Box::pin(async move {
+            let raw: Option<String> = self
+                .client
+                .get(format!("{}{key}", self.prefix))
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(raw.and_then(|r| serde_json::from_str(&r).ok()))
+        })
+    }
+    fn put<'a>(
+        &'a self,
+        key: &'a str,
+        entry: &'a Entry,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let body = serde_json::to_string(entry).map_err(|e| e.to_string())?;
+            let px = Expiration::PX(ttl.as_millis().max(1) as i64);
+            let _: () = self
+                .client
+                .set(format!("{}{key}", self.prefix), body, Some(px), None, false)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(())
+        })
+    }
+    fn purge<'a>(&'a self, route_prefix: &'a str) -> BoxFuture<'a, Result<u64, String>> {
+        Box::pin(async move {
+            use fred::prelude::ClientLike;
+            use futures::TryStreamExt;
+            // An admin operation: SCAN in pages (never KEYS), deleting as it goes.
+            let pattern =
+                format!("{}cache:{}*", self.prefix, route_prefix.replace(['*', '?', '['], ""));
+            let mut pages = self.client.scan_buffered(pattern, Some(500), None);
+            let mut deleted = 0u64;
+            let mut batch = Vec::new();
+            while let Some(key) = pages.try_next().await.map_err(|e| e.to_string())? {
+                batch.push(key);
+                if batch.len() >= 500 {
+                    let n: u64 = self
+                        .client
+                        .del(std::mem::take(&mut batch))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    deleted += n;
+                }
+            }
+            if !batch.is_empty() {
+                let n: u64 = self.client.del(batch).await.map_err(|e| e.to_string())?;
+                deleted += n;
+            }
+            let _ = self.client.is_connected();
+            Ok(deleted)
+        })
+    }
+}
+
+/// Counters for `GET /api/v1/cache/stats`.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Served fresh from the cache.
+    pub hits: AtomicU64,
+    /// Went upstream.
+    pub misses: AtomicU64,
+    /// Served stale while revalidating.
+    pub stale: AtomicU64,
+    /// Not cacheable.
+    pub bypass: AtomicU64,
+    /// Revalidations sent upstream.
+    pub revalidations: AtomicU64,
+    /// Requests that waited for another request's upstream fetch.
+    pub coalesced: AtomicU64,
+    /// Store failures (the request went upstream).
+    pub errors: AtomicU64,
+}
+
+/// Metric names.
+pub mod names {
+    /// Cache results by route and result.
+    pub const RESULTS: &str = "access_gateway_cache_results_total";
+    /// Revalidations by route.
+    pub const REVALIDATIONS: &str = "access_gateway_cache_revalidations_total";
+}
+
+/// The cache: a store, single-flight per key, and counters.
+pub struct Cache {
+    /// The store.
+    pub store: Arc<dyn Store>,
+    /// In-flight fetches by key: later requests wait for the first (one upstream hit per key per
+    /// replica). A std mutex held to look up or insert a sender.
+    inflight: Mutex<HashMap<String, tokio::sync::watch::Sender<bool>>>,
+    /// Counters.
+    pub stats: Stats,
+}
+
+/// Who fetches a key.
+pub enum Flight {
+    /// This request fetches; finishing (or dropping) the guard wakes the others.
+    Leader(FlightGuard),
+    /// Another request is fetching; wait, then look again.
+    Follower(tokio::sync::watch::Receiver<bool>),
+}
+
+/// Held by the fetching request.
+pub struct FlightGuard {
+    cache: Arc<Cache>,
+    key: String,
+}
+
+impl Drop for FlightGuard {
+    fn drop(&mut self) {
+        if let Some(tx) =
+            self.cache.inflight.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.key)
+        {
+            let _ = tx.send(true);
+        }
+    }
+}
+
+impl Cache {
+    /// A cache over `store`.
+    pub fn new(store: Arc<dyn Store>) -> Arc<Self> {
+        Arc::new(Cache { store, inflight: Mutex::default(), stats: Stats::default() })
+    }
+
+    /// Joins or leads the fetch of `key`.
+    pub fn flight(self: &Arc<Self>, key: &str) -> Flight {
+        let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        match inflight.get(key) {
+            Some(tx) => Flight::Follower(tx.subscribe()),
+            None => {
+                inflight.insert(key.to_string(), tokio::sync::watch::channel(false).0);
+                Flight::Leader(FlightGuard { cache: self.clone(), key: key.to_string() })
+            }
+        }
+    }
+
+    /// Counts a result.
+    pub fn count(&self, route: &str, result: &'static str) {
+        let field = match result {
+            "hit" => &self.stats.hits,
+            "miss" => &self.stats.misses,
+            "stale" => &self.stats.stale,
+            _ => &self.stats.bypass,
+        };
+        field.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(names::RESULTS, "role" => "gateway", "route" => route.to_string(), "result" => result).increment(1);
+    }
+}
+
+/// Headers kept with an entry.
+pub const KEPT: &[&str] =
+    &["content-type", "etag", "cache-control", "last-modified", "content-encoding", "vary"];
+
+/// Whether an `If-None-Match` value matches `etag`.
+pub fn etag_matches(if_none_match: &str, etag: &str) -> bool {
+    let bare = |t: &str| t.trim().trim_start_matches("W/").to_string();
+    if_none_match.trim() == "*" || if_none_match.split(',').any(|t| bare(t) == bare(etag))
+}
+
+/// A stable ETag for a body when the upstream gives none.
+pub fn weak_etag(body: &[u8]) -> String {
+    format!(
+        "W/\"{}\"",
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(Sha256::digest(body))[..22]
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_control_is_read_as_documented() {
+        assert_eq!(
+            directives(Some("max-age=60")),
+            Directives { uncacheable: false, max_age: Some(60), swr: 0 }
+        );
+        assert_eq!(
+            directives(Some("public, max-age=60, s-maxage=10, stale-while-revalidate=30")).max_age,
+            Some(10)
+        );
+        assert_eq!(directives(Some("max-age=60, stale-while-revalidate=30")).swr, 30);
+        assert!(directives(Some("no-store")).uncacheable);
+        assert!(directives(Some("private, max-age=60")).uncacheable);
+        assert_eq!(directives(None).max_age, None);
+    }
+
+    #[test]
+    fn keys_separate_tenants_and_users_and_ignore_query_order() {
+        let a = key("GET", "prices", "/p", Some("a=1&b=2"), "t1", None);
+        assert_eq!(a, key("GET", "prices", "/p", Some("b=2&a=1"), "t1", None));
+        assert_ne!(a, key("GET", "prices", "/p", Some("a=1&b=2"), "t2", None));
+        assert_ne!(a, key("HEAD", "prices", "/p", Some("a=1&b=2"), "t1", None));
+        assert_ne!(
+            key("GET", "r", "/p", None, "t1", Some("u1")),
+            key("GET", "r", "/p", None, "t1", Some("u2"))
+        );
+        assert!(a.starts_with("cache:prices:"));
+    }
+
+    #[test]
+    fn etags_match_weak_and_lists() {
+        assert!(etag_matches("\"abc\"", "\"abc\""));
+        assert!(etag_matches("W/\"abc\", \"x\"", "\"abc\""));
+        assert!(etag_matches("*", "\"abc\""));
+        assert!(!etag_matches("\"abd\"", "\"abc\""));
+    }
+}
