@@ -4,6 +4,7 @@
 mod auth;
 mod backends;
 mod binary;
+mod cache;
 mod entitlements;
 mod gateway;
 mod idp;

@@ -29,7 +29,7 @@ pub async fn serve(
     peer: SocketAddr,
     client: IpAddr,
     identity: Option<Identity>,
-    req: Request,
+    mut req: Request,
 ) -> Result<Handled, ApiError> {
     let name = route.spec.name.as_str();
     let tenant = identity.as_ref().map(|i| i.tenant.as_str()).unwrap_or("anonymous");
@@ -93,6 +93,9 @@ pub async fn serve(
         }
     };
     state.cache.count(name, "miss");
+    // The cache needs the full response: the client's own validators are applied afterwards.
+    req.headers_mut().remove(header::IF_NONE_MATCH);
+    req.headers_mut().remove(header::IF_MODIFIED_SINCE);
     let (response, identity, bytes_in) =
         upstream(state, route, peer, client, identity, req).await?;
     let response = store(state, route, policy, &key, response).await;
