@@ -6,7 +6,7 @@ SHELL := /bin/bash
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/access/target
 BIN := $(CARGO_TARGET_DIR)/debug/access
 
-.PHONY: help run test services build lint fmt bench-auth bench-entitlements bench-metrics
+.PHONY: help run test services build lint fmt bench-auth bench-entitlements bench-metrics bench-gateway
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -38,3 +38,6 @@ bench-entitlements: services ## Entitlement checks over HTTP with 10,000 rules: 
 
 bench-metrics: ## Metrics ingest over HTTP: points/s single and batched, memory per series
 	cargo bench --locked --bench metrics
+
+bench-gateway: services ## wrk: upstream, nginx proxy, gateway on a cache miss and a hit (needs nginx, wrk)
+	scripts/bench-gateway.sh

@@ -52,6 +52,18 @@ pub mod names {
             "Gateway entitlement checks by outcome and source (cache, remote)"
         );
         describe_counter!(
+            super::super::ratelimit::names::DECISIONS,
+            "Rate-limit decisions by policy and outcome (allowed, limited, shadow_limited, store_error)"
+        );
+        describe_counter!(
+            super::super::cache::names::RESULTS,
+            "Response cache results by route (hit, miss, stale, bypass)"
+        );
+        describe_counter!(
+            super::super::cache::names::REVALIDATIONS,
+            "Stale cache entries revalidated upstream, by route"
+        );
+        describe_counter!(
             super::super::usage::names::DROPPED,
             "Usage increments dropped (too many keys, or the metrics role unreachable)"
         );

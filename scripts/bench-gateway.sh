@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Gateway benchmark (not part of `make test`): wrk against, in one run on this machine,
+#   (a) the upstream directly (nginx answering a small JSON body),
+#   (b) nginx as a plain keep-alive reverse proxy to it,
+#   (c) the gateway with JWT, rate limit (GCRA in Redis) and entitlement, on a cache miss,
+#   (d) the gateway on a cache hit.
+# Prints requests/s and p50/p99 per case. Needs nginx and wrk (Debian), Redis on 6379.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/access/target}
+DURATION=${DURATION:-10s}
+CONNECTIONS=${CONNECTIONS:-64}
+THREADS=${THREADS:-2}
+for tool in nginx wrk redis-cli; do
+  command -v "$tool" >/dev/null || { echo "bench: $tool is missing (apt-get install nginx wrk)" >&2; exit 1; }
+done
+cargo build --release --locked -q
+BIN=$CARGO_TARGET_DIR/release/access
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  [ -f "$WORK/nginx.pid" ] && kill "$(cat "$WORK/nginx.pid")" 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+UP=18181; PROXY=18182; ENT=18183; GW=18184
+mkdir -p "$WORK/nginx"
+cat >"$WORK/nginx.conf" <<NGINX
+worker_processes 1;
+pid $WORK/nginx.pid;
+error_log $WORK/nginx/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $WORK/nginx; proxy_temp_path $WORK/nginx; fastcgi_temp_path $WORK/nginx;
+  uwsgi_temp_path $WORK/nginx; scgi_temp_path $WORK/nginx;
+  upstream app { server 127.0.0.1:$UP; keepalive 128; }
+  server {
+    listen 127.0.0.1:$UP;
+    location / {
+      default_type application/json;
+      add_header Cache-Control "max-age=300";
+      return 200 '{"instrument":"EURUSD","bid":1.0841,"ask":1.0843,"ts":1795600000}';
+    }
+  }
+  server {
+    listen 127.0.0.1:$PROXY;
+    location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection ""; }
+  }
+}
+NGINX
+nginx -c "$WORK/nginx.conf"
+
+cat >"$WORK/seed.yaml" <<SEED
+- { name: bench, effect: allow, resource: "instrument:*", actions: [read], roles: [trader], priority: 10 }
+SEED
+cat >"$WORK/routes.yaml" <<ROUTES
+- { name: miss, path: "/api/v1/miss/{instrument_id}", upstreams: ["http://127.0.0.1:$UP"], strip_prefix: /api/v1/miss, rate_limits: [bench], entitlement: { resource: "instrument:{instrument_id}" } }
+- { name: hit, path: "/api/v1/hit/{instrument_id}", upstreams: ["http://127.0.0.1:$UP"], strip_prefix: /api/v1/hit, rate_limits: [bench], entitlement: { resource: "instrument:{instrument_id}" }, cache: {} }
+ROUTES
+cat >"$WORK/gateway.toml" <<TOML
+log_level = "warn"
+[gateway.rate_limits.bench]
+rate = 100000000
+period = "1s"
+burst = 100000000
+[gateway.ip_limit]
+rate = 100000000
+period = "1s"
+burst = 100000000
+TOML
+export ACCESS_AUTH__DEV_KEY_FILE=$WORK/dev-key.json ACCESS_LOG_LEVEL=warn ACCESS_SERVER__HOST=127.0.0.1
+export ACCESS_SERVER__MAX_CONCURRENCY=100000
+ACCESS_ENTITLEMENTS__SEED_FILE=$WORK/seed.yaml "$BIN" entitlements --port $ENT 2>"$WORK/ent.log" & PIDS+=($!)
+ACCESS_REDIS_URL=redis://127.0.0.1:6379 ACCESS_REDIS__PREFIX="bench:$$:" ACCESS_GATEWAY__ROUTES_FILE=$WORK/routes.yaml \
+  ACCESS_ENTITLEMENTS_SERVICE_URL=http://127.0.0.1:$ENT "$BIN" --config "$WORK/gateway.toml" gateway --port $GW 2>"$WORK/gw.log" & PIDS+=($!)
+for port in $ENT $GW; do
+  for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$port/ready" >/dev/null && break; sleep 0.1; done
+done
+TOKEN=$("$BIN" token --sub bench --tenant t1 --roles trader --ttl 1h)
+AUTH="Authorization: Bearer $TOKEN"
+curl -sf -H "$AUTH" "http://127.0.0.1:$GW/api/v1/miss/EURUSD" >/dev/null || { echo "bench: the gateway does not answer" >&2; tail "$WORK/gw.log" >&2; exit 1; }
+curl -sf -H "$AUTH" "http://127.0.0.1:$GW/api/v1/hit/EURUSD" >/dev/null
+
+run() { # name url [header]
+  local out
+  if [ -n "${3:-}" ]; then out=$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency -H "$3" "$2"); else out=$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "$2"); fi
+  local rps p50 p99 errors
+  rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+  p50=$(awk '$1=="50%" {print $2}' <<<"$out")
+  p99=$(awk '$1=="99%" {print $2}' <<<"$out")
+  errors=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$out" | tr '\n' ' ')
+  printf "%-52s %12s %10s %10s  %s\n" "$1" "$rps" "$p50" "$p99" "$errors"
+}
+echo
+echo "wrk -t$THREADS -c$CONNECTIONS -d$DURATION on $(nproc) cores; server and load share them"
+printf "%-52s %12s %10s %10s\n" "case" "req/s" "p50" "p99"
+run "(a) upstream directly (nginx)" "http://127.0.0.1:$UP/EURUSD"
+run "(b) nginx keep-alive reverse proxy" "http://127.0.0.1:$PROXY/EURUSD"
+run "(c) gateway: JWT + rate limit + entitlement, miss" "http://127.0.0.1:$GW/api/v1/miss/EURUSD" "$AUTH"
+run "(d) gateway: JWT + rate limit + entitlement, hit" "http://127.0.0.1:$GW/api/v1/hit/EURUSD" "$AUTH"
