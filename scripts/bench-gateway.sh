@@ -21,6 +21,7 @@ PIDS=()
 cleanup() {
   for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
   [ -f "$WORK/nginx.pid" ] && kill "$(cat "$WORK/nginx.pid")" 2>/dev/null || true
+  cp "$WORK"/*.log /tmp/ 2>/dev/null || true
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -99,5 +100,7 @@ echo "wrk -t$THREADS -c$CONNECTIONS -d$DURATION on $(nproc) cores; server and lo
 printf "%-52s %12s %10s %10s\n" "case" "req/s" "p50" "p99"
 run "(a) upstream directly (nginx)" "http://127.0.0.1:$UP/EURUSD"
 run "(b) nginx keep-alive reverse proxy" "http://127.0.0.1:$PROXY/EURUSD"
+# PERF=<file>: record a profile of the gateway during case (c).
+if [ -n "${PERF:-}" ]; then perf record -F 999 -g -a -o "$PERF" -- sleep 6 >/dev/null 2>&1 & fi
 run "(c) gateway: JWT + rate limit + entitlement, miss" "http://127.0.0.1:$GW/api/v1/miss/EURUSD" "$AUTH"
 run "(d) gateway: JWT + rate limit + entitlement, hit" "http://127.0.0.1:$GW/api/v1/hit/EURUSD" "$AUTH"
