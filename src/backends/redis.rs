@@ -14,8 +14,18 @@ pub type Client = fred::clients::Client;
 pub type SubscriberClient = fred::clients::SubscriberClient;
 
 fn builder(url: &SecretUrl, config: &RedisConfig) -> Result<Builder, BackendError> {
-    let fred_config = FredConfig::from_url(url.expose().as_str())
-        .map_err(|e| BackendError::new("redis", url.redacted(), e))?;
+    let err = |m: &dyn std::fmt::Display| BackendError::new("redis", url.redacted(), m);
+    let mut fred_config = FredConfig::from_url(url.expose().as_str()).map_err(|e| err(&e))?;
+    if let (Some(path), "rediss") = (&config.ca_file, url.expose().scheme()) {
+        // The system's roots plus the configured CA.
+        let pem = std::fs::read(path).map_err(|e| err(&format!("{}: {e}", path.display())))?;
+        let ca = native_tls::Certificate::from_pem(&pem).map_err(|e| err(&e))?;
+        let connector = native_tls::TlsConnector::builder()
+            .add_root_certificate(ca)
+            .build()
+            .map_err(|e| err(&e))?;
+        fred_config.tls = Some(connector.into());
+    }
     let mut builder = Builder::from_config(fred_config);
     builder
         .with_connection_config(|c| {

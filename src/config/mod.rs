@@ -184,6 +184,7 @@ impl Config {
         problems.extend(self.server.validate());
         problems.extend(self.kafka.validate());
         problems.extend(self.postgres.validate());
+        problems.extend(self.redis.validate());
         problems.extend(self.auth.validate(self.env));
         problems.extend(self.entitlements.validate());
         problems.extend(self.metrics.validate());

@@ -187,11 +187,19 @@ pub struct RedisConfig {
     pub timeout: Duration,
     /// Key prefix; default `access:<env>:`. Set it to keep two layers (or tests) apart on one Redis.
     pub prefix: Option<String>,
+    /// A CA bundle (PEM) to trust for `rediss://`, besides the system's.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for RedisConfig {
     fn default() -> Self {
-        RedisConfig { timeout: Duration::from_secs(2), prefix: None }
+        RedisConfig { timeout: Duration::from_secs(2), prefix: None, ca_file: None }
+    }
+}
+
+impl RedisConfig {
+    pub(super) fn validate(&self) -> Vec<Problem> {
+        check_file("redis.ca_file", self.ca_file.as_ref())
     }
 }
 

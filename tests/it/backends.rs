@@ -13,7 +13,7 @@ fn redis_url(url: &str) -> SecretUrl {
 }
 
 fn quick_redis() -> RedisConfig {
-    RedisConfig { timeout: Duration::from_millis(500), prefix: None }
+    RedisConfig { timeout: Duration::from_millis(500), ..Default::default() }
 }
 
 #[tokio::test]
@@ -69,4 +69,95 @@ async fn an_unreachable_kafka_is_named() {
             .unwrap_err();
     assert_eq!(err.backend, "kafka");
     assert!(err.to_string().starts_with(&format!("kafka at {broker}")), "{err}");
+}
+
+/// This machine kind's PostgreSQL serves TLS with Debian's self-signed `localhost` certificate.
+const SNAKEOIL: &str = "/etc/ssl/certs/ssl-cert-snakeoil.pem";
+
+#[tokio::test]
+async fn postgres_sslmode_require_verifies_the_server_certificate() {
+    let dsn = Secret::new("postgres://postgres@localhost:5432/postgres?sslmode=require");
+    let trusting = PostgresConfig { ca_file: Some(SNAKEOIL.into()), ..Default::default() };
+    let pool = postgres::connect(&dsn, &trusting).await.unwrap();
+    let client = pool.get().await.unwrap();
+    let row = client
+        .query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[])
+        .await
+        .unwrap();
+    assert!(row.get::<_, bool>(0), "the session is encrypted");
+    // The certificate names localhost: reaching the same server by address must fail verification.
+    let by_address = Secret::new("postgres://postgres@127.0.0.1:5432/postgres?sslmode=require");
+    let err = postgres::connect(&by_address, &trusting).await.unwrap_err();
+    assert_eq!(err.backend, "postgres", "the server's name is verified: {err}");
+}
+
+#[tokio::test]
+async fn rediss_with_a_password_connects_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let port = closed_port().await;
+    let mut server = std::process::Command::new("redis-server")
+        .args([
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .args(["--requirepass", "s3cret", "--tls-auth-clients", "no"])
+        .arg("--tls-cert-file")
+        .arg(&cert)
+        .arg("--tls-key-file")
+        .arg(&key)
+        .arg("--tls-ca-cert-file")
+        .arg(&cert)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    crate::support::eventually(Duration::from_secs(5), "TLS redis up", || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()
+    })
+    .await;
+    let url = redis_url(&format!("rediss://:s3cret@localhost:{port}"));
+    let trusting = RedisConfig { ca_file: Some(cert.clone()), ..quick_redis() };
+    let connected = redis::connect(&url, &trusting).await;
+    let answered = match &connected {
+        Ok(client) => redis::ready_check(client.clone())().await,
+        Err(e) => Err(e.to_string()),
+    };
+    let untrusted = redis::connect(&url, &quick_redis()).await;
+    let wrong_password =
+        redis::connect(&redis_url(&format!("rediss://:nope@localhost:{port}")), &trusting).await;
+    let _ = server.kill();
+    let _ = server.wait();
+    assert_eq!(answered, Ok(()), "PING over TLS with the password");
+    assert!(untrusted.is_err(), "an untrusted certificate is refused");
+    let wrong = wrong_password.unwrap_err().to_string();
+    assert!(!wrong.contains("nope"), "the password never appears: {wrong}");
 }
