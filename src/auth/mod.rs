@@ -196,6 +196,9 @@ pub struct Auth {
     pub dev_key: Option<Arc<devkey::DevKey>>,
     /// API keys.
     pub api_keys: Arc<api_keys::ApiKeys>,
+    /// The process's PostgreSQL pool, migrated, when `postgres_dsn` is set (shared with the
+    /// roles that store data there).
+    pub postgres: Option<deadpool_postgres::Pool>,
 }
 
 impl Auth {
@@ -281,18 +284,14 @@ impl Auth {
                 })
             },
         );
-        let key_store: Arc<dyn api_keys::KeyStore> = match &config.postgres_dsn {
+        let postgres = match &config.postgres_dsn {
             Some(dsn) => {
-                let pool = crate::backends::postgres::connect(dsn, &config.postgres).await?;
-                crate::backends::postgres::migrate(&pool).await.map_err(|e| {
-                    crate::backends::BackendError::new(
-                        "postgres",
-                        crate::config::secret::redact_dsn(dsn.expose()),
-                        e,
-                    )
-                })?;
-                Arc::new(api_keys::PgKeys::new(pool))
+                Some(crate::backends::postgres::connect_and_migrate(dsn, &config.postgres).await?)
             }
+            None => None,
+        };
+        let key_store: Arc<dyn api_keys::KeyStore> = match &postgres {
+            Some(pool) => Arc::new(api_keys::PgKeys::new(pool.clone())),
             None => Arc::new(api_keys::MemoryKeys::default()),
         };
         Ok(Auth {
@@ -300,6 +299,7 @@ impl Auth {
             revocations,
             dev_key,
             api_keys: Arc::new(api_keys::ApiKeys::new(key_store)),
+            postgres,
         })
     }
 }

@@ -81,6 +81,17 @@ pub fn ready_check(
     }
 }
 
+/// Connects (as [`connect`]) and applies the migrations: what every role that uses PostgreSQL
+/// does at start-up.
+pub async fn connect_and_migrate(
+    dsn: &Secret,
+    config: &PostgresConfig,
+) -> Result<Pool, BackendError> {
+    let pool = connect(dsn, config).await?;
+    migrate(&pool).await.map_err(|e| BackendError::new("postgres", redact_dsn(dsn.expose()), e))?;
+    Ok(pool)
+}
+
 /// The layer's one migration set, in order.
 const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "entitlements", include_str!("../../migrations/0001_entitlements.sql")),

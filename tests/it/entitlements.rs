@@ -461,34 +461,15 @@ async fn with_postgres_down_reads_keep_working_and_writes_fail_cleanly() {
 
 #[tokio::test]
 async fn with_redis_down_decisions_are_computed_uncached() {
-    let port = crate::support::closed_port().await;
-    let mut redis = std::process::Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let url = format!("redis://127.0.0.1:{port}");
-    eventually(Duration::from_secs(5), "private redis up", || async {
-        tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()
-    })
-    .await;
+    let mut redis = crate::support::PrivateRedis::start().await;
+    let url = redis.url.clone();
     let keys = DevKeys::new();
     let s =
         role(&keys, None, &[("ACCESS_REDIS_URL", &url), ("ACCESS_REDIS__TIMEOUT", "300ms")]).await;
     let alice = Api { s: &s, token: keys.token("alice", "t1", &["trader"]) };
     assert_eq!(alice.check("alice", "t1", "market_data", "read").await["allowed"], true);
     assert_eq!(alice.check("alice", "t1", "market_data", "read").await["cached"], true);
-    redis.kill().unwrap();
-    redis.wait().unwrap();
+    redis.stop();
     let d = alice.check("alice", "t1", "market_data", "read").await;
     assert_eq!((d["allowed"].as_bool(), d["cached"].as_bool()), (Some(true), Some(false)));
     let (_, stats) = alice.get("/entitlements/stats").await;

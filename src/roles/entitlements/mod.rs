@@ -131,14 +131,12 @@ pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
     let section = &config.entitlements;
     let (store, store_kind): (Arc<dyn RuleStore>, _) = match &config.postgres_dsn {
         Some(dsn) => {
-            let pool = crate::backends::postgres::connect(dsn, &config.postgres).await?;
-            crate::backends::postgres::migrate(&pool).await.map_err(|e| {
-                crate::backends::BackendError::new(
-                    "postgres",
-                    crate::config::secret::redact_dsn(dsn.expose()),
-                    e,
-                )
-            })?;
+            let pool = match &auth.postgres {
+                Some(pool) => pool.clone(),
+                None => {
+                    crate::backends::postgres::connect_and_migrate(dsn, &config.postgres).await?
+                }
+            };
             // Reads keep working from the snapshot while PostgreSQL is down: a soft check.
             ctx.readiness
                 .add_soft_check("postgres", crate::backends::postgres::ready_check(pool.clone()));
