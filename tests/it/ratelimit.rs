@@ -23,52 +23,40 @@ async fn upstream() -> String {
 
 struct Gw {
     _dir: tempfile::TempDir,
+    up: String,
     keys: DevKeys,
     routes: String,
 }
 
-/// Routes: `/limited` (policy `burst3`), `/both` (`burst3` and `slow`), `/open` (no auth).
+/// The route file, with its policies (reloaded with it): `/limited` (`burst3`, burst `burst`),
+/// `/both` (`burst3` and `slow`), `/open` (auth required), `/outage` (`burst3_per_minute`).
+fn routes_file(up: &str, burst: u64) -> String {
+    format!(
+        r#"
+routes:
+  - {{ name: limited, path: /limited, upstreams: ["{up}"], auth: none, rate_limits: [burst3] }}
+  - {{ name: both, path: /both, upstreams: ["{up}"], auth: none, rate_limits: [burst3, slow] }}
+  - {{ name: open, path: /open, upstreams: ["{up}"], auth: required }}
+  - {{ name: outage, path: /outage, upstreams: ["{up}"], auth: none, rate_limits: [burst3_per_minute] }}
+rate_limits:
+  burst3: {{ rate: 1, period: 1s, burst: {burst} }}
+  burst3_per_minute: {{ rate: 1, period: 1m, burst: 3 }}
+  slow: {{ rate: 1, period: 1m, burst: 1 }}
+  public: {{ rate: 100, period: 1m, burst: 100 }}
+  authenticated: {{ rate: 100, period: 1m, burst: 100 }}
+"#
+    )
+}
+
 async fn setup() -> Gw {
     let dir = tempfile::tempdir().unwrap();
     let up = upstream().await;
     let routes = dir.path().join("routes.yaml");
-    std::fs::write(
-        &routes,
-        format!(
-            r#"
-- {{ name: limited, path: /limited, upstreams: ["{up}"], auth: none, rate_limits: [burst3] }}
-- {{ name: both, path: /both, upstreams: ["{up}"], auth: none, rate_limits: [burst3, slow] }}
-- {{ name: open, path: /open, upstreams: ["{up}"], auth: required }}
-- {{ name: outage, path: /outage, upstreams: ["{up}"], auth: none, rate_limits: [burst3_per_minute] }}
-"#
-        ),
-    )
-    .unwrap();
-    Gw { routes: routes.display().to_string(), keys: DevKeys::new(), _dir: dir }
+    std::fs::write(&routes, routes_file(&up, 3)).unwrap();
+    Gw { routes: routes.display().to_string(), keys: DevKeys::new(), _dir: dir, up }
 }
 
-const POLICIES: &str = r#"
-[gateway.rate_limits.burst3]
-rate = 1
-period = "1s"
-burst = 3
-[gateway.rate_limits.burst3_per_minute]
-rate = 1
-period = "1m"
-burst = 3
-[gateway.rate_limits.slow]
-rate = 1
-period = "1m"
-burst = 1
-[gateway.rate_limits.public]
-rate = 100
-period = "1m"
-burst = 100
-[gateway.rate_limits.authenticated]
-rate = 100
-period = "1m"
-burst = 100
-"#;
+const POLICIES: &str = "";
 
 async fn gateway(gw: &Gw, toml_extra: &str, env: &[(&str, &str)]) -> Running {
     let mut all = vec![
@@ -140,11 +128,22 @@ async fn two_gateways_share_one_limit() {
     let gw = setup().await;
     let prefix = redis_prefix();
     let env = [("ACCESS_REDIS_URL", REDIS_URL), ("ACCESS_REDIS__PREFIX", prefix.as_str())];
-    let (a, b) = (gateway(&gw, "", &env).await, gateway(&gw, "", &env).await);
+    let a = gateway(&gw, "", &env).await;
+    // The other gateway is another process: the built binary.
+    let b = crate::support::spawn_binary(
+        "gateway",
+        &[
+            ("ACCESS_AUTH__DEV_KEY_FILE", &gw.keys.path),
+            ("ACCESS_GATEWAY__ROUTES_FILE", &gw.routes),
+            env[0],
+            env[1],
+        ],
+    );
+    wait_ready(&b.url).await;
     let mut allowed = 0;
     for i in 0..6 {
-        let g = if i % 2 == 0 { &a } else { &b };
-        if hit(g, "/limited").await.0 == 200 {
+        let url = if i % 2 == 0 { a.url("/limited") } else { format!("{}/limited", b.url) };
+        if http().get(url).send().await.unwrap().status() == 200 {
             allowed += 1;
         }
     }
@@ -268,4 +267,42 @@ async fn the_per_address_limit_stops_floods_of_bad_tokens_before_verification() 
         (Some("rate_limited"), Some("too many requests from this address"))
     );
     assert!(body.get("reason").is_none(), "no authentication reason: the token was never verified");
+}
+
+#[tokio::test]
+async fn policies_reload_with_the_routes_on_sighup() {
+    let gw = setup().await;
+    let prefix = redis_prefix();
+    let mut p = crate::support::spawn_binary(
+        "gateway",
+        &[
+            ("ACCESS_AUTH__DEV_KEY_FILE", &gw.keys.path),
+            ("ACCESS_GATEWAY__ROUTES_FILE", &gw.routes),
+            ("ACCESS_REDIS_URL", REDIS_URL),
+            ("ACCESS_REDIS__PREFIX", &prefix),
+        ],
+    );
+    wait_ready(&p.url).await;
+    let url = format!("{}/limited", p.url);
+    let statuses = |n: usize| {
+        let url = url.clone();
+        async move {
+            let mut out = Vec::new();
+            for _ in 0..n {
+                out.push(http().get(&url).send().await.unwrap().status().as_u16());
+            }
+            out
+        }
+    };
+    assert_eq!(statuses(4).await, vec![200, 200, 200, 429]);
+    // A bigger burst in the file, then SIGHUP: the new policy applies at once.
+    std::fs::write(&gw.routes, routes_file(&gw.up, 50)).unwrap();
+    let pid = p.child.id().to_string();
+    assert!(std::process::Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+    crate::support::eventually(Duration::from_secs(3), "the new burst applies", || async {
+        let r = http().get(&url).send().await.unwrap();
+        (r.status() == 200 && r.headers()["ratelimit-limit"] == "50").then_some(())
+    })
+    .await;
+    assert_eq!(p.terminate(Duration::from_secs(10)).await.code(), Some(0));
 }

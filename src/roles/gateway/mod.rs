@@ -125,40 +125,15 @@ impl Config {
     /// Checks the section, compiling the route table.
     pub fn validate(&self) -> Vec<Problem> {
         let mut problems = Vec::new();
-        match routes::load_specs(self.routes_file.as_deref()) {
-            Ok(specs) => {
-                if let Err(list) =
-                    Table::compile(specs, &self.upstreams, self.timeout, self.retries)
-                {
-                    problems
-                        .extend(list.into_iter().map(|p| Problem::new("gateway.routes_file", p)));
-                }
-            }
-            Err(e) => problems.push(Problem::new("gateway.routes_file", e)),
+        if let Err(e) = self.table() {
+            problems.extend(e.split("; ").map(|p| Problem::new("gateway.routes_file", p)));
         }
-        for (name, p) in self
-            .rate_limits
-            .iter()
-            .map(|(n, p)| (format!("gateway.rate_limits.{n}"), p))
-            .chain([("gateway.ip_limit".to_string(), &self.ip_limit)])
-        {
-            if p.rate == 0 || p.burst == 0 || p.period.is_zero() {
-                problems.push(Problem::new(name, "rate, burst and period must be greater than 0"));
-            }
-        }
-        if let Ok(specs) = routes::load_specs(self.routes_file.as_deref()) {
-            for spec in specs {
-                for policy in spec.rate_limits.iter().filter(|p| !self.rate_limits.contains_key(*p))
-                {
-                    problems.push(Problem::new(
-                        "gateway.routes_file",
-                        format!(
-                            "route {} names an unknown rate-limit policy {policy:?}",
-                            spec.name
-                        ),
-                    ));
-                }
-            }
+        let ip = &self.ip_limit;
+        if ip.rate == 0 || ip.burst == 0 || ip.period.is_zero() {
+            problems.push(Problem::new(
+                "gateway.ip_limit",
+                "rate, burst and period must be greater than 0",
+            ));
         }
         if !(0.0..=1.0).contains(&self.breaker.error_rate) {
             problems.push(Problem::new("gateway.breaker.error_rate", "must be between 0 and 1"));
@@ -166,9 +141,37 @@ impl Config {
         problems
     }
 
-    fn table(&self) -> Result<Table, String> {
-        let specs = routes::load_specs(self.routes_file.as_deref())?;
-        Table::compile(specs, &self.upstreams, self.timeout, self.retries).map_err(|p| p.join("; "))
+    /// The route table and the rate-limit policies (config, then the route file's), checked
+    /// together: every policy a route names must exist.
+    fn table(&self) -> Result<(Table, BTreeMap<String, ratelimit::Policy>), String> {
+        let file = routes::load_file(self.routes_file.as_deref())?;
+        let mut policies = self.rate_limits.clone();
+        policies.extend(file.rate_limits);
+        let mut problems = Vec::new();
+        for spec in &file.routes {
+            for policy in spec.rate_limits.iter().filter(|p| !policies.contains_key(*p)) {
+                problems.push(format!(
+                    "route {} names an unknown rate-limit policy {policy:?}",
+                    spec.name
+                ));
+            }
+        }
+        for (name, p) in &policies {
+            if p.rate == 0 || p.burst == 0 || p.period.is_zero() {
+                problems.push(format!(
+                    "rate limit {name}: rate, burst and period must be greater than 0"
+                ));
+            }
+        }
+        let table = Table::compile(file.routes, &self.upstreams, self.timeout, self.retries);
+        match table {
+            Ok(table) if problems.is_empty() => Ok((table, policies)),
+            Ok(_) => Err(problems.join("; ")),
+            Err(mut p) => {
+                p.extend(problems);
+                Err(p.join("; "))
+            }
+        }
     }
 }
 
@@ -230,11 +233,13 @@ impl State {
             .set(value);
     }
 
-    /// Re-reads the route table; a bad one is refused and the current table kept.
+    /// Re-reads the route table and its rate-limit policies; a bad file is refused and the
+    /// current ones kept.
     pub fn reload(&self) -> Result<usize, String> {
-        let table = self.config.table()?;
+        let (table, policies) = self.config.table()?;
         let n = table.routes().len();
         *self.table.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);
+        self.limiter.set_policies(policies);
         Ok(n)
     }
 }
@@ -260,7 +265,7 @@ pub fn token_source(ctx: &Context, auth: &Auth) -> Result<Arc<TokenSource>, RunE
 /// Builds the state: the route table, the upstream client, entitlements and usage.
 pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
     let config = ctx.config.gateway.clone();
-    let table = config.table().map_err(|e| anyhow::anyhow!("routes: {e}"))?;
+    let (table, policies) = config.table().map_err(|e| anyhow::anyhow!("routes: {e}"))?;
     let tokens = token_source(ctx, &auth)?;
     let entitlements_url = ctx.config.entitlements_service_url.clone().unwrap_or_else(|| {
         tracing::warn!(
@@ -303,7 +308,7 @@ pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
         None => Arc::new(cache::MemoryStore::new(config.cache_max_bytes)),
     };
     let limiter = Arc::new(ratelimit::Limiter::new(
-        config.rate_limits.clone(),
+        policies,
         redis,
         config.rate_limit_on_store_error,
         config.rate_limit_shadow,
@@ -482,7 +487,7 @@ async fn rate_limits(AxumState(state): AxumState<State>, caller: Caller) -> ApiR
         .policies()
         .iter()
         .map(|(name, p)| {
-            let c = &counts[name];
+            let c = counts.get(name).cloned().unwrap_or_default();
             json!({
                 "name": name, "rate": p.rate, "period_seconds": p.period.as_secs_f64(), "burst": p.burst,
                 "allowed": c.allowed.load(Relaxed), "limited": c.limited.load(Relaxed),

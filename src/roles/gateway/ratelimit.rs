@@ -174,14 +174,16 @@ pub struct Counts {
 
 /// The limiter.
 pub struct Limiter {
-    policies: BTreeMap<String, Policy>,
+    /// Swapped whole when the routes are reloaded.
+    policies: std::sync::RwLock<Arc<BTreeMap<String, Policy>>>,
     redis: Option<(RedisClient, String)>,
     /// The script's SHA once loaded (reloaded after a Redis restart forgets it).
     sha: tokio::sync::RwLock<Option<String>>,
     local: LocalGcra,
     on_error: OnStoreError,
     shadow: bool,
-    counts: HashMap<String, Counts>,
+    /// Counters by policy name; a std lock held to find or add one.
+    counts: std::sync::RwLock<HashMap<String, Arc<Counts>>>,
 }
 
 impl Limiter {
@@ -192,26 +194,31 @@ impl Limiter {
         on_error: OnStoreError,
         shadow: bool,
     ) -> Self {
-        let counts = policies.keys().map(|k| (k.clone(), Counts::default())).collect();
+        let counts = policies.keys().map(|k| (k.clone(), Arc::new(Counts::default()))).collect();
         Limiter {
-            policies,
+            policies: std::sync::RwLock::new(Arc::new(policies)),
             redis,
             sha: tokio::sync::RwLock::new(None),
             local: LocalGcra::new(),
             on_error,
             shadow,
-            counts,
+            counts: std::sync::RwLock::new(counts),
         }
     }
 
     /// The policies.
-    pub fn policies(&self) -> &BTreeMap<String, Policy> {
-        &self.policies
+    pub fn policies(&self) -> Arc<BTreeMap<String, Policy>> {
+        self.policies.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Replaces the policies (routes reloaded); counters of kept names carry on.
+    pub fn set_policies(&self, policies: BTreeMap<String, Policy>) {
+        *self.policies.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(policies);
     }
 
     /// The counters.
-    pub fn counts(&self) -> &HashMap<String, Counts> {
-        &self.counts
+    pub fn counts(&self) -> HashMap<String, Arc<Counts>> {
+        self.counts.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Whether shadow mode is on.
@@ -247,9 +254,10 @@ impl Limiter {
 
     /// Checks the named policies for `subject` (a user, `apikey:<id>` or `ip:<addr>`).
     pub async fn check(&self, policy_names: &[String], subject: &str) -> Outcome {
+        let policies = self.policies();
         let items: Vec<(String, &Policy, &str)> = policy_names
             .iter()
-            .filter_map(|name| self.policies.get_key_value(name))
+            .filter_map(|name| policies.get_key_value(name))
             .map(|(name, p)| (format!("rl:{name}:{subject}"), p, name.as_str()))
             .collect();
         if items.is_empty() {
@@ -326,9 +334,12 @@ impl Limiter {
     }
 
     fn count(&self, policy: &str, field: impl Fn(&Counts) -> &AtomicU64, outcome: &'static str) {
-        if let Some(c) = self.counts.get(policy) {
-            field(c).fetch_add(1, Ordering::Relaxed);
-        }
+        let existing = self.counts.read().unwrap_or_else(|p| p.into_inner()).get(policy).cloned();
+        let counts = existing.unwrap_or_else(|| {
+            let mut all = self.counts.write().unwrap_or_else(|p| p.into_inner());
+            all.entry(policy.to_string()).or_default().clone()
+        });
+        field(&counts).fetch_add(1, Ordering::Relaxed);
         metrics::counter!(names::DECISIONS, "role" => "gateway", "policy" => policy.to_string(), "outcome" => outcome).increment(1);
     }
 }

@@ -242,13 +242,44 @@ impl Table {
     }
 }
 
+/// A route file: a list of routes, or `{routes: [...], rate_limits: {name: policy}}` so that
+/// policies are reloaded with the routes.
+#[derive(Debug, Default)]
+pub struct RouteFile {
+    /// The routes.
+    pub routes: Vec<RouteSpec>,
+    /// Policies defined (or redefined) by the file, over `gateway.rate_limits`.
+    pub rate_limits: BTreeMap<String, super::ratelimit::Policy>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FullFile {
+    routes: Vec<RouteSpec>,
+    #[serde(default)]
+    rate_limits: BTreeMap<String, super::ratelimit::Policy>,
+}
+
 /// Reads a route file (or the built-in table).
-pub fn load_specs(path: Option<&Path>) -> Result<Vec<RouteSpec>, String> {
+pub fn load_file(path: Option<&Path>) -> Result<RouteFile, String> {
     let text = match path {
         Some(p) => std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?,
         None => DEFAULT_ROUTES.to_string(),
     };
-    serde_yaml::from_str(&text).map_err(|e| format!("routes: {e}"))
+    let value: serde_yaml::Value =
+        serde_yaml::from_str(&text).map_err(|e| format!("routes: {e}"))?;
+    if value.is_sequence() {
+        let routes = serde_yaml::from_value(value).map_err(|e| format!("routes: {e}"))?;
+        Ok(RouteFile { routes, rate_limits: BTreeMap::new() })
+    } else {
+        let full: FullFile = serde_yaml::from_value(value).map_err(|e| format!("routes: {e}"))?;
+        Ok(RouteFile { routes: full.routes, rate_limits: full.rate_limits })
+    }
+}
+
+/// The routes of a route file (or of the built-in table).
+pub fn load_specs(path: Option<&Path>) -> Result<Vec<RouteSpec>, String> {
+    load_file(path).map(|f| f.routes)
 }
 
 fn path_params(path: &str) -> Vec<String> {
