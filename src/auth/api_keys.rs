@@ -73,6 +73,12 @@ pub enum KeyError {
     Unavailable(String),
 }
 
+/// One audit row: (action, actor, when).
+pub type AuditRow = (String, String, DateTime<Utc>);
+
+/// An audit row with its key id.
+type KeyAudit = (String, AuditRow);
+
 /// Where keys live.
 pub trait KeyStore: Send + Sync {
     /// Inserts a key and its audit row.
@@ -94,10 +100,7 @@ pub trait KeyStore: Send + Sync {
     /// Records a use.
     fn touch<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), KeyError>>;
     /// The audit trail of a key: (action, actor, at).
-    fn audit<'a>(
-        &'a self,
-        id: &'a str,
-    ) -> BoxFuture<'a, Result<Vec<(String, String, DateTime<Utc>)>, KeyError>>;
+    fn audit<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Vec<AuditRow>, KeyError>>;
 }
 
 fn hash(secret: &str) -> String {
@@ -117,13 +120,13 @@ fn secret() -> String {
 #[derive(Default)]
 pub struct MemoryKeys {
     /// Keys and audit rows; a std mutex held for one map operation.
-    state: Mutex<(HashMap<String, ApiKey>, Vec<(String, String, String, DateTime<Utc>)>)>,
+    state: Mutex<(HashMap<String, ApiKey>, Vec<KeyAudit>)>,
 }
 
 impl KeyStore for MemoryKeys {
     fn insert(&self, key: ApiKey, actor: &str) -> BoxFuture<'_, Result<(), KeyError>> {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        s.1.push((key.id.clone(), "create".into(), actor.into(), Utc::now()));
+        s.1.push((key.id.clone(), ("create".into(), actor.into(), Utc::now())));
         s.0.insert(key.id.clone(), key);
         Box::pin(async { Ok(()) })
     }
@@ -134,7 +137,7 @@ impl KeyStore for MemoryKeys {
     fn list(&self) -> BoxFuture<'_, Result<Vec<ApiKey>, KeyError>> {
         let mut keys: Vec<ApiKey> =
             self.state.lock().unwrap_or_else(|p| p.into_inner()).0.values().cloned().collect();
-        keys.sort_by(|a, b| b.created_at.cmp(&a.created_at));
+        keys.sort_by_key(|k| std::cmp::Reverse(k.created_at));
         Box::pin(async move { Ok(keys) })
     }
     fn rotate<'a>(
@@ -154,7 +157,7 @@ impl KeyStore for MemoryKeys {
             _ => Err(KeyError::NotFound),
         };
         if out.is_ok() {
-            s.1.push((id.to_string(), "rotate".into(), actor.into(), Utc::now()));
+            s.1.push((id.to_string(), ("rotate".into(), actor.into(), Utc::now())));
         }
         Box::pin(async move { out })
     }
@@ -168,7 +171,7 @@ impl KeyStore for MemoryKeys {
             None => Err(KeyError::NotFound),
         };
         if out.is_ok() {
-            s.1.push((id.to_string(), "revoke".into(), actor.into(), Utc::now()));
+            s.1.push((id.to_string(), ("revoke".into(), actor.into(), Utc::now())));
         }
         Box::pin(async move { out })
     }
@@ -178,18 +181,15 @@ impl KeyStore for MemoryKeys {
         }
         Box::pin(async { Ok(()) })
     }
-    fn audit<'a>(
-        &'a self,
-        id: &'a str,
-    ) -> BoxFuture<'a, Result<Vec<(String, String, DateTime<Utc>)>, KeyError>> {
+    fn audit<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Vec<AuditRow>, KeyError>> {
         let rows = self
             .state
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .1
             .iter()
-            .filter(|r| r.0 == id)
-            .map(|r| (r.1.clone(), r.2.clone(), r.3))
+            .filter(|(key, _)| key == id)
+            .map(|(_, row)| row.clone())
             .collect();
         Box::pin(async move { Ok(rows) })
     }
@@ -335,10 +335,7 @@ impl KeyStore for PgKeys {
             Ok(())
         })
     }
-    fn audit<'a>(
-        &'a self,
-        id: &'a str,
-    ) -> BoxFuture<'a, Result<Vec<(String, String, DateTime<Utc>)>, KeyError>> {
+    fn audit<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Vec<AuditRow>, KeyError>> {
         Box::pin(async move {
             let client = self.pool.get().await.map_err(|e| unavailable(&e))?;
             let rows = client.query("SELECT action, actor, at FROM access_api_keys_audit WHERE key_id = $1 ORDER BY id", &[&id]).await.map_err(|e| unavailable(&e))?;

@@ -29,6 +29,9 @@ where
     }
 }
 
+/// A registered check: its name, the check, and whether it is soft.
+type Registered = (&'static str, Arc<dyn ReadyCheck>, bool);
+
 /// The readiness of one role: its checks, whether start-up is done, and the shutdown state.
 #[derive(Clone)]
 pub struct Readiness {
@@ -38,7 +41,7 @@ pub struct Readiness {
 struct Inner {
     /// Written at start-up, read per probe: a std lock held only to clone the list. The flag
     /// marks a soft check: failing, it reports `degraded` but keeps the role ready.
-    checks: RwLock<Vec<(&'static str, Arc<dyn ReadyCheck>, bool)>>,
+    checks: RwLock<Vec<Registered>>,
     started: AtomicBool,
     shutdown: Shutdown,
     timeout: Duration,

@@ -63,10 +63,13 @@ async fn kafka_connects_and_answers_readiness() {
 #[tokio::test]
 async fn an_unreachable_kafka_is_named() {
     let broker = format!("127.0.0.1:{}", closed_port().await);
-    let err =
-        kafka::connect(&[broker.clone()], &KafkaConfig::default(), Duration::from_millis(300))
-            .await
-            .unwrap_err();
+    let err = kafka::connect(
+        std::slice::from_ref(&broker),
+        &KafkaConfig::default(),
+        Duration::from_millis(300),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(err.backend, "kafka");
     assert!(err.to_string().starts_with(&format!("kafka at {broker}")), "{err}");
 }

@@ -12,7 +12,7 @@ use axum::{Json, Router};
 use josekit::jwk::{Jwk, KeyPair};
 use josekit::jws::{JwsHeader, JwsSigner, ES256, RS256};
 use josekit::jwt::{self, JwtPayload};
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 pub const ISSUER: &str = "https://idp.test/realms/254carbon";
 pub const AUDIENCE: &str = "access";
@@ -143,13 +143,8 @@ async fn certs(State(s): State<Arc<Shared>>) -> Response {
     if s.down.load(Ordering::SeqCst) {
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     }
-    let keys: Vec<Value> = s
-        .keys
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|k| Value::Object(Map::<String, Value>::from(k.as_ref().clone())))
-        .collect();
+    let keys: Vec<Value> =
+        s.keys.lock().unwrap().iter().map(|k| Value::Object(k.as_ref().clone())).collect();
     Json(json!({ "keys": keys })).into_response()
 }
 

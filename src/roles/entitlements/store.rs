@@ -99,10 +99,13 @@ fn to_json(input: &RuleInput) -> Value {
     serde_json::to_value(input).unwrap_or(Value::Null)
 }
 
+/// Rules, audit rows by rule, and the rules version.
+type MemoryState = (Vec<Rule>, Vec<(Uuid, AuditEntry)>, i64);
+
 /// The embedded default: rules in memory (one process).
 pub struct MemoryStore {
     /// The rules, the audit trail and the version; a std mutex never held across an await.
-    state: Mutex<(Vec<Rule>, Vec<(Uuid, AuditEntry)>, i64)>,
+    state: Mutex<MemoryState>,
     changes: broadcast::Sender<i64>,
 }
 
@@ -127,7 +130,7 @@ impl MemoryStore {
         }
     }
 
-    fn with<T>(&self, f: impl FnOnce(&mut (Vec<Rule>, Vec<(Uuid, AuditEntry)>, i64)) -> T) -> T {
+    fn with<T>(&self, f: impl FnOnce(&mut MemoryState) -> T) -> T {
         f(&mut self.state.lock().unwrap_or_else(|p| p.into_inner()))
     }
 }

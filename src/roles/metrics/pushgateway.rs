@@ -248,7 +248,9 @@ impl Groups {
         self.groups.values().any(|g| g.families.contains_key(name))
     }
 
-    /// Applies a push after checking it; nothing changes when it is refused.
+    /// Applies a push after checking it; nothing changes when it is refused. (The arguments are
+    /// the push and the limits it is checked against; a struct would only rename them.)
+    #[allow(clippy::too_many_arguments)]
     pub fn push(
         &mut self,
         key: Labels,
