@@ -85,3 +85,27 @@ pub fn ready_check(
         })
     }
 }
+
+/// Reads a JSON value; a missing key, or a value that no longer parses, is `None`.
+pub async fn get_json<T: serde::de::DeserializeOwned>(
+    client: &Client,
+    key: &str,
+) -> Result<Option<T>, String> {
+    use fred::prelude::KeysInterface;
+    let raw: Option<String> = client.get(key).await.map_err(|e| e.to_string())?;
+    Ok(raw.and_then(|r| serde_json::from_str(&r).ok()))
+}
+
+/// Writes a JSON value that expires after `ttl` (at least a millisecond).
+pub async fn set_json<T: serde::Serialize>(
+    client: &Client,
+    key: &str,
+    value: &T,
+    ttl: std::time::Duration,
+) -> Result<(), String> {
+    use fred::prelude::{Expiration, KeysInterface};
+    let body = serde_json::to_string(value).map_err(|e| e.to_string())?;
+    let px = Expiration::PX(ttl.as_millis().clamp(1, i64::MAX as u128) as i64);
+    let _: () = client.set(key, body, Some(px), None, false).await.map_err(|e| e.to_string())?;
+    Ok(())
+}

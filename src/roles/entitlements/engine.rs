@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use fred::prelude::{Expiration, KeysInterface, PubsubInterface};
+use fred::prelude::PubsubInterface;
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -147,14 +147,8 @@ impl RedisCache {
 
 impl DecisionCache for RedisCache {
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Decision>, String>> {
-        Box::pin(async move {
-            let raw: Option<String> = self
-                .client
-                .get(format!("{}{key}", self.prefix))
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok(raw.and_then(|r| serde_json::from_str(&r).ok()))
-        })
+        let key = format!("{}{key}", self.prefix);
+        Box::pin(async move { crate::backends::redis::get_json(&self.client, &key).await })
     }
 
     fn put<'a>(
@@ -163,15 +157,9 @@ impl DecisionCache for RedisCache {
         decision: &'a Decision,
         ttl: Duration,
     ) -> BoxFuture<'a, Result<(), String>> {
+        let key = format!("{}{key}", self.prefix);
         Box::pin(async move {
-            let body = serde_json::to_string(decision).map_err(|e| e.to_string())?;
-            let ttl = Expiration::EX(ttl.as_secs().max(1) as i64);
-            let _: () = self
-                .client
-                .set(format!("{}{key}", self.prefix), body, Some(ttl), None, false)
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok(())
+            crate::backends::redis::set_json(&self.client, &key, decision, ttl).await
         })
     }
 }

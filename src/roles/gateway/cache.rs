@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use bytes::Bytes;
-use fred::prelude::{Expiration, KeysInterface};
+use fred::prelude::KeysInterface;
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -231,14 +231,8 @@ impl RedisStore {
 
 impl Store for RedisStore {
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Entry>, String>> {
-        Box::pin(async move {
-            let raw: Option<String> = self
-                .client
-                .get(format!("{}{key}", self.prefix))
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok(raw.and_then(|r| serde_json::from_str(&r).ok()))
-        })
+        let key = format!("{}{key}", self.prefix);
+        Box::pin(async move { crate::backends::redis::get_json(&self.client, &key).await })
     }
     fn put<'a>(
         &'a self,
@@ -246,16 +240,10 @@ impl Store for RedisStore {
         entry: &'a Entry,
         ttl: Duration,
     ) -> BoxFuture<'a, Result<(), String>> {
-        Box::pin(async move {
-            let body = serde_json::to_string(entry).map_err(|e| e.to_string())?;
-            let px = Expiration::PX(ttl.as_millis().max(1) as i64);
-            let _: () = self
-                .client
-                .set(format!("{}{key}", self.prefix), body, Some(px), None, false)
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok(())
-        })
+        let key = format!("{}{key}", self.prefix);
+        Box::pin(
+            async move { crate::backends::redis::set_json(&self.client, &key, entry, ttl).await },
+        )
     }
     fn purge<'a>(&'a self, route_prefix: &'a str) -> BoxFuture<'a, Result<u64, String>> {
         Box::pin(async move {
