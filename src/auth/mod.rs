@@ -202,6 +202,14 @@ pub struct Auth {
 }
 
 impl Auth {
+    /// Stores and announces a revocation, and applies it to this process's verifier at once
+    /// (the other processes apply it on the announcement).
+    pub async fn revoke(&self, revocation: revocation::Revocation) -> Result<(), String> {
+        self.revocations.revoke(revocation.clone()).await?;
+        self.verifier.apply(&revocation);
+        Ok(())
+    }
+
     /// Builds the auth handles from the configuration: keys (JWKS or the dev key), the revocation
     /// store (Redis or memory), the verifier and its background tasks. Registers the `jwks` (and
     /// `redis`) readiness checks on `ctx`.

@@ -246,36 +246,29 @@ impl RevocationStore for RedisStore {
     fn revoke(&self, revocation: Revocation) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async move {
             let now = unix_now();
-            match &revocation {
+            // What to store, and for how long: a token until it expires, a user's not-before
+            // for the longest token lifetime.
+            let stored = match &revocation {
                 Revocation::Token { hash, until } => {
-                    let ttl = until.saturating_sub(now).max(1) as i64;
-                    let _: () = self
-                        .client
-                        .set(
-                            self.key(&format!("revoked:token:{hash}")),
-                            1,
-                            Some(Expiration::EX(ttl)),
-                            None,
-                            false,
-                        )
-                        .await
-                        .map_err(|e| format!("redis: {e}"))?;
+                    Some((format!("revoked:token:{hash}"), 1, until.saturating_sub(now)))
                 }
                 Revocation::User { subject, not_before } => {
-                    let ttl = self.user_ttl.as_secs().max(1) as i64;
-                    let _: () = self
-                        .client
-                        .set(
-                            self.key(&format!("revoked:user:{subject}")),
-                            *not_before,
-                            Some(Expiration::EX(ttl)),
-                            None,
-                            false,
-                        )
-                        .await
-                        .map_err(|e| format!("redis: {e}"))?;
+                    Some((format!("revoked:user:{subject}"), *not_before, self.user_ttl.as_secs()))
                 }
-                Revocation::Resync => {}
+                Revocation::Resync => None,
+            };
+            if let Some((key, value, ttl)) = stored {
+                let _: () = self
+                    .client
+                    .set(
+                        self.key(&key),
+                        value,
+                        Some(Expiration::EX(ttl.max(1) as i64)),
+                        None,
+                        false,
+                    )
+                    .await
+                    .map_err(|e| format!("redis: {e}"))?;
             }
             let text = serde_json::to_string(&revocation).map_err(|e| e.to_string())?;
             let _: i64 = self

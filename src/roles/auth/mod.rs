@@ -108,12 +108,9 @@ async fn logout(AxumState(state): AxumState<State>, caller: Caller) -> ApiResult
     let revocation = Revocation::Token { hash: caller.0.token_hash.clone(), until };
     state
         .auth
-        .revocations
-        .revoke(revocation.clone())
+        .revoke(revocation)
         .await
         .map_err(|e| ApiError::dependency("redis", anyhow::anyhow!(e)))?;
-    // This replica stops accepting the token at once; the others on the announcement.
-    state.auth.verifier.apply(&revocation);
     tracing::info!(subject = %caller.0.identity.subject, "token revoked by logout");
     Ok(Json(json!({ "revoked": true, "until": until })).into_response())
 }
@@ -128,11 +125,9 @@ async fn revoke_user(
     let revocation = Revocation::User { subject: id.clone(), not_before };
     state
         .auth
-        .revocations
-        .revoke(revocation.clone())
+        .revoke(revocation)
         .await
         .map_err(|e| ApiError::dependency("redis", anyhow::anyhow!(e)))?;
-    state.auth.verifier.apply(&revocation);
     tracing::info!(admin = %caller.0.identity.subject, user = %id, "user's tokens revoked");
     Ok(Json(json!({ "user_id": id, "revoked_before": not_before })).into_response())
 }

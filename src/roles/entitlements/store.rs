@@ -297,6 +297,27 @@ impl PgStore {
     }
 }
 
+/// The rule `id`, locked for the rest of the transaction; a conflict when it is no longer at
+/// `expected` (when given).
+async fn locked_rule(
+    tx: &deadpool_postgres::Transaction<'_>,
+    id: Uuid,
+    expected: Option<i64>,
+) -> Result<Rule, StoreError> {
+    let row = tx
+        .query_opt("SELECT id, rule, created_at, updated_at, version FROM access_rules WHERE id = $1 FOR UPDATE", &[&id])
+        .await
+        .map_err(|e| unavailable(&e))?
+        .ok_or(StoreError::NotFound)?;
+    let rule = rule_from_row(&row)?;
+    match expected {
+        Some(expected) if expected != rule.version => {
+            Err(StoreError::Conflict { expected, current: rule.version })
+        }
+        _ => Ok(rule),
+    }
+}
+
 async fn audit_row(
     tx: &deadpool_postgres::Transaction<'_>,
     id: Uuid,
@@ -379,15 +400,7 @@ impl RuleStore for PgStore {
         Box::pin(async move {
             self.write(move |tx, version| {
                 Box::pin(async move {
-                    let row = tx
-                        .query_opt("SELECT id, rule, created_at, updated_at, version FROM access_rules WHERE id = $1 FOR UPDATE", &[&id])
-                        .await
-                        .map_err(|e| unavailable(&e))?
-                        .ok_or(StoreError::NotFound)?;
-                    let old = rule_from_row(&row)?;
-                    if old.version != expected {
-                        return Err(StoreError::Conflict { expected, current: old.version });
-                    }
+                    let old = locked_rule(tx, id, Some(expected)).await?;
                     let now = Utc::now();
                     let rule = Rule { id, input, created_at: old.created_at, updated_at: now, version: old.version + 1 };
                     let body = to_json(&rule.input);
@@ -415,17 +428,20 @@ impl RuleStore for PgStore {
             let ((), version) = self
                 .write(move |tx, version| {
                     Box::pin(async move {
-                        let row = tx
-                            .query_opt("SELECT id, rule, created_at, updated_at, version FROM access_rules WHERE id = $1 FOR UPDATE", &[&id])
+                        let old = locked_rule(tx, id, expected).await?;
+                        tx.execute("DELETE FROM access_rules WHERE id = $1", &[&id])
                             .await
-                            .map_err(|e| unavailable(&e))?
-                            .ok_or(StoreError::NotFound)?;
-                        let old = rule_from_row(&row)?;
-                        if let Some(expected) = expected.filter(|e| *e != old.version) {
-                            return Err(StoreError::Conflict { expected, current: old.version });
-                        }
-                        tx.execute("DELETE FROM access_rules WHERE id = $1", &[&id]).await.map_err(|e| unavailable(&e))?;
-                        audit_row(tx, id, "delete", &actor, Some(to_json(&old.input)), None, version).await
+                            .map_err(|e| unavailable(&e))?;
+                        audit_row(
+                            tx,
+                            id,
+                            "delete",
+                            &actor,
+                            Some(to_json(&old.input)),
+                            None,
+                            version,
+                        )
+                        .await
                     })
                 })
                 .await?;
