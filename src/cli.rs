@@ -246,8 +246,10 @@ pub async fn start(role: Role, listener: TcpListener, ctx: Context) -> Result<()
             let state = roles::gateway::build(&ctx, auth).await?;
             roles::gateway::run(listener, state, ctx).await
         }
-        Role::Stream => Err(RunError::Other(anyhow::anyhow!(
-            "the stream role has not landed yet; `access auth`, `access entitlements`, `access metrics` and `access gateway` run today"
-        ))),
+        Role::Stream => {
+            let auth = crate::auth::Auth::build(&ctx).await?;
+            let state = roles::stream::build(&ctx, auth).await?;
+            roles::stream::run(listener, state, ctx).await
+        }
     }
 }

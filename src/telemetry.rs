@@ -171,6 +171,8 @@ fn describe() {
     crate::auth::jwks::names::describe();
     crate::auth::verifier::names::describe();
     crate::roles::entitlements::engine::names::describe();
+    crate::roles::entitlements::client::names::describe();
     crate::roles::metrics::names::describe();
     crate::roles::gateway::proxy::names::describe();
+    crate::roles::stream::names::describe();
 }

@@ -134,3 +134,24 @@ impl TokenSource {
         }
     }
 }
+
+/// The service-token source for calls to other roles: client credentials when configured, else
+/// the dev key.
+pub fn for_role(
+    ctx: &crate::server::Context,
+    auth: &super::Auth,
+) -> Result<Arc<TokenSource>, crate::cli::RunError> {
+    let a = &ctx.config.auth;
+    match (&a.token_url, &a.client_id, &a.client_secret, &auth.dev_key) {
+        (Some(url), Some(id), Some(secret), _) => Ok(Arc::new(TokenSource::client_credentials(url.clone(), id.clone(), secret.clone(), a.jwks_timeout).map_err(|e| anyhow::anyhow!(e))?)),
+        (_, _, _, Some(key)) => Ok(Arc::new(TokenSource::dev(
+            key.clone(),
+            ctx.role.as_str(),
+            a.default_tenant.clone().unwrap_or_else(|| "platform".into()),
+            a.service_role.clone(),
+            a.issuer.clone(),
+            a.audience.clone(),
+        ))),
+        _ => Err(anyhow::anyhow!("service tokens need auth.token_url, auth.client_id and auth.client_secret (or dev mode)").into()),
+    }
+}

@@ -30,7 +30,7 @@ pub use sections::*;
 use crate::roles::Role;
 
 /// The whole configuration of one `access` process. Every role reads the sections it needs.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct Config {
     /// Deployment environment; `production` forbids the embedded backends and dev keys.
     pub env: Environment,
@@ -71,39 +71,11 @@ pub struct Config {
     /// The gateway role.
     pub gateway: crate::roles::gateway::Config,
     /// The stream role.
-    pub stream: RoleListen,
+    pub stream: crate::roles::stream::Config,
     /// The entitlements role.
     pub entitlements: crate::roles::entitlements::Config,
     /// The metrics role.
     pub metrics: crate::roles::metrics::Config,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            env: Environment::default(),
-            log_level: LogLevel::default(),
-            log_format: LogFormat::default(),
-            redis_url: None,
-            postgres_dsn: None,
-            kafka_bootstrap: Vec::new(),
-            jwks_url: None,
-            auth_service_url: None,
-            entitlements_service_url: None,
-            metrics_service_url: None,
-            enable_tracing: false,
-            otel_exporter: None,
-            server: ServerConfig::default(),
-            postgres: PostgresConfig::default(),
-            redis: RedisConfig::default(),
-            kafka: KafkaConfig::default(),
-            auth: AuthConfig::default(),
-            gateway: crate::roles::gateway::Config::default(),
-            stream: RoleListen::new(Role::Stream),
-            entitlements: crate::roles::entitlements::Config::default(),
-            metrics: crate::roles::metrics::Config::default(),
-        }
-    }
 }
 
 impl Config {
@@ -189,6 +161,7 @@ impl Config {
         problems.extend(self.entitlements.validate());
         problems.extend(self.metrics.validate());
         problems.extend(self.gateway.validate());
+        problems.extend(self.stream.validate());
         problems
     }
 }

@@ -404,21 +404,6 @@ impl AuthConfig {
     }
 }
 
-/// Where a role listens. Roles that have their own section replace this with their `Config`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RoleListen {
-    /// The role's port.
-    pub port: u16,
-}
-
-impl RoleListen {
-    /// The role's default port.
-    pub fn new(role: Role) -> Self {
-        RoleListen { port: role.default_port() }
-    }
-}
-
 /// A file the configuration points to must exist and be readable.
 fn check_file(key: &str, path: Option<&PathBuf>) -> Vec<Problem> {
     match path {

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod entitlements;
 pub mod gateway;
 pub mod metrics;
+pub mod stream;
 
 use std::fmt;
 

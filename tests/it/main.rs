@@ -11,5 +11,6 @@ mod idp;
 mod metrics;
 mod ratelimit;
 mod runtime;
+mod stream;
 mod support;
 mod telemetry;

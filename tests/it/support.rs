@@ -239,13 +239,17 @@ impl DevKeys {
     }
 
     pub fn token(&self, sub: &str, tenant: &str, roles: &[&str]) -> String {
+        self.token_for(sub, tenant, roles, Duration::from_secs(600))
+    }
+
+    pub fn token_for(&self, sub: &str, tenant: &str, roles: &[&str], ttl: Duration) -> String {
         let roles: Vec<String> = roles.iter().map(|r| r.to_string()).collect();
         self.key
             .issue(&access::auth::devkey::TokenRequest {
                 subject: sub,
                 tenant,
                 roles: &roles,
-                ttl: Duration::from_secs(600),
+                ttl,
                 issuer: None,
                 audience: None,
             })

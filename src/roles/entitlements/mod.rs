@@ -8,6 +8,7 @@
 //! - `api`: the HTTP handlers.
 
 mod api;
+pub mod client;
 pub mod engine;
 pub mod eval;
 pub mod rules;

@@ -5,7 +5,6 @@
 //! - [`breaker`]: a circuit breaker per upstream.
 //! - [`cache`]: the response cache (Redis or in-process), with revalidation and coalescing.
 //! - [`ratelimit`]: GCRA rate limits in Redis (or in-process), and the cheap per-IP limit.
-//! - [`entitle`]: entitlement checks against the entitlements role, with a local decision cache.
 //! - [`usage`]: per-tenant usage pushed to the metrics role.
 //!
 //! Gateway endpoints (admin role): `GET /api/v1/status`, `/api/v1/metadata/routes`,
@@ -14,7 +13,6 @@
 pub mod breaker;
 pub mod cache;
 mod cached;
-pub mod entitle;
 pub mod proxy;
 pub mod ratelimit;
 pub mod routes;
@@ -38,14 +36,13 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use url::Url;
 
-use crate::auth::token_source::TokenSource;
 use crate::auth::{Auth, Caller, Verifier};
 use crate::cli::RunError;
 use crate::config::Problem;
 use crate::error::ApiResult;
+use crate::roles::entitlements::client::Entitlements;
 use crate::server::{self, Context, Shutdown};
 use breaker::{Breaker, BreakerConfig};
-use entitle::Entitlements;
 use routes::Table;
 
 /// The `gateway` config section.
@@ -244,29 +241,11 @@ impl State {
     }
 }
 
-/// The service-token source for calls to other roles: client credentials when configured, else
-/// the dev key.
-pub fn token_source(ctx: &Context, auth: &Auth) -> Result<Arc<TokenSource>, RunError> {
-    let a = &ctx.config.auth;
-    match (&a.token_url, &a.client_id, &a.client_secret, &auth.dev_key) {
-        (Some(url), Some(id), Some(secret), _) => Ok(Arc::new(TokenSource::client_credentials(url.clone(), id.clone(), secret.clone(), a.jwks_timeout).map_err(|e| anyhow::anyhow!(e))?)),
-        (_, _, _, Some(key)) => Ok(Arc::new(TokenSource::dev(
-            key.clone(),
-            ctx.role.as_str(),
-            a.default_tenant.clone().unwrap_or_else(|| "platform".into()),
-            a.service_role.clone(),
-            a.issuer.clone(),
-            a.audience.clone(),
-        ))),
-        _ => Err(anyhow::anyhow!("service tokens need auth.token_url, auth.client_id and auth.client_secret (or dev mode)").into()),
-    }
-}
-
 /// Builds the state: the route table, the upstream client, entitlements and usage.
 pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
     let config = ctx.config.gateway.clone();
     let (table, policies) = config.table().map_err(|e| anyhow::anyhow!("routes: {e}"))?;
-    let tokens = token_source(ctx, &auth)?;
+    let tokens = crate::auth::token_source::for_role(ctx, &auth)?;
     let entitlements_url = ctx.config.entitlements_service_url.clone().unwrap_or_else(|| {
         tracing::warn!(
             role = "gateway",
@@ -276,6 +255,7 @@ pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
     });
     let entitlements = Arc::new(
         Entitlements::new(
+            ctx.role,
             entitlements_url,
             tokens.clone(),
             config.decision_cache_ttl,

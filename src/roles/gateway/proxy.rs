@@ -48,10 +48,6 @@ pub mod names {
             "Circuit breaker state per upstream: 0 closed, 1 half-open, 2 open"
         );
         describe_counter!(
-            super::super::entitle::names::CHECKS,
-            "Gateway entitlement checks by outcome and source (cache, remote)"
-        );
-        describe_counter!(
             super::super::ratelimit::names::DECISIONS,
             "Rate-limit decisions by policy and outcome (allowed, limited, shadow_limited, store_error)"
         );

@@ -1,7 +1,7 @@
-//! Entitlement checks for the gateway: asked of the entitlements role with a service token,
-//! remembered briefly in a local decision cache that is emptied when a new rules version is
-//! announced. When the role cannot answer, the request is refused (fail closed) unless
-//! `gateway.entitlements_fail_open` is set.
+//! The client of the entitlements role used by the gateway and the stream: checks asked with a
+//! service token, remembered briefly in a local decision cache that is emptied when a new rules
+//! version is announced. When the role cannot answer, the check fails (fail closed) unless the
+//! caller's role is configured to fail open.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -13,12 +13,21 @@ use url::Url;
 
 use crate::auth::token_source::TokenSource;
 use crate::auth::Identity;
+use crate::roles::Role;
 use crate::server::Shutdown;
 
 /// Metric names.
 pub mod names {
     /// Checks by outcome (`allowed`, `denied`, `unavailable`, `fail_open`) and source (`cache`, `remote`).
-    pub const CHECKS: &str = "access_gateway_entitlement_checks_total";
+    pub const CHECKS: &str = "access_entitlement_client_checks_total";
+
+    /// Registers the descriptions.
+    pub fn describe() {
+        metrics::describe_counter!(
+            CHECKS,
+            "Entitlement checks made by the gateway or stream, by outcome and source (cache, remote)"
+        );
+    }
 }
 
 /// An entitlement that could not be decided.
@@ -28,6 +37,7 @@ pub struct Unavailable(pub String);
 
 /// The client.
 pub struct Entitlements {
+    role: Role,
     http: reqwest::Client,
     url: Url,
     tokens: Arc<TokenSource>,
@@ -42,6 +52,7 @@ const CACHE_CAP: usize = 100_000;
 impl Entitlements {
     /// A client of the role at `url`.
     pub fn new(
+        role: Role,
         url: Url,
         tokens: Arc<TokenSource>,
         ttl: Duration,
@@ -50,7 +61,7 @@ impl Entitlements {
     ) -> Result<Self, String> {
         let http =
             reqwest::Client::builder().timeout(timeout).build().map_err(|e| e.to_string())?;
-        Ok(Entitlements { http, url, tokens, cache: Mutex::default(), ttl, fail_open })
+        Ok(Entitlements { role, http, url, tokens, cache: Mutex::default(), ttl, fail_open })
     }
 
     /// The role's base URL (for the status page).
@@ -86,7 +97,7 @@ impl Entitlements {
             .filter(|(_, until)| *until > Instant::now())
             .map(|(a, _)| *a);
         if let Some(allowed) = cached {
-            count(allowed, "cache");
+            count(self.role, allowed, "cache");
             return Ok(allowed);
         }
         match self.ask(identity, resource, action).await {
@@ -96,16 +107,16 @@ impl Entitlements {
                     cache.clear();
                 }
                 cache.insert(key, (allowed, Instant::now() + ttl.min(self.ttl)));
-                count(allowed, "remote");
+                count(self.role, allowed, "remote");
                 Ok(allowed)
             }
             Err(e) if self.fail_open => {
-                tracing::warn!(role = "gateway", error = %e, "entitlements unavailable; allowing (fail open)");
-                metrics::counter!(names::CHECKS, "role" => "gateway", "outcome" => "fail_open", "source" => "remote").increment(1);
+                tracing::warn!(role = %self.role, error = %e, "entitlements unavailable; allowing (fail open)");
+                metrics::counter!(names::CHECKS, "role" => self.role.as_str(), "outcome" => "fail_open", "source" => "remote").increment(1);
                 Ok(true)
             }
             Err(e) => {
-                metrics::counter!(names::CHECKS, "role" => "gateway", "outcome" => "unavailable", "source" => "remote").increment(1);
+                metrics::counter!(names::CHECKS, "role" => self.role.as_str(), "outcome" => "unavailable", "source" => "remote").increment(1);
                 Err(e)
             }
         }
@@ -152,7 +163,7 @@ impl Entitlements {
         let this = self.clone();
         tokio::spawn(async move {
             if let Err(e) = subscriber.subscribe(channel).await {
-                tracing::warn!(role = "gateway", error = %e, "cannot follow rules versions; decisions expire by TTL only");
+                tracing::warn!(role = %this.role, error = %e, "cannot follow rules versions; decisions expire by TTL only");
                 return;
             }
             let _resubscribe = subscriber.manage_subscriptions();
@@ -175,8 +186,8 @@ impl Entitlements {
     }
 }
 
-fn count(allowed: bool, source: &'static str) {
+fn count(role: Role, allowed: bool, source: &'static str) {
     let outcome = if allowed { "allowed" } else { "denied" };
-    metrics::counter!(names::CHECKS, "role" => "gateway", "outcome" => outcome, "source" => source)
+    metrics::counter!(names::CHECKS, "role" => role.as_str(), "outcome" => outcome, "source" => source)
         .increment(1);
 }

@@ -1,0 +1,547 @@
+//! The hub: every open connection of this replica, their subscriptions, and the fan-out of each
+//! record to the subscribers that may see it.
+//!
+//! A record is rendered to its data frame once and the same bytes are queued for every recipient.
+//! Each connection has a bounded queue; when a record finds it full, the connection is closed
+//! with `slow_consumer` and the record counted as dropped for it: a slow client never slows the
+//! others, and memory never grows with its backlog. Dispatch never waits.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+
+use serde::Serialize;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+use tokio_util::sync::CancellationToken;
+
+use super::names;
+use super::protocol::Close;
+use super::topics::{Filter, TopicSpec};
+use crate::auth::revocation::Revocation;
+use crate::auth::{AuthError, Verified, Verifier};
+use crate::roles::gateway::ratelimit::{LocalGcra, Policy};
+use crate::server::Shutdown;
+
+/// A connection's number on this replica.
+pub type ConnId = u64;
+
+/// A record from Kafka or the in-process bus, parsed once.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// The registry topic.
+    pub topic: Arc<str>,
+    /// Its partition.
+    pub partition: i32,
+    /// Its offset in the partition.
+    pub offset: i64,
+    /// The record's timestamp, milliseconds since the epoch.
+    pub timestamp_ms: i64,
+    /// The record key (instrument or entity id), when it is UTF-8.
+    pub key: Option<String>,
+    /// The value: a JSON object by contract; anything else is carried as a string.
+    pub data: Value,
+}
+
+impl Record {
+    /// The tenant the record is restricted to, if it names one.
+    pub fn tenant(&self) -> Option<&str> {
+        self.data.get("tenant_id").and_then(Value::as_str)
+    }
+
+    /// The data frame sent to clients.
+    pub fn frame(&self) -> String {
+        json!({
+            "type": "data",
+            "topic": &*self.topic,
+            "partition": self.partition,
+            "offset": self.offset,
+            "timestamp": self.timestamp_ms,
+            "key": self.key,
+            "data": self.data,
+        })
+        .to_string()
+    }
+}
+
+/// One queued data frame.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// The rendered frame, shared by every recipient.
+    pub frame: Utf8Bytes,
+    /// The record's topic.
+    pub topic: Arc<str>,
+    /// The record's timestamp (ms), for the delivery-latency histogram.
+    pub timestamp_ms: i64,
+}
+
+/// Closes a connection once, with the first reason given.
+#[derive(Debug, Clone, Default)]
+pub struct Closer {
+    token: CancellationToken,
+    reason: Arc<OnceLock<Close>>,
+}
+
+impl Closer {
+    /// Asks the connection to close with `why` (the first reason wins).
+    pub fn close(&self, why: Close) {
+        let _ = self.reason.set(why);
+        self.token.cancel();
+    }
+
+    /// Resolves with the reason once a close was asked.
+    pub async fn closed(&self) -> Close {
+        self.token.cancelled().await;
+        self.reason.get().copied().unwrap_or(Close::GoingAway)
+    }
+}
+
+/// The credential a connection currently holds (a fresh `auth` replaces it).
+#[derive(Debug, Clone)]
+pub struct Credential {
+    /// The token, kept to re-verify it when revocation announcements may have been missed.
+    pub token: String,
+    /// Its verification.
+    pub verified: Arc<Verified>,
+}
+
+/// One open connection.
+#[derive(Debug)]
+pub struct Conn {
+    /// Its number.
+    pub id: ConnId,
+    /// `ws` or `sse`.
+    pub transport: &'static str,
+    /// The user.
+    pub subject: String,
+    /// The tenant records are scoped to.
+    pub tenant: Arc<str>,
+    credential: Mutex<Credential>,
+    /// Closes it.
+    pub closer: Closer,
+    queue: mpsc::Sender<Delivery>,
+    /// Frames queued for it.
+    pub delivered: AtomicU64,
+}
+
+impl Conn {
+    /// The credential in force.
+    pub fn credential(&self) -> Credential {
+        self.credential.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Replaces the credential (same user and tenant, checked by the caller).
+    pub fn renew(&self, credential: Credential) {
+        *self.credential.lock().unwrap_or_else(|p| p.into_inner()) = credential;
+    }
+}
+
+/// The hub's limits.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Open connections on this replica.
+    pub max_connections: usize,
+    /// Open connections of one user on this replica.
+    pub max_connections_per_user: usize,
+    /// Open connections of one tenant on this replica.
+    pub max_connections_per_tenant: usize,
+    /// New connections accepted by this replica (a GCRA policy).
+    pub connect_rate: Policy,
+    /// Frames queued per connection before it is closed as a slow consumer.
+    pub send_queue: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 20_000,
+            max_connections_per_user: 50,
+            max_connections_per_tenant: 5_000,
+            connect_rate: Policy {
+                rate: 500,
+                period: std::time::Duration::from_secs(1),
+                burst: 1000,
+            },
+            send_queue: 1024,
+        }
+    }
+}
+
+/// Why a connection was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The replica is full.
+    Replica,
+    /// The user has too many.
+    User,
+    /// The tenant has too many.
+    Tenant,
+}
+
+impl Refusal {
+    /// The metric label and message fragment.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::Replica => "replica_limit",
+            Refusal::User => "user_limit",
+            Refusal::Tenant => "tenant_limit",
+        }
+    }
+}
+
+struct Sub {
+    conn: Arc<Conn>,
+    filter: Option<Filter>,
+}
+
+/// The hub. Shared as `Arc<Hub>`.
+pub struct Hub {
+    registry: HashMap<String, TopicSpec>,
+    order: Vec<String>,
+    limits: Limits,
+    /// topic -> connection -> subscription. Read by every dispatch, written by (un)subscribe; a
+    /// std lock never held across an await.
+    subs: RwLock<HashMap<Arc<str>, HashMap<ConnId, Sub>>>,
+    /// Every open connection, and the counts per user and tenant that the limits read. One std
+    /// mutex for the three so admission is one atomic decision.
+    conns: Mutex<Registry>,
+    connect_gate: LocalGcra,
+    next_id: AtomicU64,
+    open: AtomicUsize,
+    delivered: AtomicU64,
+    dropped: AtomicU64,
+    slow_closes: AtomicU64,
+}
+
+#[derive(Default)]
+struct Registry {
+    all: HashMap<ConnId, Arc<Conn>>,
+    per_user: HashMap<String, usize>,
+    per_tenant: HashMap<Arc<str>, usize>,
+}
+
+/// An admitted connection: its handle and its queue. Dropping it removes the connection and
+/// its subscriptions from the hub.
+pub struct Registration {
+    hub: Arc<Hub>,
+    /// The connection.
+    pub conn: Arc<Conn>,
+    /// Its outgoing queue.
+    pub queue: mpsc::Receiver<Delivery>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.hub.remove(&self.conn);
+    }
+}
+
+impl Hub {
+    /// A hub for these topics and limits.
+    pub fn new(topics: &[TopicSpec], limits: Limits) -> Arc<Self> {
+        Arc::new(Hub {
+            registry: topics.iter().map(|t| (t.name.clone(), t.clone())).collect(),
+            order: topics.iter().map(|t| t.name.clone()).collect(),
+            limits,
+            subs: RwLock::default(),
+            conns: Mutex::default(),
+            connect_gate: LocalGcra::new(),
+            next_id: AtomicU64::new(1),
+            open: AtomicUsize::new(0),
+            delivered: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            slow_closes: AtomicU64::new(0),
+        })
+    }
+
+    /// The registry entry of `topic`.
+    pub fn topic(&self, topic: &str) -> Option<&TopicSpec> {
+        self.registry.get(topic)
+    }
+
+    /// The registry, in configuration order.
+    pub fn topics(&self) -> impl Iterator<Item = &TopicSpec> {
+        self.order.iter().filter_map(|t| self.registry.get(t))
+    }
+
+    /// Whether one more connection may start now (the replica's connection rate); `Err` holds
+    /// the seconds to wait.
+    pub fn connect_allowed(&self) -> Result<(), u64> {
+        let verdict = self.connect_gate.check(&[("connect".into(), &self.limits.connect_rate)]);
+        match verdict.first() {
+            Some(v) if !v.allowed => Err(v.retry_us.div_ceil(1_000_000).max(1)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Admits a connection of this credential, within the limits.
+    pub fn admit(
+        self: &Arc<Self>,
+        transport: &'static str,
+        credential: Credential,
+    ) -> Result<Registration, Refusal> {
+        let identity = &credential.verified.identity;
+        let tenant: Arc<str> = identity.tenant.as_str().into();
+        let mut reg = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        if reg.all.len() >= self.limits.max_connections {
+            return Err(Refusal::Replica);
+        }
+        if reg.per_user.get(&identity.subject).copied().unwrap_or(0)
+            >= self.limits.max_connections_per_user
+        {
+            return Err(Refusal::User);
+        }
+        if reg.per_tenant.get(&tenant).copied().unwrap_or(0)
+            >= self.limits.max_connections_per_tenant
+        {
+            return Err(Refusal::Tenant);
+        }
+        let (tx, rx) = mpsc::channel(self.limits.send_queue.max(1));
+        let conn = Arc::new(Conn {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            transport,
+            subject: identity.subject.clone(),
+            tenant: tenant.clone(),
+            credential: Mutex::new(credential),
+            closer: Closer::default(),
+            queue: tx,
+            delivered: AtomicU64::new(0),
+        });
+        *reg.per_user.entry(conn.subject.clone()).or_default() += 1;
+        *reg.per_tenant.entry(tenant).or_default() += 1;
+        reg.all.insert(conn.id, conn.clone());
+        let open = self.open.fetch_add(1, Ordering::Relaxed) + 1;
+        metrics::gauge!(names::CONNECTIONS, "role" => "stream", "transport" => transport)
+            .increment(1.0);
+        drop(reg);
+        tracing::debug!(role = "stream", conn = conn.id, open, "connection admitted");
+        Ok(Registration { hub: self.clone(), conn, queue: rx })
+    }
+
+    fn remove(&self, conn: &Conn) {
+        let topics: Vec<Arc<str>> = {
+            let mut subs = self.subs.write().unwrap_or_else(|p| p.into_inner());
+            let mut left = Vec::new();
+            for (topic, by_conn) in subs.iter_mut() {
+                if by_conn.remove(&conn.id).is_some() {
+                    left.push(topic.clone());
+                }
+            }
+            left
+        };
+        for topic in topics {
+            metrics::gauge!(names::SUBSCRIPTIONS, "role" => "stream", "topic" => topic.to_string())
+                .decrement(1.0);
+        }
+        let mut reg = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        if reg.all.remove(&conn.id).is_none() {
+            return;
+        }
+        decrement(&mut reg.per_user, &conn.subject);
+        decrement(&mut reg.per_tenant, &conn.tenant);
+        self.open.fetch_sub(1, Ordering::Relaxed);
+        metrics::gauge!(names::CONNECTIONS, "role" => "stream", "transport" => conn.transport)
+            .decrement(1.0);
+    }
+
+    /// Subscribes `conn` to a registry topic (replacing its filter if already subscribed).
+    pub fn subscribe(&self, conn: &Arc<Conn>, topic: &str, filter: Option<Filter>) {
+        let Some(spec) = self.registry.get(topic) else { return };
+        let mut subs = self.subs.write().unwrap_or_else(|p| p.into_inner());
+        let by_conn = subs.entry(spec.name.as_str().into()).or_default();
+        if by_conn.insert(conn.id, Sub { conn: conn.clone(), filter }).is_none() {
+            metrics::gauge!(names::SUBSCRIPTIONS, "role" => "stream", "topic" => spec.name.clone())
+                .increment(1.0);
+        }
+    }
+
+    /// Removes a subscription; whether there was one.
+    pub fn unsubscribe(&self, conn: &Conn, topic: &str) -> bool {
+        let mut subs = self.subs.write().unwrap_or_else(|p| p.into_inner());
+        let removed = subs.get_mut(topic).and_then(|by_conn| by_conn.remove(&conn.id)).is_some();
+        if removed {
+            metrics::gauge!(names::SUBSCRIPTIONS, "role" => "stream", "topic" => topic.to_string())
+                .decrement(1.0);
+        }
+        removed
+    }
+
+    /// The topics `conn` is subscribed to.
+    pub fn subscriptions(&self, conn: &Conn) -> Vec<String> {
+        let subs = self.subs.read().unwrap_or_else(|p| p.into_inner());
+        let mut topics: Vec<String> = subs
+            .iter()
+            .filter(|(_, by_conn)| by_conn.contains_key(&conn.id))
+            .map(|(t, _)| t.to_string())
+            .collect();
+        topics.sort();
+        topics
+    }
+
+    /// Queues `record` for every subscriber of its topic that may see it: the record's tenant
+    /// (if any) must be the connection's, and the subscription's filter must pass.
+    pub fn dispatch(&self, record: &Record) {
+        let subs = self.subs.read().unwrap_or_else(|p| p.into_inner());
+        let Some(by_conn) = subs.get(&record.topic) else { return };
+        let tenant = record.tenant();
+        let mut frame: Option<Utf8Bytes> = None;
+        let (mut delivered, mut dropped) = (0u64, 0u64);
+        for sub in by_conn.values() {
+            if tenant.is_some_and(|t| t != &*sub.conn.tenant)
+                || sub.filter.as_ref().is_some_and(|f| !f.matches(&record.data))
+            {
+                continue;
+            }
+            let frame = frame.get_or_insert_with(|| Utf8Bytes::from(record.frame())).clone();
+            let delivery =
+                Delivery { frame, topic: record.topic.clone(), timestamp_ms: record.timestamp_ms };
+            match sub.conn.queue.try_send(delivery) {
+                Ok(()) => {
+                    delivered += 1;
+                    sub.conn.delivered.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    dropped += 1;
+                    if !sub.conn.closer.token.is_cancelled() {
+                        self.slow_closes.fetch_add(1, Ordering::Relaxed);
+                        metrics::counter!(names::SLOW_CONSUMER_CLOSES, "role" => "stream", "transport" => sub.conn.transport).increment(1);
+                        tracing::info!(role = "stream", conn = sub.conn.id, user = %sub.conn.subject, "slow consumer; closing");
+                    }
+                    sub.conn.closer.close(Close::SlowConsumer);
+                }
+                // The connection is going; its registration removes it.
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            }
+        }
+        drop(subs);
+        if delivered > 0 {
+            self.delivered.fetch_add(delivered, Ordering::Relaxed);
+            metrics::counter!(names::MESSAGES_QUEUED, "role" => "stream", "topic" => record.topic.to_string()).increment(delivered);
+        }
+        if dropped > 0 {
+            self.dropped.fetch_add(dropped, Ordering::Relaxed);
+            metrics::counter!(names::MESSAGES_DROPPED, "role" => "stream", "topic" => record.topic.to_string(), "reason" => "slow_consumer").increment(dropped);
+        }
+    }
+
+    /// Closes the connections a revocation names.
+    pub fn revoke(&self, revocation: &Revocation) -> usize {
+        let conns: Vec<Arc<Conn>> =
+            self.conns.lock().unwrap_or_else(|p| p.into_inner()).all.values().cloned().collect();
+        let mut closed = 0;
+        for conn in conns {
+            let c = conn.credential();
+            let hit = match revocation {
+                Revocation::Token { hash, .. } => &c.verified.token_hash == hash,
+                Revocation::User { subject, not_before } => {
+                    &conn.subject == subject
+                        && c.verified.info.iat.is_none_or(|iat| iat <= *not_before)
+                }
+                Revocation::Resync => false,
+            };
+            if hit {
+                conn.closer.close(Close::Revoked);
+                closed += 1;
+            }
+        }
+        closed
+    }
+
+    /// Re-verifies every connection's token (announcements may have been missed) and closes
+    /// those now refused.
+    pub async fn reverify(&self, verifier: &Verifier) {
+        let conns: Vec<Arc<Conn>> =
+            self.conns.lock().unwrap_or_else(|p| p.into_inner()).all.values().cloned().collect();
+        for conn in conns {
+            let token = conn.credential().token;
+            match verifier.verify(&token).await {
+                Err(AuthError::Rejected(crate::auth::Reason::Expired)) => {
+                    conn.closer.close(Close::TokenExpired)
+                }
+                Err(AuthError::Rejected(_)) => conn.closer.close(Close::Revoked),
+                // Unavailable: keep the connection; the next announcement or resync decides.
+                Ok(_) | Err(AuthError::Unavailable(_)) => {}
+            }
+        }
+    }
+
+    /// Applies revocation announcements until shutdown.
+    pub fn follow_revocations(
+        self: &Arc<Self>,
+        mut announcements: tokio::sync::broadcast::Receiver<Revocation>,
+        verifier: Arc<Verifier>,
+        shutdown: Shutdown,
+    ) {
+        use tokio::sync::broadcast::error::RecvError;
+        let hub = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let revocation = tokio::select! {
+                    r = announcements.recv() => match r {
+                        Ok(r) => r,
+                        Err(RecvError::Lagged(_)) => Revocation::Resync,
+                        Err(RecvError::Closed) => return,
+                    },
+                    _ = shutdown.stopping() => return,
+                };
+                if revocation == Revocation::Resync {
+                    hub.reverify(&verifier).await;
+                } else {
+                    let n = hub.revoke(&revocation);
+                    if n > 0 {
+                        tracing::info!(
+                            role = "stream",
+                            closed = n,
+                            "revocation closed connections"
+                        );
+                    }
+                }
+            }
+        });
+    }
+
+    /// Open connections.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// The counters and subscriptions of `GET /stats`.
+    pub fn stats(&self) -> Value {
+        let per_topic: serde_json::Map<String, Value> = {
+            let subs = self.subs.read().unwrap_or_else(|p| p.into_inner());
+            self.order
+                .iter()
+                .map(|t| (t.clone(), json!(subs.get(t.as_str()).map_or(0, HashMap::len))))
+                .collect()
+        };
+        let (users, tenants) = {
+            let reg = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+            (reg.per_user.len(), reg.per_tenant.len())
+        };
+        json!({
+            "connections": self.open(),
+            "users": users,
+            "tenants": tenants,
+            "subscriptions": per_topic,
+            "messages_queued": self.delivered.load(Ordering::Relaxed),
+            "messages_dropped": self.dropped.load(Ordering::Relaxed),
+            "slow_consumer_closes": self.slow_closes.load(Ordering::Relaxed),
+            "limits": self.limits,
+        })
+    }
+}
+
+fn decrement<K>(counts: &mut HashMap<<K as ToOwned>::Owned, usize>, key: &K)
+where
+    K: ToOwned + std::hash::Hash + Eq + ?Sized,
+    <K as ToOwned>::Owned: std::hash::Hash + Eq + std::borrow::Borrow<K>,
+{
+    if let Some(n) = counts.get_mut(key) {
+        *n -= 1;
+        if *n == 0 {
+            counts.remove(key);
+        }
+    }
+}

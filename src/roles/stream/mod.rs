@@ -1,0 +1,500 @@
+//! The stream role (port 8001): Kafka topics fanned out to WebSocket clients, every subscription
+//! guarded by an entitlement. The protocol is documented in `docs/stream-protocol.md`.
+//!
+//! - [`topics`]: the topic registry and subscription filters.
+//! - [`protocol`]: client actions, server frames, close codes.
+//! - [`hub`]: open connections, subscriptions, fan-out with bounded queues, revocation.
+//! - [`source`]: the Kafka consumer and publisher, and the in-process bus.
+//! - [`ws`]: the WebSocket endpoint and its per-connection task.
+//!
+//! Endpoints: `GET /ws/stream` (and `/ws`, `/ws/`), `GET /stats`, `POST /publish` (service or
+//! admin role).
+
+pub mod hub;
+pub mod protocol;
+pub mod source;
+pub mod topics;
+mod ws;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State as AxumState;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use url::Url;
+
+use crate::auth::{Auth, Caller, Verifier};
+use crate::cli::RunError;
+use crate::config::Problem;
+use crate::error::{ApiError, ApiResult, ErrorCode};
+use crate::roles::entitlements::client::Entitlements;
+use crate::roles::Role;
+use crate::server::{self, Context, Shutdown};
+use hub::{Credential, Hub, Limits, Refusal, Registration};
+use source::{Consumer, Publisher};
+use topics::TopicSpec;
+
+/// Metric names.
+pub mod names {
+    /// Open connections by transport.
+    pub const CONNECTIONS: &str = "access_stream_connections";
+    /// Subscriptions by topic.
+    pub const SUBSCRIPTIONS: &str = "access_stream_subscriptions";
+    /// Frames queued for connections, by topic.
+    pub const MESSAGES_QUEUED: &str = "access_stream_messages_queued_total";
+    /// Frames written to sockets, by topic and transport.
+    pub const MESSAGES_DELIVERED: &str = "access_stream_messages_delivered_total";
+    /// Frames not delivered, by topic and reason (`slow_consumer`).
+    pub const MESSAGES_DROPPED: &str = "access_stream_messages_dropped_total";
+    /// Connections closed because their queue was full.
+    pub const SLOW_CONSUMER_CLOSES: &str = "access_stream_slow_consumer_closes_total";
+    /// Connections ended, by transport and reason.
+    pub const CLOSES: &str = "access_stream_closes_total";
+    /// Connections refused, by reason.
+    pub const REJECTED: &str = "access_stream_connections_rejected_total";
+    /// From the record's Kafka timestamp to the socket write.
+    pub const DELIVERY_LATENCY: &str = "access_stream_delivery_latency_seconds";
+    /// Records behind the high watermark, per partition.
+    pub const KAFKA_LAG: &str = "access_stream_kafka_lag";
+    /// Records read from Kafka, by topic.
+    pub const KAFKA_RECORDS: &str = "access_stream_kafka_records_total";
+    /// Failed connections and fetches, by topic.
+    pub const KAFKA_ERRORS: &str = "access_stream_kafka_errors_total";
+    /// Partitions started over, by topic and cause.
+    pub const PARTITION_RESTARTS: &str = "access_stream_partition_restarts_total";
+    /// Records published through `POST /publish`, by topic and outcome.
+    pub const PUBLISHED: &str = "access_stream_published_total";
+
+    /// Registers the descriptions.
+    pub fn describe() {
+        use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+        describe_gauge!(CONNECTIONS, "Open stream connections by transport");
+        describe_gauge!(SUBSCRIPTIONS, "Stream subscriptions by topic");
+        describe_counter!(MESSAGES_QUEUED, "Data frames queued for connections by topic");
+        describe_counter!(
+            MESSAGES_DELIVERED,
+            "Data frames written to sockets by topic and transport"
+        );
+        describe_counter!(MESSAGES_DROPPED, "Data frames not delivered by topic and reason");
+        describe_counter!(SLOW_CONSUMER_CLOSES, "Connections closed because they did not keep up");
+        describe_counter!(CLOSES, "Stream connections ended, by transport and reason");
+        describe_counter!(REJECTED, "Stream connections refused, by reason");
+        describe_histogram!(
+            DELIVERY_LATENCY,
+            Unit::Seconds,
+            "From a record's Kafka timestamp to its write on the socket"
+        );
+        describe_gauge!(KAFKA_LAG, "Records behind the partition's high watermark");
+        describe_counter!(KAFKA_RECORDS, "Records read from Kafka by topic");
+        describe_counter!(KAFKA_ERRORS, "Failed Kafka connections and fetches by topic");
+        describe_counter!(PARTITION_RESTARTS, "Partitions started over, by topic and cause");
+        describe_counter!(
+            PUBLISHED,
+            "Records published through POST /publish, by topic and outcome"
+        );
+    }
+}
+
+/// The `stream` config section.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The role's port.
+    pub port: u16,
+    /// The topic registry: topic -> entitlement resource and action.
+    pub topics: Vec<TopicSpec>,
+    /// Browser origins allowed to connect (exact, or `*`); requests without `Origin` (non-browser
+    /// clients) are always allowed.
+    pub allowed_origins: Vec<String>,
+    /// Connection limits and the per-connection queue.
+    pub limits: Limits,
+    /// How often the server pings each WebSocket.
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
+    /// How long after a ping a silent connection is closed.
+    #[serde(with = "humantime_serde")]
+    pub pong_timeout: Duration,
+    /// How long a connection opened without a token has to send `{"action":"auth"}`.
+    #[serde(with = "humantime_serde")]
+    pub auth_timeout: Duration,
+    /// How long a Kafka fetch waits for data. Brokers that do not answer a waiting fetch early
+    /// (tansu) deliver about this late; Kafka answers as soon as data arrives.
+    #[serde(with = "humantime_serde")]
+    pub fetch_wait: Duration,
+    /// The most bytes one fetch returns.
+    pub fetch_max_bytes: i32,
+    /// How often topic metadata is re-read (partitions added, topics created late).
+    #[serde(with = "humantime_serde")]
+    pub metadata_refresh: Duration,
+    /// Records per topic the in-process bus keeps.
+    pub bus_retain: usize,
+    /// The largest client frame accepted.
+    pub max_message_bytes: usize,
+    /// tungstenite's read buffer per connection.
+    pub read_buffer_bytes: usize,
+    /// tungstenite's write buffer target per connection.
+    pub write_buffer_bytes: usize,
+    /// The most a connection's unsent bytes may grow to before it fails.
+    pub max_write_buffer_bytes: usize,
+    /// Subscribe when the entitlements role cannot answer (default: refuse the topic).
+    pub entitlements_fail_open: bool,
+    /// The longest a decision is remembered locally.
+    #[serde(with = "humantime_serde")]
+    pub decision_cache_ttl: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            port: Role::Stream.default_port(),
+            topics: topics::default_registry(),
+            allowed_origins: vec!["*".into()],
+            limits: Limits::default(),
+            ping_interval: Duration::from_secs(25),
+            pong_timeout: Duration::from_secs(10),
+            auth_timeout: Duration::from_secs(10),
+            fetch_wait: Duration::from_millis(20),
+            fetch_max_bytes: 1024 * 1024,
+            metadata_refresh: Duration::from_secs(30),
+            bus_retain: 10_000,
+            max_message_bytes: 64 * 1024,
+            read_buffer_bytes: 4 * 1024,
+            write_buffer_bytes: 8 * 1024,
+            max_write_buffer_bytes: 4 * 1024 * 1024,
+            entitlements_fail_open: false,
+            decision_cache_ttl: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Config {
+    /// Checks the section.
+    pub fn validate(&self) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        if self.topics.is_empty() {
+            problems.push(Problem::new("stream.topics", "the registry needs at least one topic"));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, t) in self.topics.iter().enumerate() {
+            let at = format!("stream.topics[{i}]");
+            if t.name.is_empty() || t.resource.is_empty() {
+                problems.push(Problem::new(&at, "name and resource must not be empty"));
+            }
+            if !seen.insert(&t.name) {
+                problems.push(Problem::new(&at, format!("{} is listed twice", t.name)));
+            }
+            if !crate::roles::entitlements::rules::ACTIONS.contains(&t.action.as_str()) {
+                problems.push(Problem::new(
+                    format!("{at}.action"),
+                    format!("unknown action {:?}", t.action),
+                ));
+            }
+        }
+        let l = &self.limits;
+        if l.max_connections == 0
+            || l.max_connections_per_user == 0
+            || l.max_connections_per_tenant == 0
+            || l.send_queue == 0
+        {
+            problems.push(Problem::new(
+                "stream.limits",
+                "connection limits and send_queue must be greater than 0",
+            ));
+        }
+        let r = &l.connect_rate;
+        if r.rate == 0 || r.burst == 0 || r.period.is_zero() {
+            problems.push(Problem::new(
+                "stream.limits.connect_rate",
+                "rate, burst and period must be greater than 0",
+            ));
+        }
+        for (key, d) in [
+            ("stream.ping_interval", self.ping_interval),
+            ("stream.pong_timeout", self.pong_timeout),
+            ("stream.auth_timeout", self.auth_timeout),
+            ("stream.metadata_refresh", self.metadata_refresh),
+        ] {
+            if d.is_zero() {
+                problems.push(Problem::new(key, "must be greater than 0"));
+            }
+        }
+        if self.fetch_wait > Duration::from_secs(30) {
+            problems.push(Problem::new("stream.fetch_wait", "at most 30s"));
+        }
+        if self.fetch_max_bytes < 1024 {
+            problems.push(Problem::new("stream.fetch_max_bytes", "at least 1024"));
+        }
+        if self.read_buffer_bytes < 256 || self.max_message_bytes < 256 {
+            problems.push(Problem::new(
+                "stream.read_buffer_bytes",
+                "read_buffer_bytes and max_message_bytes must be at least 256",
+            ));
+        }
+        if self.max_write_buffer_bytes <= self.write_buffer_bytes {
+            problems.push(Problem::new(
+                "stream.max_write_buffer_bytes",
+                "must be greater than write_buffer_bytes",
+            ));
+        }
+        problems
+    }
+}
+
+/// The role's state.
+#[derive(Clone)]
+pub struct State {
+    config: Arc<Config>,
+    hub: Arc<Hub>,
+    verifier: Arc<Verifier>,
+    entitlements: Arc<Entitlements>,
+    publisher: Arc<dyn Publisher>,
+    consumer: Option<Arc<Consumer>>,
+    shutdown: Shutdown,
+    admin_role: Arc<str>,
+    service_role: Arc<str>,
+}
+
+impl axum::extract::FromRef<State> for Arc<Verifier> {
+    fn from_ref(state: &State) -> Self {
+        state.verifier.clone()
+    }
+}
+
+/// Builds the state: the hub, the entitlements client, and Kafka (consumer and publisher) or
+/// the in-process bus.
+pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
+    let config = Arc::new(ctx.config.stream.clone());
+    let hub = Hub::new(&config.topics, config.limits.clone());
+    let tokens = crate::auth::token_source::for_role(ctx, &auth)?;
+    let entitlements_url = ctx.config.entitlements_service_url.clone().unwrap_or_else(|| {
+        tracing::warn!(
+            role = "stream",
+            "ACCESS_ENTITLEMENTS_SERVICE_URL is not set; using http://127.0.0.1:8011"
+        );
+        Url::parse("http://127.0.0.1:8011").expect("a valid URL")
+    });
+    let entitlements = Arc::new(
+        Entitlements::new(
+            Role::Stream,
+            entitlements_url,
+            tokens,
+            config.decision_cache_ttl,
+            config.entitlements_fail_open,
+            Duration::from_secs(2),
+        )
+        .map_err(|e| anyhow::anyhow!(e))?,
+    );
+    if let Some(url) = &ctx.config.redis_url {
+        let subscriber = crate::backends::redis::subscriber(url, &ctx.config.redis).await?;
+        entitlements.follow_rules(
+            subscriber,
+            format!("{}rules", ctx.config.redis_prefix()),
+            ctx.shutdown.clone(),
+        );
+    }
+    let (publisher, consumer): (Arc<dyn Publisher>, _) = if ctx.config.kafka_bootstrap.is_empty() {
+        tracing::warn!(
+            role = "stream",
+            "no ACCESS_KAFKA_BOOTSTRAP: records come from the in-process bus (POST /publish) only"
+        );
+        (source::MemoryBus::new(hub.clone(), config.bus_retain), None)
+    } else {
+        let settings = source::KafkaSettings {
+            bootstrap: ctx.config.kafka_bootstrap.clone(),
+            client: ctx.config.kafka.clone(),
+            fetch_wait: config.fetch_wait,
+            fetch_max_bytes: config.fetch_max_bytes,
+            metadata_refresh: config.metadata_refresh,
+            connect_timeout: Duration::from_secs(5),
+        };
+        let topics = config.topics.iter().map(|t| t.name.clone()).collect();
+        let (metadata, consumer) =
+            source::start_consumer(settings.clone(), topics, hub.clone(), ctx.shutdown.clone())
+                .await?;
+        ctx.readiness.add_check("kafka", crate::backends::kafka::ready_check(metadata));
+        (source::KafkaPublisher::connect(&settings).await?, Some(consumer))
+    };
+    hub.follow_revocations(
+        auth.revocations.subscribe(),
+        auth.verifier.clone(),
+        ctx.shutdown.clone(),
+    );
+    Ok(State {
+        config,
+        hub,
+        verifier: auth.verifier,
+        entitlements,
+        publisher,
+        consumer,
+        shutdown: ctx.shutdown.clone(),
+        admin_role: ctx.config.auth.admin_role.as_str().into(),
+        service_role: ctx.config.auth.service_role.as_str().into(),
+    })
+}
+
+/// The role's routes.
+pub fn router(state: State) -> Router {
+    Router::new()
+        .route("/ws", get(ws::upgrade))
+        .route("/ws/", get(ws::upgrade))
+        .route("/ws/stream", get(ws::upgrade))
+        .route("/stats", get(stats))
+        .route("/publish", post(publish))
+        .with_state(state)
+}
+
+/// Serves the role until shutdown; open streams get a "going away" close, and the role waits
+/// (up to `server.drain_timeout`) for them to end.
+pub async fn run(listener: TcpListener, state: State, ctx: Context) -> Result<(), RunError> {
+    ctx.readiness.mark_started();
+    let hub = state.hub.clone();
+    let app = server::app(&ctx, router(state));
+    server::serve(listener, app, &ctx).await.map_err(|e| RunError::Other(e.into()))?;
+    let deadline = tokio::time::Instant::now() + ctx.config.server.drain_timeout;
+    while hub.open() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if hub.open() > 0 {
+        tracing::warn!(
+            role = "stream",
+            open = hub.open(),
+            "streams still open at the drain deadline"
+        );
+    }
+    Ok(())
+}
+
+/// Refuses a browser origin that is not on the allow-list.
+fn check_origin(state: &State, headers: &http::HeaderMap) -> ApiResult<()> {
+    let Some(origin) = headers.get(http::header::ORIGIN) else { return Ok(()) };
+    let allowed = &state.config.allowed_origins;
+    if allowed.iter().any(|o| o == "*" || origin.as_bytes() == o.as_bytes()) {
+        return Ok(());
+    }
+    reject("origin");
+    Err(ApiError::new(ErrorCode::Forbidden, "this origin may not open streams")
+        .with_reason("origin_not_allowed"))
+}
+
+/// Refuses new connections while shutting down or above the replica's connection rate.
+fn check_admission(state: &State) -> ApiResult<()> {
+    if state.shutdown.is_draining() {
+        reject("draining");
+        return Err(ApiError::new(
+            ErrorCode::DependencyUnavailable,
+            "this replica is shutting down; reconnect",
+        ));
+    }
+    state.hub.connect_allowed().map_err(|retry| {
+        reject("connect_rate");
+        ApiError::new(ErrorCode::RateLimited, "too many new connections; retry shortly")
+            .with_retry_after(retry)
+    })
+}
+
+fn reject(reason: &'static str) {
+    metrics::counter!(names::REJECTED, "role" => "stream", "reason" => reason).increment(1);
+}
+
+/// The token of an upgrade or SSE request: the `token` query parameter or `Authorization`.
+fn token_from<B>(req: &http::Request<B>) -> Option<String> {
+    let from_query = req.uri().query().and_then(|q| {
+        url::form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == "token")
+            .map(|(_, v)| v.into_owned())
+    });
+    from_query.or_else(|| {
+        req.headers()
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| crate::auth::strip_bearer(v).to_string())
+    })
+}
+
+/// Verifies a token into a connection credential.
+async fn verify(state: &State, token: &str) -> ApiResult<Credential> {
+    let verified = state.verifier.verify(token).await.inspect_err(|_| reject("unauthenticated"))?;
+    Ok(Credential { token: crate::auth::strip_bearer(token).to_string(), verified })
+}
+
+/// Admits a connection within the hub's limits.
+fn admit(
+    state: &State,
+    transport: &'static str,
+    credential: Credential,
+) -> ApiResult<Registration> {
+    state.hub.admit(transport, credential).map_err(|refusal| {
+        reject(refusal.as_str());
+        let message = match refusal {
+            Refusal::Replica => {
+                "this replica holds its maximum of connections; try another or later"
+            }
+            Refusal::User => "too many open connections for this user",
+            Refusal::Tenant => "too many open connections for this tenant",
+        };
+        let code = if refusal == Refusal::Replica {
+            ErrorCode::DependencyUnavailable
+        } else {
+            ErrorCode::RateLimited
+        };
+        ApiError::new(code, message).with_reason(refusal.as_str())
+    })
+}
+
+async fn stats(AxumState(state): AxumState<State>) -> Response {
+    let mut stats = state.hub.stats();
+    stats["source"] = json!(state.publisher.kind());
+    if let Some(consumer) = &state.consumer {
+        stats["kafka"] =
+            json!({"records": consumer.records(), "partitions": consumer.partitions()});
+    }
+    axum::Json(stats).into_response()
+}
+
+/// The body of `POST /publish`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishRequest {
+    topic: String,
+    #[serde(default)]
+    key: Option<String>,
+    data: Value,
+}
+
+async fn publish(
+    AxumState(state): AxumState<State>,
+    caller: Caller,
+    crate::error::Json(body): crate::error::Json<PublishRequest>,
+) -> ApiResult<Response> {
+    let identity = &caller.0.identity;
+    if !identity.has_role(&state.admin_role) && !identity.has_role(&state.service_role) {
+        return Err(ApiError::new(
+            ErrorCode::Forbidden,
+            format!("publishing needs the {} or {} role", state.service_role, state.admin_role),
+        ));
+    }
+    if state.hub.topic(&body.topic).is_none() {
+        return Err(ApiError::validation(
+            "topic",
+            format!("{} is not a registry topic", body.topic),
+        ));
+    }
+    if !body.data.is_object() {
+        return Err(ApiError::validation("data", "data must be a JSON object"));
+    }
+    match state.publisher.publish(&body.topic, body.key, body.data).await {
+        Ok(position) => {
+            metrics::counter!(names::PUBLISHED, "role" => "stream", "topic" => body.topic, "outcome" => "ok").increment(1);
+            Ok(axum::Json(position).into_response())
+        }
+        Err(e) => {
+            metrics::counter!(names::PUBLISHED, "role" => "stream", "topic" => body.topic, "outcome" => "error").increment(1);
+            Err(ApiError::dependency("kafka", anyhow::anyhow!(e)))
+        }
+    }
+}

@@ -1,0 +1,488 @@
+//! WebSocket clients (`/ws/stream`, `/ws/`): the upgrade (tokio-tungstenite over hyper's upgraded
+//! connection), authentication, and one task per connection that serves the protocol of
+//! [`super::protocol`] and writes the hub's deliveries.
+//!
+//! The token comes from the `token` query parameter (never logged), the `Authorization` header,
+//! or a first `{"action":"auth"}` frame within `stream.auth_timeout`. A token given with the
+//! upgrade request is checked before the upgrade, so a bad one gets an HTTP 401 with the JSON
+//! error body; after the upgrade, errors are frames and closes carry a stable code.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State as AxumState};
+use axum::response::{IntoResponse, Response};
+use futures::{SinkExt, StreamExt};
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role as WsRole, WebSocketConfig};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+use super::hub::{Conn, Delivery, Registration};
+use super::protocol::{self, Action, Close};
+use super::topics::Filter;
+use super::{names, State};
+use crate::auth::unix_now;
+use crate::error::{ApiError, ErrorCode};
+
+type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+
+/// The upgrade handler.
+pub async fn upgrade(
+    AxumState(state): AxumState<State>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    mut req: Request,
+) -> Result<Response, ApiError> {
+    let headers = req.headers();
+    let is_upgrade = header_has(headers, http::header::UPGRADE, "websocket")
+        && header_has(headers, http::header::CONNECTION, "upgrade");
+    let key = headers.get(http::header::SEC_WEBSOCKET_KEY).cloned();
+    let (true, Some(key)) = (is_upgrade, key) else {
+        return Err(ApiError::invalid_request(
+            "this is a WebSocket endpoint: send a WebSocket upgrade (Upgrade: websocket)",
+        ));
+    };
+    if headers.get(http::header::SEC_WEBSOCKET_VERSION).is_none_or(|v| v != "13") {
+        return Err(ApiError::invalid_request("only WebSocket version 13 is supported"));
+    }
+    super::check_origin(&state, req.headers())?;
+    super::check_admission(&state)?;
+    let credential = match super::token_from(&req) {
+        Some(token) => Some(super::verify(&state, &token).await?),
+        None => None,
+    };
+    let registration = match credential {
+        Some(c) => Some(super::admit(&state, "ws", c)?),
+        None => None,
+    };
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let config = ws_config(&state.config);
+    tokio::spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!(role = "stream", peer = %peer, error = %e, "upgrade failed");
+                return;
+            }
+        };
+        let socket =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), WsRole::Server, Some(config))
+                .await;
+        serve(socket, state, registration).await;
+    });
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    Ok(Response::builder()
+        .status(http::StatusCode::SWITCHING_PROTOCOLS)
+        .header(http::header::UPGRADE, "websocket")
+        .header(http::header::CONNECTION, "Upgrade")
+        .header(http::header::SEC_WEBSOCKET_ACCEPT, accept)
+        .body(Body::empty())
+        .map_err(ApiError::internal)?
+        .into_response())
+}
+
+fn header_has(headers: &http::HeaderMap, name: http::HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|v| {
+        v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    })
+}
+
+/// Buffers sized for many mostly idle connections: tungstenite's defaults (128 KiB read buffer)
+/// would cost more per connection than the rest of it.
+fn ws_config(config: &super::Config) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(config.read_buffer_bytes)
+        .write_buffer_size(config.write_buffer_bytes)
+        .max_write_buffer_size(config.max_write_buffer_bytes)
+        .max_message_size(Some(config.max_message_bytes))
+        .max_frame_size(Some(config.max_message_bytes))
+}
+
+/// Serves one connection to its end.
+async fn serve(socket: Socket, state: State, registration: Option<Registration>) {
+    let (mut sink, mut stream) = socket.split();
+    let registration = match registration {
+        Some(r) => r,
+        None => match first_frame_auth(&mut sink, &mut stream, &state).await {
+            Some(r) => r,
+            None => return,
+        },
+    };
+    let mut session = Session::new(state, registration);
+    let why = session.run(&mut sink, &mut stream).await;
+    metrics::counter!(names::CLOSES, "role" => "stream", "transport" => "ws", "reason" => why)
+        .increment(1);
+}
+
+/// Waits for `{"action":"auth"}` as the first frame; closes with `unauthenticated` otherwise.
+async fn first_frame_auth(
+    sink: &mut futures::stream::SplitSink<Socket, Message>,
+    stream: &mut futures::stream::SplitStream<Socket>,
+    state: &State,
+) -> Option<Registration> {
+    let deadline = tokio::time::Instant::now() + state.config.auth_timeout;
+    loop {
+        let frame = tokio::select! {
+            f = stream.next() => f,
+            _ = tokio::time::sleep_until(deadline) => {
+                close(sink, Close::Unauthenticated).await;
+                return None;
+            }
+            _ = state.shutdown.stopping() => {
+                close(sink, Close::GoingAway).await;
+                return None;
+            }
+        };
+        let text = match frame {
+            Some(Ok(Message::Text(t))) => t,
+            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return None,
+            Some(Ok(_)) => continue,
+        };
+        let (token, id) = match protocol::parse(&text) {
+            Ok(Action::Auth { token, id }) => (token, id),
+            Ok(_) => {
+                let e = protocol::error(
+                    "unauthenticated",
+                    "authenticate first: {\"action\":\"auth\",\"token\":\"...\"}",
+                    None,
+                );
+                if sink.send(Message::text(e)).await.is_err() {
+                    return None;
+                }
+                continue;
+            }
+            Err(r) => {
+                let e = protocol::error(r.code, &r.message, r.id.as_ref());
+                if sink.send(Message::text(e)).await.is_err() {
+                    return None;
+                }
+                continue;
+            }
+        };
+        let verified = match super::verify(state, &token).await {
+            Ok(c) => c,
+            Err(e) => {
+                let reason = e.reason().unwrap_or("unauthenticated");
+                let frame = json!({"type": "error", "code": e.code().as_str(), "reason": reason,
+                    "message": e.public_message(), "id": id});
+                let _ = sink.send(Message::text(frame.to_string())).await;
+                close(sink, Close::Unauthenticated).await;
+                return None;
+            }
+        };
+        return match super::admit(state, "ws", verified) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                let _ = sink
+                    .send(Message::text(protocol::error(
+                        "too_many_connections",
+                        e.public_message(),
+                        id.as_ref(),
+                    )))
+                    .await;
+                close(sink, Close::TooManyConnections).await;
+                None
+            }
+        };
+    }
+}
+
+/// Sends a close frame, bounded: a client that does not read gets its TCP connection dropped.
+async fn close(sink: &mut futures::stream::SplitSink<Socket, Message>, why: Close) {
+    let frame = CloseFrame { code: CloseCode::from(why.code()), reason: why.as_str().into() };
+    let _ =
+        tokio::time::timeout(Duration::from_secs(1), sink.send(Message::Close(Some(frame)))).await;
+}
+
+struct Session {
+    state: State,
+    registration: Registration,
+    opened: Instant,
+    expires_at: u64,
+    sent: u64,
+    /// Per-topic counters of frames written, resolved once per topic.
+    written: HashMap<Arc<str>, metrics::Counter>,
+    latency: metrics::Histogram,
+}
+
+/// The most queued frames written before one flush.
+const BATCH: usize = 64;
+
+impl Session {
+    fn new(state: State, registration: Registration) -> Self {
+        let expires_at = registration.conn.credential().verified.identity.expires_at;
+        Session {
+            state,
+            registration,
+            opened: Instant::now(),
+            expires_at,
+            sent: 0,
+            written: HashMap::new(),
+            latency: metrics::histogram!(names::DELIVERY_LATENCY, "role" => "stream", "transport" => "ws"),
+        }
+    }
+
+    fn conn(&self) -> &Arc<Conn> {
+        &self.registration.conn
+    }
+
+    /// Serves until the connection ends; returns why (a close reason or `client`).
+    async fn run(
+        &mut self,
+        sink: &mut futures::stream::SplitSink<Socket, Message>,
+        stream: &mut futures::stream::SplitStream<Socket>,
+    ) -> &'static str {
+        let conn = self.conn().clone();
+        let identity = conn.credential().verified.identity.clone();
+        let hello = json!({
+            "type": "connection_established",
+            "connection_id": conn.id.to_string(),
+            "user_id": identity.subject,
+            "tenant_id": identity.tenant,
+            "expires_at": self.expires_at,
+            "heartbeat_interval_seconds": self.state.config.ping_interval.as_secs(),
+        });
+        if sink.send(Message::text(hello.to_string())).await.is_err() {
+            return "client";
+        }
+        let interval = self.state.config.ping_interval;
+        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        let mut last_heard = Instant::now();
+        let leeway = self.state.verifier.rules().leeway;
+        loop {
+            let expiry = expiry_instant(self.expires_at + leeway);
+            tokio::select! {
+                biased;
+                why = conn.closer.closed() => {
+                    close(sink, why).await;
+                    return why.as_str();
+                }
+                _ = self.state.shutdown.stopping() => {
+                    close(sink, Close::GoingAway).await;
+                    return Close::GoingAway.as_str();
+                }
+                _ = tokio::time::sleep_until(expiry) => {
+                    let frame = protocol::error("token_expired", "the token expired; reconnect with a fresh one", None);
+                    let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(Message::text(frame))).await;
+                    close(sink, Close::TokenExpired).await;
+                    return Close::TokenExpired.as_str();
+                }
+                incoming = stream.next() => {
+                    last_heard = Instant::now();
+                    let text = match incoming {
+                        Some(Ok(Message::Text(t))) => t,
+                        Some(Ok(Message::Binary(_))) => {
+                            let e = protocol::error("invalid_request", "binary frames are not supported; send JSON text", None);
+                            if self.write(sink, Message::text(e), &conn).await.is_err() { return "client"; }
+                            continue;
+                        }
+                        Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return "client",
+                        Some(Ok(_)) => continue,
+                    };
+                    let reply = self.handle(&text).await;
+                    if self.write(sink, Message::text(reply), &conn).await.is_err() { return "client"; }
+                }
+                Some(first) = self.registration.queue.recv() => {
+                    if self.deliver(sink, first, &conn).await.is_err() { return "client"; }
+                }
+                _ = ping.tick() => {
+                    if last_heard.elapsed() > interval + self.state.config.pong_timeout {
+                        close(sink, Close::HeartbeatTimeout).await;
+                        return Close::HeartbeatTimeout.as_str();
+                    }
+                    if self.write(sink, Message::Ping(Default::default()), &conn).await.is_err() { return "client"; }
+                }
+            }
+        }
+    }
+
+    /// Writes one frame, giving up when the connection is asked to close meanwhile (a client
+    /// that does not read must not hold the task).
+    async fn write(
+        &mut self,
+        sink: &mut futures::stream::SplitSink<Socket, Message>,
+        message: Message,
+        conn: &Conn,
+    ) -> Result<(), ()> {
+        tokio::select! {
+            r = sink.send(message) => r.map_err(|_| ()),
+            _ = conn.closer.closed() => Err(()),
+        }
+    }
+
+    /// Writes `first` and whatever else is queued (up to a batch), then flushes once.
+    async fn deliver(
+        &mut self,
+        sink: &mut futures::stream::SplitSink<Socket, Message>,
+        first: Delivery,
+        conn: &Conn,
+    ) -> Result<(), ()> {
+        let mut batch = Vec::with_capacity(8);
+        batch.push(first);
+        while batch.len() < BATCH {
+            match self.registration.queue.try_recv() {
+                Ok(d) => batch.push(d),
+                Err(_) => break,
+            }
+        }
+        let write = async {
+            for d in &batch {
+                sink.feed(Message::Text(d.frame.clone())).await?;
+            }
+            sink.flush().await
+        };
+        tokio::select! {
+            r = write => r.map_err(|_| ())?,
+            _ = conn.closer.closed() => return Err(()),
+        }
+        let now = chrono::Utc::now().timestamp_millis();
+        for d in &batch {
+            self.latency.record((now - d.timestamp_ms).max(0) as f64 / 1000.0);
+            self.written
+                .entry(d.topic.clone())
+                .or_insert_with(|| metrics::counter!(names::MESSAGES_DELIVERED, "role" => "stream", "transport" => "ws", "topic" => d.topic.to_string()))
+                .increment(1);
+        }
+        self.sent += batch.len() as u64;
+        Ok(())
+    }
+
+    /// Answers one client frame.
+    async fn handle(&mut self, text: &str) -> String {
+        let action = match protocol::parse(text) {
+            Ok(a) => a,
+            Err(r) => return protocol::error(r.code, &r.message, r.id.as_ref()),
+        };
+        let conn = self.conn().clone();
+        match action {
+            Action::Subscribe { topics, filters, id } => {
+                let (ok, failed) = subscribe(&self.state, &conn, &topics, &filters).await;
+                protocol::reply(
+                    json!({"type": "subscribed", "topics": ok, "failed": failed}),
+                    id.as_ref(),
+                )
+            }
+            Action::Unsubscribe { topics, id } => {
+                let removed: Vec<&String> =
+                    topics.iter().filter(|t| self.state.hub.unsubscribe(&conn, t)).collect();
+                protocol::reply(json!({"type": "unsubscribed", "topics": removed}), id.as_ref())
+            }
+            Action::Ping { id } => protocol::reply(
+                json!({"type": "pong", "timestamp": chrono::Utc::now().timestamp_millis()}),
+                id.as_ref(),
+            ),
+            Action::ListTopics { id } => {
+                let mine = self.state.hub.subscriptions(&conn);
+                let topics: Vec<Value> = self
+                    .state
+                    .hub
+                    .topics()
+                    .map(|t| {
+                        json!({"name": t.name, "resource": t.resource, "action": t.action,
+                            "description": t.description, "subscribed": mine.contains(&t.name)})
+                    })
+                    .collect();
+                protocol::reply(json!({"type": "topics", "topics": topics}), id.as_ref())
+            }
+            Action::GetStats { id } => protocol::reply(
+                json!({
+                    "type": "stats",
+                    "connection_id": conn.id.to_string(),
+                    "subscriptions": self.state.hub.subscriptions(&conn),
+                    "messages_queued": conn.delivered.load(Ordering::Relaxed),
+                    "messages_sent": self.sent,
+                    "connected_seconds": self.opened.elapsed().as_secs(),
+                    "expires_at": self.expires_at,
+                }),
+                id.as_ref(),
+            ),
+            Action::Auth { token, id } => match super::verify(&self.state, &token).await {
+                Err(e) => json!({"type": "error", "code": e.code().as_str(),
+                    "reason": e.reason().unwrap_or("unauthenticated"), "message": e.public_message(), "id": id})
+                .to_string(),
+                Ok(fresh) => {
+                    let (new, old) = (&fresh.verified.identity, conn.credential());
+                    let old = &old.verified.identity;
+                    if new.subject != old.subject || new.tenant != old.tenant {
+                        return protocol::error(
+                            "identity_mismatch",
+                            "a fresh token must be for the same user and tenant; open a new connection instead",
+                            id.as_ref(),
+                        );
+                    }
+                    self.expires_at = new.expires_at;
+                    conn.renew(fresh);
+                    protocol::reply(
+                        json!({"type": "authenticated", "expires_at": self.expires_at}),
+                        id.as_ref(),
+                    )
+                }
+            },
+        }
+    }
+}
+
+/// Subscribes `conn` to each topic it may see; returns the topics subscribed and the failures.
+pub async fn subscribe(
+    state: &State,
+    conn: &Arc<Conn>,
+    topics: &[String],
+    filters: &std::collections::BTreeMap<String, Value>,
+) -> (Vec<String>, Vec<Value>) {
+    let identity = conn.credential().verified.identity.clone();
+    let mut ok = Vec::new();
+    let mut failed = Vec::new();
+    let fail = |topic: &str, code: &str, message: String| json!({"topic": topic, "code": code, "message": message});
+    for topic in filters.keys().filter(|t| !topics.contains(t)) {
+        failed.push(fail(topic, "invalid_filter", "a filter for a topic not in \"topics\"".into()));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for topic in topics.iter().filter(|t| seen.insert(t.as_str())) {
+        let Some(spec) = state.hub.topic(topic) else {
+            failed.push(fail(
+                topic,
+                "unknown_topic",
+                format!("{topic} is not a stream topic; list_topics shows them"),
+            ));
+            continue;
+        };
+        let filter = match filters.get(topic).map(Filter::parse).transpose() {
+            Ok(f) => f,
+            Err(e) => {
+                failed.push(fail(topic, "invalid_filter", e));
+                continue;
+            }
+        };
+        match state.entitlements.allowed(&identity, &spec.resource, &spec.action).await {
+            Ok(true) => {
+                state.hub.subscribe(conn, topic, filter);
+                ok.push(topic.clone());
+            }
+            Ok(false) => failed.push(fail(
+                topic,
+                ErrorCode::Forbidden.as_str(),
+                format!("not entitled to {} {}", spec.action, spec.resource),
+            )),
+            Err(e) => {
+                tracing::warn!(role = "stream", topic = %topic, error = %e, "entitlement check failed");
+                failed.push(fail(
+                    topic,
+                    ErrorCode::DependencyUnavailable.as_str(),
+                    "entitlements are unavailable; try again".into(),
+                ))
+            }
+        }
+    }
+    (ok, failed)
+}
+
+fn expiry_instant(unix_seconds: u64) -> tokio::time::Instant {
+    let left = unix_seconds.saturating_sub(unix_now());
+    tokio::time::Instant::now() + Duration::from_secs(left.min(365 * 24 * 3600))
+}
