@@ -11,6 +11,7 @@ mod idp;
 mod metrics;
 mod ratelimit;
 mod runtime;
+mod sse;
 mod stream;
 mod support;
 mod telemetry;

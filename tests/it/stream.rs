@@ -29,6 +29,8 @@ pub struct Layer {
     _dir: tempfile::TempDir,
     pub keys: DevKeys,
     pub stream: Running,
+    /// The stream's configuration, to start another replica like it.
+    pub stream_config: access::config::Config,
     pub auth: Running,
     _entitlements: Running,
     /// Registry topic for `market_data` (traders may subscribe).
@@ -86,9 +88,19 @@ resource = "curve"
 {toml}
 "#
     );
-    let stream = start(Role::Stream, config_with_file(&file, &env)).await;
+    let stream_config = config_with_file(&file, &env);
+    let stream = start(Role::Stream, stream_config.clone()).await;
     wait_ready(&stream.url("")).await;
-    Layer { _dir: dir, keys, stream, auth, _entitlements: entitlements, prices, curves }
+    Layer {
+        _dir: dir,
+        keys,
+        stream,
+        stream_config,
+        auth,
+        _entitlements: entitlements,
+        prices,
+        curves,
+    }
 }
 
 impl Layer {

@@ -17,6 +17,7 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 
 use super::names;
+use super::position::Positions;
 use super::protocol::Close;
 use super::topics::{Filter, TopicSpec};
 use crate::auth::revocation::Revocation;
@@ -72,6 +73,10 @@ pub struct Delivery {
     pub frame: Utf8Bytes,
     /// The record's topic.
     pub topic: Arc<str>,
+    /// Its partition.
+    pub partition: i32,
+    /// Its offset.
+    pub offset: i64,
     /// The record's timestamp (ms), for the delivery-latency histogram.
     pub timestamp_ms: i64,
 }
@@ -109,8 +114,10 @@ pub struct Credential {
 /// One open connection.
 #[derive(Debug)]
 pub struct Conn {
-    /// Its number.
+    /// Its number on this replica.
     pub id: ConnId,
+    /// Its id for clients: `<replica>-<number>`, unique across replicas.
+    pub public_id: String,
     /// `ws` or `sse`.
     pub transport: &'static str,
     /// The user.
@@ -123,6 +130,9 @@ pub struct Conn {
     queue: mpsc::Sender<Delivery>,
     /// Frames queued for it.
     pub delivered: AtomicU64,
+    /// Its position vector: set at subscribe, advanced as frames are written. A std mutex held
+    /// for one update.
+    positions: Mutex<Positions>,
 }
 
 impl Conn {
@@ -134,6 +144,30 @@ impl Conn {
     /// Replaces the credential (same user and tenant, checked by the caller).
     pub fn renew(&self, credential: Credential) {
         *self.credential.lock().unwrap_or_else(|p| p.into_inner()) = credential;
+    }
+
+    /// Records that the client has been sent `offset` of a partition.
+    pub fn sent(&self, topic: &Arc<str>, partition: i32, offset: i64) {
+        let mut positions = self.positions.lock().unwrap_or_else(|p| p.into_inner());
+        positions.insert((topic.clone(), partition), offset + 1);
+    }
+
+    /// Sets where the client is on a partition (a resume starts from the client's own position).
+    pub fn set_position(&self, topic: &str, partition: i32, next: i64) {
+        let mut positions = self.positions.lock().unwrap_or_else(|p| p.into_inner());
+        positions.insert((topic.into(), partition), next);
+    }
+
+    /// Moves a partition's position forward to `next` (never back).
+    pub fn advance(&self, topic: &str, partition: i32, next: i64) {
+        let mut positions = self.positions.lock().unwrap_or_else(|p| p.into_inner());
+        let at = positions.entry((topic.into(), partition)).or_insert(next);
+        *at = (*at).max(next);
+    }
+
+    /// The position vector, encoded.
+    pub fn position(&self) -> String {
+        super::position::encode(&self.positions.lock().unwrap_or_else(|p| p.into_inner()))
     }
 }
 
@@ -198,6 +232,13 @@ struct Sub {
 
 /// The hub. Shared as `Arc<Hub>`.
 pub struct Hub {
+    /// This replica's id, the prefix of connection ids.
+    replica: String,
+    /// Per partition, the offset after the last record dispatched: where a subscription made
+    /// now starts. Written by dispatch under the `subs` read lock and read by subscribe under
+    /// its write lock, so a record is either before a new subscription's start or delivered
+    /// to it, never both and never neither.
+    heads: Mutex<HashMap<(Arc<str>, i32), i64>>,
     registry: HashMap<String, TopicSpec>,
     order: Vec<String>,
     limits: Limits,
@@ -242,6 +283,8 @@ impl Hub {
     /// A hub for these topics and limits.
     pub fn new(topics: &[TopicSpec], limits: Limits) -> Arc<Self> {
         Arc::new(Hub {
+            replica: uuid::Uuid::new_v4().simple().to_string()[..8].to_string(),
+            heads: Mutex::default(),
             registry: topics.iter().map(|t| (t.name.clone(), t.clone())).collect(),
             order: topics.iter().map(|t| t.name.clone()).collect(),
             limits,
@@ -299,8 +342,11 @@ impl Hub {
             return Err(Refusal::Tenant);
         }
         let (tx, rx) = mpsc::channel(self.limits.send_queue.max(1));
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let conn = Arc::new(Conn {
-            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            id,
+            public_id: format!("{}-{id}", self.replica),
+            positions: Mutex::default(),
             transport,
             subject: identity.subject.clone(),
             tenant: tenant.clone(),
@@ -346,15 +392,64 @@ impl Hub {
             .decrement(1.0);
     }
 
+    /// This replica's id (the prefix of its connection ids).
+    pub fn replica(&self) -> &str {
+        &self.replica
+    }
+
+    /// A connection of this replica by its public id.
+    pub fn find(&self, public_id: &str) -> Option<Arc<Conn>> {
+        let id: ConnId = public_id.strip_prefix(&self.replica)?.strip_prefix('-')?.parse().ok()?;
+        self.conns.lock().unwrap_or_else(|p| p.into_inner()).all.get(&id).cloned()
+    }
+
+    /// Where a partition's next record will be (consumers set it when they start or start over).
+    pub fn set_head(&self, topic: &str, partition: i32, next: i64) {
+        self.heads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((topic.into(), partition), next);
+    }
+
     /// Subscribes `conn` to a registry topic (replacing its filter if already subscribed).
-    pub fn subscribe(&self, conn: &Arc<Conn>, topic: &str, filter: Option<Filter>) {
-        let Some(spec) = self.registry.get(topic) else { return };
+    /// Returns the topic's partitions and where live delivery starts on each: a new
+    /// subscription's position starts there.
+    pub fn subscribe(
+        &self,
+        conn: &Arc<Conn>,
+        topic: &str,
+        filter: Option<Filter>,
+    ) -> Vec<(i32, i64)> {
+        let Some(spec) = self.registry.get(topic) else { return Vec::new() };
         let mut subs = self.subs.write().unwrap_or_else(|p| p.into_inner());
+        let heads: Vec<(i32, i64)> = self
+            .heads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|((t, _), _)| **t == *topic)
+            .map(|((_, p), next)| (*p, *next))
+            .collect();
         let by_conn = subs.entry(spec.name.as_str().into()).or_default();
         if by_conn.insert(conn.id, Sub { conn: conn.clone(), filter }).is_none() {
             metrics::gauge!(names::SUBSCRIPTIONS, "role" => "stream", "topic" => spec.name.clone())
                 .increment(1.0);
+            let mut positions = conn.positions.lock().unwrap_or_else(|p| p.into_inner());
+            for (partition, next) in &heads {
+                positions.insert((spec.name.as_str().into(), *partition), *next);
+            }
         }
+        heads
+    }
+
+    /// Whether `conn`'s subscription lets `record` through (subscribed, tenant, filter).
+    pub fn accepts(&self, conn: &Conn, record: &Record) -> bool {
+        let subs = self.subs.read().unwrap_or_else(|p| p.into_inner());
+        let Some(sub) = subs.get(&record.topic).and_then(|by_conn| by_conn.get(&conn.id)) else {
+            return false;
+        };
+        record.tenant().is_none_or(|t| t == &*conn.tenant)
+            && sub.filter.as_ref().is_none_or(|f| f.matches(&record.data))
     }
 
     /// Removes a subscription; whether there was one.
@@ -362,6 +457,10 @@ impl Hub {
         let mut subs = self.subs.write().unwrap_or_else(|p| p.into_inner());
         let removed = subs.get_mut(topic).and_then(|by_conn| by_conn.remove(&conn.id)).is_some();
         if removed {
+            conn.positions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|(t, _), _| **t != *topic);
             metrics::gauge!(names::SUBSCRIPTIONS, "role" => "stream", "topic" => topic.to_string())
                 .decrement(1.0);
         }
@@ -384,6 +483,11 @@ impl Hub {
     /// (if any) must be the connection's, and the subscription's filter must pass.
     pub fn dispatch(&self, record: &Record) {
         let subs = self.subs.read().unwrap_or_else(|p| p.into_inner());
+        {
+            let mut heads = self.heads.lock().unwrap_or_else(|p| p.into_inner());
+            let head = heads.entry((record.topic.clone(), record.partition)).or_insert(0);
+            *head = (*head).max(record.offset + 1);
+        }
         let Some(by_conn) = subs.get(&record.topic) else { return };
         let tenant = record.tenant();
         let mut frame: Option<Utf8Bytes> = None;
@@ -395,8 +499,13 @@ impl Hub {
                 continue;
             }
             let frame = frame.get_or_insert_with(|| Utf8Bytes::from(record.frame())).clone();
-            let delivery =
-                Delivery { frame, topic: record.topic.clone(), timestamp_ms: record.timestamp_ms };
+            let delivery = Delivery {
+                frame,
+                topic: record.topic.clone(),
+                partition: record.partition,
+                offset: record.offset,
+                timestamp_ms: record.timestamp_ms,
+            };
             match sub.conn.queue.try_send(delivery) {
                 Ok(()) => {
                     delivered += 1;

@@ -4,15 +4,23 @@
 //! - [`topics`]: the topic registry and subscription filters.
 //! - [`protocol`]: client actions, server frames, close codes.
 //! - [`hub`]: open connections, subscriptions, fan-out with bounded queues, revocation.
+//! - [`position`]: the position vector clients resume from.
 //! - [`source`]: the Kafka consumer and publisher, and the in-process bus.
 //! - [`ws`]: the WebSocket endpoint and its per-connection task.
+//! - [`sse`]: the SSE endpoint, and changing an open stream's topics.
+//! - [`control`]: entitled subscribe, and the `sse-control` relay between replicas.
+//! - [`resume`]: the records missed while away, read back from Kafka up to a bound.
 //!
-//! Endpoints: `GET /ws/stream` (and `/ws`, `/ws/`), `GET /stats`, `POST /publish` (service or
-//! admin role).
+//! Endpoints: `GET /ws/stream` (and `/ws`, `/ws/`), `GET /sse/stream` (and `/sse`, `/sse/`),
+//! `POST`/`DELETE /sse/subscribe`, `GET /stats`, `POST /publish` (service or admin role).
 
+pub mod control;
 pub mod hub;
+pub mod position;
 pub mod protocol;
+pub mod resume;
 pub mod source;
+mod sse;
 pub mod topics;
 mod ws;
 
@@ -36,7 +44,7 @@ use crate::roles::entitlements::client::Entitlements;
 use crate::roles::Role;
 use crate::server::{self, Context, Shutdown};
 use hub::{Credential, Hub, Limits, Refusal, Registration};
-use source::{Consumer, Publisher};
+use source::{Consumer, History, Publisher};
 use topics::TopicSpec;
 
 /// Metric names.
@@ -146,6 +154,18 @@ pub struct Config {
     /// The longest a decision is remembered locally.
     #[serde(with = "humantime_serde")]
     pub decision_cache_ttl: Duration,
+    /// A resume reads at most this many missed records per partition.
+    pub resume_max_records: i64,
+    /// A resume reads no record older than this.
+    #[serde(with = "humantime_serde")]
+    pub resume_max_age: Duration,
+    /// How often an idle SSE stream gets a comment line.
+    #[serde(with = "humantime_serde")]
+    pub sse_heartbeat: Duration,
+    /// How long a replica waits for the one holding an SSE connection to answer a relayed
+    /// subscribe.
+    #[serde(with = "humantime_serde")]
+    pub relay_timeout: Duration,
 }
 
 impl Default for Config {
@@ -168,6 +188,10 @@ impl Default for Config {
             max_write_buffer_bytes: 4 * 1024 * 1024,
             entitlements_fail_open: false,
             decision_cache_ttl: Duration::from_secs(30),
+            resume_max_records: 1000,
+            resume_max_age: Duration::from_secs(600),
+            sse_heartbeat: Duration::from_secs(15),
+            relay_timeout: Duration::from_secs(2),
         }
     }
 }
@@ -218,10 +242,23 @@ impl Config {
             ("stream.pong_timeout", self.pong_timeout),
             ("stream.auth_timeout", self.auth_timeout),
             ("stream.metadata_refresh", self.metadata_refresh),
+            ("stream.sse_heartbeat", self.sse_heartbeat),
+            ("stream.relay_timeout", self.relay_timeout),
         ] {
             if d.is_zero() {
                 problems.push(Problem::new(key, "must be greater than 0"));
             }
+        }
+        if self.resume_max_records < 0 {
+            problems.push(Problem::new("stream.resume_max_records", "must not be negative"));
+        }
+        let hashes: std::collections::HashSet<u32> =
+            self.topics.iter().map(|t| position::topic_hash(&t.name)).collect();
+        if hashes.len() != seen.len() {
+            problems.push(Problem::new(
+                "stream.topics",
+                "two topic names share a position hash; rename one",
+            ));
         }
         if self.fetch_wait > Duration::from_secs(30) {
             problems.push(Problem::new("stream.fetch_wait", "at most 30s"));
@@ -253,6 +290,8 @@ pub struct State {
     verifier: Arc<Verifier>,
     entitlements: Arc<Entitlements>,
     publisher: Arc<dyn Publisher>,
+    history: Arc<dyn History>,
+    relay: Option<Arc<control::Relay>>,
     consumer: Option<Arc<Consumer>>,
     shutdown: Shutdown,
     admin_role: Arc<str>,
@@ -297,12 +336,14 @@ pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
             ctx.shutdown.clone(),
         );
     }
-    let (publisher, consumer): (Arc<dyn Publisher>, _) = if ctx.config.kafka_bootstrap.is_empty() {
+    type Sources = (Arc<dyn Publisher>, Arc<dyn History>, Option<Arc<Consumer>>);
+    let (publisher, history, consumer): Sources = if ctx.config.kafka_bootstrap.is_empty() {
         tracing::warn!(
             role = "stream",
             "no ACCESS_KAFKA_BOOTSTRAP: records come from the in-process bus (POST /publish) only"
         );
-        (source::MemoryBus::new(hub.clone(), config.bus_retain), None)
+        let bus = source::MemoryBus::new(hub.clone(), config.bus_retain);
+        (bus.clone(), bus, None)
     } else {
         let settings = source::KafkaSettings {
             bootstrap: ctx.config.kafka_bootstrap.clone(),
@@ -317,24 +358,44 @@ pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
             source::start_consumer(settings.clone(), topics, hub.clone(), ctx.shutdown.clone())
                 .await?;
         ctx.readiness.add_check("kafka", crate::backends::kafka::ready_check(metadata));
-        (source::KafkaPublisher::connect(&settings).await?, Some(consumer))
+        (
+            source::KafkaPublisher::connect(&settings).await?,
+            source::KafkaHistory::connect(&settings).await?,
+            Some(consumer),
+        )
+    };
+    let relay = match &ctx.config.redis_url {
+        Some(url) => {
+            let client = crate::backends::redis::connect(url, &ctx.config.redis).await?;
+            let subscriber = crate::backends::redis::subscriber(url, &ctx.config.redis).await?;
+            let prefix = ctx.config.redis_prefix();
+            let relay = control::Relay::new(client, &prefix, hub.replica(), config.relay_timeout);
+            Some((relay, subscriber))
+        }
+        None => None,
     };
     hub.follow_revocations(
         auth.revocations.subscribe(),
         auth.verifier.clone(),
         ctx.shutdown.clone(),
     );
-    Ok(State {
+    let state = State {
         config,
         hub,
         verifier: auth.verifier,
         entitlements,
         publisher,
+        history,
+        relay: relay.as_ref().map(|(r, _)| r.clone()),
         consumer,
         shutdown: ctx.shutdown.clone(),
         admin_role: ctx.config.auth.admin_role.as_str().into(),
         service_role: ctx.config.auth.service_role.as_str().into(),
-    })
+    };
+    if let Some((relay, subscriber)) = relay {
+        relay.listen(state.clone(), subscriber).await.map_err(|e| anyhow::anyhow!(e))?;
+    }
+    Ok(state)
 }
 
 /// The role's routes.
@@ -343,6 +404,10 @@ pub fn router(state: State) -> Router {
         .route("/ws", get(ws::upgrade))
         .route("/ws/", get(ws::upgrade))
         .route("/ws/stream", get(ws::upgrade))
+        .route("/sse", get(sse::connect))
+        .route("/sse/", get(sse::connect))
+        .route("/sse/stream", get(sse::connect))
+        .route("/sse/subscribe", post(sse::add).delete(sse::remove))
         .route("/stats", get(stats))
         .route("/publish", post(publish))
         .with_state(state)

@@ -17,6 +17,9 @@ pub enum Action {
         /// Per-topic filters (`topics.Filter` syntax).
         #[serde(default)]
         filters: BTreeMap<String, Value>,
+        /// A position vector to resume from (`position`).
+        #[serde(default)]
+        position: Option<String>,
         /// Echoed in the answer.
         #[serde(default)]
         id: Option<Value>,
@@ -176,7 +179,7 @@ mod tests {
     fn actions_parse() {
         let a = parse(r#"{"action":"subscribe","topics":["t"],"filters":{"t":{"x":1}},"id":7}"#)
             .unwrap();
-        let Action::Subscribe { topics, filters, id } = a else { panic!("{a:?}") };
+        let Action::Subscribe { topics, filters, id, .. } = a else { panic!("{a:?}") };
         assert_eq!(topics, vec!["t"]);
         assert_eq!(filters["t"], json!({"x": 1}));
         assert_eq!(id, Some(json!(7)));

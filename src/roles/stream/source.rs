@@ -66,6 +66,19 @@ pub fn parse_value(value: Option<&[u8]>) -> Value {
     }
 }
 
+/// Reads a partition's past records, for resume.
+pub trait History: Send + Sync {
+    /// The records of `topic`/`partition` with offsets in `from..until`, in order. Fewer (or a
+    /// first offset after `from`) means the rest are no longer kept.
+    fn read<'a>(
+        &'a self,
+        topic: &'a str,
+        partition: i32,
+        from: i64,
+        until: i64,
+    ) -> BoxFuture<'a, Result<Vec<Record>, String>>;
+}
+
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
@@ -91,7 +104,34 @@ struct MemoryLog {
 impl MemoryBus {
     /// A bus delivering to `hub`.
     pub fn new(hub: Arc<Hub>, retain: usize) -> Arc<Self> {
+        for topic in hub.topics() {
+            hub.set_head(&topic.name, 0, 0);
+        }
         Arc::new(MemoryBus { hub, logs: Mutex::default(), retain })
+    }
+}
+
+impl History for MemoryBus {
+    fn read<'a>(
+        &'a self,
+        topic: &'a str,
+        partition: i32,
+        from: i64,
+        until: i64,
+    ) -> BoxFuture<'a, Result<Vec<Record>, String>> {
+        Box::pin(async move {
+            if partition != 0 {
+                return Ok(Vec::new());
+            }
+            let logs = self.logs.lock().unwrap_or_else(|p| p.into_inner());
+            Ok(logs.get(topic).map_or_else(Vec::new, |log| {
+                log.records
+                    .iter()
+                    .filter(|r| r.offset >= from && r.offset < until)
+                    .cloned()
+                    .collect()
+            }))
+        })
     }
 }
 
@@ -321,7 +361,10 @@ async fn consume_partition(
             let from = match next {
                 Some(n) => n,
                 None => match high_watermark(&client).await {
-                    Ok(hw) => *next.insert(hw),
+                    Ok(hw) => {
+                        hub.set_head(&topic, partition, hw);
+                        *next.insert(hw)
+                    }
                     Err(e) => {
                         tracing::warn!(role = "stream", topic = %topic, partition, error = %e, "cannot read the high watermark");
                         break;
@@ -437,6 +480,91 @@ async fn high_watermark(client: &PartitionClient) -> Result<i64, KafkaError> {
     let earliest = client.get_offset(OffsetAt::Earliest).await?.max(0);
     let (_, hw) = client.fetch_records(earliest, 1..2, 0).await?;
     Ok(hw)
+}
+
+/// Reads past records from Kafka for resumes, through a client of its own (a long read must
+/// not hold up the live fetches or produces).
+pub struct KafkaHistory {
+    client: Arc<Client>,
+    /// Partition clients by (topic, partition); a std mutex held for one lookup.
+    partitions: Mutex<HashMap<(String, i32), Arc<PartitionClient>>>,
+    max_bytes: i32,
+}
+
+impl KafkaHistory {
+    /// Connects the history client.
+    pub async fn connect(settings: &KafkaSettings) -> Result<Arc<Self>, BackendError> {
+        Ok(Arc::new(KafkaHistory {
+            client: connect(settings).await?,
+            partitions: Mutex::default(),
+            max_bytes: settings.fetch_max_bytes,
+        }))
+    }
+}
+
+impl History for KafkaHistory {
+    fn read<'a>(
+        &'a self,
+        topic: &'a str,
+        partition: i32,
+        from: i64,
+        until: i64,
+    ) -> BoxFuture<'a, Result<Vec<Record>, String>> {
+        Box::pin(async move {
+            let key = (topic.to_string(), partition);
+            let cached =
+                self.partitions.lock().unwrap_or_else(|p| p.into_inner()).get(&key).cloned();
+            let client = match cached {
+                Some(c) => c,
+                None => {
+                    let c = Arc::new(
+                        self.client
+                            .partition_client(topic, partition, UnknownTopicHandling::Error)
+                            .await
+                            .map_err(|e| e.to_string())?,
+                    );
+                    self.partitions
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(key.clone(), c.clone());
+                    c
+                }
+            };
+            let topic_name: Arc<str> = topic.into();
+            let mut out = Vec::new();
+            let mut next = from;
+            while next < until {
+                let (batch, _) = match client.fetch_records(next, 1..self.max_bytes, 0).await {
+                    Ok(b) => b,
+                    // Expired by retention: what was read is what is kept.
+                    Err(KafkaError::ServerError {
+                        protocol_error: ProtocolError::OffsetOutOfRange,
+                        ..
+                    }) => break,
+                    Err(e) => {
+                        self.partitions.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+                        return Err(e.to_string());
+                    }
+                };
+                let before = next;
+                for r in batch.into_iter().filter(|r| r.offset >= before && r.offset < until) {
+                    next = r.offset + 1;
+                    out.push(Record {
+                        topic: topic_name.clone(),
+                        partition,
+                        offset: r.offset,
+                        timestamp_ms: r.record.timestamp.timestamp_millis(),
+                        key: r.record.key.and_then(|k| String::from_utf8(k).ok()),
+                        data: parse_value(r.record.value.as_deref()),
+                    });
+                }
+                if next == before {
+                    break;
+                }
+            }
+            Ok(out)
+        })
+    }
 }
 
 /// Publishes to Kafka through a client of its own (a produce must not queue behind a fetch).

@@ -24,12 +24,13 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role as WsRole, WebSo
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-use super::hub::{Conn, Delivery, Registration};
+use super::control;
+use super::hub::{Conn, Delivery, Record, Registration};
 use super::protocol::{self, Action, Close};
-use super::topics::Filter;
+use super::resume;
 use super::{names, State};
 use crate::auth::unix_now;
-use crate::error::{ApiError, ErrorCode};
+use crate::error::ApiError;
 
 type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 
@@ -209,6 +210,10 @@ struct Session {
     /// Per-topic counters of frames written, resolved once per topic.
     written: HashMap<Arc<str>, metrics::Counter>,
     latency: metrics::Histogram,
+    /// Records recovered by the last `subscribe` with a position, to send after its answer.
+    catch_up: Vec<Record>,
+    /// Where live delivery starts on the partitions the last `subscribe` added.
+    live: Vec<(String, i32, i64)>,
 }
 
 /// The most queued frames written before one flush.
@@ -225,6 +230,8 @@ impl Session {
             sent: 0,
             written: HashMap::new(),
             latency: metrics::histogram!(names::DELIVERY_LATENCY, "role" => "stream", "transport" => "ws"),
+            catch_up: Vec::new(),
+            live: Vec::new(),
         }
     }
 
@@ -242,7 +249,7 @@ impl Session {
         let identity = conn.credential().verified.identity.clone();
         let hello = json!({
             "type": "connection_established",
-            "connection_id": conn.id.to_string(),
+            "connection_id": conn.public_id,
             "user_id": identity.subject,
             "tenant_id": identity.tenant,
             "expires_at": self.expires_at,
@@ -287,6 +294,15 @@ impl Session {
                     };
                     let reply = self.handle(&text).await;
                     if self.write(sink, Message::text(reply), &conn).await.is_err() { return "client"; }
+                    // Records a resume recovered go before anything queued live.
+                    for record in std::mem::take(&mut self.catch_up) {
+                        conn.sent(&record.topic, record.partition, record.offset);
+                        if self.write(sink, Message::text(record.frame()), &conn).await.is_err() { return "client"; }
+                        self.sent += 1;
+                    }
+                    for (topic, partition, head) in std::mem::take(&mut self.live) {
+                        conn.advance(&topic, partition, head);
+                    }
                 }
                 Some(first) = self.registration.queue.recv() => {
                     if self.deliver(sink, first, &conn).await.is_err() { return "client"; }
@@ -343,6 +359,7 @@ impl Session {
         }
         let now = chrono::Utc::now().timestamp_millis();
         for d in &batch {
+            conn.sent(&d.topic, d.partition, d.offset);
             self.latency.record((now - d.timestamp_ms).max(0) as f64 / 1000.0);
             self.written
                 .entry(d.topic.clone())
@@ -361,12 +378,28 @@ impl Session {
         };
         let conn = self.conn().clone();
         match action {
-            Action::Subscribe { topics, filters, id } => {
-                let (ok, failed) = subscribe(&self.state, &conn, &topics, &filters).await;
-                protocol::reply(
-                    json!({"type": "subscribed", "topics": ok, "failed": failed}),
-                    id.as_ref(),
-                )
+            Action::Subscribe { topics, filters, position, id } => {
+                let (ok, failed, live) =
+                    control::subscribe(&self.state, &conn, &topics, &filters).await;
+                let mut reply = json!({"type": "subscribed", "topics": ok, "failed": failed});
+                if let Some(position) = position {
+                    match super::position::decode(&position, &self.state.config.topics) {
+                        Ok(wanted) => {
+                            let bound = super::sse::bound(&self.state);
+                            let state = &self.state;
+                            let r = resume::recover(&*state.history, &state.hub, &conn, &wanted, &live, bound).await;
+                            reply["recovered"] = json!(r.recovered);
+                            self.catch_up = r.records;
+                        }
+                        Err(e) => {
+                            reply["recovered"] = json!(false);
+                            reply["position_error"] = json!(e);
+                        }
+                    }
+                }
+                self.live = live;
+                reply["position"] = json!(conn.position());
+                protocol::reply(reply, id.as_ref())
             }
             Action::Unsubscribe { topics, id } => {
                 let removed: Vec<&String> =
@@ -393,7 +426,8 @@ impl Session {
             Action::GetStats { id } => protocol::reply(
                 json!({
                     "type": "stats",
-                    "connection_id": conn.id.to_string(),
+                    "connection_id": conn.public_id,
+                    "position": conn.position(),
                     "subscriptions": self.state.hub.subscriptions(&conn),
                     "messages_queued": conn.delivered.load(Ordering::Relaxed),
                     "messages_sent": self.sent,
@@ -426,60 +460,6 @@ impl Session {
             },
         }
     }
-}
-
-/// Subscribes `conn` to each topic it may see; returns the topics subscribed and the failures.
-pub async fn subscribe(
-    state: &State,
-    conn: &Arc<Conn>,
-    topics: &[String],
-    filters: &std::collections::BTreeMap<String, Value>,
-) -> (Vec<String>, Vec<Value>) {
-    let identity = conn.credential().verified.identity.clone();
-    let mut ok = Vec::new();
-    let mut failed = Vec::new();
-    let fail = |topic: &str, code: &str, message: String| json!({"topic": topic, "code": code, "message": message});
-    for topic in filters.keys().filter(|t| !topics.contains(t)) {
-        failed.push(fail(topic, "invalid_filter", "a filter for a topic not in \"topics\"".into()));
-    }
-    let mut seen = std::collections::HashSet::new();
-    for topic in topics.iter().filter(|t| seen.insert(t.as_str())) {
-        let Some(spec) = state.hub.topic(topic) else {
-            failed.push(fail(
-                topic,
-                "unknown_topic",
-                format!("{topic} is not a stream topic; list_topics shows them"),
-            ));
-            continue;
-        };
-        let filter = match filters.get(topic).map(Filter::parse).transpose() {
-            Ok(f) => f,
-            Err(e) => {
-                failed.push(fail(topic, "invalid_filter", e));
-                continue;
-            }
-        };
-        match state.entitlements.allowed(&identity, &spec.resource, &spec.action).await {
-            Ok(true) => {
-                state.hub.subscribe(conn, topic, filter);
-                ok.push(topic.clone());
-            }
-            Ok(false) => failed.push(fail(
-                topic,
-                ErrorCode::Forbidden.as_str(),
-                format!("not entitled to {} {}", spec.action, spec.resource),
-            )),
-            Err(e) => {
-                tracing::warn!(role = "stream", topic = %topic, error = %e, "entitlement check failed");
-                failed.push(fail(
-                    topic,
-                    ErrorCode::DependencyUnavailable.as_str(),
-                    "entitlements are unavailable; try again".into(),
-                ))
-            }
-        }
-    }
-    (ok, failed)
 }
 
 fn expiry_instant(unix_seconds: u64) -> tokio::time::Instant {
