@@ -1,12 +1,13 @@
 # The two commands a newcomer needs: `make run` and `make test`.
 SHELL := /bin/bash
+IMAGE ?= ghcr.io/254carbon/access:dev
 .DEFAULT_GOAL := help
 
 # Builds live outside the clone so a fresh clone (CI) reuses them.
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/access/target
 BIN := $(CARGO_TARGET_DIR)/debug/access
 
-.PHONY: help run test services build lint fmt bench-auth bench-entitlements bench-metrics bench-gateway
+.PHONY: help run test check-deploy image services build lint fmt bench-auth bench-entitlements bench-metrics bench-gateway bench-stream
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -20,8 +21,17 @@ run: build ## Run the layer on this machine with embedded backends, and print wh
 services: ## Install and start what the tests need (tansu; check PostgreSQL and Redis)
 	@tests/services.sh
 
-test: services ## Run every test against the real Redis, PostgreSQL and tansu
+test: services ## Run every test against the real Redis, PostgreSQL and tansu, and check the chart and image offline
 	source $(CARGO_TARGET_DIR)/test-services.env && cargo test --locked --lib --bins --tests
+	$(MAKE) --no-print-directory check-deploy
+
+check-deploy: ## Offline checks of the Helm chart (render, lint, schemas, checkov, the guide's promises) and the Containerfile (hadolint)
+	python3 tests/chart/check.py
+	hadolint Containerfile
+
+image: ## Build the container image with podman or docker (IMAGE=ghcr.io/254carbon/access:dev)
+	@engine=$$(command -v podman || command -v docker) || { echo "make image needs podman or docker" >&2; exit 1; }; \
+	$$engine build -f Containerfile -t $(IMAGE) .
 
 lint: ## Formatting and clippy, as CI would want them
 	cargo fmt --check
@@ -38,6 +48,9 @@ bench-entitlements: services ## Entitlement checks over HTTP with 10,000 rules: 
 
 bench-metrics: ## Metrics ingest over HTTP: points/s single and batched, memory per series
 	cargo bench --locked --bench metrics
+
+bench-stream: services ## 10,000 WebSocket clients on one stream replica: deliveries/s, produce-to-client p50/p99, RSS per connection
+	source $(CARGO_TARGET_DIR)/test-services.env && ulimit -n 20000 && cargo bench --locked --bench stream
 
 bench-gateway: services ## wrk: upstream, nginx proxy, gateway on a cache miss and a hit (needs nginx, wrk)
 	scripts/bench-gateway.sh

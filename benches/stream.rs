@@ -1,0 +1,250 @@
+//! Ten thousand WebSocket connections on one stream replica: deliveries per second, latency from
+//! produce to client, and resident memory per connection. `cargo bench --bench stream`
+//! (`make bench-stream`); not part of `make test`.
+//!
+//! The replica (`access stream`) and the entitlements role run as their own processes (one
+//! process cannot hold both ends of 10,000 sockets under the open-file limit); this process holds
+//! the clients and produces records to the tansu broker of `tests/services.sh`
+//! (`ACCESS_TEST_KAFKA`, default 127.0.0.1:19092) at a steady rate. Latency is measured from the
+//! moment before the produce call to the client's receipt (microseconds, one clock). Memory per
+//! connection is the server's RSS growth over the connections divided by their number.
+//!
+//! Knobs (environment): `BENCH_CONNECTIONS` (10000), `BENCH_RATE` (records/s, 20),
+//! `BENCH_SECONDS` (10), `BENCH_FETCH_WAIT` (5ms).
+
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use rskafka::client::partition::{Compression, UnknownTopicHandling};
+use rskafka::client::ClientBuilder;
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+fn knob(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(role: &str, port: u16, env: &[(&str, String)], config: &std::path::Path) -> Proc {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_access"));
+    cmd.args(["--config", &config.display().to_string(), role, "--port", &port.to_string()])
+        .env_clear()
+        .env("ACCESS_LOG_LEVEL", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    Proc(cmd.spawn().expect("the access binary"))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+async fn wait_ready(url: &str) {
+    let client = reqwest::Client::new();
+    for _ in 0..400 {
+        if client.get(format!("{url}/ready")).send().await.is_ok_and(|r| r.status() == 200) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{url} did not become ready");
+}
+
+fn now_us() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as u64
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    rt.block_on(run());
+}
+
+async fn run() {
+    let connections = knob("BENCH_CONNECTIONS", 10_000) as usize;
+    let rate = knob("BENCH_RATE", 20);
+    let seconds = knob("BENCH_SECONDS", 10);
+    let fetch_wait = std::env::var("BENCH_FETCH_WAIT").unwrap_or_else(|_| "5ms".into());
+    let bootstrap = std::env::var("ACCESS_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into());
+
+    let dir = tempfile::tempdir().unwrap();
+    let topic = format!("bench-prices-{}", uuid::Uuid::new_v4().simple());
+    let kafka =
+        ClientBuilder::new(vec![bootstrap.clone()]).build().await.expect("tansu (make services)");
+    kafka.controller_client().unwrap().create_topic(&topic, 1, 1, 5_000).await.unwrap();
+    let seed = dir.path().join("seed.yaml");
+    std::fs::write(&seed, "- { name: traders, effect: allow, resource: market_data, actions: [subscribe], roles: [trader] }\n").unwrap();
+    let config = dir.path().join("access.toml");
+    std::fs::write(
+        &config,
+        format!("[[stream.topics]]\nname = \"{topic}\"\nresource = \"market_data\"\n"),
+    )
+    .unwrap();
+    let key = dir.path().join("dev-key.json").display().to_string();
+    let (ent_port, stream_port) = (free_port(), free_port());
+    let common = vec![("ACCESS_AUTH__DEV_KEY_FILE", key.clone())];
+    let mut ent_env = common.clone();
+    ent_env.push(("ACCESS_ENTITLEMENTS__SEED_FILE", seed.display().to_string()));
+    let _entitlements = spawn("entitlements", ent_port, &ent_env, &config);
+    let ent_url = format!("http://127.0.0.1:{ent_port}");
+    wait_ready(&ent_url).await;
+    let mut stream_env = common.clone();
+    stream_env.extend([
+        ("ACCESS_ENTITLEMENTS_SERVICE_URL", ent_url.clone()),
+        ("ACCESS_KAFKA_BOOTSTRAP", bootstrap.clone()),
+        ("ACCESS_STREAM__FETCH_WAIT", fetch_wait.clone()),
+        ("ACCESS_STREAM__METADATA_REFRESH", "200ms".into()),
+        ("ACCESS_STREAM__LIMITS__MAX_CONNECTIONS_PER_USER", "1000".into()),
+        ("ACCESS_STREAM__LIMITS__CONNECT_RATE__RATE", "100000".into()),
+        ("ACCESS_STREAM__LIMITS__CONNECT_RATE__BURST", "100000".into()),
+        ("ACCESS_SERVER__MAX_CONCURRENCY", "20000".into()),
+    ]);
+    let stream = spawn("stream", stream_port, &stream_env, &config);
+    let stream_url = format!("http://127.0.0.1:{stream_port}");
+    wait_ready(&stream_url).await;
+    let pid = stream.0.id();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_before = rss_bytes(pid);
+
+    let signer = access::auth::devkey::DevKey::load_or_create(std::path::Path::new(&key)).unwrap();
+    let tokens: Vec<String> = (0..100)
+        .map(|u| {
+            signer
+                .issue(&access::auth::devkey::TokenRequest {
+                    subject: &format!("trader{u}"),
+                    tenant: "t1",
+                    roles: &["trader".to_string()],
+                    ttl: Duration::from_secs(3600),
+                    issuer: None,
+                    audience: None,
+                })
+                .unwrap()
+        })
+        .collect();
+
+    let latencies = Arc::new(Mutex::new(Vec::<u64>::with_capacity(1 << 20)));
+    let delivered = Arc::new(AtomicU64::new(0));
+    let ready = Arc::new(AtomicU64::new(0));
+    let ws_base = format!("ws://127.0.0.1:{stream_port}/ws/stream");
+    let connect_started = Instant::now();
+    let mut clients = Vec::with_capacity(connections);
+    let gate = Arc::new(tokio::sync::Semaphore::new(200));
+    for i in 0..connections {
+        let url = format!("{ws_base}?token={}", tokens[i % tokens.len()]);
+        let (topic, latencies, delivered, ready, gate) =
+            (topic.clone(), latencies.clone(), delivered.clone(), ready.clone(), gate.clone());
+        clients.push(tokio::spawn(async move {
+            let permit = gate.acquire_owned().await.unwrap();
+            let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("connect");
+            let _hello = ws.next().await;
+            ws.send(Message::text(json!({"action": "subscribe", "topics": [topic]}).to_string()))
+                .await
+                .unwrap();
+            let answer = ws.next().await.unwrap().unwrap();
+            assert!(answer.to_text().unwrap().contains("\"subscribed\""), "{answer}");
+            drop(permit);
+            ready.fetch_add(1, Ordering::Relaxed);
+            let mut mine = Vec::new();
+            while let Some(Ok(m)) = ws.next().await {
+                if let Message::Text(t) = m {
+                    let received = now_us();
+                    let v: Value = serde_json::from_str(&t).unwrap();
+                    if let Some(sent) = v["data"]["sent_us"].as_u64() {
+                        mine.push(received.saturating_sub(sent));
+                        delivered.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if v["data"]["last"] == true {
+                        break;
+                    }
+                }
+            }
+            latencies.lock().unwrap().extend(mine);
+        }));
+    }
+    while (ready.load(Ordering::Relaxed) as usize) < connections {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if connect_started.elapsed() > Duration::from_secs(180) {
+            panic!("only {} of {connections} connected", ready.load(Ordering::Relaxed));
+        }
+    }
+    let connect_time = connect_started.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_after = rss_bytes(pid);
+
+    let partition = kafka.partition_client(&topic, 0, UnknownTopicHandling::Retry).await.unwrap();
+    let total = rate * seconds;
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let mut tick = tokio::time::interval(interval);
+    let started = Instant::now();
+    for n in 0..total {
+        tick.tick().await;
+        let data = json!({"instrument_id": format!("I{}", n % 50), "price": n, "sent_us": now_us(), "last": n + 1 == total});
+        let record = rskafka::record::Record {
+            key: Some(format!("I{}", n % 50).into_bytes()),
+            value: Some(data.to_string().into_bytes()),
+            headers: Default::default(),
+            timestamp: chrono::Utc::now(),
+        };
+        partition.produce(vec![record], Compression::NoCompression).await.unwrap();
+    }
+    let finished =
+        tokio::time::timeout(Duration::from_secs(60), futures::future::join_all(clients)).await;
+    let elapsed = started.elapsed();
+    assert!(finished.is_ok(), "clients did not receive every record within 60s");
+    let mut l = latencies.lock().unwrap().clone();
+    l.sort_unstable();
+    let pct = |p: f64| {
+        l.get(((l.len() as f64 * p) as usize).min(l.len().saturating_sub(1))).copied().unwrap_or(0)
+            as f64
+            / 1000.0
+    };
+    let deliveries = delivered.load(Ordering::Relaxed);
+    let expected = total * connections as u64;
+    println!("\nstream bench: {connections} WebSocket connections, one replica, tansu, fetch wait {fetch_wait}");
+    println!("| measure | value |");
+    println!("|---|---|");
+    println!(
+        "| connections (all subscribed) | {} in {:.1} s |",
+        ready.load(Ordering::Relaxed),
+        connect_time.as_secs_f64()
+    );
+    println!("| publish rate | {rate} records/s for {seconds} s ({total} records) |");
+    println!("| deliveries | {deliveries} of {expected} |");
+    println!("| deliveries per second | {:.0} |", deliveries as f64 / elapsed.as_secs_f64());
+    println!("| latency produce -> client p50 | {:.1} ms |", pct(0.50));
+    println!("| latency produce -> client p99 | {:.1} ms |", pct(0.99));
+    println!("| latency max | {:.1} ms |", pct(1.0));
+    println!(
+        "| server RSS before / after connecting | {:.1} MiB / {:.1} MiB |",
+        rss_before as f64 / 1048576.0,
+        rss_after as f64 / 1048576.0
+    );
+    println!(
+        "| RSS per connection | {:.1} KB |",
+        (rss_after.saturating_sub(rss_before)) as f64 / connections as f64 / 1000.0
+    );
+    drop(stream);
+}

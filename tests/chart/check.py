@@ -1,0 +1,177 @@
+#!/usr/bin/env python3
+"""Offline checks of charts/access, the way chart maintainers check without a cluster.
+
+For the default, dev, staging and prod values: render with Helm's own Go library (PyPI
+helm-python-sdk), lint strictly, validate every object against the Kubernetes schemas
+(kubernetes-validate, strict; kinds without a bundled schema are listed in
+charts/access/ci/schema-skip.txt with the reason), run checkov on the rendered manifests (no failed
+check; waivers live in the chart as checkov.io/skip annotations with their reason), and assert the
+deployment guide's promises. Also: a typo in values fails the schema. Run by `make test`.
+"""
+
+import json
+import pathlib
+import subprocess
+import sys
+import tempfile
+
+import kubernetes_validate
+import yaml
+from helm_python import chart as helm
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "access"
+KUBE_VERSION = "1.30.0"
+NAMESPACE = "254carbon-access"
+ENVS = {"default": None, "dev": "values-dev.yaml", "staging": "values-staging.yaml", "prod": "values-prod.yaml"}
+
+# The guide's names, subcommands, ports and resources (requests/limits).
+ROLES = {
+    "gateway": ("gateway-deployment", "gateway", "gateway-service", 8000, 3, ("250m", "500m", "256Mi", "512Mi")),
+    "stream": ("streaming-deployment", "streaming", "streaming-service", 8001, 2, ("500m", "1000m", "512Mi", "1Gi")),
+    "auth": ("auth-deployment", "auth", "auth-service", 8010, 2, ("100m", "250m", "128Mi", "256Mi")),
+    "entitlements": ("entitlements-deployment", "entitlements", "entitlements-service", 8011, 2, ("250m", "500m", "256Mi", "512Mi")),
+    "metrics": ("metrics-deployment", "metrics", "metrics-service", 8012, 1, ("500m", "1000m", "512Mi", "1Gi")),
+}
+
+failures = []
+
+
+def check(ok, what):
+    if not ok:
+        failures.append(what)
+
+
+def values_for(env):
+    name = ENVS[env]
+    return helm.values_from_yaml((CHART / name).read_text()) if name else {}
+
+
+def render(values):
+    c = helm.Chart.load(str(CHART))
+    out = c.render(values, name="access", namespace=NAMESPACE, is_install=True)
+    docs = []
+    for path, text in sorted(out.items()):
+        if path.endswith("NOTES.txt"):
+            continue
+        docs.extend(d for d in yaml.safe_load_all(text) if d)
+    return docs, out.get("access/templates/NOTES.txt", "")
+
+
+def skipped_kinds():
+    kinds = {}
+    for line in (CHART / "ci" / "schema-skip.txt").read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            kind, _, reason = line.partition(" ")
+            kinds[kind] = reason.strip()
+    return kinds
+
+
+def by(docs, kind, name):
+    return next((d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name), None)
+
+
+def guide_promises(env, docs, notes):
+    v = values_for(env)
+    for role, (deployment, container, service, port, replicas, (req_cpu, lim_cpu, req_mem, lim_mem)) in ROLES.items():
+        d = by(docs, "Deployment", deployment)
+        check(d is not None, f"{env}: Deployment {deployment}")
+        if d is None:
+            continue
+        pod = d["spec"]["template"]["spec"]
+        c = pod["containers"][0]
+        check(c["name"] == container, f"{env}: {deployment} container is {container}")
+        check(c["args"][0] == (role if role != "stream" else "stream") and str(port) in c["args"], f"{env}: {deployment} runs `access {role} --port {port}`: {c['args']}")
+        check(c["ports"][0]["containerPort"] == port, f"{env}: {deployment} port {port}")
+        live, ready = c["livenessProbe"], c["readinessProbe"]
+        check(live["httpGet"]["path"] == "/health" and live["initialDelaySeconds"] == 30 and live["periodSeconds"] == 10, f"{env}: {deployment} liveness /health 30s/10s")
+        check(ready["httpGet"]["path"] == "/ready" and ready["initialDelaySeconds"] == 5 and ready["periodSeconds"] == 5, f"{env}: {deployment} readiness /ready 5s/5s")
+        sc = c["securityContext"]
+        check(sc["runAsUser"] == 1000 and sc["runAsNonRoot"] and sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"] and sc["capabilities"]["drop"] == ["ALL"] and sc["seccompProfile"]["type"] == "RuntimeDefault", f"{env}: {deployment} security context")
+        check(pod["enableServiceLinks"] is False, f"{env}: {deployment} enableServiceLinks false")
+        check("checksum/config" in d["spec"]["template"]["metadata"]["annotations"], f"{env}: {deployment} rolls on config change")
+        if env == "default":
+            r = c["resources"]
+            check((r["requests"]["cpu"], r["limits"]["cpu"], r["requests"]["memory"], r["limits"]["memory"]) == (req_cpu, lim_cpu, req_mem, lim_mem), f"default: {deployment} resources {r}")
+            hpa = by(docs, "HorizontalPodAutoscaler", deployment)
+            count = hpa["spec"]["minReplicas"] if hpa else d["spec"]["replicas"]
+            check(count == replicas, f"default: {deployment} has {replicas} replicas (got {count})")
+        s = by(docs, "Service", service)
+        check(s is not None and s["spec"]["ports"][0]["port"] == port, f"{env}: Service {service}:{port}")
+        check(f"svc/{service}" in notes, f"{env}: NOTES has the port-forward line for {service}")
+    cm = by(docs, "ConfigMap", "access-config")
+    for key in ["ACCESS_ENV", "ACCESS_LOG_LEVEL", "ACCESS_AUTH_SERVICE_URL", "ACCESS_ENTITLEMENTS_SERVICE_URL", "ACCESS_METRICS_SERVICE_URL", "ACCESS_ENABLE_TRACING"]:
+        check(key in cm["data"], f"{env}: access-config has {key}")
+    if env in ("staging", "prod"):
+        for key in ["ACCESS_REDIS_URL", "ACCESS_KAFKA_BOOTSTRAP", "ACCESS_JWKS_URL"]:
+            check(key in cm["data"], f"{env}: access-config has {key}")
+    if env == "prod":
+        check(cm["data"]["ACCESS_ENV"] == "production", "prod: ACCESS_ENV=production")
+        check(by(docs, "Secret", "access-dev-key") is None, "prod: no dev key")
+    api, stream = by(docs, "Ingress", "access-api"), by(docs, "Ingress", "access-stream")
+    hosts = v.get("ingress", {})
+    api_host = hosts.get("api", {}).get("host", "api.254carbon.local")
+    stream_host = hosts.get("stream", {}).get("host", "stream.254carbon.local")
+    check(api["spec"]["rules"][0]["host"] == api_host, f"{env}: api ingress host {api_host}")
+    api_paths = {p["path"]: p["backend"]["service"]["name"] for p in api["spec"]["rules"][0]["http"]["paths"]}
+    check(api_paths.get("/health") == "gateway-service" and "/api/v1/prices" in api_paths, f"{env}: api ingress paths {api_paths}")
+    check(not any(p.startswith("/api/v1/status") or p.startswith("/api/v1/cache") or p == "/api" for p in api_paths), f"{env}: admin endpoints are not exposed")
+    stream_paths = {p["path"]: p["backend"]["service"]["name"] for p in stream["spec"]["rules"][0]["http"]["paths"]}
+    check(stream["spec"]["rules"][0]["host"] == stream_host and stream_paths == {"/ws/": "streaming-service", "/sse/": "streaming-service"}, f"{env}: stream ingress {stream_paths}")
+    ann = stream["metadata"]["annotations"]
+    check(ann.get("nginx.ingress.kubernetes.io/proxy-buffering") == "off" and int(ann["nginx.ingress.kubernetes.io/proxy-read-timeout"]) >= 3600, f"{env}: stream ingress annotations for WebSockets/SSE")
+    if v.get("ingress", {}).get("clusterIssuer"):
+        check("cert-manager.io/cluster-issuer" in api["metadata"]["annotations"] and api["spec"].get("tls"), f"{env}: TLS through cert-manager")
+    check(any(d["kind"] == "Pod" and d["metadata"].get("annotations", {}).get("helm.sh/hook") == "test" for d in docs), f"{env}: a helm test pod")
+    check(len([d for d in docs if d["kind"] == "PodDisruptionBudget"]) >= (4 if env != "dev" else 0), f"{env}: PodDisruptionBudgets")
+    check(len([d for d in docs if d["kind"] == "NetworkPolicy"]) == 5, f"{env}: a NetworkPolicy per role")
+
+
+def main():
+    skip = skipped_kinds()
+    lint = helm.lint(str(CHART), strict=True, namespace=NAMESPACE, kube_version=f"v{KUBE_VERSION}")
+    check(not lint["messages"] and not lint["errors"], f"helm lint: {lint}")
+    out_dir = pathlib.Path(tempfile.mkdtemp(prefix="access-chart-"))
+    for env in ENVS:
+        values = values_for(env)
+        lint = helm.lint(str(CHART), values, strict=True, namespace=NAMESPACE, kube_version=f"v{KUBE_VERSION}")
+        check(not lint["messages"] and not lint["errors"], f"helm lint {env}: {lint}")
+        docs, notes = render(values)
+        for d in docs:
+            kind = d["kind"]
+            if kind in skip:
+                continue
+            try:
+                kubernetes_validate.validate(d, KUBE_VERSION, strict=True)
+            except Exception as e:  # noqa: BLE001 - every validation error is a failure to report
+                failures.append(f"{env}: {kind}/{d['metadata']['name']}: {e}")
+        guide_promises(env, docs, notes)
+        path = out_dir / f"{env}.yaml"
+        path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+        r = subprocess.run(["checkov", "-f", str(path), "--framework", "kubernetes", "--quiet", "--compact", "-o", "json"], capture_output=True, text=True)
+        report = json.loads(r.stdout or "{}")
+        reports = report if isinstance(report, list) else [report]
+        for rep in reports:
+            for f in rep.get("results", {}).get("failed_checks", []):
+                failures.append(f"{env}: checkov {f['check_id']} {f['check_name']} on {f['resource']}")
+        print(f"chart {env}: {len(docs)} objects rendered, linted, validated, checkov clean" if not failures else f"chart {env}: checked")
+    # The schema rejects typos and an updating VPA beside an HPA.
+    for bad, what in [
+        ({"roles": {"gateway": {"replicas": 3}}}, "a misspelt key"),
+        ({"roles": {"gateway": {"vpa": {"enabled": True, "updateMode": "Auto"}}}}, "an updating VPA beside an HPA"),
+        ({"config": {"redisUrl": "http://x"}}, "a redis URL that is not redis://"),
+    ]:
+        try:
+            render(bad)
+            failures.append(f"the schema accepted {what}")
+        except Exception:  # noqa: BLE001 - a refusal is what we want
+            pass
+    if failures:
+        print("chart checks FAILED:", *failures, sep="\n  ")
+        sys.exit(1)
+    print(f"chart checks passed (rendered manifests in {out_dir})")
+
+
+if __name__ == "__main__":
+    main()
