@@ -10,6 +10,7 @@ deployment guide's promises. Also: a typo in values fails the schema. Run by `ma
 """
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -128,6 +129,38 @@ def guide_promises(env, docs, notes):
     check(len([d for d in docs if d["kind"] == "NetworkPolicy"]) == 5, f"{env}: a NetworkPolicy per role")
 
 
+# Stand-ins for the Secret files a cluster would mount, so the binary can read its whole config.
+SECRET_STANDINS = {
+    "postgres-dsn": "postgres://access@postgres-service:5432/access",
+    "redis-url": "redis://:password@redis-service:6379",
+    "client-secret": "a-client-secret",
+    "kafka-sasl-password": "a-password",
+}
+
+
+def config_accepted(env, docs):
+    """Every role's rendered configuration passes `access check-config` (the strict loader)."""
+    binary = os.environ.get("ACCESS_BIN") or str(pathlib.Path.home() / ".cache/access/target/debug/access")
+    if not pathlib.Path(binary).exists():
+        failures.append(f"{env}: no access binary at {binary} to check the rendered config (build first)")
+        return
+    work = pathlib.Path(tempfile.mkdtemp(prefix=f"access-config-{env}-"))
+    files = by(docs, "ConfigMap", "access-files")["data"]
+    for name, text in files.items():
+        (work / name).write_text(text.replace("/etc/access", str(work)))
+    for name, value in SECRET_STANDINS.items():
+        (work / name).write_text(value)
+    base = dict(by(docs, "ConfigMap", "access-config")["data"])
+    for role, (deployment, *_rest) in ROLES.items():
+        container = by(docs, "Deployment", deployment)["spec"]["template"]["spec"]["containers"][0]
+        env_vars = dict(base)
+        for e in container.get("env", []):
+            env_vars[e["name"]] = e["value"].replace("/var/run/secrets/access-dev-key", str(work)).replace("/var/run/secrets/access", str(work))
+        args = [a.replace("/etc/access", str(work)) for a in container["args"]]
+        r = subprocess.run([binary, *args[1:3], "check-config"], env={**env_vars, "PATH": "/usr/bin:/bin"}, capture_output=True, text=True)
+        check(r.returncode == 0, f"{env}: {deployment}'s rendered configuration is refused by the binary: {r.stderr.strip()}")
+
+
 def main():
     skip = skipped_kinds()
     lint = helm.lint(str(CHART), strict=True, namespace=NAMESPACE, kube_version=f"v{KUBE_VERSION}")
@@ -147,6 +180,7 @@ def main():
             except Exception as e:  # noqa: BLE001 - every validation error is a failure to report
                 failures.append(f"{env}: {kind}/{d['metadata']['name']}: {e}")
         guide_promises(env, docs, notes)
+        config_accepted(env, docs)
         path = out_dir / f"{env}.yaml"
         path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
         r = subprocess.run(["checkov", "-f", str(path), "--framework", "kubernetes", "--quiet", "--compact", "-o", "json"], capture_output=True, text=True)
