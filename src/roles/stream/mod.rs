@@ -183,7 +183,7 @@ impl Default for Config {
             metadata_refresh: Duration::from_secs(30),
             bus_retain: 10_000,
             max_message_bytes: 64 * 1024,
-            read_buffer_bytes: 4 * 1024,
+            read_buffer_bytes: 2 * 1024,
             write_buffer_bytes: 8 * 1024,
             max_write_buffer_bytes: 4 * 1024 * 1024,
             entitlements_fail_open: false,
