@@ -7,7 +7,7 @@ IMAGE ?= ghcr.io/254carbon/access:dev
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/access/target
 BIN := $(CARGO_TARGET_DIR)/debug/access
 
-.PHONY: help run test check-deploy image services build lint fmt bench-auth bench-entitlements bench-metrics bench-gateway bench-stream
+.PHONY: help run test check-deploy image manifests deploy db-backup db-restore services build lint fmt bench-auth bench-entitlements bench-metrics bench-gateway bench-stream
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -28,6 +28,21 @@ test: services ## Run every test against the real Redis, PostgreSQL and tansu, a
 check-deploy: ## Offline checks of the Helm chart (render, lint, schemas, checkov, the guide's promises) and the Containerfile (hadolint)
 	python3 tests/chart/check.py
 	hadolint Containerfile
+
+manifests: ## Regenerate deploy/k8s/<env>/ (the kubectl method's manifests) from the chart
+	for env in dev staging production; do python3 scripts/render-chart.py --env $$env --plain --out deploy/k8s/$$env; done
+
+ENV ?= dev
+deploy: ## Deploy to the current kubectl context: make deploy ENV=staging [METHOD=kubectl] [NAMESPACE=...]
+	deploy/deploy-k8s.sh -e $(if $(filter prod,$(ENV)),production,$(ENV)) -m $(or $(METHOD),helm) -n $(or $(NAMESPACE),254carbon-access)
+
+BACKUP_DIR ?= backups
+db-backup: ## Dump the layer's PostgreSQL data ($$ACCESS_POSTGRES_DSN, or K8S_NAMESPACE=... for the in-cluster one) to $(BACKUP_DIR)/
+	deploy/backup/db-backup.sh -o $(BACKUP_DIR) $(if $(K8S_NAMESPACE),-k $(K8S_NAMESPACE))
+
+db-restore: ## Restore a dump: make db-restore FILE=backups/access-....dump (replaces the tables)
+	@test -n "$(FILE)" || { echo "make db-restore FILE=<dump>" >&2; exit 2; }
+	deploy/backup/db-restore.sh -y $(if $(K8S_NAMESPACE),-k $(K8S_NAMESPACE)) $(FILE)
 
 image: ## Build the container image with podman or docker (IMAGE=ghcr.io/254carbon/access:dev)
 	@engine=$$(command -v podman || command -v docker) || { echo "make image needs podman or docker" >&2; exit 1; }; \

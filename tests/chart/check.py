@@ -265,6 +265,88 @@ def monitoring():
     print(f"monitoring: rules pass promtool; {len(dashboards)} dashboards parse; {checked} metric references all exported or recorded")
 
 
+def deploy_script():
+    """deploy/deploy-k8s.sh: dry runs print locally rendered manifests and call no kubectl; without
+    a cluster it stops before acting with a clear message; the committed plain manifests are what
+    the chart renders now (no drift)."""
+    script = str(ROOT / "deploy" / "deploy-k8s.sh")
+    fake = pathlib.Path(tempfile.mkdtemp(prefix="fake-kubectl-"))
+    calls = fake / "calls.log"
+    (fake / "kubectl").write_text(f"#!/bin/sh\necho \"$*\" >> {calls}\necho 'The connection to the server localhost:8080 was refused' >&2\nexit 1\n")
+    (fake / "kubectl").chmod(0o755)
+    base_path = os.environ.get("PATH", "/usr/bin:/bin")
+    with_fake = {**os.environ, "PATH": f"{fake}:{base_path}"}
+    # A PATH with bash and nothing else: no kubectl, whatever this machine has installed.
+    bare = pathlib.Path(tempfile.mkdtemp(prefix="bare-path-"))
+    (bare / "bash").symlink_to(subprocess.run(["bash", "-c", "command -v bash"], capture_output=True, text=True).stdout.strip())
+    no_kubectl = {**os.environ, "PATH": str(bare)}
+
+    def run(args, env):
+        return subprocess.run([script, *args], capture_output=True, text=True, env=env)
+
+    r = run(["-h"], with_fake)
+    check(r.returncode == 0 and "-m METHOD" in r.stdout, f"deploy-k8s.sh -h: {r.stdout}{r.stderr}")
+    for env in ("dev", "staging", "production"):
+        committed = pathlib.Path(ROOT / "deploy" / "k8s" / env)
+        with tempfile.TemporaryDirectory() as fresh:
+            subprocess.run([sys.executable, str(ROOT / "scripts" / "render-chart.py"), "--env", env, "--plain", "--out", fresh], check=True, capture_output=True)
+            now = {p.name: p.read_text() for p in pathlib.Path(fresh).glob("*.yaml")}
+        then = {p.name: p.read_text() for p in committed.glob("*.yaml")}
+        drift = sorted(set(now) ^ set(then)) + sorted(n for n in set(now) & set(then) if now[n] != then[n])
+        check(not drift, f"deploy/k8s/{env} drifted from the chart (run make manifests): {drift[:5]}")
+        for method in ("kubectl", "helm"):
+            r = run(["-d", "-m", method, "-e", env], with_fake)
+            docs = [d for d in yaml.safe_load_all(r.stdout) if d] if r.returncode == 0 else []
+            names = {(d["kind"], d["metadata"]["name"]) for d in docs}
+            check(r.returncode == 0 and ("Deployment", "gateway-deployment") in names, f"deploy-k8s.sh -d -m {method} -e {env}: {r.returncode} {r.stderr[-300:]}")
+            if method == "kubectl":
+                check(len(docs) == len(then), f"deploy-k8s.sh -d -m kubectl -e {env} prints the {len(then)} committed manifests ({len(docs)})")
+    check(not calls.exists(), f"a dry run called kubectl: {calls.read_text() if calls.exists() else ''}")
+    r = run(["-m", "kubectl", "-e", "staging"], with_fake)
+    check(r.returncode == 3 and "no reachable Kubernetes cluster" in r.stderr, f"no cluster: {r.returncode} {r.stderr}")
+    made = calls.read_text().split("\n") if calls.exists() else []
+    check(all(c.startswith("cluster-info") or not c for c in made), f"without a cluster it acted anyway: {made}")
+    r = run(["-m", "kubectl"], no_kubectl)
+    check(r.returncode == 3 and "kubectl is not installed" in r.stderr, f"no kubectl: {r.returncode} {r.stderr}")
+    r = run(["-e", "qa"], with_fake)
+    check(r.returncode == 2 and "-e must be" in r.stderr, f"bad -e: {r.returncode} {r.stderr}")
+    print("deploy-k8s.sh: dry runs render locally and touch nothing; no cluster stops it with exit 3; deploy/k8s matches the chart")
+
+
+def backups():
+    """make db-backup / db-restore against the machine's PostgreSQL: a private database with the
+    layer's migrations and a rule; backup; change it; restore; the rule is back, the change gone."""
+    import uuid
+    db = f"access_backup_{uuid.uuid4().hex[:12]}"
+    admin = ["psql", "-h", "127.0.0.1", "-U", "postgres", "-v", "ON_ERROR_STOP=1", "-q"]
+    dsn = f"postgres://postgres@127.0.0.1:5432/{db}"
+    sql = lambda q: subprocess.run([*admin, "-d", db, "-At", "-c", q], capture_output=True, text=True, check=True).stdout.strip()
+    subprocess.run([*admin, "-d", "postgres", "-c", f"CREATE DATABASE {db}"], check=True, capture_output=True)
+    try:
+        for m in sorted((ROOT / "migrations").glob("*.sql")):
+            subprocess.run([*admin, "-d", db, "-f", str(m)], check=True, capture_output=True)
+        rule = "INSERT INTO access_rules VALUES ('{id}', '{{\"name\": \"{name}\"}}', 't1', NULL, 'instrument:*', now(), now(), 1)"
+        sql(rule.format(id=uuid.uuid4(), name="kept"))
+        env = {**os.environ, "ACCESS_POSTGRES_DSN": dsn}
+        out = pathlib.Path(tempfile.mkdtemp(prefix="access-backup-"))
+        r = subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), "db-backup", f"BACKUP_DIR={out}"], capture_output=True, text=True, env=env)
+        dumps = list(out.glob("access-*.dump"))
+        check(r.returncode == 0 and len(dumps) == 1, f"make db-backup: {r.returncode} {r.stdout}{r.stderr}")
+        if not dumps:
+            return
+        sql("DELETE FROM access_rules")
+        sql(rule.format(id=uuid.uuid4(), name="after the backup"))
+        r = subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), "db-restore", f"FILE={dumps[0]}"], capture_output=True, text=True, env=env)
+        check(r.returncode == 0, f"make db-restore: {r.stdout}{r.stderr}")
+        names = sql("SELECT rule->>'name' FROM access_rules ORDER BY 1")
+        check(names == "kept", f"after the restore the rules are the backup's: {names!r}")
+        r = subprocess.run([str(ROOT / "deploy" / "backup" / "db-restore.sh"), "-y", str(out / "missing.dump")], capture_output=True, text=True, env=env)
+        check(r.returncode == 2 and "existing dump" in r.stderr, f"restore of a missing file: {r.returncode} {r.stderr}")
+        print("backups: make db-backup and make db-restore round-trip the layer's tables")
+    finally:
+        subprocess.run([*admin, "-d", "postgres", "-c", f"DROP DATABASE IF EXISTS {db} WITH (FORCE)"], capture_output=True)
+
+
 def main():
     skip = skipped_kinds()
     lint = helm.lint(str(CHART), strict=True, namespace=NAMESPACE, kube_version=f"v{KUBE_VERSION}")
@@ -297,6 +379,8 @@ def main():
                 failures.append(f"{env}: checkov {f['check_id']} {f['check_name']} on {f['resource']}")
         print(f"chart {env}: {len(docs)} objects rendered, linted, validated, checkov clean" if not failures else f"chart {env}: checked")
     monitoring()
+    deploy_script()
+    backups()
     # The schema rejects typos and an updating VPA beside an HPA.
     for bad, what in [
         ({"roles": {"gateway": {"replicas": 3}}}, "a misspelt key"),
