@@ -1,56 +1,61 @@
 #!/usr/bin/env bash
-# `make run`: runs what exists of the layer on this machine with embedded backends (no servers
-# needed) and prints what to try. Today: the auth, entitlements and metrics roles, in dev mode.
+# `make run`: the whole layer on this machine with `access all` (every role in one process, the
+# embedded backends, a sample upstream, sample price updates every second), then what to try.
+# Set ACCESS_REDIS_URL, ACCESS_POSTGRES_DSN or ACCESS_KAFKA_BOOTSTRAP to use real servers instead.
 set -euo pipefail
 BIN=${1:?usage: run.sh PATH_TO_ACCESS}
 export ACCESS_LOG_FORMAT=${ACCESS_LOG_FORMAT:-text}
+GW=${ACCESS_GATEWAY__PORT:-8000}
+ST=${ACCESS_STREAM__PORT:-8001}
 AUTH=${ACCESS_AUTH__PORT:-8010}
 ENT=${ACCESS_ENTITLEMENTS__PORT:-8011}
 MET=${ACCESS_METRICS__PORT:-8012}
 
 "$BIN" check-config >/dev/null
-TOKEN=$("$BIN" token --sub alice --tenant t1 --roles trader,admin --ttl 8h)
-SERVICE=$("$BIN" token --sub service:demo --tenant platform --roles service --ttl 8h)
+TOKEN=$("$BIN" token --sub alice --tenant t1 --roles trader --ttl 8h)
+ADMIN=$("$BIN" token --sub root --tenant t1 --roles admin --ttl 8h)
 
-"$BIN" entitlements &
-ENT_PID=$!
-"$BIN" metrics &
-MET_PID=$!
-trap 'kill -TERM $ENT_PID $MET_PID 2>/dev/null; wait $ENT_PID $MET_PID 2>/dev/null' EXIT
+"$BIN" all &
+PID=$!
+trap 'kill -TERM $PID 2>/dev/null; wait $PID 2>/dev/null' EXIT
+for _ in $(seq 1 100); do
+  curl -fs "http://localhost:$GW/ready" >/dev/null 2>&1 && curl -fs "http://localhost:$ST/ready" >/dev/null 2>&1 && break
+  sleep 0.2
+done
 
 cat <<MSG
 
-access $("$BIN" --version | cut -d' ' -f2): the auth role on :$AUTH, the entitlements role on :$ENT and the
-metrics role on :$MET, in dev mode (embedded backends, a local dev key, the shipped seed rules).
-The gateway runs too ($BIN gateway), but its sample upstream arrives with "access all", not
-built yet; the stream role has not landed.
+access $("$BIN" --version | cut -d' ' -f2) runs every role in one process: gateway :$GW, stream :$ST, auth :$AUTH,
+entitlements :$ENT, metrics :$MET, with a sample upstream on :8100 and sample price updates every
+second (embedded backends, a local dev key, the shipped routes and seed rules).
 
-A dev token for alice (tenant t1, roles trader and admin), valid 8 hours:
+Tokens (valid 8 hours): alice, a trader of tenant t1; root, an admin.
 
-  TOKEN=$TOKEN
-  SERVICE=$SERVICE   # a service token (metrics ingest)
+  export TOKEN=$TOKEN
+  export ADMIN=$ADMIN
 
-Verify it:
+Through the gateway: auth, entitlement, RateLimit-* headers; the second call is X-Cache: HIT.
 
-  curl -s -X POST http://localhost:$AUTH/auth/verify -H 'content-type: application/json' -d "{\"token\":\"\$TOKEN\"}"
+  curl -si http://localhost:$GW/api/v1/prices/latest/NG-H27 -H "Authorization: Bearer \$TOKEN"
+  curl -si http://localhost:$GW/api/v1/prices/latest/NG-H27 -H "Authorization: Bearer \$TOKEN" | grep -i -e x-cache -e ratelimit
 
-Ask for a permission, add a rule, ask again:
+Deny alice an instrument, and see the 403:
 
-  curl -s -X POST http://localhost:$ENT/entitlements/check -H "Authorization: Bearer \$TOKEN" \\
-    -d '{"user_id":"alice","tenant_id":"t1","resource":"market_data","action":"read"}' -H 'content-type: application/json'
-  curl -s -X POST http://localhost:$ENT/entitlements/rules -H "Authorization: Bearer \$TOKEN" -H 'content-type: application/json' \\
-    -d '{"name":"no-jpy","effect":"deny","resource":"instrument:*JPY","actions":["*"],"priority":950}'
+  curl -s -X POST http://localhost:$ENT/entitlements/rules -H "Authorization: Bearer \$ADMIN" -H 'content-type: application/json' \\
+    -d '{"name":"no-brent","effect":"deny","resource":"instrument:BRN-*","actions":["read"],"priority":500}'
+  curl -si http://localhost:$GW/api/v1/prices/latest/BRN-F27 -H "Authorization: Bearer \$TOKEN"
 
-Push a metric and see it exported:
+Live prices over WebSocket and SSE:
 
-  curl -s -X POST http://localhost:$MET/metrics/track -H "Authorization: Bearer \$SERVICE" -H 'content-type: application/json' \\
-    -d '{"name":"jobs_done","type":"counter","value":1,"service":"demo"}'
-  curl -s http://localhost:$MET/metrics | grep jobs_done
+  ACCESS_TOKEN=\$TOKEN $BIN subscribe --topic served.market.latest_prices.v1
+  curl -N "http://localhost:$ST/sse/stream?topics=served.market.latest_prices.v1&token=\$TOKEN"
 
-Also: /auth/me, /auth/logout, /entitlements/rules, /entitlements/stats, /ready, /metrics on each.
-More tokens: $BIN token --sub bob --tenant t2 --roles trader
+Log alice out, and her next call is a 401:
 
-Ctrl-C stops them (after the grace period; press twice to skip it).
+  curl -s -X POST http://localhost:$AUTH/auth/logout -H "Authorization: Bearer \$TOKEN"
+
+Also: /health, /ready, /metrics on every port; /stats on :$ST; docs/stream-protocol.md.
+Ctrl-C stops the layer (after the grace period; press twice to skip it).
 
 MSG
-"$BIN" auth
+wait $PID

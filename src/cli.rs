@@ -49,6 +49,12 @@ pub enum Command {
     Entitlements(Serve),
     /// Pushed metrics exported to Prometheus (port 8012).
     Metrics(Serve),
+    /// Every role in one process on its usual port, plus a sample upstream for the gateway and
+    /// sample price updates every second: the whole layer on one machine (`make run`).
+    All(AllArgs),
+    /// Subscribe to stream topics over WebSocket and print each frame (a client for trying the
+    /// stream role).
+    Subscribe(SubscribeArgs),
     /// Validate the configuration and the files it names; print every problem; exit 64 if any.
     CheckConfig,
     /// Print the effective configuration (secrets redacted) as JSON.
@@ -72,6 +78,34 @@ pub struct TokenArgs {
     /// Lifetime (`30m`, `1h`).
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     pub ttl: std::time::Duration,
+}
+
+/// Options of `access all`.
+#[derive(Debug, Args)]
+pub struct AllArgs {
+    /// Port of the sample upstream (the gateway's default upstream groups point at 8100).
+    #[arg(long, default_value_t = 8100)]
+    pub upstream_port: u16,
+    /// Do not publish sample updates.
+    #[arg(long)]
+    pub no_samples: bool,
+}
+
+/// Options of `access subscribe`.
+#[derive(Debug, Args)]
+pub struct SubscribeArgs {
+    /// Topics to subscribe to.
+    #[arg(long = "topic", required = true)]
+    pub topics: Vec<String>,
+    /// The stream role's WebSocket URL.
+    #[arg(long, default_value = "ws://127.0.0.1:8001/ws/stream")]
+    pub url: String,
+    /// The token (default: $ACCESS_TOKEN).
+    #[arg(long, env = "ACCESS_TOKEN", hide_env_values = true)]
+    pub token: String,
+    /// Stop after this many data frames.
+    #[arg(long)]
+    pub count: Option<u64>,
 }
 
 /// Options of a role subcommand.
@@ -129,6 +163,20 @@ pub async fn run(cli: Cli, env: BTreeMap<String, String>) -> ExitCode {
             }
         },
         (Command::Token(args), Ok(config)) => print_token(args, &config),
+        (Command::Subscribe(args), _) => subscribe(args).await,
+        (Command::All(args), Ok(config)) => {
+            let config = Arc::new(config);
+            let telemetry = match telemetry::init(&config, "access") {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            let code = serve_all(args, config).await;
+            let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+            code
+        }
         (_, Err(errors)) => {
             eprintln!("configuration has {} problem(s):", errors.0.len());
             for problem in &errors.0 {
@@ -222,34 +270,215 @@ pub enum RunError {
     Other(#[from] anyhow::Error),
 }
 
-/// The one dispatch from a role to its module: build the role's state (I/O, no binding), then run
-/// it on the listener.
+/// Builds the auth handles for the role's context, then [`start_with`].
 pub async fn start(role: Role, listener: TcpListener, ctx: Context) -> Result<(), RunError> {
+    let auth = crate::auth::Auth::build(&ctx).await?;
+    start_with(role, listener, ctx, auth).await
+}
+
+/// The one dispatch from a role to its module: build the role's state (I/O, no binding), then run
+/// it on the listener. `auth` may be shared (`access all` gives every role the same one, so the
+/// embedded revocations and API keys are one set).
+pub async fn start_with(
+    role: Role,
+    listener: TcpListener,
+    ctx: Context,
+    auth: crate::auth::Auth,
+) -> Result<(), RunError> {
     match role {
         Role::Auth => {
-            let auth = crate::auth::Auth::build(&ctx).await?;
             let state = roles::auth::build(&ctx, auth);
             roles::auth::run(listener, state, ctx).await
         }
         Role::Entitlements => {
-            let auth = crate::auth::Auth::build(&ctx).await?;
             let state = roles::entitlements::build(&ctx, auth).await?;
             roles::entitlements::run(listener, state, ctx).await
         }
         Role::Metrics => {
-            let auth = crate::auth::Auth::build(&ctx).await?;
             let state = roles::metrics::build(&ctx, auth);
             roles::metrics::run(listener, state, ctx).await
         }
         Role::Gateway => {
-            let auth = crate::auth::Auth::build(&ctx).await?;
             let state = roles::gateway::build(&ctx, auth).await?;
             roles::gateway::run(listener, state, ctx).await
         }
         Role::Stream => {
-            let auth = crate::auth::Auth::build(&ctx).await?;
             let state = roles::stream::build(&ctx, auth).await?;
             roles::stream::run(listener, state, ctx).await
         }
     }
+}
+
+/// `access all`: binds every role's port (and the sample upstream's), then runs the roles in this
+/// process with one auth, one shutdown and the other roles' URLs pointing here.
+async fn serve_all(args: &AllArgs, config: Arc<Config>) -> ExitCode {
+    let ports: std::collections::HashMap<Role, u16> =
+        Role::ALL.iter().map(|r| (*r, config.port(*r))).collect();
+    let local = |role: Role| url::Url::parse(&format!("http://127.0.0.1:{}", ports[&role])).ok();
+    let mut config = (*config).clone();
+    config.auth_service_url = config.auth_service_url.clone().or_else(|| local(Role::Auth));
+    config.entitlements_service_url =
+        config.entitlements_service_url.clone().or_else(|| local(Role::Entitlements));
+    config.metrics_service_url =
+        config.metrics_service_url.clone().or_else(|| local(Role::Metrics));
+    // The gateway's built-in upstream groups point at the sample upstream, wherever it listens.
+    if config.gateway.upstreams == roles::gateway::Config::default().upstreams {
+        let sample = url::Url::parse(&format!("http://127.0.0.1:{}", args.upstream_port));
+        for urls in config.gateway.upstreams.values_mut() {
+            *urls = sample.iter().cloned().collect();
+        }
+    }
+    let config = Arc::new(config);
+    let shutdown = Shutdown::new();
+    tokio::spawn(shutdown.clone().on_signal(config.server.grace_period));
+    let mut listeners = Vec::new();
+    for role in Role::ALL {
+        let addr = (config.server.host, config.port(role));
+        match TcpListener::bind(addr).await {
+            Ok(l) => listeners.push((role, l)),
+            Err(e) => {
+                tracing::error!(role = %role, addr = ?addr, error = %e, "cannot bind");
+                return ExitCode::from(EXIT_UNAVAILABLE);
+            }
+        }
+    }
+    let upstream = match TcpListener::bind(("127.0.0.1", args.upstream_port)).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(port = args.upstream_port, error = %e, "cannot bind the sample upstream");
+            return ExitCode::from(EXIT_UNAVAILABLE);
+        }
+    };
+    let stopping = shutdown.clone();
+    tokio::spawn(async move {
+        let _ = axum::serve(upstream, crate::sample::upstream())
+            .with_graceful_shutdown(async move { stopping.stopping().await })
+            .await;
+    });
+    let auth_ctx = Context::new(Role::Auth, config.clone(), shutdown.clone());
+    let auth = match crate::auth::Auth::build(&auth_ctx).await {
+        Ok(a) => a,
+        Err(e) => return exit_for(Role::Auth, e),
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    for (role, listener) in listeners {
+        let ctx = if role == Role::Auth {
+            auth_ctx.clone()
+        } else {
+            let ctx = Context::new(role, config.clone(), shutdown.clone());
+            auth.add_checks(&ctx);
+            ctx
+        };
+        let auth = auth.clone();
+        tasks.spawn(async move { (role, start_with(role, listener, ctx, auth).await) });
+    }
+    if !args.no_samples {
+        match crate::auth::token_source::for_role(&auth_ctx, &auth) {
+            Ok(tokens) => {
+                let topics = &config.stream.topics;
+                let find = |resource: &str| {
+                    topics.iter().find(|t| t.resource == resource).map(|t| t.name.clone())
+                };
+                let stream = local(Role::Stream).expect("a valid URL");
+                crate::sample::spawn_publisher(
+                    stream,
+                    find("market_data"),
+                    find("curve"),
+                    tokens,
+                    shutdown.clone(),
+                );
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "no service token; sample updates are not published")
+            }
+        }
+    }
+    tracing::info!(upstream = args.upstream_port, "access all: every role is starting");
+    let mut code = ExitCode::SUCCESS;
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok((_, Ok(()))) => {}
+            Ok((role, Err(e))) => {
+                code = exit_for(role, e);
+                shutdown.stop();
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "a role panicked");
+                code = ExitCode::from(EXIT_FAILURE);
+                shutdown.stop();
+            }
+        }
+    }
+    code
+}
+
+fn exit_for(role: Role, e: RunError) -> ExitCode {
+    match e {
+        RunError::Unavailable(e) => {
+            tracing::error!(role = %role, error = %e, "a dependency is unavailable at start-up");
+            ExitCode::from(EXIT_UNAVAILABLE)
+        }
+        RunError::Other(e) => {
+            tracing::error!(role = %role, error = format!("{e:#}"), "role failed");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+/// `access subscribe`: a WebSocket client that prints the stream's frames, one JSON per line.
+async fn subscribe(args: &SubscribeArgs) -> ExitCode {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+    let mut request = match args.url.as_str().into_client_request() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {}: {e}", args.url);
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if let Ok(value) = format!("Bearer {}", args.token).parse() {
+        request.headers_mut().insert(http::header::AUTHORIZATION, value);
+    }
+    let mut ws = match tokio_tungstenite::connect_async(request).await {
+        Ok((ws, _)) => ws,
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+            let body = r.body().as_deref().map(String::from_utf8_lossy).unwrap_or_default();
+            eprintln!("error: {} refused the connection: HTTP {} {body}", args.url, r.status());
+            return ExitCode::from(EXIT_FAILURE);
+        }
+        Err(e) => {
+            eprintln!("error: cannot connect to {}: {e}", args.url);
+            return ExitCode::from(EXIT_UNAVAILABLE);
+        }
+    };
+    let subscribe = serde_json::json!({"action": "subscribe", "topics": args.topics, "id": 1});
+    if ws.send(Message::text(subscribe.to_string())).await.is_err() {
+        return ExitCode::from(EXIT_FAILURE);
+    }
+    let mut seen = 0u64;
+    while let Some(frame) = ws.next().await {
+        match frame {
+            Ok(Message::Text(t)) => {
+                println!("{t}");
+                if t.contains("\"type\":\"data\"") {
+                    seen += 1;
+                    if args.count.is_some_and(|n| seen >= n) {
+                        let _ = ws.close(None).await;
+                        return ExitCode::SUCCESS;
+                    }
+                }
+            }
+            Ok(Message::Close(c)) => {
+                eprintln!("closed by the server: {c:?}");
+                return ExitCode::from(EXIT_FAILURE);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(EXIT_FAILURE);
+            }
+        }
+    }
+    ExitCode::SUCCESS
 }

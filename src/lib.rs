@@ -9,6 +9,7 @@
 //! - [`backends`]: Redis, PostgreSQL and Kafka connections with readiness checks.
 //! - [`auth`]: in-process JWT verification, revocation, dev key, service tokens.
 //! - [`roles`]: the roles, each `Config -> build -> State -> router -> run`.
+//! - [`sample`]: the sample upstream and update publisher of `access all`.
 
 pub mod auth;
 pub mod backends;
@@ -16,5 +17,6 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod roles;
+pub mod sample;
 pub mod server;
 pub mod telemetry;

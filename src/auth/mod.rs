@@ -199,6 +199,8 @@ pub struct Auth {
     /// The process's PostgreSQL pool, migrated, when `postgres_dsn` is set (shared with the
     /// roles that store data there).
     pub postgres: Option<deadpool_postgres::Pool>,
+    /// The Redis client of the revocation store, for readiness.
+    redis: Option<crate::backends::redis::Client>,
 }
 
 impl Auth {
@@ -251,12 +253,12 @@ impl Auth {
                 (Arc::new(jwks::Jwks::fixed(ctx.role, key.key_set())), Some(Arc::new(key)))
             }
         };
+        let mut redis = None;
         let revocations: Arc<dyn revocation::RevocationStore> = match &config.redis_url {
             Some(url) => {
                 let client = crate::backends::redis::connect(url, &config.redis).await?;
                 let subscriber = crate::backends::redis::subscriber(url, &config.redis).await?;
-                ctx.readiness
-                    .add_check("redis", crate::backends::redis::ready_check(client.clone()));
+                redis = Some(client.clone());
                 revocation::RedisStore::start(
                     client,
                     subscriber,
@@ -278,7 +280,32 @@ impl Auth {
             auth.cache_capacity,
         ));
         verifier.spawn_revocation_listener(ctx.shutdown.clone());
-        let loaded = jwks.clone();
+        let postgres = match &config.postgres_dsn {
+            Some(dsn) => {
+                Some(crate::backends::postgres::connect_and_migrate(dsn, &config.postgres).await?)
+            }
+            None => None,
+        };
+        let key_store: Arc<dyn api_keys::KeyStore> = match &postgres {
+            Some(pool) => Arc::new(api_keys::PgKeys::new(pool.clone())),
+            None => Arc::new(api_keys::MemoryKeys::default()),
+        };
+        let auth = Auth {
+            verifier,
+            revocations,
+            dev_key,
+            api_keys: Arc::new(api_keys::ApiKeys::new(key_store)),
+            postgres,
+            redis,
+        };
+        auth.add_checks(ctx);
+        Ok(auth)
+    }
+
+    /// Registers the `jwks` (and `redis`) readiness checks on a role's context: every role that
+    /// authenticates needs the keys, and Redis when revocations live there.
+    pub fn add_checks(&self, ctx: &crate::server::Context) {
+        let loaded = self.verifier.jwks().clone();
         ctx.readiness.add_check(
             "jwks",
             move || -> futures::future::BoxFuture<'static, Result<(), String>> {
@@ -292,22 +319,8 @@ impl Auth {
                 })
             },
         );
-        let postgres = match &config.postgres_dsn {
-            Some(dsn) => {
-                Some(crate::backends::postgres::connect_and_migrate(dsn, &config.postgres).await?)
-            }
-            None => None,
-        };
-        let key_store: Arc<dyn api_keys::KeyStore> = match &postgres {
-            Some(pool) => Arc::new(api_keys::PgKeys::new(pool.clone())),
-            None => Arc::new(api_keys::MemoryKeys::default()),
-        };
-        Ok(Auth {
-            verifier,
-            revocations,
-            dev_key,
-            api_keys: Arc::new(api_keys::ApiKeys::new(key_store)),
-            postgres,
-        })
+        if let Some(client) = &self.redis {
+            ctx.readiness.add_check("redis", crate::backends::redis::ready_check(client.clone()));
+        }
     }
 }

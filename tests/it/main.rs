@@ -1,6 +1,7 @@
 //! The one integration-test binary: black-box tests against real servers on 127.0.0.1:0, the
 //! machine's Redis and PostgreSQL, and the tansu broker started by `tests/services.sh`.
 
+mod all;
 mod auth;
 mod backends;
 mod binary;

@@ -1,0 +1,92 @@
+//! `access all`: the built binary runs the five roles in one process with the embedded backends,
+//! a sample upstream and sample updates; the roles share one auth (a logout at the auth role is
+//! seen by the gateway).
+
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::support::{closed_port, http, wait_ready, DevKeys};
+
+#[tokio::test]
+async fn access_all_runs_the_whole_layer_in_one_process() {
+    let keys = DevKeys::new();
+    let mut ports = Vec::new();
+    for _ in 0..6 {
+        ports.push(closed_port().await);
+    }
+    let (gw, st, au, en, me, up) = (ports[0], ports[1], ports[2], ports[3], ports[4], ports[5]);
+    let env = [
+        ("ACCESS_GATEWAY__PORT", gw.to_string()),
+        ("ACCESS_STREAM__PORT", st.to_string()),
+        ("ACCESS_AUTH__PORT", au.to_string()),
+        ("ACCESS_ENTITLEMENTS__PORT", en.to_string()),
+        ("ACCESS_METRICS__PORT", me.to_string()),
+        ("ACCESS_AUTH__DEV_KEY_FILE", keys.path.clone()),
+        ("ACCESS_SERVER__HOST", "127.0.0.1".into()),
+        ("ACCESS_SERVER__GRACE_PERIOD", "100ms".into()),
+    ];
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_access"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .args(["all", "--upstream-port", &up.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut process = crate::support::Process { child, url: format!("http://127.0.0.1:{gw}") };
+    for port in [gw, st, au, en, me] {
+        wait_ready(&format!("http://127.0.0.1:{port}")).await;
+    }
+    let token = keys.token("alice", "t1", &["trader"]);
+    let price = format!("http://127.0.0.1:{gw}/api/v1/prices/latest/NG-H27");
+    let get = || http().get(&price).bearer_auth(&token).send();
+    let first = get().await.unwrap();
+    assert_eq!(first.status(), 200);
+    assert_eq!(first.headers()["x-cache"], "MISS");
+    assert!(first.headers().contains_key("ratelimit-remaining"));
+    let body: Value = first.json().await.unwrap();
+    assert_eq!(body["instrument_id"], "NG-H27", "the sample upstream answered: {body}");
+    assert_eq!(get().await.unwrap().headers()["x-cache"], "HIT");
+
+    // Sample updates reach a WebSocket subscriber.
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{st}/ws/stream?token={token}"))
+            .await
+            .unwrap();
+    ws.send(Message::text(
+        json!({"action": "subscribe", "topics": ["served.market.latest_prices.v1"]}).to_string(),
+    ))
+    .await
+    .unwrap();
+    let data = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(Ok(m)) = ws.next().await {
+            if let Message::Text(t) = m {
+                let v: Value = serde_json::from_str(&t).unwrap();
+                if v["type"] == "data" {
+                    return v;
+                }
+            }
+        }
+        panic!("the stream ended")
+    })
+    .await
+    .expect("a sample update within 5s");
+    assert!(data["data"]["price"].is_number(), "{data}");
+
+    // One auth for every role: a logout at the auth role is seen by the gateway.
+    let r = http()
+        .post(format!("http://127.0.0.1:{au}/auth/logout"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let after = get().await.unwrap();
+    assert_eq!(after.status(), 401);
+    let status = process.terminate(Duration::from_secs(30)).await;
+    assert!(status.success(), "{status:?}");
+}
