@@ -6,6 +6,7 @@ mod auth;
 mod backends;
 mod binary;
 mod cache;
+mod e2e;
 mod entitlements;
 mod gateway;
 mod idp;

@@ -14,21 +14,21 @@ use crate::support::{http, kafka_bootstrap, start, wait_ready};
 
 /// One server-sent event.
 #[derive(Debug)]
-struct Event {
-    event: String,
-    id: Option<String>,
-    data: Value,
+pub struct Event {
+    pub event: String,
+    pub id: Option<String>,
+    pub data: Value,
 }
 
 /// A minimal SSE client: events split on blank lines, comments skipped.
-struct SseClient {
+pub struct SseClient {
     body: Pin<Box<dyn Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
     buf: String,
     comments: usize,
 }
 
 impl SseClient {
-    async fn open(url: String, last_event_id: Option<&str>) -> SseClient {
+    pub async fn open(url: String, last_event_id: Option<&str>) -> SseClient {
         let mut req = http().get(url).header("accept", "text/event-stream");
         if let Some(id) = last_event_id {
             req = req.header("last-event-id", id);
@@ -39,7 +39,7 @@ impl SseClient {
     }
 
     /// The next event within `within`, or None.
-    async fn next_within(&mut self, within: Duration) -> Option<Event> {
+    pub async fn next_within(&mut self, within: Duration) -> Option<Event> {
         let deadline = tokio::time::Instant::now() + within;
         loop {
             if let Some(end) = self.buf.find("\n\n") {
@@ -68,7 +68,7 @@ impl SseClient {
         }
     }
 
-    async fn next(&mut self) -> Event {
+    pub async fn next(&mut self) -> Event {
         self.next_within(Duration::from_secs(5)).await.expect("an event within 5s")
     }
 }

@@ -129,12 +129,18 @@ impl Drop for Process {
 
 /// Starts `access <role> --port 0` and reads the bound address from its "listening" log line.
 pub fn spawn_binary(role: &str, env: &[(&str, &str)]) -> Process {
+    spawn_binary_with(role, env, &[])
+}
+
+/// As [`spawn_binary`], with more arguments (`--config FILE`).
+pub fn spawn_binary_with(role: &str, env: &[(&str, &str)], args: &[&str]) -> Process {
     use std::io::BufRead;
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_access"));
     cmd.env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("ACCESS_SERVER__HOST", "127.0.0.1")
         .args([role, "--port", "0"])
+        .args(args)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());
     for (k, v) in env {
