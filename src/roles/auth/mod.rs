@@ -12,12 +12,14 @@
 //!   `POST /auth/api-keys/{id}/rotate` (`{"overlap": "1h"}`: the old secret works that long),
 //!   `DELETE /auth/api-keys/{id}`, `GET /auth/api-keys/{id}/audit`.
 
+use crate::roles::Role;
+use crate::server::openapi::{self, Errors};
 use std::sync::Arc;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRef, Path, State as AxumState};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
@@ -49,19 +51,29 @@ pub fn build(ctx: &Context, auth: Auth) -> State {
 
 /// The role's routes.
 pub fn router(state: State) -> Router {
-    Router::new()
-        .route("/auth/verify", post(verify))
-        .route("/auth/verify-ws", post(verify))
-        .route("/auth/me", get(me))
-        .route("/auth/logout", post(logout))
-        .route("/auth/users/{id}", get(user))
-        .route("/auth/users/{id}/revoke", post(revoke_user))
-        .route("/.well-known/jwks.json", get(jwks))
-        .route("/auth/api-keys", get(list_keys).post(create_key))
-        .route("/auth/api-keys/{id}", axum::routing::delete(revoke_key))
-        .route("/auth/api-keys/{id}/rotate", post(rotate_key))
-        .route("/auth/api-keys/{id}/audit", get(key_audit))
+    let (router, api) = OpenApiRouter::with_openapi(openapi::base(Role::Auth))
+        .routes(routes!(verify))
+        .routes(routes!(verify_ws))
+        .routes(routes!(me))
+        .routes(routes!(logout))
+        .routes(routes!(user))
+        .routes(routes!(revoke_user))
+        .routes(routes!(jwks))
+        .routes(routes!(list_keys, create_key))
+        .routes(routes!(revoke_key))
+        .routes(routes!(rotate_key))
+        .routes(routes!(key_audit))
         .with_state(state)
+        .split_for_parts();
+    router.route("/openapi.json", openapi::serve(api))
+}
+
+#[utoipa::path(post, path = "/auth/verify-ws", tag = "auth", summary = "Verify a token for a WebSocket connection (as /auth/verify)", request_body = serde_json::Value, responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
+async fn verify_ws(
+    state: AxumState<State>,
+    body: Result<Json<VerifyBody>, JsonRejection>,
+) -> ApiResult<Response> {
+    verify(state, body).await
 }
 
 /// Serves the role on `listener` until shutdown.
@@ -76,6 +88,7 @@ struct VerifyBody {
     token: String,
 }
 
+#[utoipa::path(post, path = "/auth/verify", tag = "auth", summary = "Verify a token: 200 with valid true or false and the reason", request_body = serde_json::Value, responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
 async fn verify(
     AxumState(state): AxumState<State>,
     body: Result<Json<VerifyBody>, JsonRejection>,
@@ -99,10 +112,12 @@ async fn verify(
     }
 }
 
+#[utoipa::path(get, path = "/auth/me", tag = "auth", summary = "The caller's identity and user info", security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
 async fn me(caller: Caller) -> Response {
     Json(json!({ "identity": caller.0.identity, "user_info": caller.0.info })).into_response()
 }
 
+#[utoipa::path(post, path = "/auth/logout", tag = "auth", summary = "Revoke the caller's token until it expires", security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
 async fn logout(AxumState(state): AxumState<State>, caller: Caller) -> ApiResult<Response> {
     let until = caller.0.identity.expires_at;
     let revocation = Revocation::Token { hash: caller.0.token_hash.clone(), until };
@@ -115,6 +130,7 @@ async fn logout(AxumState(state): AxumState<State>, caller: Caller) -> ApiResult
     Ok(Json(json!({ "revoked": true, "until": until })).into_response())
 }
 
+#[utoipa::path(post, path = "/auth/users/{id}/revoke", tag = "auth", summary = "Revoke every token of a user issued until now (admin)", params(("id" = String, Path, description = "The id")), security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
 async fn revoke_user(
     AxumState(state): AxumState<State>,
     caller: Caller,
@@ -132,6 +148,7 @@ async fn revoke_user(
     Ok(Json(json!({ "user_id": id, "revoked_before": not_before })).into_response())
 }
 
+#[utoipa::path(get, path = "/auth/users/{id}", tag = "auth", summary = "A user's tenant, roles, last sight and revocation (admin)", params(("id" = String, Path, description = "The id")), security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
 async fn user(
     AxumState(state): AxumState<State>,
     caller: Caller,
@@ -150,6 +167,7 @@ async fn user(
     }
 }
 
+#[utoipa::path(get, path = "/.well-known/jwks.json", tag = "auth", summary = "The dev key's public JWKS (dev mode only)", responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
 async fn jwks(AxumState(state): AxumState<State>) -> ApiResult<Response> {
     match &state.auth.dev_key {
         Some(key) => Ok(Json(key.jwks()).into_response()),
@@ -168,6 +186,7 @@ fn key_error(e: crate::auth::api_keys::KeyError) -> ApiError {
     }
 }
 
+#[utoipa::path(post, path = "/auth/api-keys", tag = "auth", summary = "Create an API key (admin); the key is shown once", request_body = serde_json::Value, security(("bearer" = [])), responses((status = 201, description = "Created", body = serde_json::Value), Errors))]
 async fn create_key(
     AxumState(state): AxumState<State>,
     caller: Caller,
@@ -188,6 +207,7 @@ async fn create_key(
     Ok((http::StatusCode::CREATED, Json(body)).into_response())
 }
 
+#[utoipa::path(get, path = "/auth/api-keys", tag = "auth", summary = "List API keys (admin)", security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
 async fn list_keys(AxumState(state): AxumState<State>, caller: Caller) -> ApiResult<Response> {
     caller.require_role(&state.admin_role)?;
     let keys = state.auth.api_keys.store().list().await.map_err(key_error)?;
@@ -202,6 +222,7 @@ struct RotateBody {
     overlap: Option<std::time::Duration>,
 }
 
+#[utoipa::path(post, path = "/auth/api-keys/{id}/rotate", tag = "auth", summary = "Rotate an API key, the old secret working for an optional overlap (admin)", request_body = Option<serde_json::Value>, params(("id" = String, Path, description = "The id")), security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
 async fn rotate_key(
     AxumState(state): AxumState<State>,
     caller: Caller,
@@ -233,6 +254,7 @@ async fn rotate_key(
     Ok(Json(body).into_response())
 }
 
+#[utoipa::path(delete, path = "/auth/api-keys/{id}", tag = "auth", summary = "Revoke an API key (admin)", params(("id" = String, Path, description = "The id")), security(("bearer" = [])), responses((status = 204, description = "Revoked"), Errors))]
 async fn revoke_key(
     AxumState(state): AxumState<State>,
     caller: Caller,
@@ -244,6 +266,7 @@ async fn revoke_key(
     Ok(http::StatusCode::NO_CONTENT.into_response())
 }
 
+#[utoipa::path(get, path = "/auth/api-keys/{id}/audit", tag = "auth", summary = "An API key's audit trail (admin)", params(("id" = String, Path, description = "The id")), security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
 async fn key_audit(
     AxumState(state): AxumState<State>,
     caller: Caller,

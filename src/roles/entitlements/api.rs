@@ -2,6 +2,7 @@
 //! only ask about itself (its own subject and tenant, with its own roles). Rule changes need the
 //! admin role; reading rules needs admin or service.
 
+use crate::server::openapi::Errors;
 use axum::extract::{Path, Query, State as AxumState};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -59,6 +60,7 @@ fn require_reader(state: &State, caller: &Caller) -> Result<(), ApiError> {
     }
 }
 
+#[utoipa::path(post, path = "/entitlements/check", tag = "entitlements", summary = "Decide one check (service or admin role, or the caller for itself)", request_body = serde_json::Value, security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
 pub(super) async fn check(
     AxumState(state): AxumState<State>,
     caller: Caller,
@@ -83,6 +85,7 @@ pub(super) struct Batch {
     checks: Vec<Value>,
 }
 
+#[utoipa::path(post, path = "/entitlements/check/batch", tag = "entitlements", summary = "Decide many checks at once", request_body = serde_json::Value, security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
 pub(super) async fn check_batch(
     AxumState(state): AxumState<State>,
     caller: Caller,
@@ -134,6 +137,7 @@ pub(super) struct ResourcesRequest {
     context: Value,
 }
 
+#[utoipa::path(post, path = "/entitlements/resources", tag = "entitlements", summary = "Which of these resources the subject may act on", request_body = serde_json::Value, security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
 pub(super) async fn resources(
     AxumState(state): AxumState<State>,
     caller: Caller,
@@ -180,6 +184,7 @@ pub(super) struct ListQuery {
     limit: Option<usize>,
 }
 
+#[utoipa::path(get, path = "/entitlements/rules", tag = "entitlements", summary = "List rules (admin)", security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
 pub(super) async fn list(
     AxumState(state): AxumState<State>,
     caller: Caller,
@@ -205,6 +210,7 @@ pub(super) async fn list(
     .into_response())
 }
 
+#[utoipa::path(get, path = "/entitlements/rules/{id}", tag = "entitlements", summary = "One rule (admin)", params(("id" = String, Path, description = "The id")), security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
 pub(super) async fn get_rule(
     AxumState(state): AxumState<State>,
     caller: Caller,
@@ -217,6 +223,7 @@ pub(super) async fn get_rule(
         .into_response())
 }
 
+#[utoipa::path(get, path = "/entitlements/rules/{id}/history", tag = "entitlements", summary = "A rule's audit trail (admin)", params(("id" = String, Path, description = "The id")), security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
 pub(super) async fn history(
     AxumState(state): AxumState<State>,
     caller: Caller,
@@ -230,6 +237,7 @@ pub(super) async fn history(
     Ok(axum::Json(json!({ "rule_id": id, "history": entries })).into_response())
 }
 
+#[utoipa::path(post, path = "/entitlements/rules", tag = "entitlements", summary = "Create a rule (admin)", request_body = serde_json::Value, security(("bearer" = [])), responses((status = 201, description = "Created", body = serde_json::Value), Errors))]
 pub(super) async fn create(
     AxumState(state): AxumState<State>,
     caller: Caller,
@@ -262,6 +270,7 @@ fn expected_version(headers: &HeaderMap, body: Option<i64>) -> Result<Option<i64
     }
 }
 
+#[utoipa::path(put, path = "/entitlements/rules/{id}", tag = "entitlements", summary = "Replace a rule (admin)", request_body = serde_json::Value, params(("id" = String, Path, description = "The id")), security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
 pub(super) async fn update(
     AxumState(state): AxumState<State>,
     caller: Caller,
@@ -283,6 +292,7 @@ pub(super) async fn update(
     Ok(([(http::header::ETAG, format!("\"{}\"", rule.version))], axum::Json(rule)).into_response())
 }
 
+#[utoipa::path(delete, path = "/entitlements/rules/{id}", tag = "entitlements", summary = "Delete a rule (admin)", params(("id" = String, Path, description = "The id")), security(("bearer" = [])), responses((status = 204, description = "Deleted"), Errors))]
 pub(super) async fn delete(
     AxumState(state): AxumState<State>,
     caller: Caller,
@@ -297,6 +307,7 @@ pub(super) async fn delete(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+#[utoipa::path(get, path = "/entitlements/stats", tag = "entitlements", summary = "Rules version, snapshot age, cache statistics", security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
 pub(super) async fn stats(AxumState(state): AxumState<State>, _caller: Caller) -> Response {
     use std::sync::atomic::Ordering::Relaxed;
     let snap = state.engine.snapshot();

@@ -14,12 +14,14 @@ pub mod eval;
 pub mod rules;
 pub mod store;
 
+use crate::server::openapi;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
+use crate::roles::Role;
 use axum::extract::FromRef;
-use axum::routing::{get, post};
 use axum::Router;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
@@ -186,15 +188,17 @@ pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
 
 /// The role's routes.
 pub fn router(state: State) -> Router {
-    Router::new()
-        .route("/entitlements/check", post(api::check))
-        .route("/entitlements/check/batch", post(api::check_batch))
-        .route("/entitlements/resources", post(api::resources))
-        .route("/entitlements/rules", get(api::list).post(api::create))
-        .route("/entitlements/rules/{id}", get(api::get_rule).put(api::update).delete(api::delete))
-        .route("/entitlements/rules/{id}/history", get(api::history))
-        .route("/entitlements/stats", get(api::stats))
+    let (router, api) = OpenApiRouter::with_openapi(openapi::base(Role::Entitlements))
+        .routes(routes!(api::check))
+        .routes(routes!(api::check_batch))
+        .routes(routes!(api::resources))
+        .routes(routes!(api::list, api::create))
+        .routes(routes!(api::get_rule, api::update, api::delete))
+        .routes(routes!(api::history))
+        .routes(routes!(api::stats))
         .with_state(state)
+        .split_for_parts();
+    router.route("/openapi.json", openapi::serve(api))
 }
 
 /// Serves the role until shutdown.

@@ -18,15 +18,17 @@ pub mod ratelimit;
 pub mod routes;
 pub mod usage;
 
+use crate::roles::Role;
+use crate::server::openapi::{self, Errors};
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use axum::body::Body;
 use axum::extract::{FromRef, State as AxumState};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use axum::Router;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -320,15 +322,19 @@ pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
 /// The role's routes: the gateway endpoints, everything else proxied; CORS answered first.
 pub fn router(state: State) -> Router {
     let cors = cors(&state.config.cors_origins);
-    Router::new()
-        .route("/api/v1/status", get(status))
-        .route("/api/v1/metadata/routes", get(route_metadata))
-        .route("/api/v1/circuit-breakers", get(circuit_breakers))
-        .route("/api/v1/rate-limits", get(rate_limits))
-        .route("/api/v1/cache/stats", get(cache_stats))
-        .route("/api/v1/cache/purge", axum::routing::post(cache_purge))
-        .fallback(proxy::forward)
-        .with_state(state)
+    // The data routes are proxied (the fallback): their contracts are the upstreams'.
+    let (router, api) = OpenApiRouter::with_openapi(openapi::base(Role::Gateway))
+        .routes(routes!(status))
+        .routes(routes!(route_metadata))
+        .routes(routes!(circuit_breakers))
+        .routes(routes!(rate_limits))
+        .routes(routes!(cache_stats))
+        .routes(routes!(cache_purge))
+        .with_state(state.clone())
+        .split_for_parts();
+    router
+        .route("/openapi.json", openapi::serve(api))
+        .fallback_service(axum::routing::any(proxy::forward).with_state(state))
         .layer(cors)
 }
 
@@ -388,6 +394,7 @@ fn spawn_reload_on_sighup(state: State, shutdown: Shutdown) {
     });
 }
 
+#[utoipa::path(get, path = "/api/v1/status", tag = "gateway", summary = "The gateway's view of its dependencies (admin)", security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
 async fn status(AxumState(state): AxumState<State>, caller: Caller) -> ApiResult<Response> {
     caller.require_role(&state.admin_role)?;
     let entitlements = reqwest::Client::new()
@@ -422,6 +429,7 @@ async fn status(AxumState(state): AxumState<State>, caller: Caller) -> ApiResult
     .into_response())
 }
 
+#[utoipa::path(get, path = "/api/v1/metadata/routes", tag = "gateway", summary = "The route table (admin)", security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
 async fn route_metadata(AxumState(state): AxumState<State>, caller: Caller) -> ApiResult<Response> {
     caller.require_role(&state.admin_role)?;
     let table = state.table();
@@ -439,6 +447,7 @@ async fn route_metadata(AxumState(state): AxumState<State>, caller: Caller) -> A
     Ok(axum::Json(json!({ "routes": routes })).into_response())
 }
 
+#[utoipa::path(get, path = "/api/v1/circuit-breakers", tag = "gateway", summary = "Circuit breaker per upstream (admin)", security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
 async fn circuit_breakers(
     AxumState(state): AxumState<State>,
     caller: Caller,
@@ -458,6 +467,7 @@ async fn circuit_breakers(
     Ok(axum::Json(json!({ "circuit_breakers": list })).into_response())
 }
 
+#[utoipa::path(get, path = "/api/v1/rate-limits", tag = "gateway", summary = "Rate-limit policies and decision counts (admin)", security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
 async fn rate_limits(AxumState(state): AxumState<State>, caller: Caller) -> ApiResult<Response> {
     use std::sync::atomic::Ordering::Relaxed;
     caller.require_role(&state.admin_role)?;
@@ -484,6 +494,7 @@ async fn rate_limits(AxumState(state): AxumState<State>, caller: Caller) -> ApiR
     .into_response())
 }
 
+#[utoipa::path(get, path = "/api/v1/cache/stats", tag = "gateway", summary = "Response cache statistics (admin)", security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
 async fn cache_stats(AxumState(state): AxumState<State>, caller: Caller) -> ApiResult<Response> {
     use std::sync::atomic::Ordering::Relaxed;
     caller.require_role(&state.admin_role)?;
@@ -503,6 +514,7 @@ struct Purge {
     route: String,
 }
 
+#[utoipa::path(post, path = "/api/v1/cache/purge", tag = "gateway", summary = "Purge cached responses by route or prefix (admin)", request_body = serde_json::Value, security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
 async fn cache_purge(
     AxumState(state): AxumState<State>,
     caller: Caller,

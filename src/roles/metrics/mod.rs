@@ -10,14 +10,16 @@
 pub mod pushgateway;
 pub mod registry;
 
+use crate::server::openapi::{self, Errors};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
+use crate::roles::Role;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State as AxumState};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::Router;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -301,17 +303,20 @@ pub fn build(ctx: &Context, auth: Auth) -> State {
 
 /// The role's routes (`GET /metrics` is the shared one, with the ingested series appended).
 pub fn router(state: State) -> Router {
-    Router::new()
-        .route("/metrics/track", post(track))
-        .route("/metrics/track/batch", post(track_batch))
+    let (router, api) = OpenApiRouter::with_openapi(openapi::base(Role::Metrics))
+        .routes(routes!(track))
+        .routes(routes!(track_batch))
+        // Pushgateway-compatible: Prometheus text, not JSON; described in the README, not here.
         .route(
             "/metrics/job/{*group}",
             axum::routing::put(push_replace).post(push_merge).delete(push_delete),
         )
-        .route("/metrics/series", get(series))
-        .route("/metrics/stats", get(stats))
-        .route("/metrics/trends/{name}", get(trends))
+        .routes(routes!(series))
+        .routes(routes!(stats))
+        .routes(routes!(trends))
         .with_state(state)
+        .split_for_parts();
+    router.route("/openapi.json", openapi::serve(api))
 }
 
 /// Serves the role until shutdown.
@@ -321,6 +326,7 @@ pub async fn run(listener: TcpListener, state: State, ctx: Context) -> Result<()
     server::serve(listener, app, &ctx).await.map_err(|e| RunError::Other(e.into()))
 }
 
+#[utoipa::path(post, path = "/metrics/track", tag = "metrics", summary = "Ingest one point (service token, unless open ingest)", request_body = serde_json::Value, security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
 async fn track(
     AxumState(state): AxumState<State>,
     headers: HeaderMap,
@@ -338,6 +344,7 @@ async fn track(
     }
 }
 
+#[utoipa::path(post, path = "/metrics/track/batch", tag = "metrics", summary = "Ingest points; each succeeds or fails alone", request_body = serde_json::Value, security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
 async fn track_batch(
     AxumState(state): AxumState<State>,
     headers: HeaderMap,
@@ -456,6 +463,7 @@ struct SeriesQuery {
     tenant_id: Option<String>,
 }
 
+#[utoipa::path(get, path = "/metrics/series", tag = "metrics", summary = "Every ingested series with its value and last push (admin or service)", params(("name" = Option<String>, Query, description = "metric name"), ("service" = Option<String>, Query, description = "service label"), ("tenant_id" = Option<String>, Query, description = "tenant")), security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
 async fn series(
     AxumState(state): AxumState<State>,
     headers: HeaderMap,
@@ -475,6 +483,7 @@ async fn series(
     Ok(axum::Json(json!({ "series": list, "count": list.len() })).into_response())
 }
 
+#[utoipa::path(get, path = "/metrics/stats", tag = "metrics", summary = "Series counts and limits (admin or service)", security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
 async fn stats(AxumState(state): AxumState<State>, headers: HeaderMap) -> ApiResult<Response> {
     state.authorize_read(&headers).await?;
     let store = state.store();
@@ -495,6 +504,7 @@ struct TrendQuery {
     window: Option<String>,
 }
 
+#[utoipa::path(get, path = "/metrics/trends/{name}", tag = "metrics", summary = "Min, max, average and direction of a metric over a window", params(("name" = String, Path, description = "metric name"), ("window" = Option<String>, Query, description = "e.g. 5m")), security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
 async fn trends(
     AxumState(state): AxumState<State>,
     headers: HeaderMap,

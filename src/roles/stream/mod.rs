@@ -24,12 +24,14 @@ mod sse;
 pub mod topics;
 mod ws;
 
+use crate::server::openapi::{self, Errors};
 use std::sync::Arc;
 use std::time::Duration;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use axum::extract::State as AxumState;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::Router;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -400,17 +402,21 @@ pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
 
 /// The role's routes.
 pub fn router(state: State) -> Router {
-    Router::new()
+    // The WebSocket and SSE streams are described in docs/stream-protocol.md; OpenAPI covers the
+    // JSON endpoints.
+    let (router, api) = OpenApiRouter::with_openapi(openapi::base(Role::Stream))
         .route("/ws", get(ws::upgrade))
         .route("/ws/", get(ws::upgrade))
         .route("/ws/stream", get(ws::upgrade))
         .route("/sse", get(sse::connect))
         .route("/sse/", get(sse::connect))
         .route("/sse/stream", get(sse::connect))
-        .route("/sse/subscribe", post(sse::add).delete(sse::remove))
-        .route("/stats", get(stats))
-        .route("/publish", post(publish))
+        .routes(routes!(sse::add, sse::remove))
+        .routes(routes!(stats))
+        .routes(routes!(publish))
         .with_state(state)
+        .split_for_parts();
+    router.route("/openapi.json", openapi::serve(api))
 }
 
 /// Serves the role until shutdown; open streams get a "going away" close, and the role waits
@@ -511,6 +517,7 @@ fn admit(
     })
 }
 
+#[utoipa::path(get, path = "/stats", tag = "stream", summary = "Connections, subscriptions, queues, Kafka partitions and lag", responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
 async fn stats(AxumState(state): AxumState<State>) -> Response {
     let mut stats = state.hub.stats();
     stats["source"] = json!(state.publisher.kind());
@@ -531,6 +538,7 @@ struct PublishRequest {
     data: Value,
 }
 
+#[utoipa::path(post, path = "/publish", tag = "stream", summary = "Publish a JSON record to a registry topic (service or admin role)", request_body = serde_json::Value, security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
 async fn publish(
     AxumState(state): AxumState<State>,
     caller: Caller,

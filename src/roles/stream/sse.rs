@@ -7,6 +7,7 @@
 //! WebSocket data frame), `close` before the server ends the stream; comment heartbeats keep
 //! proxies from closing an idle stream.
 
+use crate::server::openapi::Errors;
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::time::Duration;
@@ -183,6 +184,7 @@ pub struct ControlBody {
 }
 
 /// `POST /sse/subscribe`: add topics to an open stream (the caller's own).
+#[utoipa::path(post, path = "/sse/subscribe", tag = "stream", summary = "Add topics to an open SSE stream of the caller's (any replica)", request_body = serde_json::Value, security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
 pub async fn add(
     state: AxumState<State>,
     caller: Caller,
@@ -192,6 +194,7 @@ pub async fn add(
 }
 
 /// `DELETE /sse/subscribe`: remove topics from an open stream.
+#[utoipa::path(delete, path = "/sse/subscribe", tag = "stream", summary = "Remove topics from an open SSE stream of the caller's (any replica)", request_body = serde_json::Value, security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
 pub async fn remove(
     state: AxumState<State>,
     caller: Caller,
