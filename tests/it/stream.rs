@@ -661,3 +661,36 @@ async fn a_recreated_topic_is_read_from_its_start() {
     assert_eq!(instruments(&got), vec!["NEW"]);
     assert_eq!(got[0]["offset"], 0);
 }
+
+#[tokio::test]
+async fn silent_clients_are_closed_and_new_connections_are_rate_limited() {
+    let toml = "[stream]\nping_interval = \"200ms\"\npong_timeout = \"200ms\"\n[stream.limits.connect_rate]\nrate = 1\nperiod = \"1m\"\nburst = 3\n";
+    let l = layer(None, toml, &[]).await;
+    let alice = l.keys.token("alice", "t1", &["trader"]);
+    // A client that never reads never answers the server's pings.
+    let (mut silent, _) = l.subscribed(&alice, &[&l.prices], json!({})).await;
+    let (mut awake, _) = l.subscribed(&alice, &[&l.prices], json!({})).await;
+    let keep_awake = tokio::spawn(async move {
+        // Reading answers pings (tungstenite replies on the next read or write).
+        let end = tokio::time::Instant::now() + Duration::from_millis(1200);
+        while tokio::time::Instant::now() < end {
+            let _ = tokio::time::timeout(Duration::from_millis(50), awake.next()).await;
+        }
+        awake
+    });
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(close_code(&mut silent, Duration::from_secs(2)).await, Some(4009));
+    let mut awake = keep_awake.await.unwrap();
+    send(&mut awake, json!({"action": "ping"})).await;
+    assert_eq!(next_json(&mut awake).await["type"], "pong", "a client that reads stays");
+
+    // Burst 3 new connections, then 1 a minute: the fourth is refused with Retry-After.
+    let _third = tokio_tungstenite::connect_async(l.ws_url(Some(&alice))).await.unwrap();
+    match tokio_tungstenite::connect_async(l.ws_url(Some(&alice))).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+            assert_eq!(r.status(), 429);
+            assert!(r.headers().contains_key("retry-after"));
+        }
+        other => panic!("expected 429, got {:?}", other.map(|(_, r)| r.status())),
+    }
+}
