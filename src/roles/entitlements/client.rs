@@ -64,6 +64,31 @@ impl Entitlements {
         Ok(Entitlements { role, http, url, tokens, cache: Mutex::default(), ttl, fail_open })
     }
 
+    /// The client a role of this process uses: the entitlements role at
+    /// `ACCESS_ENTITLEMENTS_SERVICE_URL` (default `http://127.0.0.1:8011`), its local cache
+    /// emptied on every rules version announced in Redis when Redis is configured.
+    pub async fn for_role(
+        ctx: &crate::server::Context,
+        tokens: Arc<TokenSource>,
+        ttl: Duration,
+        fail_open: bool,
+    ) -> Result<Arc<Self>, crate::cli::RunError> {
+        let url = ctx.config.entitlements_service_url.clone().unwrap_or_else(|| {
+            tracing::warn!(role = %ctx.role, "ACCESS_ENTITLEMENTS_SERVICE_URL is not set; using http://127.0.0.1:8011");
+            Url::parse("http://127.0.0.1:8011").expect("a valid URL")
+        });
+        let client =
+            Entitlements::new(ctx.role, url, tokens, ttl, fail_open, Duration::from_secs(2))
+                .map_err(|e| anyhow::anyhow!(e))?;
+        let client = Arc::new(client);
+        if let Some(redis) = &ctx.config.redis_url {
+            let subscriber = crate::backends::redis::subscriber(redis, &ctx.config.redis).await?;
+            let channel = format!("{}rules", ctx.config.redis_prefix());
+            client.follow_rules(subscriber, channel, ctx.shutdown.clone());
+        }
+        Ok(client)
+    }
+
     /// The role's base URL (for the status page).
     pub fn url(&self) -> &Url {
         &self.url

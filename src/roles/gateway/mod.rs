@@ -248,32 +248,13 @@ pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
     let config = ctx.config.gateway.clone();
     let (table, policies) = config.table().map_err(|e| anyhow::anyhow!("routes: {e}"))?;
     let tokens = crate::auth::token_source::for_role(ctx, &auth)?;
-    let entitlements_url = ctx.config.entitlements_service_url.clone().unwrap_or_else(|| {
-        tracing::warn!(
-            role = "gateway",
-            "ACCESS_ENTITLEMENTS_SERVICE_URL is not set; using http://127.0.0.1:8011"
-        );
-        Url::parse("http://127.0.0.1:8011").expect("a valid URL")
-    });
-    let entitlements = Arc::new(
-        Entitlements::new(
-            ctx.role,
-            entitlements_url,
-            tokens.clone(),
-            config.decision_cache_ttl,
-            config.entitlements_fail_open,
-            Duration::from_secs(2),
-        )
-        .map_err(|e| anyhow::anyhow!(e))?,
-    );
-    if let Some(url) = &ctx.config.redis_url {
-        let subscriber = crate::backends::redis::subscriber(url, &ctx.config.redis).await?;
-        entitlements.follow_rules(
-            subscriber,
-            format!("{}rules", ctx.config.redis_prefix()),
-            ctx.shutdown.clone(),
-        );
-    }
+    let entitlements = Entitlements::for_role(
+        ctx,
+        tokens.clone(),
+        config.decision_cache_ttl,
+        config.entitlements_fail_open,
+    )
+    .await?;
     let usage = usage::Usage::new(config.usage_max_keys);
     if let Some(url) = &ctx.config.metrics_service_url {
         usage.spawn_push(url.clone(), tokens, config.usage_interval, ctx.shutdown.clone());

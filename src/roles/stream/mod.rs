@@ -36,7 +36,6 @@ use axum::Router;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
-use url::Url;
 
 use crate::auth::{Auth, Caller, Verifier};
 use crate::cli::RunError;
@@ -312,32 +311,13 @@ pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
     let config = Arc::new(ctx.config.stream.clone());
     let hub = Hub::new(&config.topics, config.limits.clone());
     let tokens = crate::auth::token_source::for_role(ctx, &auth)?;
-    let entitlements_url = ctx.config.entitlements_service_url.clone().unwrap_or_else(|| {
-        tracing::warn!(
-            role = "stream",
-            "ACCESS_ENTITLEMENTS_SERVICE_URL is not set; using http://127.0.0.1:8011"
-        );
-        Url::parse("http://127.0.0.1:8011").expect("a valid URL")
-    });
-    let entitlements = Arc::new(
-        Entitlements::new(
-            Role::Stream,
-            entitlements_url,
-            tokens,
-            config.decision_cache_ttl,
-            config.entitlements_fail_open,
-            Duration::from_secs(2),
-        )
-        .map_err(|e| anyhow::anyhow!(e))?,
-    );
-    if let Some(url) = &ctx.config.redis_url {
-        let subscriber = crate::backends::redis::subscriber(url, &ctx.config.redis).await?;
-        entitlements.follow_rules(
-            subscriber,
-            format!("{}rules", ctx.config.redis_prefix()),
-            ctx.shutdown.clone(),
-        );
-    }
+    let entitlements = Entitlements::for_role(
+        ctx,
+        tokens,
+        config.decision_cache_ttl,
+        config.entitlements_fail_open,
+    )
+    .await?;
     type Sources = (Arc<dyn Publisher>, Arc<dyn History>, Option<Arc<Consumer>>);
     let (publisher, history, consumer): Sources = if ctx.config.kafka_bootstrap.is_empty() {
         tracing::warn!(

@@ -482,12 +482,46 @@ async fn high_watermark(client: &PartitionClient) -> Result<i64, KafkaError> {
     Ok(hw)
 }
 
+/// One Kafka client's partition clients, made on first use and dropped after a failure (the
+/// partition's leader may have moved).
+struct PartitionClients {
+    client: Arc<Client>,
+    /// By (topic, partition); a std mutex held for one lookup or insert, never across I/O.
+    cache: Mutex<HashMap<(String, i32), Arc<PartitionClient>>>,
+}
+
+impl PartitionClients {
+    fn new(client: Arc<Client>) -> Self {
+        PartitionClients { client, cache: Mutex::default() }
+    }
+
+    async fn get(&self, topic: &str, partition: i32) -> Result<Arc<PartitionClient>, String> {
+        let key = (topic.to_string(), partition);
+        if let Some(c) = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+            return Ok(c.clone());
+        }
+        let client = self
+            .client
+            .partition_client(topic, partition, UnknownTopicHandling::Error)
+            .await
+            .map_err(|e| e.to_string())?;
+        let client = Arc::new(client);
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).insert(key, client.clone());
+        Ok(client)
+    }
+
+    fn forget(&self, topic: &str, partition: i32) {
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(topic.to_string(), partition));
+    }
+}
+
 /// Reads past records from Kafka for resumes, through a client of its own (a long read must
 /// not hold up the live fetches or produces).
 pub struct KafkaHistory {
-    client: Arc<Client>,
-    /// Partition clients by (topic, partition); a std mutex held for one lookup.
-    partitions: Mutex<HashMap<(String, i32), Arc<PartitionClient>>>,
+    partitions: PartitionClients,
     max_bytes: i32,
 }
 
@@ -495,8 +529,7 @@ impl KafkaHistory {
     /// Connects the history client.
     pub async fn connect(settings: &KafkaSettings) -> Result<Arc<Self>, BackendError> {
         Ok(Arc::new(KafkaHistory {
-            client: connect(settings).await?,
-            partitions: Mutex::default(),
+            partitions: PartitionClients::new(connect(settings).await?),
             max_bytes: settings.fetch_max_bytes,
         }))
     }
@@ -511,25 +544,7 @@ impl History for KafkaHistory {
         until: i64,
     ) -> BoxFuture<'a, Result<Vec<Record>, String>> {
         Box::pin(async move {
-            let key = (topic.to_string(), partition);
-            let cached =
-                self.partitions.lock().unwrap_or_else(|p| p.into_inner()).get(&key).cloned();
-            let client = match cached {
-                Some(c) => c,
-                None => {
-                    let c = Arc::new(
-                        self.client
-                            .partition_client(topic, partition, UnknownTopicHandling::Error)
-                            .await
-                            .map_err(|e| e.to_string())?,
-                    );
-                    self.partitions
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(key.clone(), c.clone());
-                    c
-                }
-            };
+            let client = self.partitions.get(topic, partition).await?;
             let topic_name: Arc<str> = topic.into();
             let mut out = Vec::new();
             let mut next = from;
@@ -542,7 +557,7 @@ impl History for KafkaHistory {
                         ..
                     }) => break,
                     Err(e) => {
-                        self.partitions.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+                        self.partitions.forget(topic, partition);
                         return Err(e.to_string());
                     }
                 };
@@ -569,10 +584,8 @@ impl History for KafkaHistory {
 
 /// Publishes to Kafka through a client of its own (a produce must not queue behind a fetch).
 pub struct KafkaPublisher {
-    client: Arc<Client>,
-    /// Partition clients by (topic, partition), and partition counts by topic; a std mutex held
-    /// for one lookup, never across I/O.
-    partitions: Mutex<HashMap<(String, i32), Arc<PartitionClient>>>,
+    partitions: PartitionClients,
+    /// Partition counts by topic; a std mutex held for one lookup, never across I/O.
     counts: Mutex<HashMap<String, i32>>,
     round_robin: AtomicU64,
 }
@@ -581,8 +594,7 @@ impl KafkaPublisher {
     /// Connects the publishing client.
     pub async fn connect(settings: &KafkaSettings) -> Result<Arc<Self>, BackendError> {
         Ok(Arc::new(KafkaPublisher {
-            client: connect(settings).await?,
-            partitions: Mutex::default(),
+            partitions: PartitionClients::new(connect(settings).await?),
             counts: Mutex::default(),
             round_robin: AtomicU64::new(0),
         }))
@@ -592,7 +604,8 @@ impl KafkaPublisher {
         if let Some(n) = self.counts.lock().unwrap_or_else(|p| p.into_inner()).get(topic) {
             return Ok(*n);
         }
-        let topics = self.client.list_topics().await.map_err(|e| PublishError(e.to_string()))?;
+        let topics =
+            self.partitions.client.list_topics().await.map_err(|e| PublishError(e.to_string()))?;
         let n = topics
             .iter()
             .find(|t| t.name == topic)
@@ -601,21 +614,6 @@ impl KafkaPublisher {
             .ok_or_else(|| PublishError(format!("topic {topic} does not exist in Kafka")))?;
         self.counts.lock().unwrap_or_else(|p| p.into_inner()).insert(topic.to_string(), n);
         Ok(n)
-    }
-
-    async fn partition(&self, topic: &str, p: i32) -> Result<Arc<PartitionClient>, PublishError> {
-        let key = (topic.to_string(), p);
-        if let Some(c) = self.partitions.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
-            return Ok(c.clone());
-        }
-        let client = Arc::new(
-            self.client
-                .partition_client(topic, p, UnknownTopicHandling::Error)
-                .await
-                .map_err(|e| PublishError(e.to_string()))?,
-        );
-        self.partitions.lock().unwrap_or_else(|p| p.into_inner()).insert(key, client.clone());
-        Ok(client)
     }
 }
 
@@ -648,7 +646,7 @@ impl Publisher for KafkaPublisher {
                 count,
                 self.round_robin.fetch_add(1, Ordering::Relaxed),
             );
-            let client = self.partition(topic, partition).await?;
+            let client = self.partitions.get(topic, partition).await.map_err(PublishError)?;
             let record = rskafka::record::Record {
                 key: key.map(String::into_bytes),
                 value: Some(data.to_string().into_bytes()),
@@ -657,11 +655,7 @@ impl Publisher for KafkaPublisher {
             };
             let offsets =
                 client.produce(vec![record], Compression::NoCompression).await.map_err(|e| {
-                    // The partition's leader may have moved: look it up again next time.
-                    self.partitions
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&(topic.to_string(), partition));
+                    self.partitions.forget(topic, partition);
                     PublishError(e.to_string())
                 })?;
             let offset = offsets
