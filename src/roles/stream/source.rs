@@ -79,6 +79,18 @@ pub trait History: Send + Sync {
     ) -> BoxFuture<'a, Result<Vec<Record>, String>>;
 }
 
+/// A Kafka record as the hub sees it: the key when it is UTF-8, the value parsed.
+fn from_kafka(topic: &Arc<str>, partition: i32, r: rskafka::record::RecordAndOffset) -> Record {
+    Record {
+        topic: topic.clone(),
+        partition,
+        offset: r.offset,
+        timestamp_ms: r.record.timestamp.timestamp_millis(),
+        key: r.record.key.and_then(|k| String::from_utf8(k).ok()),
+        data: parse_value(r.record.value.as_deref()),
+    }
+}
+
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
@@ -384,16 +396,10 @@ async fn consume_partition(
                         continue;
                     }
                     for r in batch.into_iter().filter(|r| r.offset >= from) {
-                        let record = Record {
-                            topic: topic.clone(),
-                            partition,
-                            offset: r.offset,
-                            timestamp_ms: r.record.timestamp.timestamp_millis(),
-                            key: r.record.key.and_then(|k| String::from_utf8(k).ok()),
-                            data: parse_value(r.record.value.as_deref()),
-                        };
+                        let offset = r.offset;
+                        let record = from_kafka(&topic, partition, r);
                         hub.dispatch(&record);
-                        next = Some(r.offset + 1);
+                        next = Some(offset + 1);
                         records_read.increment(1);
                         consumer.records.fetch_add(1, Ordering::Relaxed);
                     }
@@ -564,14 +570,7 @@ impl History for KafkaHistory {
                 let before = next;
                 for r in batch.into_iter().filter(|r| r.offset >= before && r.offset < until) {
                     next = r.offset + 1;
-                    out.push(Record {
-                        topic: topic_name.clone(),
-                        partition,
-                        offset: r.offset,
-                        timestamp_ms: r.record.timestamp.timestamp_millis(),
-                        key: r.record.key.and_then(|k| String::from_utf8(k).ok()),
-                        data: parse_value(r.record.value.as_deref()),
-                    });
+                    out.push(from_kafka(&topic_name, partition, r));
                 }
                 if next == before {
                     break;
