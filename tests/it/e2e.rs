@@ -126,7 +126,7 @@ async fn a_traders_day_through_the_whole_layer() {
     std::fs::write(
         &config_file,
         format!(
-            "stream:\n  topics:\n    - {{name: {topic}, resource: market_data}}\n  fetch_wait: 5ms\n  metadata_refresh: 200ms\n\
+            "stream:\n  topics:\n    - {{name: {topic}, resource: market_data}}\n  fetch_wait: 5ms\n  metadata_refresh: 200ms\n  usage_interval: 200ms\n\
              gateway:\n  usage_interval: 200ms\n  upstreams:\n    market_data: ['{upstream_url}']\n    curves: ['{upstream_url}']\n    projections: ['{upstream_url}']\n\
              \x20 rate_limits:\n    market_data: {{rate: 30, period: 1m, burst: 6}}\n"
         ),
@@ -281,5 +281,17 @@ async fn a_traders_day_through_the_whole_layer() {
     })
     .await;
     println!("e2e: usage requests of tenant t1 in Prometheus: {usage}");
+    let messages =
+        eventually(Duration::from_secs(20), "stream usage of tenant t1 in Prometheus", || {
+            let p = &prometheus;
+            async move {
+                let r = p.query("sum(access_usage_messages_total{tenant_id=\"t1\"})").await;
+                r.first()
+                    .and_then(|s| s["value"][1].as_str().and_then(|v| v.parse::<f64>().ok()))
+                    .filter(|v| *v >= 3.0)
+            }
+        })
+        .await;
+    println!("e2e: stream messages of tenant t1 in Prometheus: {messages}");
     steps.done("5. Prometheus: every role up, usage queryable");
 }

@@ -76,60 +76,26 @@ impl Usage {
         shutdown: Shutdown,
     ) {
         let usage = self.clone();
-        tokio::spawn(async move {
-            let http = reqwest::Client::builder()
-                .timeout(Duration::from_secs(5))
-                .build()
-                .unwrap_or_default();
-            let target = match url.join("metrics/track/batch") {
-                Ok(t) => t,
-                Err(e) => {
-                    tracing::error!(role = "gateway", error = %e, "bad metrics service URL; usage is not pushed");
-                    return;
-                }
-            };
-            loop {
-                let last = tokio::select! {
-                    _ = tokio::time::sleep(every) => false,
-                    _ = shutdown.stopping() => true,
-                };
+        crate::roles::metrics::push::spawn(
+            crate::roles::Role::Gateway,
+            url,
+            tokens,
+            every,
+            shutdown,
+            names::DROPPED,
+            move || {
                 let batch = usage.take();
-                if !batch.is_empty() {
-                    let mut points = Vec::with_capacity(batch.len() * 3);
-                    for ((tenant, route, class), c) in &batch {
-                        points.push(json!({"name": "access_usage_requests_total", "type": "counter", "value": c.requests,
-                            "tenant_id": tenant, "labels": {"route": route, "status_class": class}}));
-                        points.push(json!({"name": "access_usage_bytes_total", "type": "counter", "value": c.bytes_in,
-                            "tenant_id": tenant, "labels": {"route": route, "direction": "in"}}));
-                        points.push(json!({"name": "access_usage_bytes_total", "type": "counter", "value": c.bytes_out,
-                            "tenant_id": tenant, "labels": {"route": route, "direction": "out"}}));
-                    }
-                    let sent = async {
-                        let token = tokens.token().await?;
-                        let r = http
-                            .post(target.clone())
-                            .bearer_auth(token)
-                            .json(&points)
-                            .send()
-                            .await
-                            .map_err(|e| e.to_string())?;
-                        if r.status().is_success() {
-                            Ok(())
-                        } else {
-                            Err(format!("HTTP {}", r.status()))
-                        }
-                    }
-                    .await;
-                    if let Err(e) = sent {
-                        let dropped: u64 = batch.values().map(|c| c.requests).sum();
-                        metrics::counter!(names::DROPPED, "role" => "gateway", "cause" => "push_failed").increment(dropped);
-                        tracing::warn!(role = "gateway", error = %e, dropped, "usage push failed; dropped");
-                    }
+                let mut points = Vec::with_capacity(batch.len() * 3);
+                for ((tenant, route, class), c) in &batch {
+                    points.push(json!({"name": "access_usage_requests_total", "type": "counter", "value": c.requests,
+                        "tenant_id": tenant, "labels": {"route": route, "status_class": class}}));
+                    points.push(json!({"name": "access_usage_bytes_total", "type": "counter", "value": c.bytes_in,
+                        "tenant_id": tenant, "labels": {"route": route, "direction": "in"}}));
+                    points.push(json!({"name": "access_usage_bytes_total", "type": "counter", "value": c.bytes_out,
+                        "tenant_id": tenant, "labels": {"route": route, "direction": "out"}}));
                 }
-                if last {
-                    return;
-                }
-            }
-        });
+                (points, batch.values().map(|c| c.requests).sum())
+            },
+        );
     }
 }

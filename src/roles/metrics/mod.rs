@@ -10,6 +10,8 @@
 pub mod pushgateway;
 pub mod registry;
 
+pub mod push;
+
 use crate::server::openapi::{self, Errors};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

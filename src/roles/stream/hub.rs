@@ -28,6 +28,9 @@ use crate::server::Shutdown;
 /// A connection's number on this replica.
 pub type ConnId = u64;
 
+/// (tenant, topic), the key of usage counts.
+type TenantTopic = (Arc<str>, Arc<str>);
+
 /// A record from Kafka or the in-process bus, parsed once.
 #[derive(Debug, Clone)]
 pub struct Record {
@@ -254,6 +257,9 @@ pub struct Hub {
     delivered: AtomicU64,
     dropped: AtomicU64,
     slow_closes: AtomicU64,
+    /// Frames queued per (tenant, topic) since the last usage push. A std mutex taken once per
+    /// record (not per recipient), never across I/O.
+    usage: Mutex<HashMap<TenantTopic, u64>>,
 }
 
 #[derive(Default)]
@@ -296,6 +302,7 @@ impl Hub {
             delivered: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             slow_closes: AtomicU64::new(0),
+            usage: Mutex::default(),
         })
     }
 
@@ -492,6 +499,8 @@ impl Hub {
         let tenant = record.tenant();
         let mut frame: Option<Utf8Bytes> = None;
         let (mut delivered, mut dropped) = (0u64, 0u64);
+        // Per tenant: a record usually reaches few tenants, so a short list beats a map.
+        let mut per_tenant: Vec<(Arc<str>, u64)> = Vec::new();
         for sub in by_conn.values() {
             if tenant.is_some_and(|t| t != &*sub.conn.tenant)
                 || sub.filter.as_ref().is_some_and(|f| !f.matches(&record.data))
@@ -510,6 +519,10 @@ impl Hub {
                 Ok(()) => {
                     delivered += 1;
                     sub.conn.delivered.fetch_add(1, Ordering::Relaxed);
+                    match per_tenant.iter_mut().find(|(t, _)| Arc::ptr_eq(t, &sub.conn.tenant)) {
+                        Some((_, n)) => *n += 1,
+                        None => per_tenant.push((sub.conn.tenant.clone(), 1)),
+                    }
                 }
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     dropped += 1;
@@ -525,6 +538,12 @@ impl Hub {
             }
         }
         drop(subs);
+        if !per_tenant.is_empty() {
+            let mut usage = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+            for (tenant, n) in per_tenant {
+                *usage.entry((tenant, record.topic.clone())).or_default() += n;
+            }
+        }
         if delivered > 0 {
             self.delivered.fetch_add(delivered, Ordering::Relaxed);
             metrics::counter!(names::MESSAGES_QUEUED, "role" => "stream", "topic" => record.topic.to_string()).increment(delivered);
@@ -609,6 +628,21 @@ impl Hub {
                 }
             }
         });
+    }
+
+    /// The usage since the last call, as points for the metrics role
+    /// (`access_usage_messages_total{tenant_id, topic}`), and the number of messages they count.
+    pub fn take_usage(&self) -> (Vec<Value>, u64) {
+        let usage = std::mem::take(&mut *self.usage.lock().unwrap_or_else(|p| p.into_inner()));
+        let total = usage.values().sum();
+        let points = usage
+            .into_iter()
+            .map(|((tenant, topic), n)| {
+                json!({"name": "access_usage_messages_total", "type": "counter", "value": n,
+                    "tenant_id": &*tenant, "labels": {"topic": &*topic}})
+            })
+            .collect();
+        (points, total)
     }
 
     /// Open connections.

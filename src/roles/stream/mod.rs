@@ -78,6 +78,8 @@ pub mod names {
     pub const PARTITION_RESTARTS: &str = "access_stream_partition_restarts_total";
     /// Records published through `POST /publish`, by topic and outcome.
     pub const PUBLISHED: &str = "access_stream_published_total";
+    /// Usage counts dropped because the metrics role could not take them.
+    pub const USAGE_DROPPED: &str = "access_stream_usage_dropped_total";
 
     /// Registers the descriptions.
     pub fn describe() {
@@ -106,6 +108,7 @@ pub mod names {
             PUBLISHED,
             "Records published through POST /publish, by topic and outcome"
         );
+        describe_counter!(USAGE_DROPPED, "Usage counts not pushed to the metrics role, by cause");
     }
 }
 
@@ -167,6 +170,9 @@ pub struct Config {
     /// subscribe.
     #[serde(with = "humantime_serde")]
     pub relay_timeout: Duration,
+    /// How often per-tenant message counts are pushed to the metrics role.
+    #[serde(with = "humantime_serde")]
+    pub usage_interval: Duration,
 }
 
 impl Default for Config {
@@ -193,6 +199,7 @@ impl Default for Config {
             resume_max_age: Duration::from_secs(600),
             sse_heartbeat: Duration::from_secs(15),
             relay_timeout: Duration::from_secs(2),
+            usage_interval: Duration::from_secs(5),
         }
     }
 }
@@ -245,6 +252,7 @@ impl Config {
             ("stream.metadata_refresh", self.metadata_refresh),
             ("stream.sse_heartbeat", self.sse_heartbeat),
             ("stream.relay_timeout", self.relay_timeout),
+            ("stream.usage_interval", self.usage_interval),
         ] {
             if d.is_zero() {
                 problems.push(Problem::new(key, "must be greater than 0"));
@@ -311,6 +319,18 @@ pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
     let config = Arc::new(ctx.config.stream.clone());
     let hub = Hub::new(&config.topics, config.limits.clone());
     let tokens = crate::auth::token_source::for_role(ctx, &auth)?;
+    if let Some(url) = &ctx.config.metrics_service_url {
+        let hub = hub.clone();
+        crate::roles::metrics::push::spawn(
+            Role::Stream,
+            url.clone(),
+            tokens.clone(),
+            config.usage_interval,
+            ctx.shutdown.clone(),
+            names::USAGE_DROPPED,
+            move || hub.take_usage(),
+        );
+    }
     let entitlements = Entitlements::for_role(
         ctx,
         tokens,
