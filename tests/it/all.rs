@@ -113,3 +113,59 @@ async fn access_all_runs_the_whole_layer_in_one_process() {
     let status = process.terminate(Duration::from_secs(30)).await;
     assert!(status.success(), "{status:?}");
 }
+
+#[tokio::test]
+async fn access_all_uses_the_real_backends_when_they_are_configured() {
+    let keys = DevKeys::new();
+    let db = crate::support::Db::new().await;
+    let mut ports = Vec::new();
+    for _ in 0..6 {
+        ports.push(closed_port().await);
+    }
+    let (gw, st, au, en, me, up) = (ports[0], ports[1], ports[2], ports[3], ports[4], ports[5]);
+    let env = [
+        ("ACCESS_GATEWAY__PORT", gw.to_string()),
+        ("ACCESS_STREAM__PORT", st.to_string()),
+        ("ACCESS_AUTH__PORT", au.to_string()),
+        ("ACCESS_ENTITLEMENTS__PORT", en.to_string()),
+        ("ACCESS_METRICS__PORT", me.to_string()),
+        ("ACCESS_AUTH__DEV_KEY_FILE", keys.path.clone()),
+        ("ACCESS_SERVER__HOST", "127.0.0.1".into()),
+        ("ACCESS_SERVER__GRACE_PERIOD", "100ms".into()),
+        ("ACCESS_REDIS_URL", crate::support::REDIS_URL.into()),
+        ("ACCESS_REDIS__PREFIX", crate::support::redis_prefix()),
+        ("ACCESS_POSTGRES_DSN", db.dsn.clone()),
+        ("ACCESS_KAFKA_BOOTSTRAP", crate::support::kafka_bootstrap()),
+    ];
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_access"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .args(["all", "--upstream-port", &up.to_string(), "--no-samples"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut process = crate::support::Process { child, url: format!("http://127.0.0.1:{gw}") };
+    for port in [gw, st, au, en, me] {
+        wait_ready(&format!("http://127.0.0.1:{port}")).await;
+    }
+    let admin = keys.token("root", "t1", &["admin"]);
+    let get = |url: String, token: Option<String>| async move {
+        let mut r = http().get(url);
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        r.send().await.unwrap().json::<Value>().await.unwrap()
+    };
+    let stats = get(format!("http://127.0.0.1:{st}/stats"), None).await;
+    assert_eq!(stats["source"], "kafka", "{stats}");
+    let stats = get(format!("http://127.0.0.1:{en}/entitlements/stats"), Some(admin)).await;
+    assert_eq!(stats["store"], "postgres", "{stats}");
+    let ready = get(format!("http://127.0.0.1:{gw}/ready"), None).await;
+    let checks: Vec<&str> =
+        ready["checks"].as_array().unwrap().iter().filter_map(|c| c["name"].as_str()).collect();
+    assert!(checks.contains(&"redis"), "the gateway checks Redis: {ready}");
+    let status = process.terminate(Duration::from_secs(30)).await;
+    assert!(status.success(), "{status:?}");
+}

@@ -280,6 +280,16 @@ async fn kafka_records_reach_subscribers_through_filters_and_tenant_scoping() {
         .find(|p| p["topic"] == l.prices)
         .unwrap();
     assert_eq!(partition["lag"], 0, "{partition}");
+    // POST /publish goes to Kafka (its own producing client) and comes back through the consumer.
+    let position = l
+        .publish(&l.prices, "NG", json!({"instrument_id": "NG", "price": 9.5, "tenant_id": "t2"}))
+        .await;
+    assert_eq!(position["offset"].as_i64(), Some(offsets[4] + 1), "{position}");
+    let via_publish = next_json(&mut b).await;
+    assert_eq!(
+        (via_publish["data"]["price"].as_f64(), via_publish["offset"].as_i64()),
+        (Some(9.5), Some(offsets[4] + 1))
+    );
     let metrics = http().get(l.stream.url("/metrics")).send().await.unwrap().text().await.unwrap();
     for name in [
         "access_stream_connections",
