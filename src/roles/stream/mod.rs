@@ -4,8 +4,10 @@
 //! - [`topics`]: the topic registry and subscription filters.
 //! - [`protocol`]: client actions, server frames, close codes.
 //! - [`hub`]: open connections, subscriptions, fan-out with bounded queues, revocation.
+//! - [`conn`]: one connection as the hub holds it, and what its queue carries.
 //! - [`position`]: the position vector clients resume from.
-//! - [`source`]: the Kafka consumer and publisher, and the in-process bus.
+//! - [`source`]: the publisher and history seams, and the in-process bus.
+//! - [`kafka`]: the Kafka consumer, publisher and history reader (rskafka).
 //! - [`ws`]: the WebSocket endpoint and its per-connection task.
 //! - [`sse`]: the SSE endpoint, and changing an open stream's topics.
 //! - [`control`]: entitled subscribe, and the `sse-control` relay between replicas.
@@ -14,8 +16,10 @@
 //! Endpoints: `GET /ws/stream` (and `/ws`, `/ws/`), `GET /sse/stream` (and `/sse`, `/sse/`),
 //! `POST`/`DELETE /sse/subscribe`, `GET /stats`, `POST /publish` (service or admin role).
 
+pub mod conn;
 pub mod control;
 pub mod hub;
+pub mod kafka;
 pub mod position;
 pub mod protocol;
 pub mod resume;
@@ -45,7 +49,8 @@ use crate::roles::entitlements::client::Entitlements;
 use crate::roles::Role;
 use crate::server::{self, Context, Shutdown};
 use hub::{Credential, Hub, Limits, Refusal, Registration};
-use source::{Consumer, History, Publisher};
+use kafka::Consumer;
+use source::{History, Publisher};
 use topics::TopicSpec;
 
 /// Metric names.
@@ -347,7 +352,7 @@ pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
         let bus = source::MemoryBus::new(hub.clone(), config.bus_retain);
         (bus.clone(), bus, None)
     } else {
-        let settings = source::KafkaSettings {
+        let settings = kafka::KafkaSettings {
             bootstrap: ctx.config.kafka_bootstrap.clone(),
             client: ctx.config.kafka.clone(),
             fetch_wait: config.fetch_wait,
@@ -357,12 +362,12 @@ pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
         };
         let topics = config.topics.iter().map(|t| t.name.clone()).collect();
         let (metadata, consumer) =
-            source::start_consumer(settings.clone(), topics, hub.clone(), ctx.shutdown.clone())
+            kafka::start_consumer(settings.clone(), topics, hub.clone(), ctx.shutdown.clone())
                 .await?;
         ctx.readiness.add_check("kafka", crate::backends::kafka::ready_check(metadata));
         (
-            source::KafkaPublisher::connect(&settings).await?,
-            source::KafkaHistory::connect(&settings).await?,
+            kafka::KafkaPublisher::connect(&settings).await?,
+            kafka::KafkaHistory::connect(&settings).await?,
             Some(consumer),
         )
     };

@@ -1,0 +1,159 @@
+//! One connection as the hub holds it ([`Conn`]: its identity, credential, queue and position),
+//! how it is asked to close ([`Closer`]), and what its queue carries ([`Delivery`] of a
+//! [`Record`]).
+
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+use tokio_util::sync::CancellationToken;
+
+use super::hub::ConnId;
+use super::position::Positions;
+use super::protocol::Close;
+use crate::auth::Verified;
+
+/// A record from Kafka or the in-process bus, parsed once.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// The registry topic.
+    pub topic: Arc<str>,
+    /// Its partition.
+    pub partition: i32,
+    /// Its offset in the partition.
+    pub offset: i64,
+    /// The record's timestamp, milliseconds since the epoch.
+    pub timestamp_ms: i64,
+    /// The record key (instrument or entity id), when it is UTF-8.
+    pub key: Option<String>,
+    /// The value: a JSON object by contract; anything else is carried as a string.
+    pub data: Value,
+}
+
+impl Record {
+    /// The tenant the record is restricted to, if it names one.
+    pub fn tenant(&self) -> Option<&str> {
+        self.data.get("tenant_id").and_then(Value::as_str)
+    }
+
+    /// The data frame sent to clients.
+    pub fn frame(&self) -> String {
+        json!({
+            "type": "data",
+            "topic": &*self.topic,
+            "partition": self.partition,
+            "offset": self.offset,
+            "timestamp": self.timestamp_ms,
+            "key": self.key,
+            "data": self.data,
+        })
+        .to_string()
+    }
+}
+
+/// One queued data frame.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// The rendered frame, shared by every recipient.
+    pub frame: Utf8Bytes,
+    /// The record's topic.
+    pub topic: Arc<str>,
+    /// Its partition.
+    pub partition: i32,
+    /// Its offset.
+    pub offset: i64,
+    /// The record's timestamp (ms), for the delivery-latency histogram.
+    pub timestamp_ms: i64,
+}
+
+/// Closes a connection once, with the first reason given.
+#[derive(Debug, Clone, Default)]
+pub struct Closer {
+    pub(super) token: CancellationToken,
+    reason: Arc<OnceLock<Close>>,
+}
+
+impl Closer {
+    /// Asks the connection to close with `why` (the first reason wins).
+    pub fn close(&self, why: Close) {
+        let _ = self.reason.set(why);
+        self.token.cancel();
+    }
+
+    /// Resolves with the reason once a close was asked.
+    pub async fn closed(&self) -> Close {
+        self.token.cancelled().await;
+        self.reason.get().copied().unwrap_or(Close::GoingAway)
+    }
+}
+
+/// The credential a connection currently holds (a fresh `auth` replaces it).
+#[derive(Debug, Clone)]
+pub struct Credential {
+    /// The token, kept to re-verify it when revocation announcements may have been missed.
+    pub token: String,
+    /// Its verification.
+    pub verified: Arc<Verified>,
+}
+
+/// One open connection.
+#[derive(Debug)]
+pub struct Conn {
+    /// Its number on this replica.
+    pub id: ConnId,
+    /// Its id for clients: `<replica>-<number>`, unique across replicas.
+    pub public_id: String,
+    /// `ws` or `sse`.
+    pub transport: &'static str,
+    /// The user.
+    pub subject: String,
+    /// The tenant records are scoped to.
+    pub tenant: Arc<str>,
+    pub(super) credential: Mutex<Credential>,
+    /// Closes it.
+    pub closer: Closer,
+    pub(super) queue: mpsc::Sender<Delivery>,
+    /// Frames queued for it.
+    pub delivered: AtomicU64,
+    /// Its position vector: set at subscribe, advanced as frames are written. A std mutex held
+    /// for one update.
+    pub(super) positions: Mutex<Positions>,
+}
+
+impl Conn {
+    /// The credential in force.
+    pub fn credential(&self) -> Credential {
+        self.credential.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Replaces the credential (same user and tenant, checked by the caller).
+    pub fn renew(&self, credential: Credential) {
+        *self.credential.lock().unwrap_or_else(|p| p.into_inner()) = credential;
+    }
+
+    /// Records that the client has been sent `offset` of a partition.
+    pub fn sent(&self, topic: &Arc<str>, partition: i32, offset: i64) {
+        let mut positions = self.positions.lock().unwrap_or_else(|p| p.into_inner());
+        positions.insert((topic.clone(), partition), offset + 1);
+    }
+
+    /// Sets where the client is on a partition (a resume starts from the client's own position).
+    pub fn set_position(&self, topic: &str, partition: i32, next: i64) {
+        let mut positions = self.positions.lock().unwrap_or_else(|p| p.into_inner());
+        positions.insert((topic.into(), partition), next);
+    }
+
+    /// Moves a partition's position forward to `next` (never back).
+    pub fn advance(&self, topic: &str, partition: i32, next: i64) {
+        let mut positions = self.positions.lock().unwrap_or_else(|p| p.into_inner());
+        let at = positions.entry((topic.into(), partition)).or_insert(next);
+        *at = (*at).max(next);
+    }
+
+    /// The position vector, encoded.
+    pub fn position(&self) -> String {
+        super::position::encode(&self.positions.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}

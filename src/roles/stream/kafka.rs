@@ -1,0 +1,543 @@
+//! Kafka through rskafka: the consumer that feeds the hub, the publisher of `POST /publish`, and
+//! the history reader of resumes.
+//!
+//! Every replica reads every partition of every registry topic (replicas serve their own clients,
+//! so they must not split partitions), starting at the high watermark. Each partition has its own
+//! task and its own broker connection: a broker answers the requests of one connection in order,
+//! so a waiting fetch would otherwise hold up every other partition (and produces, which use a
+//! client of their own). A partition task reconnects with backoff and continues from the next
+//! offset it has not delivered; when the broker's offsets went backwards (the topic was
+//! recreated) it logs it and starts the partition over from its earliest record.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use rskafka::client::error::{Error as KafkaError, ProtocolError};
+use rskafka::client::partition::{Compression, OffsetAt, PartitionClient, UnknownTopicHandling};
+use rskafka::client::Client;
+use serde::Serialize;
+use serde_json::Value;
+
+use super::hub::{Hub, Record};
+use super::names;
+use super::source::{parse_value, History, Position, PublishError, Publisher};
+use crate::backends::BackendError;
+use crate::config::KafkaConfig;
+use crate::server::Shutdown;
+
+/// A Kafka record as the hub sees it: the key when it is UTF-8, the value parsed.
+fn from_kafka(topic: &Arc<str>, partition: i32, r: rskafka::record::RecordAndOffset) -> Record {
+    Record {
+        topic: topic.clone(),
+        partition,
+        offset: r.offset,
+        timestamp_ms: r.record.timestamp.timestamp_millis(),
+        key: r.record.key.and_then(|k| String::from_utf8(k).ok()),
+        data: parse_value(r.record.value.as_deref()),
+    }
+}
+
+/// How the stream talks to Kafka.
+#[derive(Debug, Clone)]
+pub struct KafkaSettings {
+    /// Bootstrap brokers.
+    pub bootstrap: Vec<String>,
+    /// TLS, SASL, client id.
+    pub client: KafkaConfig,
+    /// How long a fetch waits for data (delivery latency is about this on brokers that do not
+    /// answer a waiting fetch early).
+    pub fetch_wait: Duration,
+    /// The most bytes one fetch returns.
+    pub fetch_max_bytes: i32,
+    /// How often topic metadata is re-read (new partitions, topics created late).
+    pub metadata_refresh: Duration,
+    /// Bounds one connection attempt.
+    pub connect_timeout: Duration,
+}
+
+/// One partition's progress, for `/stats`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PartitionState {
+    /// The next offset to deliver.
+    pub next_offset: Option<i64>,
+    /// The broker's high watermark at the last fetch.
+    pub high_watermark: Option<i64>,
+    /// Whether the last fetch succeeded.
+    pub connected: bool,
+    /// Times the partition was started over (offsets went backwards).
+    pub restarts: u64,
+}
+
+/// The consumer: partition tasks and their progress.
+pub struct Consumer {
+    /// (topic, partition) -> progress. A std mutex held for one update.
+    partitions: Mutex<BTreeMap<(String, i32), PartitionState>>,
+    records: AtomicU64,
+}
+
+impl Consumer {
+    /// Every partition's progress.
+    pub fn partitions(&self) -> Vec<Value> {
+        let partitions = self.partitions.lock().unwrap_or_else(|p| p.into_inner());
+        partitions
+            .iter()
+            .map(|((topic, partition), s)| {
+                let lag = s.high_watermark.zip(s.next_offset).map(|(hw, next)| (hw - next).max(0));
+                serde_json::json!({"topic": topic, "partition": partition, "lag": lag, "state": s})
+            })
+            .collect()
+    }
+
+    /// Records read from Kafka.
+    pub fn records(&self) -> u64 {
+        self.records.load(Ordering::Relaxed)
+    }
+
+    fn update(&self, topic: &str, partition: i32, f: impl FnOnce(&mut PartitionState)) {
+        let mut partitions = self.partitions.lock().unwrap_or_else(|p| p.into_inner());
+        f(partitions.entry((topic.to_string(), partition)).or_default());
+    }
+}
+
+/// Connects the metadata client (failing start-up when no broker answers) and starts reading
+/// every partition of `topics` into `hub` until shutdown.
+pub async fn start_consumer(
+    settings: KafkaSettings,
+    topics: Vec<String>,
+    hub: Arc<Hub>,
+    shutdown: Shutdown,
+) -> Result<(Arc<Client>, Arc<Consumer>), BackendError> {
+    let metadata = connect(&settings).await?;
+    let consumer = Arc::new(Consumer { partitions: Mutex::default(), records: AtomicU64::new(0) });
+    for topic in topics {
+        let (settings, metadata, hub, shutdown, consumer) =
+            (settings.clone(), metadata.clone(), hub.clone(), shutdown.clone(), consumer.clone());
+        tokio::spawn(watch_topic(settings, metadata, topic, hub, consumer, shutdown));
+    }
+    Ok((metadata, consumer))
+}
+
+async fn connect(settings: &KafkaSettings) -> Result<Arc<Client>, BackendError> {
+    crate::backends::kafka::connect(&settings.bootstrap, &settings.client, settings.connect_timeout)
+        .await
+}
+
+/// Starts a task for each partition of `topic` as the metadata shows it (re-read every
+/// `metadata_refresh`, so partitions added later and topics created late are picked up).
+async fn watch_topic(
+    settings: KafkaSettings,
+    metadata: Arc<Client>,
+    topic: String,
+    hub: Arc<Hub>,
+    consumer: Arc<Consumer>,
+    shutdown: Shutdown,
+) {
+    let topic: Arc<str> = topic.into();
+    let mut started: HashSet<i32> = HashSet::new();
+    let mut warned = false;
+    loop {
+        match metadata.list_topics().await {
+            Ok(list) => match list.iter().find(|t| *t.name == *topic) {
+                Some(t) => {
+                    for &partition in &t.partitions {
+                        if !started.insert(partition) {
+                            continue;
+                        }
+                        tracing::info!(role = "stream", topic = %topic, partition, "reading partition");
+                        tokio::spawn(consume_partition(
+                            settings.clone(),
+                            topic.clone(),
+                            partition,
+                            hub.clone(),
+                            consumer.clone(),
+                            shutdown.clone(),
+                        ));
+                    }
+                }
+                None if !warned => {
+                    warned = true;
+                    tracing::warn!(role = "stream", topic = %topic, "topic does not exist in Kafka yet; watching for it");
+                }
+                None => {}
+            },
+            Err(e) => {
+                tracing::debug!(role = "stream", topic = %topic, error = %e, "metadata refresh failed")
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(settings.metadata_refresh) => {}
+            _ = shutdown.stopping() => return,
+        }
+    }
+}
+
+/// Exponential backoff between reconnects: 100 ms doubling to 5 s.
+struct Backoff(Duration);
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_secs(5);
+
+    fn next(&mut self) -> Duration {
+        let wait = self.0;
+        self.0 = (self.0 * 2).min(Self::MAX);
+        wait
+    }
+
+    fn reset(&mut self) {
+        self.0 = Self::FIRST;
+    }
+}
+
+async fn consume_partition(
+    settings: KafkaSettings,
+    topic: Arc<str>,
+    partition: i32,
+    hub: Arc<Hub>,
+    consumer: Arc<Consumer>,
+    shutdown: Shutdown,
+) {
+    let label = || topic.to_string();
+    let lag = metrics::gauge!(names::KAFKA_LAG, "role" => "stream", "topic" => label(), "partition" => partition.to_string());
+    let records_read =
+        metrics::counter!(names::KAFKA_RECORDS, "role" => "stream", "topic" => label());
+    let errors = metrics::counter!(names::KAFKA_ERRORS, "role" => "stream", "topic" => label());
+    let wait_ms = i32::try_from(settings.fetch_wait.as_millis()).unwrap_or(i32::MAX);
+    let mut next: Option<i64> = None;
+    let mut backoff = Backoff(Backoff::FIRST);
+    loop {
+        let client = tokio::select! {
+            c = partition_client(&settings, &topic, partition) => c,
+            _ = shutdown.stopping() => return,
+        };
+        let client = match client {
+            Ok(c) => c,
+            Err(e) => {
+                errors.increment(1);
+                consumer.update(&topic, partition, |s| s.connected = false);
+                let wait = backoff.next();
+                tracing::warn!(role = "stream", topic = %topic, partition, error = %e, retry_in = ?wait, "cannot reach the partition's broker");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => continue,
+                    _ = shutdown.stopping() => return,
+                }
+            }
+        };
+        loop {
+            let from = match next {
+                Some(n) => n,
+                None => match high_watermark(&client).await {
+                    Ok(hw) => {
+                        hub.set_head(&topic, partition, hw);
+                        *next.insert(hw)
+                    }
+                    Err(e) => {
+                        tracing::warn!(role = "stream", topic = %topic, partition, error = %e, "cannot read the high watermark");
+                        break;
+                    }
+                },
+            };
+            let fetched = tokio::select! {
+                r = client.fetch_records(from, 1..settings.fetch_max_bytes, wait_ms) => r,
+                _ = shutdown.stopping() => return,
+            };
+            match fetched {
+                Ok((batch, hw)) => {
+                    backoff.reset();
+                    if hw < from {
+                        next =
+                            Some(start_over(&client, &topic, partition, from, hw, &consumer).await);
+                        continue;
+                    }
+                    for r in batch.into_iter().filter(|r| r.offset >= from) {
+                        let offset = r.offset;
+                        let record = from_kafka(&topic, partition, r);
+                        hub.dispatch(&record);
+                        next = Some(offset + 1);
+                        records_read.increment(1);
+                        consumer.records.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let next_offset = next.unwrap_or(hw);
+                    lag.set((hw - next_offset).max(0) as f64);
+                    consumer.update(&topic, partition, |s| {
+                        s.next_offset = Some(next_offset);
+                        s.high_watermark = Some(hw);
+                        s.connected = true;
+                    });
+                }
+                Err(KafkaError::ServerError {
+                    protocol_error: ProtocolError::OffsetOutOfRange,
+                    ..
+                }) => {
+                    let hw = high_watermark(&client).await.unwrap_or(0);
+                    if from > hw {
+                        next =
+                            Some(start_over(&client, &topic, partition, from, hw, &consumer).await);
+                    } else {
+                        // Retention removed records before we read them: they are gone.
+                        let earliest = client.get_offset(OffsetAt::Earliest).await.unwrap_or(hw);
+                        tracing::warn!(role = "stream", topic = %topic, partition, from, earliest, "records expired before they were read; skipping ahead");
+                        metrics::counter!(names::PARTITION_RESTARTS, "role" => "stream", "topic" => label(), "cause" => "expired").increment(1);
+                        next = Some(earliest.max(from));
+                    }
+                }
+                Err(e) => {
+                    errors.increment(1);
+                    consumer.update(&topic, partition, |s| s.connected = false);
+                    let wait = backoff.next();
+                    tracing::warn!(role = "stream", topic = %topic, partition, error = %e, next = from, retry_in = ?wait, "fetch failed; reconnecting");
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => break,
+                        _ = shutdown.stopping() => return,
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The offsets went backwards (the topic was deleted and created again): start the partition
+/// over from its earliest record, so nothing of the new topic is missed.
+async fn start_over(
+    client: &PartitionClient,
+    topic: &str,
+    partition: i32,
+    from: i64,
+    hw: i64,
+    consumer: &Consumer,
+) -> i64 {
+    let earliest = client.get_offset(OffsetAt::Earliest).await.unwrap_or(0).max(0);
+    tracing::warn!(
+        role = "stream",
+        topic,
+        partition,
+        expected = from,
+        high_watermark = hw,
+        restart_at = earliest,
+        "partition offsets went backwards (topic recreated?); starting the partition over"
+    );
+    metrics::counter!(names::PARTITION_RESTARTS, "role" => "stream", "topic" => topic.to_string(), "cause" => "offsets_went_backwards").increment(1);
+    consumer.update(topic, partition, |s| s.restarts += 1);
+    earliest
+}
+
+async fn partition_client(
+    settings: &KafkaSettings,
+    topic: &str,
+    partition: i32,
+) -> Result<PartitionClient, String> {
+    let client = connect(settings).await.map_err(|e| e.to_string())?;
+    client
+        .partition_client(topic, partition, UnknownTopicHandling::Error)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// The partition's high watermark (the next offset to be written). ListOffsets(latest) is not
+/// used: brokers disagree on it (tansu answers the last record's offset, Kafka the next one);
+/// every broker agrees on a fetch's high watermark.
+async fn high_watermark(client: &PartitionClient) -> Result<i64, KafkaError> {
+    let earliest = client.get_offset(OffsetAt::Earliest).await?.max(0);
+    let (_, hw) = client.fetch_records(earliest, 1..2, 0).await?;
+    Ok(hw)
+}
+
+/// One Kafka client's partition clients, made on first use and dropped after a failure (the
+/// partition's leader may have moved).
+struct PartitionClients {
+    client: Arc<Client>,
+    /// By (topic, partition); a std mutex held for one lookup or insert, never across I/O.
+    cache: Mutex<HashMap<(String, i32), Arc<PartitionClient>>>,
+}
+
+impl PartitionClients {
+    fn new(client: Arc<Client>) -> Self {
+        PartitionClients { client, cache: Mutex::default() }
+    }
+
+    async fn get(&self, topic: &str, partition: i32) -> Result<Arc<PartitionClient>, String> {
+        let key = (topic.to_string(), partition);
+        if let Some(c) = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+            return Ok(c.clone());
+        }
+        let client = self
+            .client
+            .partition_client(topic, partition, UnknownTopicHandling::Error)
+            .await
+            .map_err(|e| e.to_string())?;
+        let client = Arc::new(client);
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).insert(key, client.clone());
+        Ok(client)
+    }
+
+    fn forget(&self, topic: &str, partition: i32) {
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(topic.to_string(), partition));
+    }
+}
+
+/// Reads past records from Kafka for resumes, through a client of its own (a long read must
+/// not hold up the live fetches or produces).
+pub struct KafkaHistory {
+    partitions: PartitionClients,
+    max_bytes: i32,
+}
+
+impl KafkaHistory {
+    /// Connects the history client.
+    pub async fn connect(settings: &KafkaSettings) -> Result<Arc<Self>, BackendError> {
+        Ok(Arc::new(KafkaHistory {
+            partitions: PartitionClients::new(connect(settings).await?),
+            max_bytes: settings.fetch_max_bytes,
+        }))
+    }
+}
+
+impl History for KafkaHistory {
+    fn read<'a>(
+        &'a self,
+        topic: &'a str,
+        partition: i32,
+        from: i64,
+        until: i64,
+    ) -> BoxFuture<'a, Result<Vec<Record>, String>> {
+        Box::pin(async move {
+            let client = self.partitions.get(topic, partition).await?;
+            let topic_name: Arc<str> = topic.into();
+            let mut out = Vec::new();
+            let mut next = from;
+            while next < until {
+                let (batch, _) = match client.fetch_records(next, 1..self.max_bytes, 0).await {
+                    Ok(b) => b,
+                    // Expired by retention: what was read is what is kept.
+                    Err(KafkaError::ServerError {
+                        protocol_error: ProtocolError::OffsetOutOfRange,
+                        ..
+                    }) => break,
+                    Err(e) => {
+                        self.partitions.forget(topic, partition);
+                        return Err(e.to_string());
+                    }
+                };
+                let before = next;
+                for r in batch.into_iter().filter(|r| r.offset >= before && r.offset < until) {
+                    next = r.offset + 1;
+                    out.push(from_kafka(&topic_name, partition, r));
+                }
+                if next == before {
+                    break;
+                }
+            }
+            Ok(out)
+        })
+    }
+}
+
+/// Publishes to Kafka through a client of its own (a produce must not queue behind a fetch).
+pub struct KafkaPublisher {
+    partitions: PartitionClients,
+    /// Partition counts by topic; a std mutex held for one lookup, never across I/O.
+    counts: Mutex<HashMap<String, i32>>,
+    round_robin: AtomicU64,
+}
+
+impl KafkaPublisher {
+    /// Connects the publishing client.
+    pub async fn connect(settings: &KafkaSettings) -> Result<Arc<Self>, BackendError> {
+        Ok(Arc::new(KafkaPublisher {
+            partitions: PartitionClients::new(connect(settings).await?),
+            counts: Mutex::default(),
+            round_robin: AtomicU64::new(0),
+        }))
+    }
+
+    async fn partition_count(&self, topic: &str) -> Result<i32, PublishError> {
+        if let Some(n) = self.counts.lock().unwrap_or_else(|p| p.into_inner()).get(topic) {
+            return Ok(*n);
+        }
+        let topics =
+            self.partitions.client.list_topics().await.map_err(|e| PublishError(e.to_string()))?;
+        let n = topics
+            .iter()
+            .find(|t| t.name == topic)
+            .map(|t| t.partitions.len() as i32)
+            .filter(|n| *n > 0)
+            .ok_or_else(|| PublishError(format!("topic {topic} does not exist in Kafka")))?;
+        self.counts.lock().unwrap_or_else(|p| p.into_inner()).insert(topic.to_string(), n);
+        Ok(n)
+    }
+}
+
+/// The partition for a key: a stable hash (FNV-1a) of the key, so one instrument's records stay
+/// in order on one partition; keyless records go round-robin.
+pub fn partition_for(key: Option<&str>, partitions: i32, round_robin: u64) -> i32 {
+    let n = partitions.max(1) as u64;
+    let slot = match key {
+        Some(key) => {
+            key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+            }) % n
+        }
+        None => round_robin % n,
+    };
+    slot as i32
+}
+
+impl Publisher for KafkaPublisher {
+    fn publish<'a>(
+        &'a self,
+        topic: &'a str,
+        key: Option<String>,
+        data: Value,
+    ) -> BoxFuture<'a, Result<Position, PublishError>> {
+        Box::pin(async move {
+            let count = self.partition_count(topic).await?;
+            let partition = partition_for(
+                key.as_deref(),
+                count,
+                self.round_robin.fetch_add(1, Ordering::Relaxed),
+            );
+            let client = self.partitions.get(topic, partition).await.map_err(PublishError)?;
+            let record = rskafka::record::Record {
+                key: key.map(String::into_bytes),
+                value: Some(data.to_string().into_bytes()),
+                headers: BTreeMap::new(),
+                timestamp: chrono::Utc::now(),
+            };
+            let offsets =
+                client.produce(vec![record], Compression::NoCompression).await.map_err(|e| {
+                    self.partitions.forget(topic, partition);
+                    PublishError(e.to_string())
+                })?;
+            let offset = offsets
+                .first()
+                .copied()
+                .ok_or_else(|| PublishError("no offset returned".into()))?;
+            Ok(Position { topic: topic.into(), partition, offset })
+        })
+    }
+
+    fn kind(&self) -> &'static str {
+        "kafka"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_keep_their_partition_and_keyless_records_spread() {
+        let p = partition_for(Some("NG-H27"), 6, 0);
+        assert!((0..6).contains(&p));
+        assert_eq!(partition_for(Some("NG-H27"), 6, 99), p, "the same key, the same partition");
+        let spread: HashSet<i32> = (0..6).map(|i| partition_for(None, 6, i)).collect();
+        assert_eq!(spread.len(), 6);
+        assert_eq!(partition_for(Some("x"), 0, 0), 0);
+    }
+}
