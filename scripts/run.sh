@@ -34,7 +34,7 @@ Tokens (valid 8 hours): alice, a trader of tenant t1; root, an admin.
   export TOKEN=$TOKEN
   export ADMIN=$ADMIN
 
-Through the gateway: auth, entitlement, RateLimit-* headers; the second call is X-Cache: HIT.
+Through the gateway: auth, entitlement, RateLimit-* headers; a repeat within 5 s is X-Cache: HIT.
 
   curl -si http://localhost:$GW/api/v1/prices/latest/NG-H27 -H "Authorization: Bearer \$TOKEN"
   curl -si http://localhost:$GW/api/v1/prices/latest/NG-H27 -H "Authorization: Bearer \$TOKEN" | grep -i -e x-cache -e ratelimit

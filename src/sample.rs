@@ -39,9 +39,10 @@ fn quote(instrument: &str) -> Value {
         "currency": "USD", "as_of": chrono::Utc::now().to_rfc3339()})
 }
 
-/// Upstream responses may be cached by the gateway for a second.
+/// Upstream responses may be cached by the gateway for five seconds (then served stale while
+/// one revalidation runs).
 fn cached(body: Value) -> Response {
-    ([(http::header::CACHE_CONTROL, "public, max-age=1, stale-while-revalidate=5")], Json(body))
+    ([(http::header::CACHE_CONTROL, "public, max-age=5, stale-while-revalidate=10")], Json(body))
         .into_response()
 }
 
