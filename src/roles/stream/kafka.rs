@@ -441,8 +441,10 @@ impl History for KafkaHistory {
 /// Publishes to Kafka through a client of its own (a produce must not queue behind a fetch).
 pub struct KafkaPublisher {
     partitions: PartitionClients,
-    /// Partition counts by topic; a std mutex held for one lookup, never across I/O.
-    counts: Mutex<HashMap<String, i32>>,
+    /// Partition counts by topic with when they were read (re-read after `metadata_refresh`, so
+    /// partitions added later are produced to); a std mutex held for one lookup, never across I/O.
+    counts: Mutex<HashMap<String, (i32, std::time::Instant)>>,
+    refresh: Duration,
     round_robin: AtomicU64,
 }
 
@@ -452,13 +454,16 @@ impl KafkaPublisher {
         Ok(Arc::new(KafkaPublisher {
             partitions: PartitionClients::new(connect(settings).await?),
             counts: Mutex::default(),
+            refresh: settings.metadata_refresh,
             round_robin: AtomicU64::new(0),
         }))
     }
 
     async fn partition_count(&self, topic: &str) -> Result<i32, PublishError> {
-        if let Some(n) = self.counts.lock().unwrap_or_else(|p| p.into_inner()).get(topic) {
-            return Ok(*n);
+        if let Some((n, at)) = self.counts.lock().unwrap_or_else(|p| p.into_inner()).get(topic) {
+            if at.elapsed() < self.refresh {
+                return Ok(*n);
+            }
         }
         let topics =
             self.partitions.client.list_topics().await.map_err(|e| PublishError(e.to_string()))?;
@@ -468,7 +473,10 @@ impl KafkaPublisher {
             .map(|t| t.partitions.len() as i32)
             .filter(|n| *n > 0)
             .ok_or_else(|| PublishError(format!("topic {topic} does not exist in Kafka")))?;
-        self.counts.lock().unwrap_or_else(|p| p.into_inner()).insert(topic.to_string(), n);
+        self.counts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(topic.to_string(), (n, std::time::Instant::now()));
         Ok(n)
     }
 }

@@ -141,6 +141,9 @@ pub enum Close {
     HeartbeatTimeout,
     /// A connection limit (per user or tenant) was reached after a first-frame auth (4029).
     TooManyConnections,
+    /// The token could not be checked (the revocation store or the keys are unavailable): try
+    /// again later (1013).
+    TryAgainLater,
 }
 
 impl Close {
@@ -154,6 +157,7 @@ impl Close {
             Close::SlowConsumer => 4008,
             Close::HeartbeatTimeout => 4009,
             Close::TooManyConnections => 4029,
+            Close::TryAgainLater => 1013,
         }
     }
 
@@ -167,6 +171,7 @@ impl Close {
             Close::SlowConsumer => "slow_consumer",
             Close::HeartbeatTimeout => "heartbeat_timeout",
             Close::TooManyConnections => "too_many_connections",
+            Close::TryAgainLater => "dependency_unavailable",
         }
     }
 }

@@ -172,7 +172,12 @@ async fn first_frame_auth(
                 let frame = json!({"type": "error", "code": e.code().as_str(), "reason": reason,
                     "message": e.public_message(), "id": id});
                 let _ = sink.send(Message::text(frame.to_string())).await;
-                close(sink, Close::Unauthenticated).await;
+                let why = if e.code() == crate::error::ErrorCode::DependencyUnavailable {
+                    Close::TryAgainLater
+                } else {
+                    Close::Unauthenticated
+                };
+                close(sink, why).await;
                 return None;
             }
         };
