@@ -92,11 +92,16 @@ pub fn base(role: Role) -> OpenApi {
     doc
 }
 
-/// The `/openapi.json` handler for a finished document.
-pub fn serve(doc: OpenApi) -> axum::routing::MethodRouter {
+/// The role's router with its document served at `/openapi.json`: the routes and the document
+/// come out of the same `OpenApiRouter`, so neither can drift from the other.
+pub fn finish(routes: utoipa_axum::router::OpenApiRouter) -> axum::Router {
+    let (router, doc) = routes.split_for_parts();
     let doc = std::sync::Arc::new(doc);
-    axum::routing::get(move || {
-        let doc = doc.clone();
-        async move { axum::Json((*doc).clone()) }
-    })
+    router.route(
+        "/openapi.json",
+        axum::routing::get(move || {
+            let doc = doc.clone();
+            async move { axum::Json((*doc).clone()) }
+        }),
+    )
 }

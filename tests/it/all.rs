@@ -10,37 +10,59 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::support::{closed_port, http, wait_ready, DevKeys};
 
+/// `access all` on free ports with the given extra environment and arguments; ready when this
+/// returns, killed when dropped.
+struct All {
+    process: crate::support::Process,
+    keys: DevKeys,
+    gw: u16,
+    st: u16,
+    au: u16,
+    en: u16,
+    me: u16,
+}
+
+impl All {
+    async fn start(extra_env: &[(&str, String)], extra_args: &[&str]) -> All {
+        let keys = DevKeys::new();
+        let mut ports = Vec::new();
+        for _ in 0..6 {
+            ports.push(closed_port().await);
+        }
+        let (gw, st, au, en, me, up) = (ports[0], ports[1], ports[2], ports[3], ports[4], ports[5]);
+        let mut env = vec![
+            ("ACCESS_GATEWAY__PORT", gw.to_string()),
+            ("ACCESS_STREAM__PORT", st.to_string()),
+            ("ACCESS_AUTH__PORT", au.to_string()),
+            ("ACCESS_ENTITLEMENTS__PORT", en.to_string()),
+            ("ACCESS_METRICS__PORT", me.to_string()),
+            ("ACCESS_AUTH__DEV_KEY_FILE", keys.path.clone()),
+            ("ACCESS_SERVER__HOST", "127.0.0.1".into()),
+            ("ACCESS_SERVER__GRACE_PERIOD", "100ms".into()),
+        ];
+        env.extend(extra_env.iter().cloned());
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_access"))
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .args(["all", "--upstream-port", &up.to_string()])
+            .args(extra_args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let process = crate::support::Process { child, url: format!("http://127.0.0.1:{gw}") };
+        for port in [gw, st, au, en, me] {
+            wait_ready(&format!("http://127.0.0.1:{port}")).await;
+        }
+        All { process, keys, gw, st, au, en, me }
+    }
+}
+
 #[tokio::test]
 async fn access_all_runs_the_whole_layer_in_one_process() {
-    let keys = DevKeys::new();
-    let mut ports = Vec::new();
-    for _ in 0..6 {
-        ports.push(closed_port().await);
-    }
-    let (gw, st, au, en, me, up) = (ports[0], ports[1], ports[2], ports[3], ports[4], ports[5]);
-    let env = [
-        ("ACCESS_GATEWAY__PORT", gw.to_string()),
-        ("ACCESS_STREAM__PORT", st.to_string()),
-        ("ACCESS_AUTH__PORT", au.to_string()),
-        ("ACCESS_ENTITLEMENTS__PORT", en.to_string()),
-        ("ACCESS_METRICS__PORT", me.to_string()),
-        ("ACCESS_AUTH__DEV_KEY_FILE", keys.path.clone()),
-        ("ACCESS_SERVER__HOST", "127.0.0.1".into()),
-        ("ACCESS_SERVER__GRACE_PERIOD", "100ms".into()),
-    ];
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_access"))
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .args(["all", "--upstream-port", &up.to_string()])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut process = crate::support::Process { child, url: format!("http://127.0.0.1:{gw}") };
-    for port in [gw, st, au, en, me] {
-        wait_ready(&format!("http://127.0.0.1:{port}")).await;
-    }
+    let mut all = All::start(&[], &[]).await;
+    let (keys, gw, st, au, en, me) = (&all.keys, all.gw, all.st, all.au, all.en, all.me);
     let token = keys.token("alice", "t1", &["trader"]);
     let price = format!("http://127.0.0.1:{gw}/api/v1/prices/latest/NG-H27");
     let get = || http().get(&price).bearer_auth(&token).send();
@@ -110,47 +132,22 @@ async fn access_all_runs_the_whole_layer_in_one_process() {
     assert_eq!(r.status(), 200);
     let after = get().await.unwrap();
     assert_eq!(after.status(), 401);
-    let status = process.terminate(Duration::from_secs(30)).await;
+    let status = all.process.terminate(Duration::from_secs(30)).await;
     assert!(status.success(), "{status:?}");
 }
 
 #[tokio::test]
 async fn access_all_uses_the_real_backends_when_they_are_configured() {
-    let keys = DevKeys::new();
     let db = crate::support::Db::new().await;
-    let mut ports = Vec::new();
-    for _ in 0..6 {
-        ports.push(closed_port().await);
-    }
-    let (gw, st, au, en, me, up) = (ports[0], ports[1], ports[2], ports[3], ports[4], ports[5]);
-    let env = [
-        ("ACCESS_GATEWAY__PORT", gw.to_string()),
-        ("ACCESS_STREAM__PORT", st.to_string()),
-        ("ACCESS_AUTH__PORT", au.to_string()),
-        ("ACCESS_ENTITLEMENTS__PORT", en.to_string()),
-        ("ACCESS_METRICS__PORT", me.to_string()),
-        ("ACCESS_AUTH__DEV_KEY_FILE", keys.path.clone()),
-        ("ACCESS_SERVER__HOST", "127.0.0.1".into()),
-        ("ACCESS_SERVER__GRACE_PERIOD", "100ms".into()),
-        ("ACCESS_REDIS_URL", crate::support::REDIS_URL.into()),
+    let backends = [
+        ("ACCESS_REDIS_URL", crate::support::REDIS_URL.to_string()),
         ("ACCESS_REDIS__PREFIX", crate::support::redis_prefix()),
         ("ACCESS_POSTGRES_DSN", db.dsn.clone()),
         ("ACCESS_KAFKA_BOOTSTRAP", crate::support::kafka_bootstrap()),
     ];
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_access"))
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .args(["all", "--upstream-port", &up.to_string(), "--no-samples"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut process = crate::support::Process { child, url: format!("http://127.0.0.1:{gw}") };
-    for port in [gw, st, au, en, me] {
-        wait_ready(&format!("http://127.0.0.1:{port}")).await;
-    }
-    let admin = keys.token("root", "t1", &["admin"]);
+    let mut all = All::start(&backends, &["--no-samples"]).await;
+    let (gw, st, en) = (all.gw, all.st, all.en);
+    let admin = all.keys.token("root", "t1", &["admin"]);
     let get = |url: String, token: Option<String>| async move {
         let mut r = http().get(url);
         if let Some(t) = token {
@@ -166,6 +163,6 @@ async fn access_all_uses_the_real_backends_when_they_are_configured() {
     let checks: Vec<&str> =
         ready["checks"].as_array().unwrap().iter().filter_map(|c| c["name"].as_str()).collect();
     assert!(checks.contains(&"redis"), "the gateway checks Redis: {ready}");
-    let status = process.terminate(Duration::from_secs(30)).await;
+    let status = all.process.terminate(Duration::from_secs(30)).await;
     assert!(status.success(), "{status:?}");
 }

@@ -51,21 +51,21 @@ pub fn build(ctx: &Context, auth: Auth) -> State {
 
 /// The role's routes.
 pub fn router(state: State) -> Router {
-    let (router, api) = OpenApiRouter::with_openapi(openapi::base(Role::Auth))
-        .routes(routes!(verify))
-        .routes(routes!(verify_ws))
-        .routes(routes!(me))
-        .routes(routes!(logout))
-        .routes(routes!(user))
-        .routes(routes!(revoke_user))
-        .routes(routes!(jwks))
-        .routes(routes!(list_keys, create_key))
-        .routes(routes!(revoke_key))
-        .routes(routes!(rotate_key))
-        .routes(routes!(key_audit))
-        .with_state(state)
-        .split_for_parts();
-    router.route("/openapi.json", openapi::serve(api))
+    openapi::finish(
+        OpenApiRouter::with_openapi(openapi::base(Role::Auth))
+            .routes(routes!(verify))
+            .routes(routes!(verify_ws))
+            .routes(routes!(me))
+            .routes(routes!(logout))
+            .routes(routes!(user))
+            .routes(routes!(revoke_user))
+            .routes(routes!(jwks))
+            .routes(routes!(list_keys, create_key))
+            .routes(routes!(revoke_key))
+            .routes(routes!(rotate_key))
+            .routes(routes!(key_audit))
+            .with_state(state),
+    )
 }
 
 #[utoipa::path(post, path = "/auth/verify-ws", tag = "auth", summary = "Verify a token for a WebSocket connection (as /auth/verify)", request_body = serde_json::Value, responses((status = 200, description = "OK", body = serde_json::Value), Errors))]

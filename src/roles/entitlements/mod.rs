@@ -188,17 +188,17 @@ pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
 
 /// The role's routes.
 pub fn router(state: State) -> Router {
-    let (router, api) = OpenApiRouter::with_openapi(openapi::base(Role::Entitlements))
-        .routes(routes!(api::check))
-        .routes(routes!(api::check_batch))
-        .routes(routes!(api::resources))
-        .routes(routes!(api::list, api::create))
-        .routes(routes!(api::get_rule, api::update, api::delete))
-        .routes(routes!(api::history))
-        .routes(routes!(api::stats))
-        .with_state(state)
-        .split_for_parts();
-    router.route("/openapi.json", openapi::serve(api))
+    openapi::finish(
+        OpenApiRouter::with_openapi(openapi::base(Role::Entitlements))
+            .routes(routes!(api::check))
+            .routes(routes!(api::check_batch))
+            .routes(routes!(api::resources))
+            .routes(routes!(api::list, api::create))
+            .routes(routes!(api::get_rule, api::update, api::delete))
+            .routes(routes!(api::history))
+            .routes(routes!(api::stats))
+            .with_state(state),
+    )
 }
 
 /// Serves the role until shutdown.

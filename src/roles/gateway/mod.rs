@@ -304,19 +304,18 @@ pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
 pub fn router(state: State) -> Router {
     let cors = cors(&state.config.cors_origins);
     // The data routes are proxied (the fallback): their contracts are the upstreams'.
-    let (router, api) = OpenApiRouter::with_openapi(openapi::base(Role::Gateway))
-        .routes(routes!(status))
-        .routes(routes!(route_metadata))
-        .routes(routes!(circuit_breakers))
-        .routes(routes!(rate_limits))
-        .routes(routes!(cache_stats))
-        .routes(routes!(cache_purge))
-        .with_state(state.clone())
-        .split_for_parts();
-    router
-        .route("/openapi.json", openapi::serve(api))
-        .fallback_service(axum::routing::any(proxy::forward).with_state(state))
-        .layer(cors)
+    openapi::finish(
+        OpenApiRouter::with_openapi(openapi::base(Role::Gateway))
+            .routes(routes!(status))
+            .routes(routes!(route_metadata))
+            .routes(routes!(circuit_breakers))
+            .routes(routes!(rate_limits))
+            .routes(routes!(cache_stats))
+            .routes(routes!(cache_purge))
+            .with_state(state.clone()),
+    )
+    .fallback_service(axum::routing::any(proxy::forward).with_state(state))
+    .layer(cors)
 }
 
 fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {

@@ -305,20 +305,20 @@ pub fn build(ctx: &Context, auth: Auth) -> State {
 
 /// The role's routes (`GET /metrics` is the shared one, with the ingested series appended).
 pub fn router(state: State) -> Router {
-    let (router, api) = OpenApiRouter::with_openapi(openapi::base(Role::Metrics))
-        .routes(routes!(track))
-        .routes(routes!(track_batch))
-        // Pushgateway-compatible: Prometheus text, not JSON; described in the README, not here.
-        .route(
-            "/metrics/job/{*group}",
-            axum::routing::put(push_replace).post(push_merge).delete(push_delete),
-        )
-        .routes(routes!(series))
-        .routes(routes!(stats))
-        .routes(routes!(trends))
-        .with_state(state)
-        .split_for_parts();
-    router.route("/openapi.json", openapi::serve(api))
+    openapi::finish(
+        OpenApiRouter::with_openapi(openapi::base(Role::Metrics))
+            .routes(routes!(track))
+            .routes(routes!(track_batch))
+            // Pushgateway-compatible: Prometheus text, not JSON; described in the README, not here.
+            .route(
+                "/metrics/job/{*group}",
+                axum::routing::put(push_replace).post(push_merge).delete(push_delete),
+            )
+            .routes(routes!(series))
+            .routes(routes!(stats))
+            .routes(routes!(trends))
+            .with_state(state),
+    )
 }
 
 /// Serves the role until shutdown.

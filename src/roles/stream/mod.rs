@@ -409,19 +409,19 @@ pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
 pub fn router(state: State) -> Router {
     // The WebSocket and SSE streams are described in docs/stream-protocol.md; OpenAPI covers the
     // JSON endpoints.
-    let (router, api) = OpenApiRouter::with_openapi(openapi::base(Role::Stream))
-        .route("/ws", get(ws::upgrade))
-        .route("/ws/", get(ws::upgrade))
-        .route("/ws/stream", get(ws::upgrade))
-        .route("/sse", get(sse::connect))
-        .route("/sse/", get(sse::connect))
-        .route("/sse/stream", get(sse::connect))
-        .routes(routes!(sse::add, sse::remove))
-        .routes(routes!(stats))
-        .routes(routes!(publish))
-        .with_state(state)
-        .split_for_parts();
-    router.route("/openapi.json", openapi::serve(api))
+    openapi::finish(
+        OpenApiRouter::with_openapi(openapi::base(Role::Stream))
+            .route("/ws", get(ws::upgrade))
+            .route("/ws/", get(ws::upgrade))
+            .route("/ws/stream", get(ws::upgrade))
+            .route("/sse", get(sse::connect))
+            .route("/sse/", get(sse::connect))
+            .route("/sse/stream", get(sse::connect))
+            .routes(routes!(sse::add, sse::remove))
+            .routes(routes!(stats))
+            .routes(routes!(publish))
+            .with_state(state),
+    )
 }
 
 /// Serves the role until shutdown; open streams get a "going away" close, and the role waits
