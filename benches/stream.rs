@@ -22,6 +22,7 @@ use rskafka::client::partition::{Compression, UnknownTopicHandling};
 use rskafka::client::ClientBuilder;
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::MaybeTlsStream;
 
 fn knob(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -92,6 +93,64 @@ fn cpu_seconds(pid: &str) -> f64 {
     ticks / 100.0
 }
 
+/// Reads server frames (unmasked, RFC 6455) off `tcp` until the record marked last, returning
+/// each data record's latency in µs. The clients share the two cores with the server, so they
+/// do the least work that still receives every frame: no per-frame allocation, a field scan
+/// instead of a JSON parse; other frames (pings) are skipped.
+async fn read_records(mut tcp: tokio::net::TcpStream, delivered: &AtomicU64) -> Vec<(u64, u64)> {
+    use tokio::io::AsyncReadExt;
+    let mut mine = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    let mut filled = 0;
+    loop {
+        if filled == buf.len() {
+            buf.resize(buf.len() * 2, 0);
+        }
+        let n = match tcp.read(&mut buf[filled..]).await {
+            Ok(0) | Err(_) => return mine,
+            Ok(n) => n,
+        };
+        filled += n;
+        let received = now_us();
+        let mut at = 0;
+        while filled - at >= 2 {
+            let (opcode, short) = (buf[at] & 0x0f, (buf[at + 1] & 0x7f) as usize);
+            let (header, len) = match short {
+                126 if filled - at >= 4 => {
+                    (4, u16::from_be_bytes([buf[at + 2], buf[at + 3]]) as usize)
+                }
+                127 if filled - at >= 10 => {
+                    let mut l = [0u8; 8];
+                    l.copy_from_slice(&buf[at + 2..at + 10]);
+                    (10, u64::from_be_bytes(l) as usize)
+                }
+                126 | 127 => break,
+                n => (2, n),
+            };
+            if filled - at < header + len {
+                break;
+            }
+            let payload = &buf[at + header..at + header + len];
+            at += header + len;
+            if opcode != 1 {
+                continue;
+            }
+            let text = std::str::from_utf8(payload).unwrap_or_default();
+            if let (Some(sent), Some(n)) =
+                (field_u64(text, "\"sent_us\":"), field_u64(text, "\"price\":"))
+            {
+                mine.push((n, received.saturating_sub(sent)));
+                delivered.fetch_add(1, Ordering::Relaxed);
+            }
+            if text.contains("\"last\":true") {
+                return mine;
+            }
+        }
+        buf.copy_within(at..filled, 0);
+        filled -= at;
+    }
+}
+
 fn now_us() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as u64
 }
@@ -135,6 +194,8 @@ async fn run() {
         ("ACCESS_KAFKA_BOOTSTRAP", bootstrap.clone()),
         ("ACCESS_STREAM__FETCH_WAIT", fetch_wait.clone()),
         ("ACCESS_STREAM__METADATA_REFRESH", "200ms".into()),
+        // The clients do not answer pings (see `read_records`); none is due within a run.
+        ("ACCESS_STREAM__PING_INTERVAL", "1h".into()),
         ("ACCESS_STREAM__LIMITS__MAX_CONNECTIONS_PER_USER", "1000".into()),
         ("ACCESS_STREAM__LIMITS__CONNECT_RATE__RATE", "100000".into()),
         ("ACCESS_STREAM__LIMITS__CONNECT_RATE__BURST", "100000".into()),
@@ -165,7 +226,8 @@ async fn run() {
         })
         .collect();
 
-    let latencies = Arc::new(Mutex::new(Vec::<u64>::with_capacity(1 << 20)));
+    // (record number, latency µs) per delivery.
+    let latencies = Arc::new(Mutex::new(Vec::<(u64, u64)>::with_capacity(1 << 20)));
     let delivered = Arc::new(AtomicU64::new(0));
     let ready = Arc::new(AtomicU64::new(0));
     let ws_base = format!("ws://127.0.0.1:{stream_port}/ws/stream");
@@ -187,21 +249,10 @@ async fn run() {
             assert!(answer.to_text().unwrap().contains("\"subscribed\""), "{answer}");
             drop(permit);
             ready.fetch_add(1, Ordering::Relaxed);
-            let mut mine = Vec::new();
-            while let Some(Ok(m)) = ws.next().await {
-                if let Message::Text(t) = m {
-                    let received = now_us();
-                    // A field scan, not a JSON parse: the clients share the two cores with the
-                    // server, and their cost would be charged to its latency.
-                    if let Some(sent) = field_u64(&t, "\"sent_us\":") {
-                        mine.push(received.saturating_sub(sent));
-                        delivered.fetch_add(1, Ordering::Relaxed);
-                    }
-                    if t.contains("\"last\":true") {
-                        break;
-                    }
-                }
-            }
+            // From here the client reads frames off the socket itself: nothing is sent before
+            // every client has subscribed, so tungstenite's buffer holds nothing more.
+            let MaybeTlsStream::Plain(tcp) = ws.into_inner() else { panic!("plain TCP") };
+            let mine = read_records(tcp, &delivered).await;
             latencies.lock().unwrap().extend(mine);
         }));
     }
@@ -221,9 +272,24 @@ async fn run() {
     let mut tick = tokio::time::interval(interval);
     let started = Instant::now();
     let (server_cpu, client_cpu) = (cpu_seconds(&pid.to_string()), cpu_seconds("self"));
-    for n in 0..total {
+    // The measured records, then (once they are all delivered) one unmeasured record that tells
+    // the clients to stop: their teardown must not be charged to a measured record.
+    let expected = total * connections as u64;
+    let (mut elapsed, mut server_cpu, mut client_cpu) = (Duration::ZERO, server_cpu, client_cpu);
+    for n in 0..=total {
         tick.tick().await;
-        let data = json!({"instrument_id": format!("I{}", n % 50), "price": n, "sent_us": now_us(), "last": n + 1 == total});
+        let data = if n < total {
+            json!({"instrument_id": format!("I{}", n % 50), "price": n, "sent_us": now_us()})
+        } else {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while delivered.load(Ordering::Relaxed) < expected && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            elapsed = started.elapsed();
+            server_cpu = cpu_seconds(&pid.to_string()) - server_cpu;
+            client_cpu = cpu_seconds("self") - client_cpu;
+            json!({"instrument_id": "I0", "last": true})
+        };
         let record = rskafka::record::Record {
             key: Some(format!("I{}", n % 50).into_bytes()),
             value: Some(data.to_string().into_bytes()),
@@ -234,15 +300,20 @@ async fn run() {
     }
     let finished =
         tokio::time::timeout(Duration::from_secs(60), futures::future::join_all(clients)).await;
-    let elapsed = started.elapsed();
-    let server_cpu = cpu_seconds(&pid.to_string()) - server_cpu;
-    let client_cpu = cpu_seconds("self") - client_cpu;
     eprintln!(
         "cpu: server {server_cpu:.2}s clients {client_cpu:.2}s over {:.1}s",
-        started.elapsed().as_secs_f64()
+        elapsed.as_secs_f64()
     );
     assert!(finished.is_ok(), "clients did not receive every record within 60s");
-    let mut l = latencies.lock().unwrap().clone();
+    let all = latencies.lock().unwrap().clone();
+    // Per record: when its last copy arrived (the fan-out's span, from the produce call).
+    let mut last_copy = vec![0u64; total as usize];
+    for &(n, us) in &all {
+        if let Some(slot) = last_copy.get_mut(n as usize) {
+            *slot = (*slot).max(us);
+        }
+    }
+    let mut l: Vec<u64> = all.iter().map(|&(_, us)| us).collect();
     l.sort_unstable();
     let pct = |p: f64| {
         l.get(((l.len() as f64 * p) as usize).min(l.len().saturating_sub(1))).copied().unwrap_or(0)
@@ -250,7 +321,6 @@ async fn run() {
             / 1000.0
     };
     let deliveries = delivered.load(Ordering::Relaxed);
-    let expected = total * connections as u64;
     println!("\nstream bench: {connections} WebSocket connections, one replica, tansu, fetch wait {fetch_wait}");
     println!("| measure | value |");
     println!("|---|---|");
@@ -265,6 +335,26 @@ async fn run() {
     println!("| latency produce -> client p50 | {:.1} ms |", pct(0.50));
     println!("| latency produce -> client p99 | {:.1} ms |", pct(0.99));
     println!("| latency max | {:.1} ms |", pct(1.0));
+    let mut spans = last_copy.clone();
+    spans.sort_unstable();
+    let span = |p: f64| {
+        spans
+            .get(((spans.len() as f64 * p) as usize).min(spans.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0) as f64
+            / 1000.0
+    };
+    println!(
+        "| last copy of a record, p50 / p90 / max over records | {:.1} / {:.1} / {:.1} ms |",
+        span(0.5),
+        span(0.9),
+        span(1.0)
+    );
+    if std::env::var_os("BENCH_PER_RECORD").is_some() {
+        let each: Vec<String> =
+            last_copy.iter().map(|us| format!("{:.0}", *us as f64 / 1000.0)).collect();
+        println!("| last copy per record (ms) | {} |", each.join(" "));
+    }
     println!(
         "| CPU per delivery: server / clients | {:.2} µs / {:.2} µs |",
         server_cpu * 1e6 / deliveries.max(1) as f64,

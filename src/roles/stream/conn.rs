@@ -11,6 +11,7 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 
 use super::hub::ConnId;
+use super::outbox::Outbox;
 use super::position::Positions;
 use super::protocol::Close;
 use crate::auth::Verified;
@@ -115,6 +116,9 @@ pub struct Conn {
     /// Closes it.
     pub closer: Closer,
     pub(super) queue: mpsc::Sender<Delivery>,
+    /// A WebSocket connection's socket, which the hub writes directly instead of queueing
+    /// (`outbox`); set once the upgrade is done. SSE connections use the queue.
+    pub(super) outbox: OnceLock<Arc<Outbox>>,
     /// Frames queued for it.
     pub delivered: AtomicU64,
     /// Its position vector: set at subscribe, advanced as frames are written. A std mutex held
@@ -133,10 +137,21 @@ impl Conn {
         *self.credential.lock().unwrap_or_else(|p| p.into_inner()) = credential;
     }
 
-    /// Records that the client has been sent `offset` of a partition.
+    /// Records that the client has been sent `offset` of a partition (positions only move
+    /// forward: live frames held back during a resume may be counted before the recovered ones).
     pub fn sent(&self, topic: &Arc<str>, partition: i32, offset: i64) {
         let mut positions = self.positions.lock().unwrap_or_else(|p| p.into_inner());
-        positions.insert((topic.clone(), partition), offset + 1);
+        match positions.get_mut(&(topic.clone(), partition)) {
+            Some(at) => *at = (*at).max(offset + 1),
+            None => {
+                positions.insert((topic.clone(), partition), offset + 1);
+            }
+        }
+    }
+
+    /// Hands the hub this WebSocket connection's socket.
+    pub fn attach(&self, outbox: Arc<Outbox>) {
+        let _ = self.outbox.set(outbox);
     }
 
     /// Sets where the client is on a partition (a resume starts from the client's own position).

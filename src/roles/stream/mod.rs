@@ -20,6 +20,7 @@ pub mod conn;
 pub mod control;
 pub mod hub;
 pub mod kafka;
+pub mod outbox;
 pub mod position;
 pub mod protocol;
 pub mod resume;
@@ -94,7 +95,7 @@ pub mod names {
         describe_counter!(MESSAGES_QUEUED, "Data frames queued for connections by topic");
         describe_counter!(
             MESSAGES_DELIVERED,
-            "Data frames written to sockets by topic and transport"
+            "Data frames written to sockets (or buffered in order for them) by topic and transport"
         );
         describe_counter!(MESSAGES_DROPPED, "Data frames not delivered by topic and reason");
         describe_counter!(SLOW_CONSUMER_CLOSES, "Connections closed because they did not keep up");
@@ -156,7 +157,8 @@ pub struct Config {
     pub read_buffer_bytes: usize,
     /// tungstenite's write buffer target per connection.
     pub write_buffer_bytes: usize,
-    /// The most a connection's unsent bytes may grow to before it fails.
+    /// The most a WebSocket connection's unsent bytes may grow to before it is closed as a slow
+    /// consumer.
     pub max_write_buffer_bytes: usize,
     /// Subscribe when the entitlements role cannot answer (default: refuse the topic).
     pub entitlements_fail_open: bool,

@@ -24,14 +24,15 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 use super::control;
-use super::hub::{Conn, Delivery, Record, Registration};
+use super::hub::{Conn, Record, Registration};
+use super::outbox::{Duplex, Outbox};
 use super::protocol::{self, Action, Close};
 use super::resume;
 use super::{names, State};
 use crate::auth::unix_now;
 use crate::error::ApiError;
 
-type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+type Socket = WebSocketStream<Duplex>;
 
 /// The upgrade handler.
 pub async fn upgrade(
@@ -63,6 +64,8 @@ pub async fn upgrade(
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
     let config = ws_config(&state.config);
+    let (max_frames, max_bytes) =
+        (state.config.limits.send_queue, state.config.max_write_buffer_bytes);
     tokio::spawn(async move {
         let upgraded = match on_upgrade.await {
             Ok(u) => u,
@@ -71,10 +74,11 @@ pub async fn upgrade(
                 return;
             }
         };
-        let socket =
-            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), WsRole::Server, Some(config))
-                .await;
-        serve(socket, state, registration).await;
+        let (duplex, outbox) = Duplex::new(TokioIo::new(upgraded), max_frames, max_bytes);
+        let socket = WebSocketStream::from_raw_socket(duplex, WsRole::Server, Some(config)).await;
+        serve(socket, &outbox, state, registration).await;
+        // Whatever the hub still holds for this connection, the socket is closed now.
+        outbox.shutdown();
     });
     let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
     Ok(Response::builder()
@@ -105,16 +109,23 @@ fn ws_config(config: &super::Config) -> WebSocketConfig {
 }
 
 /// Serves one connection to its end.
-async fn serve(socket: Socket, state: State, registration: Option<Registration>) {
+async fn serve(
+    socket: Socket,
+    outbox: &Arc<Outbox>,
+    state: State,
+    registration: Option<Registration>,
+) {
     let (mut sink, mut stream) = socket.split();
     let registration = match registration {
         Some(r) => r,
-        None => match first_frame_auth(&mut sink, &mut stream, &state).await {
+        None => match first_frame_auth(&mut sink, &mut stream, &state, outbox).await {
             Some(r) => r,
             None => return,
         },
     };
-    let mut session = Session::new(state, registration);
+    // From here on the hub writes this connection's data frames itself.
+    registration.conn.attach(outbox.clone());
+    let mut session = Session::new(state, registration, outbox.clone());
     let why = session.run(&mut sink, &mut stream).await;
     metrics::counter!(names::CLOSES, "role" => "stream", "transport" => "ws", "reason" => why)
         .increment(1);
@@ -125,17 +136,18 @@ async fn first_frame_auth(
     sink: &mut futures::stream::SplitSink<Socket, Message>,
     stream: &mut futures::stream::SplitStream<Socket>,
     state: &State,
+    outbox: &Outbox,
 ) -> Option<Registration> {
     let deadline = tokio::time::Instant::now() + state.config.auth_timeout;
     loop {
         let frame = tokio::select! {
             f = stream.next() => f,
             _ = tokio::time::sleep_until(deadline) => {
-                close(sink, Close::Unauthenticated).await;
+                close(sink, outbox, Close::Unauthenticated).await;
                 return None;
             }
             _ = state.shutdown.stopping() => {
-                close(sink, Close::GoingAway).await;
+                close(sink, outbox, Close::GoingAway).await;
                 return None;
             }
         };
@@ -177,7 +189,7 @@ async fn first_frame_auth(
                 } else {
                     Close::Unauthenticated
                 };
-                close(sink, why).await;
+                close(sink, outbox, why).await;
                 return None;
             }
         };
@@ -191,65 +203,56 @@ async fn first_frame_auth(
                         id.as_ref(),
                     )))
                     .await;
-                close(sink, Close::TooManyConnections).await;
+                close(sink, outbox, Close::TooManyConnections).await;
                 None
             }
         };
     }
 }
 
-/// Sends a close frame, bounded: a client that does not read gets its TCP connection dropped.
-async fn close(sink: &mut futures::stream::SplitSink<Socket, Message>, why: Close) {
+/// Sends a close frame after what is pending, bounded: a client that does not read gets its TCP
+/// connection dropped.
+async fn close(
+    sink: &mut futures::stream::SplitSink<Socket, Message>,
+    outbox: &Outbox,
+    why: Close,
+) {
     let frame = CloseFrame { code: CloseCode::from(why.code()), reason: why.as_str().into() };
-    let _ =
-        tokio::time::timeout(Duration::from_secs(1), sink.send(Message::Close(Some(frame)))).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = sink.send(Message::Close(Some(frame))).await;
+        outbox.drain().await
+    })
+    .await;
 }
 
 struct Session {
     state: State,
     registration: Registration,
+    /// The socket's outgoing side, which the hub writes data frames to directly.
+    outbox: Arc<Outbox>,
     opened: Instant,
     expires_at: u64,
+    /// Frames recovered by resumes and written by this task (live frames are the hub's).
     sent: u64,
-    /// Per-topic counters of frames written, resolved once per topic (a handful: found by
-    /// pointer, as every delivery of a topic shares its name).
-    written: Vec<(Arc<str>, metrics::Counter)>,
-    latency: metrics::Histogram,
     /// Records recovered by the last `subscribe` with a position, to send after its answer.
     catch_up: Vec<Record>,
     /// Where live delivery starts on the partitions the last `subscribe` added.
     live: Vec<(String, i32, i64)>,
 }
 
-/// The most queued frames written before one flush.
-const BATCH: usize = 64;
-
 impl Session {
-    fn new(state: State, registration: Registration) -> Self {
+    fn new(state: State, registration: Registration, outbox: Arc<Outbox>) -> Self {
         let expires_at = registration.conn.credential().verified.identity.expires_at;
         Session {
             state,
             registration,
+            outbox,
             opened: Instant::now(),
             expires_at,
             sent: 0,
-            written: Vec::new(),
-            latency: metrics::histogram!(names::DELIVERY_LATENCY, "role" => "stream", "transport" => "ws"),
             catch_up: Vec::new(),
             live: Vec::new(),
         }
-    }
-
-    fn written(&mut self, topic: &Arc<str>) -> &metrics::Counter {
-        let at = match self.written.iter().position(|(t, _)| Arc::ptr_eq(t, topic) || t == topic) {
-            Some(at) => at,
-            None => {
-                let counter = metrics::counter!(names::MESSAGES_DELIVERED, "role" => "stream", "transport" => "ws", "topic" => topic.to_string());
-                self.written.push((topic.clone(), counter));
-                self.written.len() - 1
-            }
-        };
-        &self.written[at].1
     }
 
     fn conn(&self) -> &Arc<Conn> {
@@ -263,6 +266,8 @@ impl Session {
         stream: &mut futures::stream::SplitStream<Socket>,
     ) -> &'static str {
         let conn = self.conn().clone();
+        let outbox = self.outbox.clone();
+        let outbox = &*outbox;
         let identity = conn.credential().verified.identity.clone();
         let hello = json!({
             "type": "connection_established",
@@ -299,17 +304,17 @@ impl Session {
             tokio::select! {
                 biased;
                 why = &mut closed => {
-                    close(sink, why).await;
+                    close(sink, outbox, why).await;
                     return why.as_str();
                 }
                 _ = &mut stopping => {
-                    close(sink, Close::GoingAway).await;
+                    close(sink, outbox, Close::GoingAway).await;
                     return Close::GoingAway.as_str();
                 }
                 _ = &mut expiry => {
                     let frame = protocol::error("token_expired", "the token expired; reconnect with a fresh one", None);
                     let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(Message::text(frame))).await;
-                    close(sink, Close::TokenExpired).await;
+                    close(sink, outbox, Close::TokenExpired).await;
                     return Close::TokenExpired.as_str();
                 }
                 incoming = stream.next() => {
@@ -326,7 +331,6 @@ impl Session {
                     };
                     let reply = self.handle(&text).await;
                     if self.write(sink, Message::text(reply), &conn).await.is_err() { return "client"; }
-                    // Records a resume recovered go before anything queued live.
                     for record in std::mem::take(&mut self.catch_up) {
                         conn.sent(&record.topic, record.partition, record.offset);
                         if self.write(sink, Message::text(record.frame()), &conn).await.is_err() { return "client"; }
@@ -335,13 +339,18 @@ impl Session {
                     for (topic, partition, head) in std::mem::take(&mut self.live) {
                         conn.advance(&topic, partition, head);
                     }
+                    // Live frames held back while a subscription was answered follow its answer and
+                    // what a resume recovered.
+                    outbox.release();
                 }
-                Some(first) = self.registration.queue.recv() => {
-                    if self.deliver(sink, first, &conn, closed.as_mut()).await.is_err() { return "client"; }
+                // The hub writes data frames itself; what the socket did not take at once is
+                // written here, when it can take more.
+                flushed = outbox.flush() => {
+                    if flushed.is_err() { return "client"; }
                 }
                 _ = ping.tick() => {
                     if last_heard.elapsed() > interval + self.state.config.pong_timeout {
-                        close(sink, Close::HeartbeatTimeout).await;
+                        close(sink, outbox, Close::HeartbeatTimeout).await;
                         return Close::HeartbeatTimeout.as_str();
                     }
                     if self.write(sink, Message::Ping(Default::default()), &conn).await.is_err() { return "client"; }
@@ -364,43 +373,6 @@ impl Session {
         }
     }
 
-    /// Writes `first` and whatever else is queued (up to a batch), then flushes once; gives up
-    /// when `closed` (the connection's close request) resolves meanwhile.
-    async fn deliver<F: std::future::Future<Output = Close>>(
-        &mut self,
-        sink: &mut futures::stream::SplitSink<Socket, Message>,
-        first: Delivery,
-        conn: &Conn,
-        closed: std::pin::Pin<&mut F>,
-    ) -> Result<(), ()> {
-        let mut batch = Vec::with_capacity(8);
-        batch.push(first);
-        while batch.len() < BATCH {
-            match self.registration.queue.try_recv() {
-                Ok(d) => batch.push(d),
-                Err(_) => break,
-            }
-        }
-        let write = async {
-            for d in &batch {
-                sink.feed(Message::Text(d.frame.clone())).await?;
-            }
-            sink.flush().await
-        };
-        tokio::select! {
-            r = write => r.map_err(|_| ())?,
-            _ = closed => return Err(()),
-        }
-        let now = chrono::Utc::now().timestamp_millis();
-        for d in &batch {
-            conn.sent(&d.topic, d.partition, d.offset);
-            self.latency.record((now - d.timestamp_ms).max(0) as f64 / 1000.0);
-            self.written(&d.topic).increment(1);
-        }
-        self.sent += batch.len() as u64;
-        Ok(())
-    }
-
     /// Answers one client frame.
     async fn handle(&mut self, text: &str) -> String {
         let action = match protocol::parse(text) {
@@ -410,6 +382,9 @@ impl Session {
         let conn = self.conn().clone();
         match action {
             Action::Subscribe { topics, filters, position, id } => {
+                // The answer, and the records a resume recovers, go before the live frames of
+                // what this adds (released by `run` once they are written).
+                self.outbox.hold();
                 let (ok, failed, live) =
                     control::subscribe(&self.state, &conn, &topics, &filters).await;
                 let mut reply = json!({"type": "subscribed", "topics": ok, "failed": failed});
@@ -461,7 +436,9 @@ impl Session {
                     "position": conn.position(),
                     "subscriptions": self.state.hub.subscriptions(&conn),
                     "messages_queued": conn.delivered.load(Ordering::Relaxed),
-                    "messages_sent": self.sent,
+                    // Live frames are handed to the socket by the hub (queued and sent are one
+                    // step); recovered ones by this task.
+                    "messages_sent": conn.delivered.load(Ordering::Relaxed) + self.sent,
                     "connected_seconds": self.opened.elapsed().as_secs(),
                     "expires_at": self.expires_at,
                 }),
