@@ -192,7 +192,8 @@ pub struct State {
     ip_limit: Arc<ratelimit::IpLimit>,
     cache: Arc<cache::Cache>,
     admin_role: Arc<str>,
-    config: Config,
+    /// Shared: `State` is cloned for every request (axum extractors).
+    config: Arc<Config>,
 }
 
 impl FromRef<State> for Arc<Verifier> {
@@ -296,7 +297,7 @@ pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
         limiter,
         cache: cache::Cache::new(cache_store),
         admin_role: ctx.config.auth.admin_role.as_str().into(),
-        config,
+        config: Arc::new(config),
     })
 }
 
