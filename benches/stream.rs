@@ -9,8 +9,15 @@
 //! moment before the produce call to the client's receipt (microseconds, one clock). Memory per
 //! connection is the server's RSS growth over the connections divided by their number.
 //!
+//! Each client connects and subscribes with tokio-tungstenite, then reads frames off its socket
+//! itself (`read_records`): the clients share the two cores with the server, and a lighter client
+//! leaves the server's cost to show. After the measured records, one unmeasured record tells the
+//! clients to stop, so their teardown is not charged to a record. The table also gives, over the
+//! records, when each record's last copy arrived (the span of its fan-out).
+//!
 //! Knobs (environment): `BENCH_CONNECTIONS` (10000), `BENCH_RATE` (records/s, 20),
-//! `BENCH_SECONDS` (10), `BENCH_FETCH_WAIT` (5ms).
+//! `BENCH_SECONDS` (10), `BENCH_FETCH_WAIT` (5ms), `BENCH_PER_RECORD` (set: print every
+//! record's last-copy time).
 
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
