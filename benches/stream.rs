@@ -15,9 +15,13 @@
 //! clients to stop, so their teardown is not charged to a record. The table also gives, over the
 //! records, when each record's last copy arrived (the span of its fan-out).
 //!
+//! The connections are spread over a few topics (`BENCH_TOPICS`, 4): connection i subscribes to
+//! topic i mod 4 and record n is produced to topic n mod 4, so a record reaches a quarter of the
+//! connections. `BENCH_TOPICS=1` is the worst case: every record to every connection.
+//!
 //! Knobs (environment): `BENCH_CONNECTIONS` (10000), `BENCH_RATE` (records/s, 20),
-//! `BENCH_SECONDS` (10), `BENCH_FETCH_WAIT` (5ms), `BENCH_PER_RECORD` (set: print every
-//! record's last-copy time).
+//! `BENCH_SECONDS` (10), `BENCH_FETCH_WAIT` (5ms), `BENCH_TOPICS` (4), `BENCH_PER_RECORD` (set:
+//! print every record's last-copy time).
 
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -170,23 +174,28 @@ fn main() {
 async fn run() {
     let connections = knob("BENCH_CONNECTIONS", 10_000) as usize;
     let rate = knob("BENCH_RATE", 20);
+    let topic_count = knob("BENCH_TOPICS", 4).max(1) as usize;
     let seconds = knob("BENCH_SECONDS", 10);
     let fetch_wait = std::env::var("BENCH_FETCH_WAIT").unwrap_or_else(|_| "5ms".into());
     let bootstrap = std::env::var("ACCESS_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into());
 
     let dir = tempfile::tempdir().unwrap();
-    let topic = format!("bench-prices-{}", uuid::Uuid::new_v4().simple());
+    let run_id = uuid::Uuid::new_v4().simple().to_string();
+    let topics: Vec<String> =
+        (0..topic_count).map(|t| format!("bench-prices-{t}-{run_id}")).collect();
     let kafka =
         ClientBuilder::new(vec![bootstrap.clone()]).build().await.expect("tansu (make services)");
-    kafka.controller_client().unwrap().create_topic(&topic, 1, 1, 5_000).await.unwrap();
+    for topic in &topics {
+        kafka.controller_client().unwrap().create_topic(topic, 1, 1, 5_000).await.unwrap();
+    }
     let seed = dir.path().join("seed.yaml");
     std::fs::write(&seed, "- { name: traders, effect: allow, resource: market_data, actions: [subscribe], roles: [trader] }\n").unwrap();
     let config = dir.path().join("access.toml");
-    std::fs::write(
-        &config,
-        format!("[[stream.topics]]\nname = \"{topic}\"\nresource = \"market_data\"\n"),
-    )
-    .unwrap();
+    let registry: String = topics
+        .iter()
+        .map(|t| format!("[[stream.topics]]\nname = \"{t}\"\nresource = \"market_data\"\n"))
+        .collect();
+    std::fs::write(&config, registry).unwrap();
     let key = dir.path().join("dev-key.json").display().to_string();
     let (ent_port, stream_port) = (free_port(), free_port());
     let common = vec![("ACCESS_AUTH__DEV_KEY_FILE", key.clone())];
@@ -243,8 +252,14 @@ async fn run() {
     let gate = Arc::new(tokio::sync::Semaphore::new(200));
     for i in 0..connections {
         let url = format!("{ws_base}?token={}", tokens[i % tokens.len()]);
-        let (topic, latencies, delivered, ready, gate) =
-            (topic.clone(), latencies.clone(), delivered.clone(), ready.clone(), gate.clone());
+        // Connection i reads topic i mod BENCH_TOPICS.
+        let (topic, latencies, delivered, ready, gate) = (
+            topics[i % topic_count].clone(),
+            latencies.clone(),
+            delivered.clone(),
+            ready.clone(),
+            gate.clone(),
+        );
         clients.push(tokio::spawn(async move {
             let permit = gate.acquire_owned().await.unwrap();
             let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("connect");
@@ -273,7 +288,13 @@ async fn run() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_after = rss_bytes(pid);
 
-    let partition = kafka.partition_client(&topic, 0, UnknownTopicHandling::Retry).await.unwrap();
+    let mut partitions = Vec::new();
+    for topic in &topics {
+        partitions
+            .push(kafka.partition_client(topic, 0, UnknownTopicHandling::Retry).await.unwrap());
+    }
+    // Record n goes to topic n mod BENCH_TOPICS, which that topic's subscribers receive.
+    let readers = |t: usize| (0..connections).filter(|i| i % topic_count == t).count() as u64;
     let total = rate * seconds;
     let interval = Duration::from_secs_f64(1.0 / rate as f64);
     let mut tick = tokio::time::interval(interval);
@@ -281,22 +302,25 @@ async fn run() {
     let (server_cpu, client_cpu) = (cpu_seconds(&pid.to_string()), cpu_seconds("self"));
     // The measured records, then (once they are all delivered) one unmeasured record that tells
     // the clients to stop: their teardown must not be charged to a measured record.
-    let expected = total * connections as u64;
+    let expected: u64 = (0..total as usize).map(|n| readers(n % topic_count)).sum();
     let (mut elapsed, mut server_cpu, mut client_cpu) = (Duration::ZERO, server_cpu, client_cpu);
-    for n in 0..=total {
+    for n in 0..total + topic_count as u64 {
         tick.tick().await;
         let data = if n < total {
             json!({"instrument_id": format!("I{}", n % 50), "price": n, "sent_us": now_us()})
         } else {
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while delivered.load(Ordering::Relaxed) < expected && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(5)).await;
+            if n == total {
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while delivered.load(Ordering::Relaxed) < expected && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                elapsed = started.elapsed();
+                server_cpu = cpu_seconds(&pid.to_string()) - server_cpu;
+                client_cpu = cpu_seconds("self") - client_cpu;
             }
-            elapsed = started.elapsed();
-            server_cpu = cpu_seconds(&pid.to_string()) - server_cpu;
-            client_cpu = cpu_seconds("self") - client_cpu;
             json!({"instrument_id": "I0", "last": true})
         };
+        let partition = &partitions[n as usize % topic_count];
         let record = rskafka::record::Record {
             key: Some(format!("I{}", n % 50).into_bytes()),
             value: Some(data.to_string().into_bytes()),
@@ -337,6 +361,10 @@ async fn run() {
         connect_time.as_secs_f64()
     );
     println!("| publish rate | {rate} records/s for {seconds} s ({total} records) |");
+    println!(
+        "| topics | {topic_count}: connection i reads topic i mod {topic_count}, record n goes to topic n mod {topic_count} ({} readers per record) |",
+        readers(0)
+    );
     println!("| deliveries | {deliveries} of {expected} |");
     println!("| deliveries per second | {:.0} |", deliveries as f64 / elapsed.as_secs_f64());
     println!("| latency produce -> client p50 | {:.1} ms |", pct(0.50));
