@@ -498,3 +498,84 @@ async fn the_embedded_default_serves_the_shipped_seed_rules() {
     let (_, stats) = root.get("/entitlements/stats").await;
     assert_eq!((stats["store"].as_str(), stats["rules"].as_u64()), (Some("memory"), Some(6)));
 }
+
+/// A check that could not be sent (the server closed the connection as it was reused) is retried
+/// once on a new connection; a server that never answers is still `unavailable`.
+#[tokio::test]
+async fn a_check_the_server_dropped_unanswered_is_retried_once() {
+    use access::auth::devkey::DevKey;
+    use access::auth::token_source::TokenSource;
+    use access::auth::{Identity, IdentityKind};
+    use access::roles::entitlements::client::Entitlements;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    // A real HTTP/1.1 server: the first connection is closed after the request is read, with no
+    // answer; later ones get a decision. `drop_all` closes every connection instead.
+    async fn server(drop_all: bool) -> (url::Url, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap()).parse().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let seen = connections.clone();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let n = seen.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 8192];
+                    let mut got = Vec::new();
+                    // Headers, then the JSON body (its closing brace ends it).
+                    while !got.ends_with(b"}") {
+                        match socket.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(k) => got.extend_from_slice(&buf[..k]),
+                        }
+                    }
+                    if drop_all || n == 0 {
+                        return;
+                    }
+                    let body = r#"{"allowed":true,"ttl_seconds":30}"#;
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = socket.write_all(answer.as_bytes()).await;
+                });
+            }
+        });
+        (url, connections)
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let key = Arc::new(DevKey::load_or_create(&dir.path().join("k.json")).unwrap());
+    let tokens =
+        Arc::new(TokenSource::dev(key, "gateway", "platform".into(), "service".into(), None, None));
+    let identity = Identity {
+        subject: "u1".into(),
+        tenant: "t1".into(),
+        roles: vec!["trader".into()],
+        kind: IdentityKind::User,
+        expires_at: u64::MAX,
+    };
+    let client = |url: url::Url| {
+        Entitlements::new(
+            Role::Gateway,
+            url,
+            tokens.clone(),
+            Duration::from_secs(30),
+            false,
+            Duration::from_secs(2),
+        )
+        .unwrap()
+    };
+
+    let (url, connections) = server(false).await;
+    let allowed = client(url).allowed(&identity, "instrument:EURUSD", "read").await;
+    assert!(matches!(allowed, Ok(true)), "{allowed:?}");
+    assert_eq!(connections.load(Ordering::SeqCst), 2, "one retry on a new connection");
+
+    let (url, connections) = server(true).await;
+    let refused = client(url).allowed(&identity, "instrument:EURUSD", "read").await;
+    assert!(refused.is_err(), "{refused:?}");
+    assert_eq!(connections.load(Ordering::SeqCst), 2, "retried once, not more");
+}

@@ -59,8 +59,14 @@ impl Entitlements {
         fail_open: bool,
         timeout: Duration,
     ) -> Result<Self, String> {
-        let http =
-            reqwest::Client::builder().timeout(timeout).build().map_err(|e| e.to_string())?;
+        // Idle connections are dropped well before a server closes them (`access` servers close
+        // idle keep-alive connections after `server.header_read_timeout`, 10 s by default), so a
+        // check rarely lands on a connection that is being closed; `ask` retries once if it does.
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .pool_idle_timeout(Duration::from_secs(5))
+            .build()
+            .map_err(|e| e.to_string())?;
         Ok(Entitlements { role, http, url, tokens, cache: Mutex::default(), ttl, fail_open })
     }
 
@@ -158,14 +164,18 @@ impl Entitlements {
             "user_id": identity.subject, "tenant_id": identity.tenant, "roles": identity.roles,
             "resource": resource, "action": action, "context": {},
         });
-        let response = self
-            .http
-            .post(self.url.join("entitlements/check").map_err(|e| Unavailable(e.to_string()))?)
-            .bearer_auth(token)
-            .json(&body)
-            .send()
-            .await
-            .map_err(|e| Unavailable(e.to_string()))?;
+        let url = self.url.join("entitlements/check").map_err(|e| Unavailable(e.to_string()))?;
+        let send = || self.http.post(url.clone()).bearer_auth(&token).json(&body).send();
+        // A check is a read: one retry when the request could not be sent (a pooled connection
+        // closed by the server as it was reused), never after an answer or a timeout.
+        let response = match send().await {
+            Err(e) if e.is_connect() || (e.is_request() && !e.is_timeout()) => {
+                tracing::debug!(role = %self.role, error = %e, "entitlements check not sent; retrying once");
+                send().await
+            }
+            other => other,
+        }
+        .map_err(|e| Unavailable(e.to_string()))?;
         if !response.status().is_success() {
             return Err(Unavailable(format!("HTTP {}", response.status())));
         }
