@@ -45,7 +45,8 @@ pub struct Limits {
     pub max_connections_per_tenant: usize,
     /// New connections accepted by this replica (a GCRA policy).
     pub connect_rate: Policy,
-    /// Frames queued per connection before it is closed as a slow consumer.
+    /// Frames waiting per connection (an SSE connection's queue, a WebSocket connection's
+    /// outbox) before it is closed as a slow consumer.
     pub send_queue: usize,
 }
 
