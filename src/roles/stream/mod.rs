@@ -3,8 +3,10 @@
 //!
 //! - [`topics`]: the topic registry and subscription filters.
 //! - [`protocol`]: client actions, server frames, close codes.
-//! - [`hub`]: open connections, subscriptions, fan-out with bounded queues, revocation.
-//! - [`conn`]: one connection as the hub holds it, and what its queue carries.
+//! - [`hub`]: open connections, subscriptions, choosing a record's recipients, revocation.
+//! - `fanout`: one record framed once and handed to each recipient, within bounds.
+//! - [`outbox`]: a WebSocket connection's socket, written by the hub directly.
+//! - [`conn`]: one connection as the hub holds it, and what an SSE connection's queue carries.
 //! - [`position`]: the position vector clients resume from.
 //! - [`source`]: the publisher and history seams, and the in-process bus.
 //! - [`kafka`]: the Kafka consumer, publisher and history reader (rskafka).
@@ -18,6 +20,7 @@
 
 pub mod conn;
 pub mod control;
+mod fanout;
 pub mod hub;
 pub mod kafka;
 pub mod outbox;

@@ -1,0 +1,111 @@
+//! One record's fan-out: the record framed once ([`Fanout`]), handed to each recipient (written
+//! to a WebSocket connection's [`super::outbox`], queued for an SSE connection), and what that did
+//! ([`Tally`]), which the hub then counts. The hub picks the recipients; see `Hub::dispatch`.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use super::conn::{Conn, Delivery, Record};
+use super::outbox::{text_frame, Push};
+use super::protocol::Close;
+
+/// One record on its way to its recipients, framed once.
+pub(super) struct Fanout {
+    /// The data frame (SSE connections' queues carry it).
+    frame: Utf8Bytes,
+    /// The same frame as a WebSocket text frame, written as is to every WebSocket recipient.
+    ws_frame: bytes::Bytes,
+    topic: Arc<str>,
+    partition: i32,
+    offset: i64,
+    timestamp_ms: i64,
+}
+
+/// What a fan-out did.
+#[derive(Default)]
+pub(super) struct Tally {
+    pub(super) delivered: u64,
+    pub(super) written: u64,
+    pub(super) dropped: u64,
+    /// Frames per tenant (a record usually reaches few tenants, so a short list beats a map).
+    pub(super) per_tenant: Vec<(Arc<str>, u64)>,
+    /// The transports of connections closed as slow consumers.
+    pub(super) slow: Vec<&'static str>,
+}
+
+impl Tally {
+    fn count_tenant(&mut self, tenant: &Arc<str>) {
+        // Tenant names are shared per tenant (see `Hub::admit`), so the pointer usually decides;
+        // the text compare keeps the count right if it does not.
+        match self.per_tenant.iter_mut().find(|(t, _)| Arc::ptr_eq(t, tenant) || **t == **tenant) {
+            Some((_, c)) => *c += 1,
+            None => self.per_tenant.push((tenant.clone(), 1)),
+        }
+    }
+}
+
+impl Fanout {
+    pub(super) fn new(record: &Record) -> Self {
+        let frame = Utf8Bytes::from(record.frame());
+        Fanout {
+            ws_frame: text_frame(frame.as_bytes()),
+            frame,
+            topic: record.topic.clone(),
+            partition: record.partition,
+            offset: record.offset,
+            timestamp_ms: record.timestamp_ms,
+        }
+    }
+
+    /// Hands the record to `conn`: written to a WebSocket connection's socket (or left pending
+    /// in its outbox), queued for an SSE connection; a connection over its bound is closed as a
+    /// slow consumer.
+    pub(super) fn deliver(&self, conn: &Arc<Conn>, tally: &mut Tally) {
+        let outcome = match conn.outbox.get() {
+            Some(outbox) => match outbox.push(&self.ws_frame) {
+                Push::Accepted => {
+                    tally.written += 1;
+                    conn.sent(&self.topic, self.partition, self.offset);
+                    Ok(())
+                }
+                Push::Full => Err(true),
+                Push::Gone => Err(false),
+            },
+            None => {
+                let delivery = Delivery {
+                    frame: self.frame.clone(),
+                    topic: self.topic.clone(),
+                    partition: self.partition,
+                    offset: self.offset,
+                    timestamp_ms: self.timestamp_ms,
+                };
+                match conn.queue.try_send(delivery) {
+                    Ok(()) => Ok(()),
+                    Err(mpsc::error::TrySendError::Full(_)) => Err(true),
+                    Err(mpsc::error::TrySendError::Closed(_)) => Err(false),
+                }
+            }
+        };
+        match outcome {
+            Ok(()) => {
+                tally.delivered += 1;
+                conn.delivered.fetch_add(1, Ordering::Relaxed);
+                tally.count_tenant(&conn.tenant);
+            }
+            // Full: the client does not keep up.
+            Err(true) => {
+                tally.dropped += 1;
+                if !conn.closer.token.is_cancelled() {
+                    tally.slow.push(conn.transport);
+                    tracing::info!(role = "stream", conn = conn.id, user = %conn.subject, "slow consumer; closing");
+                }
+                conn.closer.close(Close::SlowConsumer);
+            }
+            // The connection is going; its registration removes it.
+            Err(false) => {}
+        }
+    }
+}
