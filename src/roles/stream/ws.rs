@@ -143,11 +143,11 @@ async fn first_frame_auth(
         let frame = tokio::select! {
             f = stream.next() => f,
             _ = tokio::time::sleep_until(deadline) => {
-                close(sink, outbox, Close::Unauthenticated).await;
+                close(sink, stream, outbox, Close::Unauthenticated).await;
                 return None;
             }
             _ = state.shutdown.stopping() => {
-                close(sink, outbox, Close::GoingAway).await;
+                close(sink, stream, outbox, Close::GoingAway).await;
                 return None;
             }
         };
@@ -189,7 +189,7 @@ async fn first_frame_auth(
                 } else {
                     Close::Unauthenticated
                 };
-                close(sink, outbox, why).await;
+                close(sink, stream, outbox, why).await;
                 return None;
             }
         };
@@ -203,24 +203,34 @@ async fn first_frame_auth(
                         id.as_ref(),
                     )))
                     .await;
-                close(sink, outbox, Close::TooManyConnections).await;
+                close(sink, stream, outbox, Close::TooManyConnections).await;
                 None
             }
         };
     }
 }
 
-/// Sends a close frame after what is pending, bounded: a client that does not read gets its TCP
-/// connection dropped.
+/// Sends a close frame after what is pending, then completes the closing handshake (RFC 6455
+/// 7.1.1): reads, and drops, what the client still sends until its own close frame or the end.
+/// Dropping the TCP connection at once would answer a client's late frame (a pong) with a reset,
+/// which can destroy our close frame unread. Bounded: a client that does not read or answer has
+/// its TCP connection dropped after a second.
 async fn close(
     sink: &mut futures::stream::SplitSink<Socket, Message>,
+    stream: &mut futures::stream::SplitStream<Socket>,
     outbox: &Outbox,
     why: Close,
 ) {
     let frame = CloseFrame { code: CloseCode::from(why.code()), reason: why.as_str().into() };
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         let _ = sink.send(Message::Close(Some(frame))).await;
-        outbox.drain().await
+        let _ = outbox.drain().await;
+        while let Some(Ok(message)) = stream.next().await {
+            if matches!(message, Message::Close(_)) {
+                break;
+            }
+        }
+        let _ = outbox.drain().await;
     })
     .await;
 }
@@ -304,17 +314,17 @@ impl Session {
             tokio::select! {
                 biased;
                 why = &mut closed => {
-                    close(sink, outbox, why).await;
+                    close(sink, stream, outbox, why).await;
                     return why.as_str();
                 }
                 _ = &mut stopping => {
-                    close(sink, outbox, Close::GoingAway).await;
+                    close(sink, stream, outbox, Close::GoingAway).await;
                     return Close::GoingAway.as_str();
                 }
                 _ = &mut expiry => {
                     let frame = protocol::error("token_expired", "the token expired; reconnect with a fresh one", None);
                     let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(Message::text(frame))).await;
-                    close(sink, outbox, Close::TokenExpired).await;
+                    close(sink, stream, outbox, Close::TokenExpired).await;
                     return Close::TokenExpired.as_str();
                 }
                 incoming = stream.next() => {
@@ -350,7 +360,7 @@ impl Session {
                 }
                 _ = ping.tick() => {
                     if last_heard.elapsed() > interval + self.state.config.pong_timeout {
-                        close(sink, outbox, Close::HeartbeatTimeout).await;
+                        close(sink, stream, outbox, Close::HeartbeatTimeout).await;
                         return Close::HeartbeatTimeout.as_str();
                     }
                     if self.write(sink, Message::Ping(Default::default()), &conn).await.is_err() { return "client"; }
