@@ -9,7 +9,7 @@ use access::roles::Role;
 use futures::{Stream, StreamExt};
 use serde_json::{json, Value};
 
-use crate::stream::{kafka_client, layer, next_json, produce, send, Layer};
+use crate::stream::{kafka_client, layer, next_json, produce, publish, send, Layer};
 use crate::support::{http, kafka_bootstrap, start, wait_ready};
 
 /// One server-sent event.
@@ -212,10 +212,7 @@ async fn reconnects_resume_every_missed_record_once_in_order_or_say_they_cannot(
     ws.close(None).await.unwrap();
     produce(&kafka, &l.prices, &[rec("W1"), rec("W2")]).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let (mut ws, _) = tokio_tungstenite::connect_async(l.ws_url(Some(&alice))).await.unwrap();
-    next_json(&mut ws).await;
-    send(&mut ws, json!({"action": "subscribe", "topics": [l.prices], "position": position})).await;
-    let answer = next_json(&mut ws).await;
+    let (mut ws, answer) = l.resumed(&alice, &l.prices, &position).await;
     assert_eq!(
         (answer["type"].as_str(), answer["recovered"].as_bool()),
         (Some("subscribed"), Some(true)),
@@ -260,23 +257,13 @@ async fn a_websocket_resume_under_live_publishing_has_no_gap_and_no_repeat() {
                 (client.clone(), l.stream.url("/publish"), l.prices.clone(), service.clone());
             tokio::spawn(async move {
                 for i in 0..40 {
-                    let r = client
-                        .post(&url)
-                        .bearer_auth(&service)
-                        .json(&json!({"topic": topic, "key": "k", "data": {"p": p, "i": i}}))
-                        .send()
-                        .await
-                        .unwrap();
-                    assert_eq!(r.status(), 200);
+                    publish(&client, &url, &service, &topic, "k", json!({"p": p, "i": i})).await;
                 }
             })
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(20)).await;
-    let (mut ws, _) = tokio_tungstenite::connect_async(l.ws_url(Some(&alice))).await.unwrap();
-    next_json(&mut ws).await;
-    send(&mut ws, json!({"action": "subscribe", "topics": [l.prices], "position": position})).await;
-    let answer = next_json(&mut ws).await;
+    let (mut ws, answer) = l.resumed(&alice, &l.prices, &position).await;
     assert_eq!(
         (answer["type"].as_str(), answer["recovered"].as_bool()),
         (Some("subscribed"), Some(true)),

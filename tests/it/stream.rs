@@ -130,16 +130,39 @@ impl Layer {
     /// Publishes through `POST /publish` with a service token.
     pub async fn publish(&self, topic: &str, key: &str, data: Value) -> Value {
         let token = self.keys.token("publisher", "platform", &["service"]);
-        let r = http()
-            .post(self.stream.url("/publish"))
-            .bearer_auth(token)
-            .json(&json!({"topic": topic, "key": key, "data": data}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-        r.json().await.unwrap()
+        publish(&http(), &self.stream.url("/publish"), &token, topic, key, data).await
     }
+
+    /// Connects, reads `connection_established`, and subscribes to `topic` from `position`;
+    /// returns the answer.
+    pub async fn resumed(&self, token: &str, topic: &str, position: &str) -> (Ws, Value) {
+        let (mut ws, _) = tokio_tungstenite::connect_async(self.ws_url(Some(token))).await.unwrap();
+        next_json(&mut ws).await;
+        send(&mut ws, json!({"action": "subscribe", "topics": [topic], "position": position}))
+            .await;
+        let answer = next_json(&mut ws).await;
+        (ws, answer)
+    }
+}
+
+/// `POST /publish` at `url` with `token` through `client`; the answer must be 200.
+pub async fn publish(
+    client: &reqwest::Client,
+    url: &str,
+    token: &str,
+    topic: &str,
+    key: &str,
+    data: Value,
+) -> Value {
+    let r = client
+        .post(url)
+        .bearer_auth(token)
+        .json(&json!({"topic": topic, "key": key, "data": data}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.json().await.unwrap()
 }
 
 pub async fn kafka_client(bootstrap: &str) -> Client {

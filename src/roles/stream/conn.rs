@@ -99,6 +99,16 @@ pub struct Credential {
     pub verified: Arc<Verified>,
 }
 
+/// Where the hub puts a connection's data frames.
+#[derive(Debug)]
+pub(super) enum Sink {
+    /// An SSE connection's queue, which its task reads.
+    Queue(mpsc::Sender<Delivery>),
+    /// A WebSocket connection's socket, which the hub writes itself; handed over once the
+    /// upgrade is done (no subscription can exist before).
+    Socket(OnceLock<Arc<Outbox>>),
+}
+
 /// One open connection.
 #[derive(Debug)]
 pub struct Conn {
@@ -115,10 +125,8 @@ pub struct Conn {
     pub(super) credential: Mutex<Credential>,
     /// Closes it.
     pub closer: Closer,
-    pub(super) queue: mpsc::Sender<Delivery>,
-    /// A WebSocket connection's socket, which the hub writes directly instead of queueing
-    /// (`outbox`); set once the upgrade is done. SSE connections use the queue.
-    pub(super) outbox: OnceLock<Arc<Outbox>>,
+    /// Where the hub puts its data frames.
+    pub(super) sink: Sink,
     /// Frames queued for it.
     pub delivered: AtomicU64,
     /// Its position vector: set at subscribe, advanced as frames are written. A std mutex held
@@ -151,7 +159,9 @@ impl Conn {
 
     /// Hands the hub this WebSocket connection's socket.
     pub fn attach(&self, outbox: Arc<Outbox>) {
-        let _ = self.outbox.set(outbox);
+        if let Sink::Socket(socket) = &self.sink {
+            let _ = socket.set(outbox);
+        }
     }
 
     /// Sets where the client is on a partition (a resume starts from the client's own position).

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use super::conn::{Conn, Delivery, Record};
+use super::conn::{Conn, Delivery, Record, Sink};
 use super::outbox::{text_frame, Push};
 use super::protocol::Close;
 
@@ -64,17 +64,16 @@ impl Fanout {
     /// in its outbox), queued for an SSE connection; a connection over its bound is closed as a
     /// slow consumer.
     pub(super) fn deliver(&self, conn: &Arc<Conn>, tally: &mut Tally) {
-        let outcome = match conn.outbox.get() {
-            Some(outbox) => match outbox.push(&self.ws_frame) {
-                Push::Accepted => {
+        let outcome = match &conn.sink {
+            Sink::Socket(socket) => {
+                let pushed = socket.get().map_or(Push::Gone, |o| o.push(&self.ws_frame));
+                if pushed == Push::Accepted {
                     tally.written += 1;
                     conn.sent(&self.topic, self.partition, self.offset);
-                    Ok(())
                 }
-                Push::Full => Err(true),
-                Push::Gone => Err(false),
-            },
-            None => {
+                pushed
+            }
+            Sink::Queue(queue) => {
                 let delivery = Delivery {
                     frame: self.frame.clone(),
                     topic: self.topic.clone(),
@@ -82,21 +81,21 @@ impl Fanout {
                     offset: self.offset,
                     timestamp_ms: self.timestamp_ms,
                 };
-                match conn.queue.try_send(delivery) {
-                    Ok(()) => Ok(()),
-                    Err(mpsc::error::TrySendError::Full(_)) => Err(true),
-                    Err(mpsc::error::TrySendError::Closed(_)) => Err(false),
+                match queue.try_send(delivery) {
+                    Ok(()) => Push::Accepted,
+                    Err(mpsc::error::TrySendError::Full(_)) => Push::Full,
+                    Err(mpsc::error::TrySendError::Closed(_)) => Push::Gone,
                 }
             }
         };
         match outcome {
-            Ok(()) => {
+            Push::Accepted => {
                 tally.delivered += 1;
                 conn.delivered.fetch_add(1, Ordering::Relaxed);
                 tally.count_tenant(&conn.tenant);
             }
-            // Full: the client does not keep up.
-            Err(true) => {
+            // The client does not keep up.
+            Push::Full => {
                 tally.dropped += 1;
                 if !conn.closer.token.is_cancelled() {
                     tally.slow.push(conn.transport);
@@ -105,7 +104,7 @@ impl Fanout {
                 conn.closer.close(Close::SlowConsumer);
             }
             // The connection is going; its registration removes it.
-            Err(false) => {}
+            Push::Gone => {}
         }
     }
 }

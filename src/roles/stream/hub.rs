@@ -30,6 +30,7 @@ pub type ConnId = u64;
 /// (tenant, topic), the key of usage counts.
 type TenantTopic = (Arc<str>, Arc<str>);
 
+use super::conn::Sink;
 pub use super::conn::{Closer, Conn, Credential, Delivery, Record};
 
 /// The hub's limits.
@@ -128,14 +129,14 @@ struct Registry {
     per_tenant: HashMap<Arc<str>, usize>,
 }
 
-/// An admitted connection: its handle and its queue. Dropping it removes the connection and
-/// its subscriptions from the hub.
+/// An admitted connection: its handle and, for SSE, its queue. Dropping it removes the
+/// connection and its subscriptions from the hub.
 pub struct Registration {
     hub: Arc<Hub>,
     /// The connection.
     pub conn: Arc<Conn>,
-    /// Its outgoing queue.
-    pub queue: mpsc::Receiver<Delivery>,
+    /// An SSE connection's outgoing queue (a WebSocket connection's frames go to its socket).
+    pub queue: Option<mpsc::Receiver<Delivery>>,
 }
 
 impl Drop for Registration {
@@ -211,7 +212,14 @@ impl Hub {
         {
             return Err(Refusal::Tenant);
         }
-        let (tx, rx) = mpsc::channel(self.limits.send_queue.max(1));
+        // A WebSocket connection needs no queue (the hub writes its socket): not allocating one
+        // keeps a few KB off every connection.
+        let (sink, queue) = if transport == "ws" {
+            (Sink::Socket(std::sync::OnceLock::new()), None)
+        } else {
+            let (tx, rx) = mpsc::channel(self.limits.send_queue.max(1));
+            (Sink::Queue(tx), Some(rx))
+        };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let conn = Arc::new(Conn {
             id,
@@ -222,8 +230,7 @@ impl Hub {
             tenant: tenant.clone(),
             credential: Mutex::new(credential),
             closer: Closer::default(),
-            queue: tx,
-            outbox: std::sync::OnceLock::new(),
+            sink,
             delivered: AtomicU64::new(0),
         });
         *reg.per_user.entry(conn.subject.clone()).or_default() += 1;
@@ -234,7 +241,7 @@ impl Hub {
             .increment(1.0);
         drop(reg);
         tracing::debug!(role = "stream", conn = conn.id, open, "connection admitted");
-        Ok(Registration { hub: self.clone(), conn, queue: rx })
+        Ok(Registration { hub: self.clone(), conn, queue })
     }
 
     fn remove(&self, conn: &Conn) {

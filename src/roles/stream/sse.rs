@@ -121,6 +121,8 @@ async fn run(
     live: Vec<(String, i32, i64)>,
 ) {
     let conn = registration.conn.clone();
+    // Admitted as `sse`, so it has a queue.
+    let Some(mut queue) = registration.queue.take() else { return };
     let latency =
         metrics::histogram!(names::DELIVERY_LATENCY, "role" => "stream", "transport" => "sse");
     let send = |event: Event| {
@@ -153,7 +155,7 @@ async fn run(
             _ = state.shutdown.stopping() => break Close::GoingAway,
             _ = tokio::time::sleep_until(expiry) => break Close::TokenExpired,
             _ = tx.closed() => break Close::GoingAway,
-            Some(d) = registration.queue.recv() => {
+            Some(d) = queue.recv() => {
                 let Delivery { frame, topic, partition, offset, timestamp_ms } = d;
                 conn.sent(&topic, partition, offset);
                 if !send(Event::default().id(conn.position()).data(frame.as_str())).await {
