@@ -174,16 +174,26 @@ impl Config {
     }
 }
 
-/// The role's state.
+/// The role's state: one `Arc`, because axum clones it for every request and extractor.
 #[derive(Clone)]
-pub struct State {
+pub struct State(Arc<Shared>);
+
+impl std::ops::Deref for State {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// What the gateway's requests share.
+pub struct Shared {
     /// The route table; swapped whole on reload (readers clone the `Arc` under a short lock).
     table: Arc<RwLock<Arc<Table>>>,
     verifier: Arc<Verifier>,
     api_keys: Arc<crate::auth::api_keys::ApiKeys>,
     entitlements: Arc<Entitlements>,
     /// Breakers by upstream base URL, created on first use.
-    breakers: Arc<RwLock<HashMap<String, Arc<Breaker>>>>,
+    breakers: Arc<RwLock<HashMap<String, Arc<Guard>>>>,
     breaker_config: BreakerConfig,
     client: Client<HttpConnector, Body>,
     trusted_proxies: Arc<Vec<ipnet::IpNet>>,
@@ -192,7 +202,6 @@ pub struct State {
     ip_limit: Arc<ratelimit::IpLimit>,
     cache: Arc<cache::Cache>,
     admin_role: Arc<str>,
-    /// Shared: `State` is cloned for every request (axum extractors).
     config: Arc<Config>,
 }
 
@@ -202,35 +211,20 @@ impl FromRef<State> for Arc<Verifier> {
     }
 }
 
-impl State {
+impl Shared {
     fn table(&self) -> Arc<Table> {
         self.table.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    fn breaker(&self, base: &Url) -> Arc<Breaker> {
+    fn breaker(&self, base: &Url) -> Arc<Guard> {
         if let Some(b) = self.breakers.read().unwrap_or_else(|p| p.into_inner()).get(base.as_str())
         {
             return b.clone();
         }
         let mut all = self.breakers.write().unwrap_or_else(|p| p.into_inner());
         all.entry(base.to_string())
-            .or_insert_with(|| Arc::new(Breaker::new(self.breaker_config.clone(), Instant::now())))
+            .or_insert_with(|| Arc::new(Guard::new(base, self.breaker_config.clone())))
             .clone()
-    }
-
-    fn publish_breaker(&self, base: &Url) {
-        let (state, _) = self.breaker(base).describe(Instant::now());
-        let value = match state {
-            "closed" => 0.0,
-            "half_open" => 1.0,
-            _ => 2.0,
-        };
-        let upstream = base
-            .host_str()
-            .map(|h| format!("{h}:{}", base.port_or_known_default().unwrap_or(80)))
-            .unwrap_or_default();
-        metrics::gauge!(proxy::names::BREAKER_STATE, "role" => "gateway", "upstream" => upstream)
-            .set(value);
     }
 
     /// Re-reads the route table and its rate-limit policies; a bad file is refused and the
@@ -241,6 +235,33 @@ impl State {
         *self.table.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);
         self.limiter.set_policies(policies);
         Ok(n)
+    }
+}
+
+/// An upstream's circuit breaker with its state gauge, registered once (not on every request).
+pub(crate) struct Guard {
+    pub(crate) breaker: Breaker,
+    gauge: metrics::Gauge,
+}
+
+impl Guard {
+    fn new(base: &Url, config: BreakerConfig) -> Self {
+        let upstream = base
+            .host_str()
+            .map(|h| format!("{h}:{}", base.port_or_known_default().unwrap_or(80)))
+            .unwrap_or_default();
+        let gauge = metrics::gauge!(proxy::names::BREAKER_STATE, "role" => "gateway", "upstream" => upstream);
+        Guard { breaker: Breaker::new(config, Instant::now()), gauge }
+    }
+
+    /// Sets the gauge: 0 closed, 1 half-open, 2 open.
+    pub(crate) fn publish(&self) {
+        let value = match self.breaker.describe(Instant::now()).0 {
+            "closed" => 0.0,
+            "half_open" => 1.0,
+            _ => 2.0,
+        };
+        self.gauge.set(value);
     }
 }
 
@@ -283,7 +304,7 @@ pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
     let client = Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(60))
         .build(connector);
-    Ok(State {
+    Ok(State(Arc::new(Shared {
         table: Arc::new(RwLock::new(Arc::new(table))),
         verifier: auth.verifier,
         api_keys: auth.api_keys,
@@ -298,14 +319,15 @@ pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
         cache: cache::Cache::new(cache_store),
         admin_role: ctx.config.auth.admin_role.as_str().into(),
         config: Arc::new(config),
-    })
+    })))
 }
 
-/// The role's routes: the gateway endpoints, everything else proxied; CORS answered first.
+/// The role's routes: the gateway endpoints, everything else proxied; CORS answered first when
+/// origins are configured (with none, no browser origin is allowed, so the layer is left out).
 pub fn router(state: State) -> Router {
-    let cors = cors(&state.config.cors_origins);
+    let cors = (!state.config.cors_origins.is_empty()).then(|| cors(&state.config.cors_origins));
     // The data routes are proxied (the fallback): their contracts are the upstreams'.
-    openapi::finish(
+    let router = openapi::finish(
         OpenApiRouter::with_openapi(openapi::base(Role::Gateway))
             .routes(routes!(status))
             .routes(routes!(route_metadata))
@@ -315,8 +337,11 @@ pub fn router(state: State) -> Router {
             .routes(routes!(cache_purge))
             .with_state(state.clone()),
     )
-    .fallback_service(axum::routing::any(proxy::forward).with_state(state))
-    .layer(cors)
+    .fallback_service(axum::routing::any(proxy::forward).with_state(state));
+    match cors {
+        Some(cors) => router.layer(cors),
+        None => router,
+    }
 }
 
 fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
@@ -397,7 +422,7 @@ async fn status(AxumState(state): AxumState<State>, caller: Caller) -> ApiResult
         .read()
         .unwrap_or_else(|p| p.into_inner())
         .iter()
-        .map(|(u, b)| json!({"upstream": u, "state": b.describe(now).0}))
+        .map(|(u, b)| json!({"upstream": u, "state": b.breaker.describe(now).0}))
         .collect();
     Ok(axum::Json(json!({
         "routes": state.table().routes().len(),
@@ -441,7 +466,7 @@ async fn circuit_breakers(
         .unwrap_or_else(|p| p.into_inner())
         .iter()
         .map(|(u, b)| {
-            let (s, opened) = b.describe(now);
+            let (s, opened) = b.breaker.describe(now);
             json!({"upstream": u, "state": s, "times_opened": opened})
         })
         .collect();

@@ -365,7 +365,8 @@ pub(super) async fn upstream(
     for attempt in 0..attempts {
         let index = route.next.fetch_add(1, Ordering::Relaxed) % route.upstreams.len().max(1);
         let Some(base) = route.upstreams.get(index) else { break };
-        let breaker = state.breaker(base);
+        let guard = state.breaker(base);
+        let breaker = &guard.breaker;
         let admission = breaker.admit(Instant::now());
         if let Admission::Refuse(retry_after) = admission {
             last_error = Some(
@@ -399,14 +400,14 @@ pub(super) async fn upstream(
         match outcome {
             Ok(Ok(response)) => {
                 breaker.record(response.status().as_u16() < 500, Instant::now());
-                state.publish_breaker(base);
+                guard.publish();
                 let (mut parts, body) = response.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
                 return Ok((Response::from_parts(parts, Body::new(body)), identity, bytes_in));
             }
             Ok(Err(e)) => {
                 breaker.record(false, Instant::now());
-                state.publish_breaker(base);
+                guard.publish();
                 tracing::warn!(role = "gateway", route = %route.spec.name, upstream = %base, attempt, error = %e, "upstream request failed");
                 last_error = Some(
                     ApiError::new(ErrorCode::UpstreamUnavailable, e.to_string())
@@ -418,7 +419,7 @@ pub(super) async fn upstream(
             }
             Err(_) => {
                 breaker.record(false, Instant::now());
-                state.publish_breaker(base);
+                guard.publish();
                 return Err(ApiError::new(
                     ErrorCode::UpstreamTimeout,
                     format!("{} did not answer within {:?}", route.spec.name, route.timeout),
