@@ -306,3 +306,39 @@ async fn policies_reload_with_the_routes_on_sighup() {
     .await;
     assert_eq!(p.terminate(Duration::from_secs(10)).await.code(), Some(0));
 }
+
+/// The script reads the cache entry in the rate limit's round trip: the value when the key
+/// exists, an explicit "none" when it does not, and the verdicts are the same as without it.
+#[tokio::test]
+async fn the_limit_script_reads_the_cache_entry_in_the_same_round_trip() {
+    use access::roles::gateway::ratelimit::{Limiter, OnStoreError, Policy};
+    use fred::prelude::KeysInterface;
+    let url = access::config::SecretUrl::from(url::Url::parse(REDIS_URL).unwrap());
+    let client = access::backends::redis::connect(&url, &access::config::RedisConfig::default())
+        .await
+        .unwrap();
+    let prefix = format!("it:{}:", uuid::Uuid::new_v4().simple());
+    let policy = Policy { rate: 10, period: Duration::from_secs(60), burst: 2 };
+    let limiter = Limiter::new(
+        [("p".to_string(), policy)].into(),
+        Some((client.clone(), prefix.clone())),
+        OnStoreError::Closed,
+        false,
+    );
+    let entry = format!("{prefix}cache:r:1");
+    let _: () = client.set(&entry, "{\"stored\":1}", None, None, false).await.unwrap();
+    let names = ["p".to_string()];
+    let first = limiter.check(&names, "u", Some(entry.clone())).await;
+    assert!(first.allowed);
+    assert_eq!(first.fetched, Some(Some(bytes::Bytes::from_static(b"{\"stored\":1}"))));
+    let second = limiter.check(&names, "u", Some(format!("{prefix}cache:r:absent"))).await;
+    assert!(second.allowed);
+    assert_eq!(second.fetched, Some(None), "a missing entry is read as none, not skipped");
+    let third = limiter.check(&names, "u", Some(entry.clone())).await;
+    assert!(!third.allowed, "the burst of 2 is spent whether or not an entry is read");
+    assert!(third.fetched.is_some(), "a limited request still gets the script's answer");
+    let without = limiter.check(&names, "u", None).await;
+    assert!(!without.allowed);
+    assert_eq!(without.fetched, None, "nothing asked, nothing read");
+    let _: i64 = client.del(vec![entry, format!("{prefix}rl:p:u")]).await.unwrap();
+}

@@ -150,6 +150,11 @@ pub trait Store: Send + Sync {
     ) -> BoxFuture<'a, Result<(), String>>;
     /// Deletes every entry whose route name starts with `route_prefix`; returns how many.
     fn purge<'a>(&'a self, route_prefix: &'a str) -> BoxFuture<'a, Result<u64, String>>;
+    /// The Redis key of `key`, when entries live in the same Redis as the rate limits: the
+    /// limiter's script then reads the entry in the same round trip.
+    fn shared_key(&self, _key: &str) -> Option<String> {
+        None
+    }
 }
 
 /// In-process entries with expiry, bounded by total body bytes.
@@ -273,6 +278,9 @@ impl Store for RedisStore {
             let _ = self.client.is_connected();
             Ok(deleted)
         })
+    }
+    fn shared_key(&self, key: &str) -> Option<String> {
+        Some(format!("{}{key}", self.prefix))
     }
 }
 

@@ -21,26 +21,50 @@ use super::State;
 use crate::auth::Identity;
 use crate::error::ApiError;
 
+/// The cache key of a request on `route`: per tenant, and per user when the policy says so.
+pub fn key(
+    route: &Route,
+    policy: &CachePolicy,
+    identity: Option<&Identity>,
+    req: &Request,
+) -> String {
+    let tenant = identity.map(|i| i.tenant.as_str()).unwrap_or("anonymous");
+    let user = identity.filter(|_| policy.vary_user).map(|i| i.subject.as_str());
+    let uri = req.uri();
+    cache::key(req.method().as_str(), &route.spec.name, uri.path(), uri.query(), tenant, user)
+}
+
+/// A cacheable request's policy and key, and the entry the rate-limit script already read.
+pub struct Lookup<'a> {
+    /// The route's cache policy.
+    pub policy: &'a CachePolicy,
+    /// From [`key`].
+    pub key: String,
+    /// `Some` when the entry was read with the rate limit (`Some(None)`: there is none).
+    pub fetched: Option<Option<bytes::Bytes>>,
+}
+
 /// Serves a cacheable request.
 pub async fn serve(
     state: &State,
     route: &Route,
-    policy: &CachePolicy,
+    wanted: Lookup<'_>,
     peer: SocketAddr,
     client: IpAddr,
     identity: Option<Identity>,
     mut req: Request,
 ) -> Result<Handled, ApiError> {
     let name = route.spec.name.as_str();
-    let tenant = identity.as_ref().map(|i| i.tenant.as_str()).unwrap_or("anonymous");
-    let user = identity.as_ref().filter(|_| policy.vary_user).map(|i| i.subject.as_str());
-    let key =
-        cache::key(req.method().as_str(), name, req.uri().path(), req.uri().query(), tenant, user);
+    let Lookup { policy, key, fetched } = wanted;
     let if_none_match =
         req.headers().get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()).map(String::from);
     let head = req.method() == Method::HEAD;
 
-    if let Some(entry) = lookup(state, &key).await {
+    let first = match fetched {
+        Some(raw) => raw.and_then(|raw| serde_json::from_slice::<Entry>(&raw).ok()),
+        None => lookup(state, &key).await,
+    };
+    if let Some(entry) = first {
         let (age, now) = (entry.age(cache::now_ms()), cache::now_ms());
         if age < entry.max_age {
             state.cache.count(name, "hit");

@@ -3,12 +3,15 @@
 -- ARGV[2i]: tolerance tau = T * (burst - 1) (µs). A request is allowed only if every policy
 -- allows it, and only then are the new theoretical arrival times stored.
 -- Returns, per policy: allowed (1/0), remaining, reset (µs until full), retry_after (µs).
+-- With one key more than policies, that last key is read (GET) and its value (or nil) ends the
+-- answer: the gateway's response-cache lookup shares the rate limit's round trip.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local out = {}
 local new_tats = {}
 local all_allowed = true
-for i = 1, #KEYS do
+local policies = #ARGV / 2
+for i = 1, policies do
   local T = tonumber(ARGV[2 * i - 1])
   local tau = tonumber(ARGV[2 * i])
   local tat = tonumber(redis.call('GET', KEYS[i]) or now)
@@ -30,8 +33,11 @@ for i = 1, #KEYS do
   end
 end
 if all_allowed then
-  for i = 1, #KEYS do
+  for i = 1, policies do
     redis.call('SET', KEYS[i], new_tats[i], 'PX', math.ceil((new_tats[i] - now) / 1000) + 1)
   end
+end
+if #KEYS > policies then
+  out[#out + 1] = redis.call('GET', KEYS[#KEYS])
 end
 return out

@@ -237,7 +237,22 @@ async fn handle(
     };
     let subject =
         identity.as_ref().map(|i| i.subject.clone()).unwrap_or_else(|| format!("ip:{client}"));
-    let limit = state.limiter.check(&policies, &subject).await;
+    let get_like = matches!(*req.method(), Method::GET | Method::HEAD);
+    let client_bypass = req
+        .headers()
+        .get(header::CACHE_CONTROL)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("no-store") || v.contains("no-cache"));
+    let cache = route
+        .cache
+        .as_ref()
+        .filter(|_| get_like && !client_bypass)
+        .map(|policy| (policy, super::cached::key(route, policy, identity.as_ref(), &req)));
+    // The cache entry is read by the rate-limit script (one round trip), and used only after the
+    // limit and the entitlement allow the request.
+    let also_get = cache.as_ref().and_then(|(_, key)| state.cache.store.shared_key(key));
+    let mut limit = state.limiter.check(&policies, &subject, also_get).await;
+    let fetched = limit.fetched.take();
     let limit_headers = rate_limit_headers(&limit);
     if limit.store_unavailable {
         return Err(ApiError::dependency(
@@ -271,15 +286,10 @@ async fn handle(
             Err(e) => return Err(ApiError::dependency("entitlements", anyhow::anyhow!(e))),
         }
     }
-    let get_like = matches!(*req.method(), Method::GET | Method::HEAD);
-    let client_bypass = req
-        .headers()
-        .get(header::CACHE_CONTROL)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains("no-store") || v.contains("no-cache"));
-    let mut handled = match route.cache.as_ref().filter(|_| get_like && !client_bypass) {
-        Some(policy) => {
-            super::cached::serve(state, route, policy, peer, client, identity, req).await?
+    let mut handled = match cache {
+        Some((policy, key)) => {
+            let cached = super::cached::Lookup { policy, key, fetched };
+            super::cached::serve(state, route, cached, peer, client, identity, req).await?
         }
         None => {
             state.cache.count(&route.spec.name, "bypass");

@@ -12,7 +12,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use fred::prelude::LuaInterface;
+use fred::types::Value;
 use serde::{Deserialize, Serialize};
 
 use crate::backends::redis::Client as RedisClient;
@@ -99,6 +101,9 @@ pub struct Outcome {
     pub tightest: Option<(String, Policy, Verdict)>,
     /// The store failed and `on_store_error` is `closed`.
     pub store_unavailable: bool,
+    /// What the script read for the key passed to [`Limiter::check`] as `also_get`: `None` when
+    /// it did not run (no Redis, or Redis failed), else the value, if the key exists.
+    pub fetched: Option<Option<Bytes>>,
 }
 
 /// The in-process GCRA: theoretical arrival times by key, in µs since `epoch`.
@@ -231,7 +236,7 @@ impl Limiter {
         client: &RedisClient,
         keys: Vec<String>,
         args: Vec<u64>,
-    ) -> Result<Vec<i64>, fred::error::Error> {
+    ) -> Result<Value, fred::error::Error> {
         // Bound first: a guard in the match scrutinee would live through the arm that writes.
         let cached = self.sha.read().await.clone();
         let sha = match cached {
@@ -242,7 +247,7 @@ impl Limiter {
                 sha
             }
         };
-        match client.evalsha::<Vec<i64>, _, _, _>(sha, keys.clone(), args.clone()).await {
+        match client.evalsha::<Value, _, _, _>(sha, keys.clone(), args.clone()).await {
             Err(e) if e.details().contains("NOSCRIPT") => {
                 let sha: String = client.script_load(SCRIPT).await?;
                 *self.sha.write().await = Some(sha.clone());
@@ -252,8 +257,14 @@ impl Limiter {
         }
     }
 
-    /// Checks the named policies for `subject` (a user, `apikey:<id>` or `ip:<addr>`).
-    pub async fn check(&self, policy_names: &[String], subject: &str) -> Outcome {
+    /// Checks the named policies for `subject` (a user, `apikey:<id>` or `ip:<addr>`). With Redis,
+    /// `also_get` (a full key) is read in the same script; see [`Outcome::fetched`].
+    pub async fn check(
+        &self,
+        policy_names: &[String],
+        subject: &str,
+        also_get: Option<String>,
+    ) -> Outcome {
         let policies = self.policies();
         let items: Vec<(String, &Policy, &str)> = policy_names
             .iter()
@@ -261,36 +272,41 @@ impl Limiter {
             .map(|(name, p)| (format!("rl:{name}:{subject}"), p, name.as_str()))
             .collect();
         if items.is_empty() {
-            return Outcome { allowed: true, tightest: None, store_unavailable: false };
+            return Outcome {
+                allowed: true,
+                tightest: None,
+                store_unavailable: false,
+                fetched: None,
+            };
         }
         let local = |items: &[(String, &Policy, &str)]| {
             let pairs: Vec<(String, &Policy)> =
                 items.iter().map(|(k, p, _)| (k.clone(), *p)).collect();
             self.local.check(&pairs)
         };
+        let mut fetched = None;
         let verdicts = match &self.redis {
             None => local(&items),
             Some((client, prefix)) => {
-                let keys = items.iter().map(|(k, _, _)| format!("{prefix}{k}")).collect();
+                let mut keys: Vec<String> =
+                    items.iter().map(|(k, _, _)| format!("{prefix}{k}")).collect();
+                let reads = also_get.is_some();
+                keys.extend(also_get);
                 let args = items
                     .iter()
                     .flat_map(|(_, p, _)| [p.interval_us(), p.tolerance_us()])
                     .collect();
-                match self.run_script(client, keys, args).await {
-                    Ok(raw) if raw.len() == items.len() * 4 => raw
-                        .chunks(4)
-                        .map(|c| Verdict {
-                            allowed: c[0] == 1,
-                            remaining: c[1].max(0) as u64,
-                            reset_us: c[2].max(0) as u64,
-                            retry_us: c[3].max(0) as u64,
-                        })
-                        .collect(),
-                    failed => {
-                        let error = failed
-                            .err()
-                            .map(|e| e.to_string())
-                            .unwrap_or_else(|| "unexpected script answer".into());
+                let answer = self
+                    .run_script(client, keys, args)
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|raw| parse_answer(raw, items.len(), reads));
+                match answer {
+                    Ok((verdicts, read)) => {
+                        fetched = reads.then_some(read);
+                        verdicts
+                    }
+                    Err(error) => {
                         for (_, _, name) in &items {
                             self.count(name, |c| &c.store_errors, "store_error");
                         }
@@ -302,6 +318,7 @@ impl Limiter {
                                     allowed: true,
                                     tightest: None,
                                     store_unavailable: false,
+                                    fetched: None,
                                 }
                             }
                             OnStoreError::Closed => {
@@ -309,6 +326,7 @@ impl Limiter {
                                     allowed: false,
                                     tightest: None,
                                     store_unavailable: true,
+                                    fetched: None,
                                 }
                             }
                         }
@@ -330,7 +348,7 @@ impl Limiter {
             .zip(&verdicts)
             .min_by_key(|(_, v)| (v.allowed, v.remaining))
             .map(|((_, p, name), v)| (name.to_string(), (*p).clone(), *v));
-        Outcome { allowed: allowed || self.shadow, tightest, store_unavailable: false }
+        Outcome { allowed: allowed || self.shadow, tightest, store_unavailable: false, fetched }
     }
 
     fn count(&self, policy: &str, field: impl Fn(&Counts) -> &AtomicU64, outcome: &'static str) {
@@ -342,6 +360,38 @@ impl Limiter {
         field(&counts).fetch_add(1, Ordering::Relaxed);
         metrics::counter!(names::DECISIONS, "role" => "gateway", "policy" => policy.to_string(), "outcome" => outcome).increment(1);
     }
+}
+
+/// The script's answer: four integers per policy, then, when a key was read, its value or nil.
+fn parse_answer(
+    raw: Value,
+    policies: usize,
+    read: bool,
+) -> Result<(Vec<Verdict>, Option<Bytes>), String> {
+    let mut values = match raw {
+        Value::Array(values) if values.len() == policies * 4 + usize::from(read) => values,
+        other => return Err(format!("unexpected script answer: {:?}", other.kind())),
+    };
+    let value = match read.then(|| values.pop()).flatten() {
+        None | Some(Value::Null) => None,
+        Some(Value::Bytes(b)) => Some(b),
+        Some(Value::String(s)) => Some(s.into_inner()),
+        Some(other) => return Err(format!("unexpected cached value: {:?}", other.kind())),
+    };
+    let ints = values
+        .iter()
+        .map(|v| v.as_i64().ok_or_else(|| format!("unexpected script answer: {:?}", v.kind())))
+        .collect::<Result<Vec<i64>, String>>()?;
+    let verdicts = ints
+        .chunks(4)
+        .map(|c| Verdict {
+            allowed: c[0] == 1,
+            remaining: c[1].max(0) as u64,
+            reset_us: c[2].max(0) as u64,
+            retry_us: c[3].max(0) as u64,
+        })
+        .collect();
+    Ok((verdicts, value))
 }
 
 /// A cheap in-process limit per client address, checked before any signature: floods of bad
