@@ -14,8 +14,11 @@ THREADS=${THREADS:-2}
 for tool in nginx wrk redis-cli; do
   command -v "$tool" >/dev/null || { echo "bench: $tool is missing (apt-get install nginx wrk)" >&2; exit 1; }
 done
-cargo build --release --locked -q
-BIN=$CARGO_TARGET_DIR/release/access
+# BIN=<path>: measure that binary (say, one built from another commit) instead of building.
+if [ -z "${BIN:-}" ]; then
+  cargo build --release --locked -q
+  BIN=$CARGO_TARGET_DIR/release/access
+fi
 WORK=$(mktemp -d)
 PIDS=()
 cleanup() {
