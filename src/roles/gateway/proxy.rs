@@ -288,8 +288,8 @@ async fn handle(
     }
     let mut handled = match cache {
         Some((policy, key)) => {
-            let cached = super::cached::Lookup { policy, key, fetched };
-            super::cached::serve(state, route, cached, peer, client, identity, req).await?
+            let lookup = super::cached::Lookup { policy, key, fetched };
+            super::cached::serve(state, route, lookup, peer, client, identity, req).await?
         }
         None => {
             state.cache.count(&route.spec.name, "bypass");

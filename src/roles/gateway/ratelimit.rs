@@ -4,8 +4,10 @@
 //! `tau = T * (burst - 1)`; a request at `now` is allowed when `max(tat, now) + T - tau - T <= now`,
 //! and then stores `tat = max(tat, now) + T`. All policies of a request are checked in one Lua
 //! script (loaded once, run by SHA) on Redis's clock, so replicas agree and a request limited by
-//! one policy consumes none. The same algorithm runs in-process as the embedded default and, by
-//! configuration, as the fallback when Redis fails (or the limiter fails open or closed).
+//! one policy consumes none. The same script also reads the request's response-cache entry when
+//! asked, so a cache hit costs one round trip. The same algorithm runs in-process as the embedded
+//! default and, by configuration, as the fallback when Redis fails (or the limiter fails open or
+//! closed).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
