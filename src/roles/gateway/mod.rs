@@ -185,24 +185,22 @@ impl std::ops::Deref for State {
     }
 }
 
-/// What the gateway's requests share.
+/// What the gateway's requests share (already behind [`State`]'s `Arc`).
 pub struct Shared {
     /// The route table; swapped whole on reload (readers clone the `Arc` under a short lock).
-    table: Arc<RwLock<Arc<Table>>>,
+    table: RwLock<Arc<Table>>,
     verifier: Arc<Verifier>,
     api_keys: Arc<crate::auth::api_keys::ApiKeys>,
     entitlements: Arc<Entitlements>,
     /// Breakers by upstream base URL, created on first use.
-    breakers: Arc<RwLock<HashMap<String, Arc<Guard>>>>,
-    breaker_config: BreakerConfig,
+    breakers: RwLock<HashMap<String, Arc<Guard>>>,
     client: Client<HttpConnector, Body>,
-    trusted_proxies: Arc<Vec<ipnet::IpNet>>,
     usage: Arc<usage::Usage>,
-    limiter: Arc<ratelimit::Limiter>,
+    limiter: ratelimit::Limiter,
     ip_limit: Arc<ratelimit::IpLimit>,
     cache: Arc<cache::Cache>,
-    admin_role: Arc<str>,
-    config: Arc<Config>,
+    admin_role: String,
+    config: Config,
 }
 
 impl FromRef<State> for Arc<Verifier> {
@@ -223,7 +221,7 @@ impl Shared {
         }
         let mut all = self.breakers.write().unwrap_or_else(|p| p.into_inner());
         all.entry(base.to_string())
-            .or_insert_with(|| Arc::new(Guard::new(base, self.breaker_config.clone())))
+            .or_insert_with(|| Arc::new(Guard::new(base, self.config.breaker.clone())))
             .clone()
     }
 
@@ -292,12 +290,12 @@ pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
         Some((client, prefix)) => Arc::new(cache::RedisStore::new(client.clone(), prefix.clone())),
         None => Arc::new(cache::MemoryStore::new(config.cache_max_bytes)),
     };
-    let limiter = Arc::new(ratelimit::Limiter::new(
+    let limiter = ratelimit::Limiter::new(
         policies,
         redis,
         config.rate_limit_on_store_error,
         config.rate_limit_shadow,
-    ));
+    );
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(Duration::from_secs(2)));
@@ -305,20 +303,18 @@ pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
         .pool_idle_timeout(Duration::from_secs(60))
         .build(connector);
     Ok(State(Arc::new(Shared {
-        table: Arc::new(RwLock::new(Arc::new(table))),
+        table: RwLock::new(Arc::new(table)),
         verifier: auth.verifier,
         api_keys: auth.api_keys,
         entitlements,
-        breakers: Arc::default(),
-        breaker_config: config.breaker.clone(),
+        breakers: RwLock::default(),
         client,
-        trusted_proxies: Arc::new(config.trusted_proxies.clone()),
         usage,
         ip_limit: ratelimit::IpLimit::new(config.ip_limit.clone()),
         limiter,
         cache: cache::Cache::new(cache_store),
-        admin_role: ctx.config.auth.admin_role.as_str().into(),
-        config: Arc::new(config),
+        admin_role: ctx.config.auth.admin_role.clone(),
+        config,
     })))
 }
 

@@ -106,7 +106,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// The client's address: the peer, or, when the peer is a trusted proxy, the rightmost address in
 /// `X-Forwarded-For` that is not itself a trusted proxy.
 fn client_ip(state: &State, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
-    let trusted = |ip: &IpAddr| state.trusted_proxies.iter().any(|net| net.contains(ip));
+    let trusted = |ip: &IpAddr| state.config.trusted_proxies.iter().any(|net| net.contains(ip));
     if !trusted(&peer) {
         return peer;
     }
@@ -318,7 +318,7 @@ pub(super) async fn upstream(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    let proto = if state.trusted_proxies.iter().any(|n| n.contains(&peer.ip())) {
+    let proto = if state.config.trusted_proxies.iter().any(|n| n.contains(&peer.ip())) {
         parts.headers.get("x-forwarded-proto").cloned().unwrap_or(HeaderValue::from_static("http"))
     } else {
         HeaderValue::from_static("http")
