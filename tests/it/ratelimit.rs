@@ -342,3 +342,50 @@ async fn the_limit_script_reads_the_cache_entry_in_the_same_round_trip() {
     assert_eq!(without.fetched, None, "nothing asked, nothing read");
     let _: i64 = client.del(vec![entry, format!("{prefix}rl:p:u")]).await.unwrap();
 }
+
+/// Concurrent checks share script calls, and the limit stays exact: of 300 requests at once
+/// against a burst of 100, exactly 100 pass, in fewer calls than requests.
+#[tokio::test]
+async fn concurrent_checks_share_script_calls_and_stay_exact() {
+    use access::roles::gateway::ratelimit::{Limiter, OnStoreError, Policy};
+    let url = access::config::SecretUrl::from(url::Url::parse(REDIS_URL).unwrap());
+    let client = access::backends::redis::connect(&url, &access::config::RedisConfig::default())
+        .await
+        .unwrap();
+    let prefix = format!("it:{}:", uuid::Uuid::new_v4().simple());
+    // A rate so slow that no emission interval passes during the test.
+    let policy = Policy { rate: 1, period: Duration::from_secs(3600), burst: 100 };
+    let wide = Policy { rate: 1000, period: Duration::from_secs(1), burst: 1000 };
+    let limiter = std::sync::Arc::new(Limiter::new(
+        [("p".to_string(), policy), ("wide".to_string(), wide)].into(),
+        Some((client.clone(), prefix.clone())),
+        OnStoreError::Closed,
+        false,
+    ));
+    let names = ["p".to_string(), "wide".to_string()];
+    let checks = (0..300).map(|i| {
+        let (limiter, names) = (limiter.clone(), names.clone());
+        // Two subjects: each has its own bucket of 100.
+        tokio::spawn(async move { limiter.check(&names, &format!("u{}", i % 2), None).await })
+    });
+    let outcomes = futures::future::join_all(checks).await;
+    let mut allowed = [0, 0];
+    for (i, outcome) in outcomes.into_iter().enumerate() {
+        let outcome = outcome.unwrap();
+        assert!(!outcome.store_unavailable, "Redis answered every check");
+        if outcome.allowed {
+            allowed[i % 2] += 1;
+        }
+    }
+    assert_eq!(allowed, [100, 100], "exactly the burst passes for each subject");
+    let calls = limiter.script_calls().unwrap();
+    assert!(calls < 300, "{calls} script calls for 300 concurrent checks: none were batched");
+    let counts = limiter.counts();
+    assert_eq!(counts["p"].allowed.load(std::sync::atomic::Ordering::Relaxed), 200);
+    assert_eq!(counts["p"].limited.load(std::sync::atomic::Ordering::Relaxed), 100);
+    let keys: Vec<String> = ["p", "wide"]
+        .iter()
+        .flat_map(|p| ["u0", "u1"].map(|u| format!("{prefix}rl:{p}:{u}")))
+        .collect();
+    let _: i64 = fred::prelude::KeysInterface::del(&client, keys).await.unwrap();
+}

@@ -51,6 +51,10 @@ pub mod names {
             super::super::ratelimit::names::DECISIONS,
             "Rate-limit decisions by policy and outcome (allowed, limited, shadow_limited, store_error)"
         );
+        describe_histogram!(
+            super::super::ratelimit::names::BATCH_SIZE,
+            "Requests decided per Redis rate-limit script call"
+        );
         describe_counter!(
             super::super::cache::names::RESULTS,
             "Response cache results by route (hit, miss, stale, bypass)"

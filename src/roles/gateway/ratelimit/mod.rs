@@ -5,7 +5,8 @@
 //! and then stores `tat = max(tat, now) + T`. All policies of a request are checked in one Lua
 //! script (loaded once, run by SHA) on Redis's clock, so replicas agree and a request limited by
 //! one policy consumes none. The same script also reads the request's response-cache entry when
-//! asked, so a cache hit costs one round trip. The same algorithm runs in-process as the embedded
+//! asked, so a cache hit costs one round trip, and concurrent requests share one script call
+//! ([`redis`]). The same algorithm runs in-process as the embedded
 //! default and, by configuration, as the fallback when Redis fails (or the limiter fails open or
 //! closed).
 
@@ -15,19 +16,18 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use fred::prelude::LuaInterface;
-use fred::types::Value;
 use serde::{Deserialize, Serialize};
 
 use crate::backends::redis::Client as RedisClient;
 
-/// The script.
-const SCRIPT: &str = include_str!("gcra.lua");
+mod redis;
 
 /// Metric names.
 pub mod names {
     /// Decisions by policy and outcome (`allowed`, `limited`, `shadow_limited`, `store_error`).
     pub const DECISIONS: &str = "access_gateway_rate_limit_decisions_total";
+    /// Requests decided per Redis script call (concurrent requests share one call).
+    pub const BATCH_SIZE: &str = "access_gateway_rate_limit_batch_size";
 }
 
 /// A policy.
@@ -183,9 +183,8 @@ pub struct Counts {
 pub struct Limiter {
     /// Swapped whole when the routes are reloaded.
     policies: std::sync::RwLock<Arc<BTreeMap<String, Policy>>>,
-    redis: Option<(RedisClient, String)>,
-    /// The script's SHA once loaded (reloaded after a Redis restart forgets it).
-    sha: tokio::sync::RwLock<Option<String>>,
+    /// The batching task's handle and the key prefix.
+    redis: Option<(redis::Batcher, String)>,
     local: LocalGcra,
     on_error: OnStoreError,
     shadow: bool,
@@ -194,7 +193,8 @@ pub struct Limiter {
 }
 
 impl Limiter {
-    /// A limiter over `policies`; Redis (with the key prefix) when given.
+    /// A limiter over `policies`; Redis (with the key prefix) when given, which starts the task
+    /// that batches script calls, so it must be called inside a Tokio runtime.
     pub fn new(
         policies: BTreeMap<String, Policy>,
         redis: Option<(RedisClient, String)>,
@@ -204,8 +204,7 @@ impl Limiter {
         let counts = policies.keys().map(|k| (k.clone(), Arc::new(Counts::default()))).collect();
         Limiter {
             policies: std::sync::RwLock::new(Arc::new(policies)),
-            redis,
-            sha: tokio::sync::RwLock::new(None),
+            redis: redis.map(|(client, prefix)| (redis::Batcher::spawn(client), prefix)),
             local: LocalGcra::new(),
             on_error,
             shadow,
@@ -228,35 +227,14 @@ impl Limiter {
         self.counts.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Redis script calls made so far (`None` without Redis); each decides a batch of requests.
+    pub fn script_calls(&self) -> Option<u64> {
+        self.redis.as_ref().map(|(batcher, _)| batcher.calls())
+    }
+
     /// Whether shadow mode is on.
     pub fn shadow(&self) -> bool {
         self.shadow
-    }
-
-    async fn run_script(
-        &self,
-        client: &RedisClient,
-        keys: Vec<String>,
-        args: Vec<u64>,
-    ) -> Result<Value, fred::error::Error> {
-        // Bound first: a guard in the match scrutinee would live through the arm that writes.
-        let cached = self.sha.read().await.clone();
-        let sha = match cached {
-            Some(sha) => sha,
-            None => {
-                let sha: String = client.script_load(SCRIPT).await?;
-                *self.sha.write().await = Some(sha.clone());
-                sha
-            }
-        };
-        match client.evalsha::<Value, _, _, _>(sha, keys.clone(), args.clone()).await {
-            Err(e) if e.details().contains("NOSCRIPT") => {
-                let sha: String = client.script_load(SCRIPT).await?;
-                *self.sha.write().await = Some(sha.clone());
-                client.evalsha(sha, keys, args).await
-            }
-            other => other,
-        }
     }
 
     /// Checks the named policies for `subject` (a user, `apikey:<id>` or `ip:<addr>`). With Redis,
@@ -289,21 +267,10 @@ impl Limiter {
         let mut fetched = None;
         let verdicts = match &self.redis {
             None => local(&items),
-            Some((client, prefix)) => {
-                let mut keys: Vec<String> =
-                    items.iter().map(|(k, _, _)| format!("{prefix}{k}")).collect();
+            Some((batcher, prefix)) => {
+                let keyed = items.iter().map(|(k, p, _)| (format!("{prefix}{k}"), *p)).collect();
                 let reads = also_get.is_some();
-                keys.extend(also_get);
-                let args = items
-                    .iter()
-                    .flat_map(|(_, p, _)| [p.interval_us(), p.tolerance_us()])
-                    .collect();
-                let answer = self
-                    .run_script(client, keys, args)
-                    .await
-                    .map_err(|e| e.to_string())
-                    .and_then(|raw| parse_answer(raw, items.len(), reads));
-                match answer {
+                match batcher.check(keyed, also_get).await {
                     Ok((verdicts, read)) => {
                         fetched = reads.then_some(read);
                         verdicts
@@ -362,38 +329,6 @@ impl Limiter {
         field(&counts).fetch_add(1, Ordering::Relaxed);
         metrics::counter!(names::DECISIONS, "role" => "gateway", "policy" => policy.to_string(), "outcome" => outcome).increment(1);
     }
-}
-
-/// The script's answer: four integers per policy, then, when a key was read, its value or nil.
-fn parse_answer(
-    raw: Value,
-    policies: usize,
-    read: bool,
-) -> Result<(Vec<Verdict>, Option<Bytes>), String> {
-    let mut values = match raw {
-        Value::Array(values) if values.len() == policies * 4 + usize::from(read) => values,
-        other => return Err(format!("unexpected script answer: {:?}", other.kind())),
-    };
-    let value = match read.then(|| values.pop()).flatten() {
-        None | Some(Value::Null) => None,
-        Some(Value::Bytes(b)) => Some(b),
-        Some(Value::String(s)) => Some(s.into_inner()),
-        Some(other) => return Err(format!("unexpected cached value: {:?}", other.kind())),
-    };
-    let ints = values
-        .iter()
-        .map(|v| v.as_i64().ok_or_else(|| format!("unexpected script answer: {:?}", v.kind())))
-        .collect::<Result<Vec<i64>, String>>()?;
-    let verdicts = ints
-        .chunks(4)
-        .map(|c| Verdict {
-            allowed: c[0] == 1,
-            remaining: c[1].max(0) as u64,
-            reset_us: c[2].max(0) as u64,
-            retry_us: c[3].max(0) as u64,
-        })
-        .collect();
-    Ok((verdicts, value))
 }
 
 /// A cheap in-process limit per client address, checked before any signature: floods of bad

@@ -1,0 +1,56 @@
+-- GCRA for a batch of requests, each over several policies, atomically, on Redis's own clock.
+-- ARGV[1]: the number of requests. Then, per request: the number of policies p, whether a cache
+-- entry is read (1/0), and per policy the emission interval T and the tolerance
+-- tau = T * (burst - 1) (µs). KEYS hold, per request in the same order, its p policy keys and,
+-- when it reads, the cache entry's key.
+-- A request is allowed only if every one of its policies allows it, and only then are its new
+-- theoretical arrival times stored; requests are decided one after another, in order.
+-- Returns one array per request: per policy allowed (1/0), remaining, reset (µs until full),
+-- retry_after (µs); then, when it reads, the entry's value (or nil): the gateway's
+-- response-cache lookup shares the rate limit's round trip.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local answers = {}
+local arg, key = 2, 1
+for r = 1, tonumber(ARGV[1]) do
+  local policies = tonumber(ARGV[arg])
+  local reads = ARGV[arg + 1] == '1'
+  arg = arg + 2
+  local out = {}
+  local new_tats = {}
+  local all_allowed = true
+  for i = 1, policies do
+    local T = tonumber(ARGV[arg])
+    local tau = tonumber(ARGV[arg + 1])
+    arg = arg + 2
+    local tat = tonumber(redis.call('GET', KEYS[key + i - 1]) or now)
+    if tat < now then tat = now end
+    local new_tat = tat + T
+    local allow_at = new_tat - tau - T
+    if now < allow_at then
+      all_allowed = false
+      out[#out + 1] = 0
+      out[#out + 1] = 0
+      out[#out + 1] = tat - now
+      out[#out + 1] = allow_at - now
+    else
+      new_tats[i] = new_tat
+      out[#out + 1] = 1
+      out[#out + 1] = math.floor((now - allow_at) / T)
+      out[#out + 1] = new_tat - now
+      out[#out + 1] = 0
+    end
+  end
+  if all_allowed then
+    for i = 1, policies do
+      redis.call('SET', KEYS[key + i - 1], new_tats[i], 'PX', math.ceil((new_tats[i] - now) / 1000) + 1)
+    end
+  end
+  key = key + policies
+  if reads then
+    out[#out + 1] = redis.call('GET', KEYS[key])
+    key = key + 1
+  end
+  answers[r] = out
+end
+return answers
