@@ -1,17 +1,28 @@
-//! The tower layers every listener shares: request id, trace span and access metrics, load
-//! shedding, and the body-size limit. Applied by [`super::app`] in that order, outermost first.
+//! The layer every listener shares, one tower service doing, outermost first: the request id
+//! (kept or generated, echoed on the response), one trace span and the access metrics per
+//! request, load shedding, and the body-size limit. Applied by [`super::app`].
+//!
+//! One hand-written service rather than a stack of `from_fn` middlewares and tower-http's
+//! request-id pair: each of those boxed and cloned the rest of the stack per request, and
+//! together they took about a fifth of the gateway's CPU on a cache hit
+//! (`scripts/bench-gateway.sh`, perf).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::{Arc, OnceLock, RwLock};
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use axum::body::Body;
-use axum::extract::{MatchedPath, Request, State};
-use axum::middleware::Next;
+use axum::extract::{MatchedPath, Request};
 use axum::response::{IntoResponse, Response};
+use futures::future::BoxFuture;
 use http::header::CONTENT_LENGTH;
-use http::HeaderName;
+use http::{HeaderName, HeaderValue};
 use http_body_util::Limited;
+use metrics::{Counter, Histogram};
 use tokio::sync::Semaphore;
+use tower::{Layer, Service, ServiceExt};
 use tracing::Instrument;
 
 use crate::error::{ApiError, ErrorCode};
@@ -27,100 +38,221 @@ pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 /// kubelet would restart a pod for being busy.
 const PROBES: &[&str] = &["/health", "/ready"];
 
-/// State of the access-log and metrics middleware.
+/// The shared layer's settings, built once per listener.
 #[derive(Clone)]
-pub struct Observe {
-    /// The role label.
-    pub role: Role,
+pub struct Shared(Arc<SharedInner>);
+
+struct SharedInner {
+    role: Role,
+    /// Permits = `server.max_concurrency`; a request that finds none is refused at once with
+    /// 503 instead of queueing without bound. A permit is held until the handler returns its
+    /// response head (a streaming body or an upgraded socket no longer holds one; the stream role
+    /// bounds those itself).
+    permits: Semaphore,
+    max_body: usize,
+    metrics: RouteMetrics,
 }
 
-/// One span per request carrying the request id, route and trace id; counts and times every
-/// request by route, method and status class.
-pub async fn observe(State(o): State<Observe>, req: Request, next: Next) -> Response {
-    let start = Instant::now();
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".to_owned());
-    let method = method_label(req.method());
-    let request_id = header_str(&req, &REQUEST_ID).unwrap_or_default().to_owned();
-    let trace_id = header_str(&req, &TRACEPARENT).and_then(trace_id_of).unwrap_or_default();
-    let span = tracing::info_span!("request", role = %o.role, request_id = %request_id,
-        trace_id = %trace_id, method, route = %route);
-    crate::telemetry::adopt_trace_parent(&span, req.headers());
-    let response = next.run(req).instrument(span.clone()).await;
-    let elapsed = start.elapsed();
-    let status = response.status();
-    let _entered = span.enter();
-    if status.is_server_error() {
-        tracing::warn!(
-            status = status.as_u16(),
-            latency_ms = elapsed.as_secs_f64() * 1e3,
-            "request failed"
-        );
-    } else {
-        tracing::debug!(
-            status = status.as_u16(),
-            latency_ms = elapsed.as_secs_f64() * 1e3,
-            "request"
-        );
+impl Shared {
+    /// For `role`, with `server.max_concurrency` and `server.max_body_bytes`.
+    pub fn new(role: Role, max_concurrency: usize, max_body: usize) -> Self {
+        Shared(Arc::new(SharedInner {
+            role,
+            permits: Semaphore::new(max_concurrency),
+            max_body,
+            metrics: RouteMetrics::new(role, names::HTTP_REQUESTS, names::HTTP_REQUEST_DURATION),
+        }))
     }
-    let labels = [
-        ("role", o.role.as_str().to_owned()),
-        ("route", route.clone()),
-        ("method", method.to_owned()),
-        ("status_class", status_class(status.as_u16()).to_owned()),
-    ];
-    metrics::counter!(names::HTTP_REQUESTS, &labels).increment(1);
-    metrics::histogram!(names::HTTP_REQUEST_DURATION, "role" => o.role.as_str(), "route" => route)
-        .record(elapsed.as_secs_f64());
-    response
 }
 
-/// State of the load shedder: one semaphore per listener.
+impl<S> Layer<S> for Shared {
+    type Service = SharedService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        SharedService { shared: self.clone(), inner }
+    }
+}
+
+/// [`Shared`] around a route's service.
 #[derive(Clone)]
-pub struct Shed {
-    /// The role label.
-    pub role: Role,
-    /// Permits = `server.max_concurrency`; a request that finds none is refused at once.
-    pub permits: Arc<Semaphore>,
+pub struct SharedService<S> {
+    shared: Shared,
+    inner: S,
 }
 
-/// Refuses with 503 when `server.max_concurrency` requests are already in flight, instead of
-/// queueing without bound. A permit is held until the handler returns its response head (a
-/// streaming body or an upgraded socket no longer holds one; the stream role bounds those itself).
-pub async fn shed(State(s): State<Shed>, req: Request, next: Next) -> Response {
-    if PROBES.contains(&req.uri().path()) {
-        return next.run(req).await;
+impl<S> Service<Request> for SharedService<S>
+where
+    S: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // Readiness is the inner service's business at call time (`oneshot`).
+        Poll::Ready(Ok(()))
     }
-    match s.permits.clone().try_acquire_owned() {
-        Ok(_permit) => next.run(req).await,
-        Err(_) => {
-            metrics::counter!(names::HTTP_SHED, "role" => s.role.as_str()).increment(1);
-            ApiError::new(ErrorCode::DependencyUnavailable, "server is at its concurrency limit")
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        let (shared, inner) = (self.shared.clone(), self.inner.clone());
+        Box::pin(async move { Ok(shared.0.handle(req, inner).await) })
+    }
+}
+
+impl SharedInner {
+    async fn handle<S>(&self, mut req: Request, inner: S) -> Response
+    where
+        S: Service<Request, Response = Response, Error = Infallible>,
+    {
+        let start = Instant::now();
+        let request_id = match req.headers().get(&REQUEST_ID) {
+            Some(id) => id.clone(),
+            None => {
+                let id = HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
+                    .unwrap_or(HeaderValue::from_static("invalid"));
+                req.headers_mut().insert(REQUEST_ID.clone(), id.clone());
+                id
+            }
+        };
+        let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned());
+        let route = route.as_deref().unwrap_or("unmatched");
+        let method = method_label(req.method());
+        let span = tracing::info_span!("request", role = %self.role,
+            request_id = %request_id.to_str().unwrap_or_default(),
+            trace_id = %header_str(&req, &TRACEPARENT).and_then(trace_id_of).unwrap_or_default(),
+            method, route = %route);
+        let mut response = if span.is_disabled() {
+            self.admitted(req, inner).await
+        } else {
+            crate::telemetry::adopt_trace_parent(&span, req.headers());
+            self.admitted(req, inner).instrument(span.clone()).await
+        };
+        let elapsed = start.elapsed();
+        let status = response.status();
+        if status.is_server_error() {
+            let _entered = span.enter();
+            tracing::warn!(
+                status = status.as_u16(),
+                latency_ms = elapsed.as_secs_f64() * 1e3,
+                "request failed"
+            );
+        } else if tracing::enabled!(tracing::Level::DEBUG) {
+            let _entered = span.enter();
+            tracing::debug!(
+                status = status.as_u16(),
+                latency_ms = elapsed.as_secs_f64() * 1e3,
+                "request"
+            );
+        }
+        self.metrics.record(route, method, status.as_u16(), elapsed.as_secs_f64());
+        response.headers_mut().entry(&REQUEST_ID).or_insert(request_id);
+        response
+    }
+
+    /// Load shedding, then the body limit, then the route.
+    async fn admitted<S>(&self, req: Request, inner: S) -> Response
+    where
+        S: Service<Request, Response = Response, Error = Infallible>,
+    {
+        if PROBES.contains(&req.uri().path()) {
+            return self.limited(req, inner).await;
+        }
+        match self.permits.try_acquire() {
+            Ok(_permit) => self.limited(req, inner).await,
+            Err(_) => {
+                metrics::counter!(names::HTTP_SHED, "role" => self.role.as_str()).increment(1);
+                ApiError::new(
+                    ErrorCode::DependencyUnavailable,
+                    "server is at its concurrency limit",
+                )
                 .with_retry_after(1)
                 .into_response()
+            }
+        }
+    }
+
+    /// Refuses a declared body over the limit with 413 before reading it, and caps a streamed
+    /// one: reading past the limit fails, and extractors turn that into 413 too.
+    async fn limited<S>(&self, req: Request, inner: S) -> Response
+    where
+        S: Service<Request, Response = Response, Error = Infallible>,
+    {
+        let max = self.max_body;
+        let declared = req
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > max as u64) {
+            return ApiError::new(
+                ErrorCode::PayloadTooLarge,
+                format!("request body is larger than {max} bytes"),
+            )
+            .into_response();
+        }
+        let req = req.map(|body| Body::new(Limited::new(body, max)));
+        match inner.oneshot(req).await {
+            Ok(response) => response,
+            Err(never) => match never {},
         }
     }
 }
 
-/// Refuses a declared body over the limit with 413 before reading it, and caps a streamed one:
-/// reading past the limit fails, and extractors turn that into 413 too.
-pub async fn limit_body(State(max): State<usize>, req: Request, next: Next) -> Response {
-    let declared = req
-        .headers()
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > max as u64) {
-        return ApiError::new(
-            ErrorCode::PayloadTooLarge,
-            format!("request body is larger than {max} bytes"),
-        )
-        .into_response();
+/// A request counter (by role, route, method and status class) and a latency histogram (by role
+/// and route), their handles kept by route once registered: recording a request then costs one
+/// map lookup by the route's name, not a key built and hashed by the metrics registry. Routes
+/// are a closed set (the router's patterns or `unmatched`; the gateway's route names). A std lock,
+/// held for one lookup (read) or one insertion (write).
+pub struct RouteMetrics {
+    role: Role,
+    requests: &'static str,
+    duration: &'static str,
+    routes: RwLock<HashMap<String, Arc<OneRoute>>>,
+}
+
+/// One route's histogram, and its counters by method and status class.
+struct OneRoute {
+    duration: Histogram,
+    requests: [[OnceLock<Counter>; 5]; METHODS.len()],
+}
+
+const METHODS: [&str; 8] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "other"];
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+impl RouteMetrics {
+    /// The counter named `requests` and the histogram named `duration`, for `role`.
+    pub fn new(role: Role, requests: &'static str, duration: &'static str) -> Self {
+        RouteMetrics { role, requests, duration, routes: RwLock::default() }
     }
-    next.run(req.map(|body| Body::new(Limited::new(body, max)))).await
+
+    /// Counts and times one request.
+    pub fn record(&self, route: &str, method: &'static str, status: u16, seconds: f64) {
+        let known = self.routes.read().unwrap_or_else(|p| p.into_inner()).get(route).cloned();
+        let one = known.unwrap_or_else(|| {
+            let mut routes = self.routes.write().unwrap_or_else(|p| p.into_inner());
+            routes
+                .entry(route.to_owned())
+                .or_insert_with(|| {
+                    Arc::new(OneRoute {
+                        duration: metrics::histogram!(self.duration,
+                            "role" => self.role.as_str(), "route" => route.to_owned()),
+                        requests: Default::default(),
+                    })
+                })
+                .clone()
+        });
+        one.duration.record(seconds);
+        let m = METHODS.iter().position(|m| *m == method).unwrap_or(METHODS.len() - 1);
+        let class = status_class(status);
+        let c = CLASSES.iter().position(|c| *c == class).unwrap_or(CLASSES.len() - 1);
+        one.requests[m][c]
+            .get_or_init(|| {
+                metrics::counter!(self.requests, "role" => self.role.as_str(),
+                    "route" => route.to_owned(), "method" => METHODS[m], "status_class" => CLASSES[c])
+            })
+            .increment(1);
+    }
 }
 
 fn header_str<'a>(req: &'a Request, name: &HeaderName) -> Option<&'a str> {

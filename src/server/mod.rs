@@ -15,16 +15,14 @@ use std::sync::Arc;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{middleware, Json, Router};
+use axum::{Json, Router};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tower::ServiceExt;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 
 pub use readiness::{CheckResult, Readiness, ReadyCheck, Report};
 pub use shutdown::Shutdown;
@@ -92,17 +90,7 @@ fn with_shared(ctx: &Context, role_router: Router) -> Router {
         .merge(common)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(server.max_body_bytes))
-        .layer(middleware::from_fn_with_state(server.max_body_bytes, layers::limit_body))
-        .layer(middleware::from_fn_with_state(
-            layers::Shed {
-                role: ctx.role,
-                permits: Arc::new(Semaphore::new(server.max_concurrency)),
-            },
-            layers::shed,
-        ))
-        .layer(middleware::from_fn_with_state(layers::Observe { role: ctx.role }, layers::observe))
-        .layer(PropagateRequestIdLayer::new(layers::REQUEST_ID.clone()))
-        .layer(SetRequestIdLayer::new(layers::REQUEST_ID.clone(), MakeRequestUuid))
+        .layer(layers::Shared::new(ctx.role, server.max_concurrency, server.max_body_bytes))
 }
 
 /// Serves `app` on `listener` until the context's shutdown stops it, then drains in-flight
