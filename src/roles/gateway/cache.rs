@@ -364,16 +364,47 @@ impl Cache {
         }
     }
 
-    /// Counts a result.
-    pub fn count(&self, route: &str, result: &'static str) {
+    /// Counts a result for `route`.
+    pub fn count(&self, route: &super::routes::Route, result: Outcome) {
         let field = match result {
-            "hit" => &self.stats.hits,
-            "miss" => &self.stats.misses,
-            "stale" => &self.stats.stale,
-            _ => &self.stats.bypass,
+            Outcome::Hit => &self.stats.hits,
+            Outcome::Miss => &self.stats.misses,
+            Outcome::Stale => &self.stats.stale,
+            Outcome::Bypass => &self.stats.bypass,
         };
         field.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!(names::RESULTS, "role" => "gateway", "route" => route.to_string(), "result" => result).increment(1);
+        route.cache_results.0[result as usize].increment(1);
+    }
+}
+
+/// How the cache treated a request (the `result` label, and `X-Cache` in upper case).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Served fresh from the cache.
+    Hit = 0,
+    /// Fetched upstream.
+    Miss = 1,
+    /// Served stale while one revalidation goes upstream.
+    Stale = 2,
+    /// Not cacheable (route, method or the client's `Cache-Control`).
+    Bypass = 3,
+}
+
+/// A route's `access_gateway_cache_results_total` counters, by [`Outcome`], registered once.
+pub struct ResultCounters([metrics::Counter; 4]);
+
+impl std::fmt::Debug for ResultCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ResultCounters")
+    }
+}
+
+impl ResultCounters {
+    /// For the route named `route`.
+    pub fn new(route: &str) -> Self {
+        ResultCounters(["hit", "miss", "stale", "bypass"].map(|result| {
+            metrics::counter!(names::RESULTS, "role" => "gateway", "route" => route.to_string(), "result" => result)
+        }))
     }
 }
 

@@ -54,7 +54,6 @@ pub async fn serve(
     identity: Option<Identity>,
     mut req: Request,
 ) -> Result<Handled, ApiError> {
-    let name = route.spec.name.as_str();
     let Lookup { policy, key, fetched } = wanted;
     let if_none_match =
         req.headers().get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()).map(String::from);
@@ -67,7 +66,7 @@ pub async fn serve(
     if let Some(entry) = first {
         let (age, now) = (entry.age(cache::now_ms()), cache::now_ms());
         if age < entry.max_age {
-            state.cache.count(name, "hit");
+            state.cache.count(route, cache::Outcome::Hit);
             return Ok((
                 from_entry(&entry, "HIT", now, if_none_match.as_deref(), head),
                 identity,
@@ -75,7 +74,7 @@ pub async fn serve(
             ));
         }
         if age < entry.max_age + entry.swr {
-            state.cache.count(name, "stale");
+            state.cache.count(route, cache::Outcome::Stale);
             if let Flight::Leader(guard) = state.cache.flight(&key) {
                 revalidate(
                     state.clone(),
@@ -102,7 +101,7 @@ pub async fn serve(
             if let Some(entry) =
                 lookup(state, &key).await.filter(|e| e.age(cache::now_ms()) < e.max_age)
             {
-                state.cache.count(name, "hit");
+                state.cache.count(route, cache::Outcome::Hit);
                 return Ok((
                     from_entry(&entry, "HIT", cache::now_ms(), if_none_match.as_deref(), head),
                     identity,
@@ -110,13 +109,13 @@ pub async fn serve(
                 ));
             }
             // The leader's answer was not cacheable: go upstream like it did.
-            state.cache.count(name, "miss");
+            state.cache.count(route, cache::Outcome::Miss);
             let mut handled = upstream(state, route, peer, client, identity, req).await?;
             handled.0.headers_mut().insert(X_CACHE.clone(), HeaderValue::from_static("MISS"));
             return Ok(handled);
         }
     };
-    state.cache.count(name, "miss");
+    state.cache.count(route, cache::Outcome::Miss);
     // The cache needs the full response: the client's own validators are applied afterwards.
     req.headers_mut().remove(header::IF_NONE_MATCH);
     req.headers_mut().remove(header::IF_MODIFIED_SINCE);

@@ -201,6 +201,8 @@ pub struct Shared {
     cache: Arc<cache::Cache>,
     admin_role: String,
     config: Config,
+    /// `access_gateway_requests_total` and `access_gateway_request_duration_seconds` by route.
+    metrics: crate::server::layers::RouteMetrics,
 }
 
 impl FromRef<State> for Arc<Verifier> {
@@ -315,6 +317,11 @@ pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
         cache: cache::Cache::new(cache_store),
         admin_role: ctx.config.auth.admin_role.clone(),
         config,
+        metrics: crate::server::layers::RouteMetrics::new(
+            Role::Gateway,
+            proxy::names::REQUESTS,
+            proxy::names::DURATION,
+        ),
     })))
 }
 
@@ -479,11 +486,14 @@ async fn rate_limits(AxumState(state): AxumState<State>, caller: Caller) -> ApiR
         .policies()
         .iter()
         .map(|(name, p)| {
-            let c = counts.get(name).cloned().unwrap_or_default();
+            // A policy added by a reload has no counters until its first decision.
+            let load = |field: fn(&ratelimit::Counts) -> &std::sync::atomic::AtomicU64| {
+                counts.get(name).map_or(0, |c| field(c).load(Relaxed))
+            };
             json!({
                 "name": name, "rate": p.rate, "period_seconds": p.period.as_secs_f64(), "burst": p.burst,
-                "allowed": c.allowed.load(Relaxed), "limited": c.limited.load(Relaxed),
-                "shadow_limited": c.shadow_limited.load(Relaxed), "store_errors": c.store_errors.load(Relaxed),
+                "allowed": load(|c| &c.allowed), "limited": load(|c| &c.limited),
+                "shadow_limited": load(|c| &c.shadow_limited), "store_errors": load(|c| &c.store_errors),
             })
         })
         .collect();

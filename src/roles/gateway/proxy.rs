@@ -164,15 +164,12 @@ pub async fn forward(
         }
         Err(e) => e.into_response(),
     };
-    let labels = [
-        ("role", "gateway".to_string()),
-        ("route", route_name.clone()),
-        ("method", method_label(&method).to_string()),
-        ("status_class", status_class(response.status().as_u16()).to_string()),
-    ];
-    metrics::counter!(names::REQUESTS, &labels).increment(1);
-    metrics::histogram!(names::DURATION, "role" => "gateway", "route" => route_name)
-        .record(started.elapsed().as_secs_f64());
+    state.metrics.record(
+        &route_name,
+        method_label(&method),
+        response.status().as_u16(),
+        started.elapsed().as_secs_f64(),
+    );
     response
 }
 
@@ -296,7 +293,7 @@ async fn handle(
             super::cached::serve(state, route, lookup, peer, client, identity, req).await?
         }
         None => {
-            state.cache.count(&route.spec.name, "bypass");
+            state.cache.count(route, super::cache::Outcome::Bypass);
             let mut handled = upstream(state, route, peer, client, identity, req).await?;
             handled.0.headers_mut().insert(X_CACHE.clone(), HeaderValue::from_static("BYPASS"));
             handled
@@ -410,7 +407,7 @@ pub(super) async fn upstream(
         }
         let sent = Instant::now();
         let outcome = tokio::time::timeout(route.timeout, state.client.request(upstream)).await;
-        metrics::histogram!(names::UPSTREAM_DURATION, "role" => "gateway", "route" => route.spec.name.clone()).record(sent.elapsed().as_secs_f64());
+        route.upstream_duration.record(sent.elapsed().as_secs_f64());
         match outcome {
             Ok(Ok(response)) => {
                 breaker.record(response.status().as_u16() < 500, Instant::now());

@@ -97,6 +97,10 @@ pub struct Route {
     pub next: std::sync::atomic::AtomicUsize,
     /// The cache policy, if the route is cached.
     pub cache: Option<super::cache::CachePolicy>,
+    /// `access_gateway_upstream_duration_seconds` for this route, registered once.
+    pub upstream_duration: metrics::Histogram,
+    /// `access_gateway_cache_results_total` for this route by result, registered once.
+    pub cache_results: super::cache::ResultCounters,
 }
 
 impl Route {
@@ -212,6 +216,9 @@ impl Table {
             let timeout = spec.timeout.unwrap_or(default_timeout);
             let retries = spec.retries.unwrap_or(default_retries);
             let cache = spec.cache.clone();
+            let upstream_duration = metrics::histogram!(super::proxy::names::UPSTREAM_DURATION,
+                "role" => "gateway", "route" => spec.name.clone());
+            let cache_results = super::cache::ResultCounters::new(&spec.name);
             routes.push(Arc::new(Route {
                 spec,
                 methods,
@@ -220,6 +227,8 @@ impl Table {
                 retries,
                 next: Default::default(),
                 cache,
+                upstream_duration,
+                cache_results,
             }));
         }
         if problems.is_empty() {

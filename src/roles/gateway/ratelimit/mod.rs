@@ -166,8 +166,8 @@ impl Default for LocalGcra {
     }
 }
 
-/// Counters per policy for `GET /api/v1/rate-limits`.
-#[derive(Default, Debug)]
+/// Counters per policy for `GET /api/v1/rate-limits`, and the policy's decision metrics.
+#[derive(Debug)]
 pub struct Counts {
     /// Allowed.
     pub allowed: AtomicU64,
@@ -177,6 +177,43 @@ pub struct Counts {
     pub shadow_limited: AtomicU64,
     /// The store failed.
     pub store_errors: AtomicU64,
+    /// `access_gateway_rate_limit_decisions_total` by outcome, in the order of the fields above;
+    /// registered once per policy.
+    decisions: [metrics::Counter; 4],
+}
+
+impl Counts {
+    fn new(policy: &str) -> Self {
+        Counts {
+            allowed: AtomicU64::new(0),
+            limited: AtomicU64::new(0),
+            shadow_limited: AtomicU64::new(0),
+            store_errors: AtomicU64::new(0),
+            decisions: ["allowed", "limited", "shadow_limited", "store_error"].map(|outcome| {
+                metrics::counter!(names::DECISIONS, "role" => "gateway", "policy" => policy.to_string(), "outcome" => outcome)
+            }),
+        }
+    }
+
+    fn add(&self, decision: Decision) {
+        let field = match decision {
+            Decision::Allowed => &self.allowed,
+            Decision::Limited => &self.limited,
+            Decision::ShadowLimited => &self.shadow_limited,
+            Decision::StoreError => &self.store_errors,
+        };
+        field.fetch_add(1, Ordering::Relaxed);
+        self.decisions[decision as usize].increment(1);
+    }
+}
+
+/// A policy's decision for one request (the `outcome` label).
+#[derive(Debug, Clone, Copy)]
+enum Decision {
+    Allowed = 0,
+    Limited = 1,
+    ShadowLimited = 2,
+    StoreError = 3,
 }
 
 /// The limiter.
@@ -201,7 +238,7 @@ impl Limiter {
         on_error: OnStoreError,
         shadow: bool,
     ) -> Self {
-        let counts = policies.keys().map(|k| (k.clone(), Arc::new(Counts::default()))).collect();
+        let counts = policies.keys().map(|k| (k.clone(), Arc::new(Counts::new(k)))).collect();
         Limiter {
             policies: std::sync::RwLock::new(Arc::new(policies)),
             redis: redis.map(|(client, prefix)| (redis::Batcher::spawn(client), prefix)),
@@ -277,7 +314,7 @@ impl Limiter {
                     }
                     Err(error) => {
                         for (_, _, name) in &items {
-                            self.count(name, |c| &c.store_errors, "store_error");
+                            self.count(name, Decision::StoreError);
                         }
                         tracing::warn!(role = "gateway", error = %error, mode = ?self.on_error, "rate-limit store unavailable");
                         match self.on_error {
@@ -306,9 +343,9 @@ impl Limiter {
         let allowed = verdicts.iter().all(|v| v.allowed);
         for ((_, _, name), v) in items.iter().zip(&verdicts) {
             match (v.allowed, allowed, self.shadow) {
-                (false, _, true) => self.count(name, |c| &c.shadow_limited, "shadow_limited"),
-                (false, _, false) => self.count(name, |c| &c.limited, "limited"),
-                (true, true, _) => self.count(name, |c| &c.allowed, "allowed"),
+                (false, _, true) => self.count(name, Decision::ShadowLimited),
+                (false, _, false) => self.count(name, Decision::Limited),
+                (true, true, _) => self.count(name, Decision::Allowed),
                 (true, false, _) => {}
             }
         }
@@ -320,14 +357,13 @@ impl Limiter {
         Outcome { allowed: allowed || self.shadow, tightest, store_unavailable: false, fetched }
     }
 
-    fn count(&self, policy: &str, field: impl Fn(&Counts) -> &AtomicU64, outcome: &'static str) {
+    fn count(&self, policy: &str, decision: Decision) {
         let existing = self.counts.read().unwrap_or_else(|p| p.into_inner()).get(policy).cloned();
         let counts = existing.unwrap_or_else(|| {
             let mut all = self.counts.write().unwrap_or_else(|p| p.into_inner());
-            all.entry(policy.to_string()).or_default().clone()
+            all.entry(policy.to_string()).or_insert_with(|| Arc::new(Counts::new(policy))).clone()
         });
-        field(&counts).fetch_add(1, Ordering::Relaxed);
-        metrics::counter!(names::DECISIONS, "role" => "gateway", "policy" => policy.to_string(), "outcome" => outcome).increment(1);
+        counts.add(decision);
     }
 }
 
