@@ -103,7 +103,9 @@ echo "wrk -t$THREADS -c$CONNECTIONS -d$DURATION on $(nproc) cores; server and lo
 printf "%-52s %12s %10s %10s\n" "case" "req/s" "p50" "p99"
 run "(a) upstream directly (nginx)" "http://127.0.0.1:$UP/EURUSD"
 run "(b) nginx keep-alive reverse proxy" "http://127.0.0.1:$PROXY/EURUSD"
-# PERF=<file>: record a profile of the gateway during case (c).
-if [ -n "${PERF:-}" ]; then perf record -F 999 -g -a -o "$PERF" -- sleep 6 >/dev/null 2>&1 & fi
+# PERF=<file>: record a profile of the whole machine during case (c), or (d) with PERF_CASE=d.
+profile() { if [ -n "${PERF:-}" ] && [ "${PERF_CASE:-c}" = "$1" ]; then perf record -F 999 -g -a -o "$PERF" -- sleep 6 >/dev/null 2>&1 & fi; }
+profile c
 run "(c) gateway: JWT + rate limit + entitlement, miss" "http://127.0.0.1:$GW/api/v1/miss/EURUSD" "$AUTH"
+profile d
 run "(d) gateway: JWT + rate limit + entitlement, hit" "http://127.0.0.1:$GW/api/v1/hit/EURUSD" "$AUTH"
