@@ -389,3 +389,40 @@ async fn concurrent_checks_share_script_calls_and_stay_exact() {
         .collect();
     let _: i64 = fred::prelude::KeysInterface::del(&client, keys).await.unwrap();
 }
+
+/// When Redis hangs, every check still ends within the Redis timeout, queueing included: calls
+/// fail one timeout at a time, and without that bound checks queued behind them would wait many
+/// timeouts (2,000 checks are 32 calls of 64, two at a time).
+#[tokio::test]
+async fn a_hanging_redis_costs_each_check_one_timeout_not_a_queue_of_them() {
+    use access::roles::gateway::ratelimit::{Limiter, OnStoreError, Policy};
+    let redis = PrivateRedis::start().await;
+    let url = access::config::SecretUrl::from(url::Url::parse(&redis.url).unwrap());
+    let config =
+        access::config::RedisConfig { timeout: Duration::from_millis(300), ..Default::default() };
+    let client = access::backends::redis::connect(&url, &config).await.unwrap();
+    let policy = Policy { rate: 1000, period: Duration::from_secs(1), burst: 1000 };
+    let limiter = std::sync::Arc::new(Limiter::new(
+        [("p".to_string(), policy)].into(),
+        Some((client, "it:".to_string())),
+        OnStoreError::Closed,
+        false,
+    ));
+    let names = ["p".to_string()];
+    assert!(limiter.check(&names, "warm", None).await.allowed, "Redis answers before the hang");
+    redis.freeze();
+    let started = std::time::Instant::now();
+    let checks = (0..2000).map(|i| {
+        let (limiter, names) = (limiter.clone(), names.clone());
+        tokio::spawn(async move { limiter.check(&names, &format!("u{i}"), None).await })
+    });
+    for outcome in futures::future::join_all(checks).await {
+        let outcome = outcome.unwrap();
+        assert!(outcome.store_unavailable && !outcome.allowed, "closed mode refuses");
+    }
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed < Duration::from_secs(3),
+        "2,000 checks against a hung Redis took {elapsed:?}; each should wait one 300 ms timeout"
+    );
+}

@@ -413,6 +413,17 @@ impl PrivateRedis {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+
+    /// Freezes the server (SIGSTOP): connections stay open and nothing answers, as in a hang.
+    /// Stopping it (or dropping it) still ends it.
+    pub fn freeze(&self) {
+        let pid = self.child.id().to_string();
+        assert!(std::process::Command::new("kill")
+            .args(["-STOP", &pid])
+            .status()
+            .unwrap()
+            .success());
+    }
 }
 
 impl Drop for PrivateRedis {

@@ -5,12 +5,17 @@
 //! (fred flushes every EVALSHA on its own, so separate calls never share a write). Each request is
 //! still decided atomically on Redis's clock, in arrival order; a batch shares only the trip. When
 //! the gateway is idle a batch is one request, and batching costs a channel hop each way.
+//!
+//! A check waits at most the Redis command timeout in all, queueing included: when Redis hangs,
+//! calls fail only one timeout at a time, so without that bound the queue behind them would wait
+//! many timeouts. A check that gave up is dropped from the queue, not sent.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
-use fred::prelude::LuaInterface;
+use fred::prelude::{ClientLike, LuaInterface};
 use fred::types::Value;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
@@ -51,15 +56,21 @@ struct Job {
 pub(super) struct Batcher {
     jobs: mpsc::Sender<Job>,
     script: Arc<Script>,
+    /// How long a check waits for its answer, queueing included: the client's command timeout.
+    deadline: Duration,
 }
 
 impl Batcher {
     /// Starts the batching task on the current Tokio runtime.
     pub(super) fn spawn(client: Client) -> Self {
         let (jobs, queue) = mpsc::channel(QUEUE);
+        let deadline = match client.perf_config().default_command_timeout {
+            none if none.is_zero() => Duration::from_secs(2),
+            timeout => timeout,
+        };
         let script = Arc::new(Script { client, sha: Mutex::new(None), calls: AtomicU64::new(0) });
         tokio::spawn(batch_loop(script.clone(), queue));
-        Batcher { jobs, script }
+        Batcher { jobs, script, deadline }
     }
 
     /// Script calls made so far (each carries one batch).
@@ -79,10 +90,17 @@ impl Batcher {
         let reads = also_get.is_some();
         keys.extend(also_get);
         let job = Job { keys, limits, reads, reply };
-        if self.jobs.send(job).await.is_err() {
-            return Err("the rate-limit batching task has stopped".into());
-        }
-        answer.await.unwrap_or_else(|_| Err("the rate-limit batching task dropped a check".into()))
+        let answered = async {
+            if self.jobs.send(job).await.is_err() {
+                return Err("the rate-limit batching task has stopped".into());
+            }
+            answer
+                .await
+                .unwrap_or_else(|_| Err("the rate-limit batching task dropped a check".into()))
+        };
+        tokio::time::timeout(self.deadline, answered)
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer from Redis within {:?}", self.deadline)))
     }
 }
 
@@ -122,17 +140,22 @@ impl Script {
 }
 
 /// Takes the first waiting check, waits for a free call slot (checks queue meanwhile), then sends
-/// everything waiting, up to [`MAX_BATCH`], as one call.
+/// everything waiting, up to [`MAX_BATCH`], as one call. Checks whose caller gave up are skipped.
 async fn batch_loop(script: Arc<Script>, mut queue: mpsc::Receiver<Job>) {
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     while let Some(first) = queue.recv().await {
         let Ok(slot) = slots.clone().acquire_owned().await else { break };
-        let mut batch = vec![first];
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        batch.extend(Some(first).filter(|job| !job.reply.is_closed()));
         while batch.len() < MAX_BATCH {
             match queue.try_recv() {
+                Ok(job) if job.reply.is_closed() => {}
                 Ok(job) => batch.push(job),
                 Err(_) => break,
             }
+        }
+        if batch.is_empty() {
+            continue;
         }
         let script = script.clone();
         tokio::spawn(async move {
