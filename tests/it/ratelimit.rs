@@ -297,8 +297,7 @@ async fn policies_reload_with_the_routes_on_sighup() {
     assert_eq!(statuses(4).await, vec![200, 200, 200, 429]);
     // A bigger burst in the file, then SIGHUP: the new policy applies at once.
     std::fs::write(&gw.routes, routes_file(&gw.up, 50)).unwrap();
-    let pid = p.child.id().to_string();
-    assert!(std::process::Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+    crate::support::signal(p.child.id(), "HUP");
     crate::support::eventually(Duration::from_secs(3), "the new burst applies", || async {
         let r = http().get(&url).send().await.unwrap();
         (r.status() == 200 && r.headers()["ratelimit-limit"] == "50").then_some(())
@@ -307,16 +306,21 @@ async fn policies_reload_with_the_routes_on_sighup() {
     assert_eq!(p.terminate(Duration::from_secs(10)).await.code(), Some(0));
 }
 
+/// A client of the Redis at `url`, as the gateway connects one, for the limiter tests.
+async fn redis_client(url: &str, timeout: Option<Duration>) -> access::backends::redis::Client {
+    let mut config = access::config::RedisConfig::default();
+    config.timeout = timeout.unwrap_or(config.timeout);
+    let url = access::config::SecretUrl::from(url::Url::parse(url).unwrap());
+    access::backends::redis::connect(&url, &config).await.unwrap()
+}
+
 /// The script reads the cache entry in the rate limit's round trip: the value when the key
 /// exists, an explicit "none" when it does not, and the verdicts are the same as without it.
 #[tokio::test]
 async fn the_limit_script_reads_the_cache_entry_in_the_same_round_trip() {
     use access::roles::gateway::ratelimit::{Limiter, OnStoreError, Policy};
     use fred::prelude::KeysInterface;
-    let url = access::config::SecretUrl::from(url::Url::parse(REDIS_URL).unwrap());
-    let client = access::backends::redis::connect(&url, &access::config::RedisConfig::default())
-        .await
-        .unwrap();
+    let client = redis_client(REDIS_URL, None).await;
     let prefix = format!("it:{}:", uuid::Uuid::new_v4().simple());
     let policy = Policy { rate: 10, period: Duration::from_secs(60), burst: 2 };
     let limiter = Limiter::new(
@@ -348,10 +352,7 @@ async fn the_limit_script_reads_the_cache_entry_in_the_same_round_trip() {
 #[tokio::test]
 async fn concurrent_checks_share_script_calls_and_stay_exact() {
     use access::roles::gateway::ratelimit::{Limiter, OnStoreError, Policy};
-    let url = access::config::SecretUrl::from(url::Url::parse(REDIS_URL).unwrap());
-    let client = access::backends::redis::connect(&url, &access::config::RedisConfig::default())
-        .await
-        .unwrap();
+    let client = redis_client(REDIS_URL, None).await;
     let prefix = format!("it:{}:", uuid::Uuid::new_v4().simple());
     // A rate so slow that no emission interval passes during the test.
     let policy = Policy { rate: 1, period: Duration::from_secs(3600), burst: 100 };
@@ -397,10 +398,7 @@ async fn concurrent_checks_share_script_calls_and_stay_exact() {
 async fn a_hanging_redis_costs_each_check_one_timeout_not_a_queue_of_them() {
     use access::roles::gateway::ratelimit::{Limiter, OnStoreError, Policy};
     let redis = PrivateRedis::start().await;
-    let url = access::config::SecretUrl::from(url::Url::parse(&redis.url).unwrap());
-    let config =
-        access::config::RedisConfig { timeout: Duration::from_millis(300), ..Default::default() };
-    let client = access::backends::redis::connect(&url, &config).await.unwrap();
+    let client = redis_client(&redis.url, Some(Duration::from_millis(300))).await;
     let policy = Policy { rate: 1000, period: Duration::from_secs(1), burst: 1000 };
     let limiter = std::sync::Arc::new(Limiter::new(
         [("p".to_string(), policy)].into(),

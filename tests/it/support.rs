@@ -169,12 +169,7 @@ pub fn spawn_binary_with(role: &str, env: &[(&str, &str)], args: &[&str]) -> Pro
 impl Process {
     /// Sends SIGTERM and waits (bounded) for the exit status.
     pub async fn terminate(&mut self, within: Duration) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        assert!(std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success());
+        signal(self.child.id(), "TERM");
         let deadline = std::time::Instant::now() + within;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -417,13 +412,17 @@ impl PrivateRedis {
     /// Freezes the server (SIGSTOP): connections stay open and nothing answers, as in a hang.
     /// Stopping it (or dropping it) still ends it.
     pub fn freeze(&self) {
-        let pid = self.child.id().to_string();
-        assert!(std::process::Command::new("kill")
-            .args(["-STOP", &pid])
-            .status()
-            .unwrap()
-            .success());
+        signal(self.child.id(), "STOP");
     }
+}
+
+/// Sends `SIG<name>` to `pid` with kill(1).
+pub fn signal(pid: u32, name: &str) {
+    let sent = std::process::Command::new("kill")
+        .args([format!("-{name}"), pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success(), "kill -{name} {pid}");
 }
 
 impl Drop for PrivateRedis {
