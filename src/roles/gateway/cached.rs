@@ -60,7 +60,7 @@ pub async fn serve(
     let head = req.method() == Method::HEAD;
 
     let first = match fetched {
-        Some(raw) => raw.and_then(|raw| serde_json::from_slice::<Entry>(&raw).ok()),
+        Some(raw) => raw.as_ref().and_then(Entry::decode),
         None => lookup(state, &key).await,
     };
     if let Some(entry) = first {

@@ -133,8 +133,7 @@ pub async fn forward(
     let started = Instant::now();
     let table = state.table();
     let method = req.method().clone();
-    let path = req.uri().path().to_string();
-    let Some(matched) = table.find(&path) else {
+    let Some(matched) = table.find(req.uri().path()) else {
         return ApiError::not_found("no route for this path").into_response();
     };
     let (route, params) = (matched.route, matched.params);
@@ -142,7 +141,7 @@ pub async fn forward(
         return ApiError::new(ErrorCode::MethodNotAllowed, "method not allowed on this route")
             .into_response();
     }
-    let route_name = route.spec.name.clone();
+    let route_name = route.spec.name.as_str();
     let response = match handle(&state, &route, &params, peer, req).await {
         Ok((response, identity, bytes_in)) => {
             if let Some(identity) = &identity {
@@ -154,7 +153,7 @@ pub async fn forward(
                     .unwrap_or(0);
                 state.usage.record(
                     &identity.tenant,
-                    &route_name,
+                    route_name,
                     status_class(response.status().as_u16()),
                     bytes_in,
                     bytes_out,
@@ -165,7 +164,7 @@ pub async fn forward(
         Err(e) => e.into_response(),
     };
     state.metrics.record(
-        &route_name,
+        route_name,
         method_label(&method),
         response.status().as_u16(),
         started.elapsed().as_secs_f64(),
@@ -231,13 +230,21 @@ async fn handle(
             .with_retry_after(retry_after));
     }
     let identity = authenticate(state, route.spec.auth, req.headers()).await?;
-    let policies: Vec<String> = if route.spec.rate_limits.is_empty() {
-        vec![if identity.is_some() { "authenticated" } else { "public" }.to_string()]
+    let tier;
+    let policies: &[String] = if route.spec.rate_limits.is_empty() {
+        tier = [if identity.is_some() { "authenticated" } else { "public" }.to_string()];
+        &tier
     } else {
-        route.spec.rate_limits.clone()
+        &route.spec.rate_limits
     };
-    let subject =
-        identity.as_ref().map(|i| i.subject.clone()).unwrap_or_else(|| format!("ip:{client}"));
+    let anonymous;
+    let subject = match &identity {
+        Some(identity) => identity.subject.as_str(),
+        None => {
+            anonymous = format!("ip:{client}");
+            anonymous.as_str()
+        }
+    };
     let get_like = matches!(*req.method(), Method::GET | Method::HEAD);
     let client_bypass = req
         .headers()
@@ -252,7 +259,7 @@ async fn handle(
     // The cache entry is read by the rate-limit script (one round trip), and used only after the
     // limit and the entitlement allow the request.
     let also_get = cache.as_ref().and_then(|(_, key)| state.cache.store.shared_key(key));
-    let mut limit = state.limiter.check(&policies, &subject, also_get).await;
+    let mut limit = state.limiter.check(policies, subject, also_get).await;
     let fetched = limit.fetched.take();
     let limit_headers = rate_limit_headers(&limit);
     if limit.store_unavailable {

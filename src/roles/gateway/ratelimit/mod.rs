@@ -108,21 +108,22 @@ pub struct Outcome {
     pub fetched: Option<Option<Bytes>>,
 }
 
-/// The in-process GCRA: theoretical arrival times by key, in µs since `epoch`.
-pub struct LocalGcra {
+/// The in-process GCRA: theoretical arrival times by key (a string, or a client address for the
+/// per-address limit), in µs since `epoch`.
+pub struct LocalGcra<K = String> {
     epoch: Instant,
     /// TATs; a std mutex held for one lookup and update.
-    tats: Mutex<HashMap<String, u64>>,
+    tats: Mutex<HashMap<K, u64>>,
 }
 
-impl LocalGcra {
+impl<K: std::hash::Hash + Eq + Clone> LocalGcra<K> {
     /// Empty.
     pub fn new() -> Self {
         LocalGcra { epoch: Instant::now(), tats: Mutex::default() }
     }
 
     /// Checks `(key, policy)` pairs atomically, as the script does.
-    pub fn check(&self, items: &[(String, &Policy)]) -> Vec<Verdict> {
+    pub fn check(&self, items: &[(K, &Policy)]) -> Vec<Verdict> {
         // Offset so that `tat - tau - T` never goes below zero.
         let now = self.epoch.elapsed().as_micros() as u64 + (1 << 50);
         let mut tats = self.tats.lock().unwrap_or_else(|p| p.into_inner());
@@ -160,7 +161,7 @@ impl LocalGcra {
     }
 }
 
-impl Default for LocalGcra {
+impl<K: std::hash::Hash + Eq + Clone> Default for LocalGcra<K> {
     fn default() -> Self {
         Self::new()
     }
@@ -283,10 +284,12 @@ impl Limiter {
         also_get: Option<String>,
     ) -> Outcome {
         let policies = self.policies();
+        // Full keys (with the Redis prefix); the in-process GCRA uses the same ones.
+        let prefix = self.redis.as_ref().map_or("", |(_, prefix)| prefix.as_str());
         let items: Vec<(String, &Policy, &str)> = policy_names
             .iter()
             .filter_map(|name| policies.get_key_value(name))
-            .map(|(name, p)| (format!("rl:{name}:{subject}"), p, name.as_str()))
+            .map(|(name, p)| (format!("{prefix}rl:{name}:{subject}"), p, name.as_str()))
             .collect();
         if items.is_empty() {
             return Outcome {
@@ -304,8 +307,8 @@ impl Limiter {
         let mut fetched = None;
         let verdicts = match &self.redis {
             None => local(&items),
-            Some((batcher, prefix)) => {
-                let keyed = items.iter().map(|(k, p, _)| (format!("{prefix}{k}"), *p)).collect();
+            Some((batcher, _)) => {
+                let keyed = items.iter().map(|(k, p, _)| (k.clone(), *p)).collect();
                 let reads = also_get.is_some();
                 match batcher.check(keyed, also_get).await {
                     Ok((verdicts, read)) => {
@@ -371,7 +374,7 @@ impl Limiter {
 /// tokens are stopped before they cost a verification.
 pub struct IpLimit {
     policy: Policy,
-    gcra: LocalGcra,
+    gcra: LocalGcra<std::net::IpAddr>,
 }
 
 impl IpLimit {
@@ -382,7 +385,7 @@ impl IpLimit {
 
     /// Whether `ip` may go on; `Err(retry after seconds)` when not.
     pub fn check(&self, ip: std::net::IpAddr) -> Result<(), u64> {
-        let v = self.gcra.check(&[(ip.to_string(), &self.policy)]);
+        let v = self.gcra.check(&[(ip, &self.policy)]);
         match v.first() {
             Some(v) if !v.allowed => Err(v.retry_us.div_ceil(1_000_000).max(1)),
             _ => Ok(()),
