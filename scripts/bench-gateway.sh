@@ -88,24 +88,36 @@ AUTH="Authorization: Bearer $TOKEN"
 curl -sf -H "$AUTH" "http://127.0.0.1:$GW/api/v1/miss/EURUSD" >/dev/null || { echo "bench: the gateway does not answer" >&2; tail "$WORK/gw.log" >&2; exit 1; }
 curl -sf -H "$AUTH" "http://127.0.0.1:$GW/api/v1/hit/EURUSD" >/dev/null
 
-run() { # name url [header]
-  local out
-  if [ -n "${3:-}" ]; then out=$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency -H "$3" "$2"); else out=$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "$2"); fi
-  local rps p50 p99 errors
+GW_PID=${PIDS[1]}
+NGINX_WORKER=$(pgrep -P "$(cat "$WORK/nginx.pid")" | head -1)
+TICK_US=$((1000000 / $(getconf CLK_TCK)))
+# CPU time (user + system, clock ticks) a process has used so far.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+run() { # name pid url [header]: the server process whose CPU per request is reported
+  local out before after
+  before=$(cpu_ticks "$2")
+  if [ -n "${4:-}" ]; then out=$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency -H "$4" "$3"); else out=$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "$3"); fi
+  after=$(cpu_ticks "$2")
+  local rps p50 p99 errors requests cpu
   rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
   p50=$(awk '$1=="50%" {print $2}' <<<"$out")
   p99=$(awk '$1=="99%" {print $2}' <<<"$out")
+  requests=$(awk '/requests in/ {print $1}' <<<"$out")
+  cpu=$(awk -v t=$((after - before)) -v us="$TICK_US" -v n="$requests" 'BEGIN { printf "%.1f", n ? t * us / n : 0 }')
   errors=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$out" | tr '\n' ' ')
-  printf "%-52s %12s %10s %10s  %s\n" "$1" "$rps" "$p50" "$p99" "$errors"
+  printf "%-52s %12s %10s %10s %12s  %s\n" "$1" "$rps" "$p50" "$p99" "$cpu" "$errors"
 }
 echo
 echo "wrk -t$THREADS -c$CONNECTIONS -d$DURATION on $(nproc) cores; server and load share them"
-printf "%-52s %12s %10s %10s\n" "case" "req/s" "p50" "p99"
-run "(a) upstream directly (nginx)" "http://127.0.0.1:$UP/EURUSD"
-run "(b) nginx keep-alive reverse proxy" "http://127.0.0.1:$PROXY/EURUSD"
+echo "CPU µs/req: user + system time of the server process per request: nginx's one worker in"
+echo "(a) and (b) (in (b) it serves the proxy and the upstream both), the gateway in (c) and (d)"
+printf "%-52s %12s %10s %10s %12s\n" "case" "req/s" "p50" "p99" "CPU µs/req"
+run "(a) upstream directly (nginx)" "$NGINX_WORKER" "http://127.0.0.1:$UP/EURUSD"
+run "(b) nginx keep-alive reverse proxy" "$NGINX_WORKER" "http://127.0.0.1:$PROXY/EURUSD"
 # PERF=<file>: record a profile of the whole machine during case (c), or (d) with PERF_CASE=d.
 profile() { if [ -n "${PERF:-}" ] && [ "${PERF_CASE:-c}" = "$1" ]; then perf record -F 999 -g -a -o "$PERF" -- sleep 6 >/dev/null 2>&1 & fi; }
 profile c
-run "(c) gateway: JWT + rate limit + entitlement, miss" "http://127.0.0.1:$GW/api/v1/miss/EURUSD" "$AUTH"
+run "(c) gateway: JWT + rate limit + entitlement, miss" "$GW_PID" "http://127.0.0.1:$GW/api/v1/miss/EURUSD" "$AUTH"
 profile d
-run "(d) gateway: JWT + rate limit + entitlement, hit" "http://127.0.0.1:$GW/api/v1/hit/EURUSD" "$AUTH"
+run "(d) gateway: JWT + rate limit + entitlement, hit" "$GW_PID" "http://127.0.0.1:$GW/api/v1/hit/EURUSD" "$AUTH"
