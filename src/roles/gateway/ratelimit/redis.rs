@@ -16,8 +16,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fred::prelude::{ClientLike, LuaInterface};
+use fred::types::Key;
 use fred::types::Value;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use futures::stream::{FuturesUnordered, StreamExt};
+use tokio::sync::{mpsc, oneshot};
 
 use super::{Policy, Verdict};
 use crate::backends::redis::Client;
@@ -68,7 +70,12 @@ impl Batcher {
             none if none.is_zero() => Duration::from_secs(2),
             timeout => timeout,
         };
-        let script = Arc::new(Script { client, sha: Mutex::new(None), calls: AtomicU64::new(0) });
+        let script = Arc::new(Script {
+            client,
+            sha: Mutex::new(None),
+            calls: AtomicU64::new(0),
+            batch_size: metrics::histogram!(super::names::BATCH_SIZE, "role" => "gateway"),
+        });
         tokio::spawn(batch_loop(script.clone(), queue));
         Batcher { jobs, script, deadline }
     }
@@ -110,6 +117,8 @@ struct Script {
     client: Client,
     sha: Mutex<Option<Arc<str>>>,
     calls: AtomicU64,
+    /// `access_gateway_rate_limit_batch_size`, registered once.
+    batch_size: metrics::Histogram,
 }
 
 impl Script {
@@ -124,7 +133,9 @@ impl Script {
         Ok(sha)
     }
 
-    async fn run(&self, keys: Vec<String>, args: Vec<u64>) -> Result<Value, fred::error::Error> {
+    /// Runs the script. Keys are `Bytes` inside, so the copy kept for a retry after NOSCRIPT costs
+    /// reference counts, not string copies.
+    async fn run(&self, keys: Vec<Key>, args: Vec<u64>) -> Result<Value, fred::error::Error> {
         let sha = match self.sha() {
             Some(sha) => sha,
             None => self.load().await?,
@@ -141,28 +152,31 @@ impl Script {
 
 /// Takes the first waiting check, waits for a free call slot (checks queue meanwhile), then sends
 /// everything waiting, up to [`MAX_BATCH`], as one call. Checks whose caller gave up are skipped.
+/// The calls in flight are polled by this task itself (no task per call); when every handle is
+/// gone, the calls in flight finish before it ends.
 async fn batch_loop(script: Arc<Script>, mut queue: mpsc::Receiver<Job>) {
-    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
-    while let Some(first) = queue.recv().await {
-        let Ok(slot) = slots.clone().acquire_owned().await else { break };
-        let mut batch = Vec::with_capacity(MAX_BATCH);
-        batch.extend(Some(first).filter(|job| !job.reply.is_closed()));
-        while batch.len() < MAX_BATCH {
-            match queue.try_recv() {
-                Ok(job) if job.reply.is_closed() => {}
-                Ok(job) => batch.push(job),
-                Err(_) => break,
+    let mut running = FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            Some(()) = running.next(), if !running.is_empty() => {}
+            job = queue.recv(), if running.len() < IN_FLIGHT => {
+                let Some(first) = job else { break };
+                let mut batch = Vec::with_capacity(MAX_BATCH);
+                batch.extend(Some(first).filter(|job| !job.reply.is_closed()));
+                while batch.len() < MAX_BATCH {
+                    match queue.try_recv() {
+                        Ok(job) if job.reply.is_closed() => {}
+                        Ok(job) => batch.push(job),
+                        Err(_) => break,
+                    }
+                }
+                if !batch.is_empty() {
+                    running.push(run_batch(&script, batch));
+                }
             }
         }
-        if batch.is_empty() {
-            continue;
-        }
-        let script = script.clone();
-        tokio::spawn(async move {
-            run_batch(&script, batch).await;
-            drop(slot);
-        });
     }
+    while running.next().await.is_some() {}
 }
 
 async fn run_batch(script: &Script, batch: Vec<Job>) {
@@ -171,13 +185,13 @@ async fn run_batch(script: &Script, batch: Vec<Job>) {
         Vec::with_capacity(1 + batch.iter().map(|j| 2 + 2 * j.limits.len()).sum::<usize>());
     args.push(batch.len() as u64);
     script.calls.fetch_add(1, Ordering::Relaxed);
-    metrics::histogram!(super::names::BATCH_SIZE, "role" => "gateway").record(batch.len() as f64);
+    script.batch_size.record(batch.len() as f64);
     let mut replies = Vec::with_capacity(batch.len());
     for job in batch {
         args.push(job.limits.len() as u64);
         args.push(u64::from(job.reads));
         args.extend(job.limits.iter().flat_map(|&(t, tau)| [t, tau]));
-        keys.extend(job.keys);
+        keys.extend(job.keys.into_iter().map(Key::from));
         replies.push((job.limits.len(), job.reads, job.reply));
     }
     match script.run(keys, args).await {
