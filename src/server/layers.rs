@@ -326,5 +326,13 @@ mod tests {
         assert_eq!(status_class(204), "2xx");
         assert_eq!(status_class(503), "5xx");
         assert_eq!(method_label(&http::Method::from_bytes(b"BREW").unwrap()), "other");
+        // The metric handles are indexed by these labels: every one must have a slot.
+        for m in ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "BREW"] {
+            let label = method_label(&http::Method::from_bytes(m.as_bytes()).unwrap());
+            assert!(METHODS.contains(&label), "{label}");
+        }
+        for status in [100, 200, 302, 404, 503] {
+            assert!(CLASSES.contains(&status_class(status)));
+        }
     }
 }

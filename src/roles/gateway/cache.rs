@@ -279,11 +279,16 @@ impl RedisStore {
     pub fn new(client: RedisClient, prefix: String) -> Self {
         RedisStore { client, prefix }
     }
+
+    /// The Redis key of `key`: under the prefix.
+    fn full_key(&self, key: &str) -> String {
+        format!("{}{key}", self.prefix)
+    }
 }
 
 impl Store for RedisStore {
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Entry>, String>> {
-        let key = format!("{}{key}", self.prefix);
+        let key = self.full_key(key);
         Box::pin(async move {
             let raw: Option<Bytes> = self.client.get(&key).await.map_err(|e| e.to_string())?;
             Ok(raw.as_ref().and_then(Entry::decode))
@@ -295,7 +300,7 @@ impl Store for RedisStore {
         entry: &'a Entry,
         ttl: Duration,
     ) -> BoxFuture<'a, Result<(), String>> {
-        let key = format!("{}{key}", self.prefix);
+        let key = self.full_key(key);
         Box::pin(async move {
             let px = fred::types::Expiration::PX(ttl.as_millis().clamp(1, i64::MAX as u128) as i64);
             let value = Bytes::from(entry.encode());
@@ -337,7 +342,7 @@ impl Store for RedisStore {
         })
     }
     fn shared_key(&self, key: &str) -> Option<String> {
-        Some(format!("{}{key}", self.prefix))
+        Some(self.full_key(key))
     }
 }
 
@@ -434,7 +439,7 @@ impl Cache {
     }
 }
 
-/// How the cache treated a request (the `result` label, and `X-Cache` in upper case).
+/// How the cache treated a request: the `result` label, and the `X-Cache` header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     /// Served fresh from the cache.
@@ -445,6 +450,31 @@ pub enum Outcome {
     Stale = 2,
     /// Not cacheable (route, method or the client's `Cache-Control`).
     Bypass = 3,
+}
+
+impl Outcome {
+    /// Every outcome, in discriminant order.
+    pub const ALL: [Outcome; 4] = [Outcome::Hit, Outcome::Miss, Outcome::Stale, Outcome::Bypass];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Hit => "hit",
+            Outcome::Miss => "miss",
+            Outcome::Stale => "stale",
+            Outcome::Bypass => "bypass",
+        }
+    }
+
+    /// The `X-Cache` value.
+    pub fn header(self) -> http::HeaderValue {
+        http::HeaderValue::from_static(match self {
+            Outcome::Hit => "HIT",
+            Outcome::Miss => "MISS",
+            Outcome::Stale => "STALE",
+            Outcome::Bypass => "BYPASS",
+        })
+    }
 }
 
 /// A route's `access_gateway_cache_results_total` counters, by [`Outcome`], registered once.
@@ -459,8 +489,8 @@ impl std::fmt::Debug for ResultCounters {
 impl ResultCounters {
     /// For the route named `route`.
     pub fn new(route: &str) -> Self {
-        ResultCounters(["hit", "miss", "stale", "bypass"].map(|result| {
-            metrics::counter!(names::RESULTS, "role" => "gateway", "route" => route.to_string(), "result" => result)
+        ResultCounters(Outcome::ALL.map(|result| {
+            metrics::counter!(names::RESULTS, "role" => "gateway", "route" => route.to_string(), "result" => result.label())
         }))
     }
 }
@@ -486,6 +516,14 @@ pub fn weak_etag(body: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn outcomes_index_their_counters_and_name_their_header() {
+        for (i, outcome) in Outcome::ALL.into_iter().enumerate() {
+            assert_eq!(outcome as usize, i, "ALL is in discriminant order");
+            assert_eq!(outcome.header(), outcome.label().to_ascii_uppercase().as_str());
+        }
+    }
 
     #[test]
     fn entries_round_trip_and_anything_else_is_refused() {

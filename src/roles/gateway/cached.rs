@@ -14,7 +14,7 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
 use http_body_util::BodyExt;
 
-use super::cache::{self, CachePolicy, Entry, Flight};
+use super::cache::{self, CachePolicy, Entry, Flight, Outcome};
 use super::proxy::{upstream, Handled, X_CACHE};
 use super::routes::Route;
 use super::State;
@@ -66,15 +66,15 @@ pub async fn serve(
     if let Some(entry) = first {
         let (age, now) = (entry.age(cache::now_ms()), cache::now_ms());
         if age < entry.max_age {
-            state.cache.count(route, cache::Outcome::Hit);
+            state.cache.count(route, Outcome::Hit);
             return Ok((
-                from_entry(&entry, "HIT", now, if_none_match.as_deref(), head),
+                from_entry(&entry, Outcome::Hit, now, if_none_match.as_deref(), head),
                 identity,
                 0,
             ));
         }
         if age < entry.max_age + entry.swr {
-            state.cache.count(route, cache::Outcome::Stale);
+            state.cache.count(route, Outcome::Stale);
             if let Flight::Leader(guard) = state.cache.flight(&key) {
                 revalidate(
                     state.clone(),
@@ -87,7 +87,7 @@ pub async fn serve(
                 );
             }
             return Ok((
-                from_entry(&entry, "STALE", now, if_none_match.as_deref(), head),
+                from_entry(&entry, Outcome::Stale, now, if_none_match.as_deref(), head),
                 identity,
                 0,
             ));
@@ -101,21 +101,27 @@ pub async fn serve(
             if let Some(entry) =
                 lookup(state, &key).await.filter(|e| e.age(cache::now_ms()) < e.max_age)
             {
-                state.cache.count(route, cache::Outcome::Hit);
+                state.cache.count(route, Outcome::Hit);
                 return Ok((
-                    from_entry(&entry, "HIT", cache::now_ms(), if_none_match.as_deref(), head),
+                    from_entry(
+                        &entry,
+                        Outcome::Hit,
+                        cache::now_ms(),
+                        if_none_match.as_deref(),
+                        head,
+                    ),
                     identity,
                     0,
                 ));
             }
             // The leader's answer was not cacheable: go upstream like it did.
-            state.cache.count(route, cache::Outcome::Miss);
+            state.cache.count(route, Outcome::Miss);
             let mut handled = upstream(state, route, peer, client, identity, req).await?;
-            handled.0.headers_mut().insert(X_CACHE.clone(), HeaderValue::from_static("MISS"));
+            handled.0.headers_mut().insert(X_CACHE.clone(), Outcome::Miss.header());
             return Ok(handled);
         }
     };
-    state.cache.count(route, cache::Outcome::Miss);
+    state.cache.count(route, Outcome::Miss);
     // The cache needs the full response: the client's own validators are applied afterwards.
     req.headers_mut().remove(header::IF_NONE_MATCH);
     req.headers_mut().remove(header::IF_MODIFIED_SINCE);
@@ -123,7 +129,11 @@ pub async fn serve(
         upstream(state, route, peer, client, identity, req).await?;
     let response = store(state, route, policy, &key, response).await;
     drop(guard);
-    Ok((with_client_validator(response, if_none_match.as_deref(), "MISS"), identity, bytes_in))
+    Ok((
+        with_client_validator(response, if_none_match.as_deref(), Outcome::Miss),
+        identity,
+        bytes_in,
+    ))
 }
 
 async fn lookup(state: &State, key: &str) -> Option<Entry> {
@@ -139,7 +149,7 @@ async fn lookup(state: &State, key: &str) -> Option<Entry> {
 
 fn from_entry(
     entry: &Entry,
-    result: &'static str,
+    result: Outcome,
     now: u64,
     if_none_match: Option<&str>,
     head: bool,
@@ -161,7 +171,7 @@ fn from_entry(
         }
     }
     response.headers_mut().insert(header::AGE, HeaderValue::from(entry.age(now)));
-    response.headers_mut().insert(X_CACHE.clone(), HeaderValue::from_static(result));
+    response.headers_mut().insert(X_CACHE.clone(), result.header());
     response
 }
 
@@ -238,7 +248,7 @@ async fn store(
 fn with_client_validator(
     mut response: Response,
     if_none_match: Option<&str>,
-    result: &'static str,
+    result: Outcome,
 ) -> Response {
     let matched =
         match (if_none_match, response.headers().get(header::ETAG).and_then(|v| v.to_str().ok())) {
@@ -252,7 +262,7 @@ fn with_client_validator(
         *response.body_mut() = Body::empty();
         response.headers_mut().remove(header::CONTENT_LENGTH);
     }
-    response.headers_mut().insert(X_CACHE.clone(), HeaderValue::from_static(result));
+    response.headers_mut().insert(X_CACHE.clone(), result.header());
     response
 }
 

@@ -300,9 +300,10 @@ async fn handle(
             super::cached::serve(state, route, lookup, peer, client, identity, req).await?
         }
         None => {
-            state.cache.count(route, super::cache::Outcome::Bypass);
+            let bypass = super::cache::Outcome::Bypass;
+            state.cache.count(route, bypass);
             let mut handled = upstream(state, route, peer, client, identity, req).await?;
-            handled.0.headers_mut().insert(X_CACHE.clone(), HeaderValue::from_static("BYPASS"));
+            handled.0.headers_mut().insert(X_CACHE.clone(), bypass.header());
             handled
         }
     };

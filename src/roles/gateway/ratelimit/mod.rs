@@ -178,8 +178,7 @@ pub struct Counts {
     pub shadow_limited: AtomicU64,
     /// The store failed.
     pub store_errors: AtomicU64,
-    /// `access_gateway_rate_limit_decisions_total` by outcome, in the order of the fields above;
-    /// registered once per policy.
+    /// `access_gateway_rate_limit_decisions_total` by [`Decision`], registered once per policy.
     decisions: [metrics::Counter; 4],
 }
 
@@ -190,8 +189,8 @@ impl Counts {
             limited: AtomicU64::new(0),
             shadow_limited: AtomicU64::new(0),
             store_errors: AtomicU64::new(0),
-            decisions: ["allowed", "limited", "shadow_limited", "store_error"].map(|outcome| {
-                metrics::counter!(names::DECISIONS, "role" => "gateway", "policy" => policy.to_string(), "outcome" => outcome)
+            decisions: Decision::ALL.map(|outcome| {
+                metrics::counter!(names::DECISIONS, "role" => "gateway", "policy" => policy.to_string(), "outcome" => outcome.label())
             }),
         }
     }
@@ -215,6 +214,21 @@ enum Decision {
     Limited = 1,
     ShadowLimited = 2,
     StoreError = 3,
+}
+
+impl Decision {
+    /// Every decision, in discriminant order.
+    const ALL: [Decision; 4] =
+        [Decision::Allowed, Decision::Limited, Decision::ShadowLimited, Decision::StoreError];
+
+    fn label(self) -> &'static str {
+        match self {
+            Decision::Allowed => "allowed",
+            Decision::Limited => "limited",
+            Decision::ShadowLimited => "shadow_limited",
+            Decision::StoreError => "store_error",
+        }
+    }
 }
 
 /// The limiter.
@@ -396,6 +410,13 @@ impl IpLimit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decisions_index_their_counters() {
+        for (i, decision) in Decision::ALL.into_iter().enumerate() {
+            assert_eq!(decision as usize, i, "ALL is in discriminant order");
+        }
+    }
 
     #[test]
     fn gcra_allows_the_burst_then_one_per_interval() {
