@@ -11,6 +11,8 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/access/target}
 DURATION=${DURATION:-10s}
 CONNECTIONS=${CONNECTIONS:-64}
 THREADS=${THREADS:-2}
+# The gateway's I/O threads (server.io_threads; 0: the shared multi-threaded runtime).
+IO_THREADS=${IO_THREADS:-$(nproc)}
 for tool in nginx wrk redis-cli; do
   command -v "$tool" >/dev/null || { echo "bench: $tool is missing (apt-get install nginx wrk)" >&2; exit 1; }
 done
@@ -79,7 +81,7 @@ export ACCESS_AUTH__DEV_KEY_FILE=$WORK/dev-key.json ACCESS_LOG_LEVEL=warn ACCESS
 export ACCESS_SERVER__MAX_CONCURRENCY=100000
 ACCESS_ENTITLEMENTS__SEED_FILE=$WORK/seed.yaml "$BIN" entitlements --port $ENT 2>"$WORK/ent.log" & PIDS+=($!)
 ACCESS_REDIS_URL=redis://127.0.0.1:6379 ACCESS_REDIS__PREFIX="bench:$$:" ACCESS_GATEWAY__ROUTES_FILE=$WORK/routes.yaml \
-  ACCESS_ENTITLEMENTS_SERVICE_URL=http://127.0.0.1:$ENT "$BIN" --config "$WORK/gateway.toml" gateway --port $GW 2>"$WORK/gw.log" & PIDS+=($!)
+  ACCESS_ENTITLEMENTS_SERVICE_URL=http://127.0.0.1:$ENT ACCESS_SERVER__IO_THREADS=$IO_THREADS "$BIN" --config "$WORK/gateway.toml" gateway --port $GW 2>"$WORK/gw.log" & PIDS+=($!)
 for port in $ENT $GW; do
   for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$port/ready" >/dev/null && break; sleep 0.1; done
 done
@@ -109,7 +111,7 @@ run() { # name pid url [header]: the server process whose CPU per request is rep
   printf "%-52s %12s %10s %10s %12s  %s\n" "$1" "$rps" "$p50" "$p99" "$cpu" "$errors"
 }
 echo
-echo "wrk -t$THREADS -c$CONNECTIONS -d$DURATION on $(nproc) cores; server and load share them"
+echo "wrk -t$THREADS -c$CONNECTIONS -d$DURATION on $(nproc) cores; server and load share them; gateway io_threads=$IO_THREADS"
 echo "CPU µs/req: user + system time of the server process per request: nginx's one worker in"
 echo "(a) and (b) (in (b) it serves the proxy and the upstream both), the gateway in (c) and (d)"
 printf "%-52s %12s %10s %10s %12s\n" "case" "req/s" "p50" "p99" "CPU µs/req"
@@ -121,3 +123,8 @@ profile c
 run "(c) gateway: JWT + rate limit + entitlement, miss" "$GW_PID" "http://127.0.0.1:$GW/api/v1/miss/EURUSD" "$AUTH"
 profile d
 run "(d) gateway: JWT + rate limit + entitlement, hit" "$GW_PID" "http://127.0.0.1:$GW/api/v1/hit/EURUSD" "$AUTH"
+# How well concurrent checks shared Redis script calls, over (c) and (d) together.
+curl -s "http://127.0.0.1:$GW/metrics" | awk '
+  /^access_gateway_rate_limit_batch_size_sum/ { sum = $2 }
+  /^access_gateway_rate_limit_batch_size_count/ { count = $2 }
+  END { if (count) printf "rate-limit checks per Redis script call: %.1f (%d calls)\n", sum / count, count }'

@@ -110,6 +110,8 @@ pub struct ServerConfig {
     /// Each readiness check must answer within this.
     #[serde(with = "humantime_serde")]
     pub ready_check_timeout: Duration,
+    /// Threads that accept and serve connections, each with a runtime of its own (0: the shared runtime).
+    pub io_threads: usize,
 }
 
 impl Default for ServerConfig {
@@ -123,6 +125,7 @@ impl Default for ServerConfig {
             grace_period: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(20),
             ready_check_timeout: Duration::from_secs(2),
+            io_threads: 0,
         }
     }
 }

@@ -97,9 +97,45 @@ fn with_shared(ctx: &Context, role_router: Router) -> Router {
 /// connections under `server.drain_timeout`. Each connection gets its peer address as
 /// [`ConnectInfo`]; HTTP/1.1 upgrades (WebSocket) are supported.
 pub async fn serve(listener: TcpListener, app: Router, ctx: &Context) -> std::io::Result<()> {
-    let server = &ctx.config.server;
     let addr = listener.local_addr()?;
-    tracing::info!(role = %ctx.role, addr = %addr, "listening");
+    let threads = ctx.config.server.io_threads;
+    tracing::info!(role = %ctx.role, addr = %addr, io_threads = threads, "listening");
+    if threads == 0 {
+        return serve_here(listener, app, ctx).await;
+    }
+    let listener = listener.into_std()?;
+    let mut done = Vec::with_capacity(threads);
+    for index in 0..threads {
+        let listener = listener.try_clone()?;
+        let (app, ctx) = (app.clone(), ctx.clone());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new().name(format!("{}-io-{index}", ctx.role)).spawn(move || {
+            let result = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .and_then(|runtime| {
+                    runtime.block_on(async {
+                        serve_here(TcpListener::from_std(listener)?, app, &ctx).await
+                    })
+                });
+            let _ = tx.send(result);
+        })?;
+        done.push(rx);
+    }
+    drop(listener);
+    let mut outcome = Ok(());
+    for rx in done {
+        match rx.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => outcome = Err(e),
+            Err(_) => outcome = Err(std::io::Error::other("an I/O thread panicked")),
+        }
+    }
+    outcome
+}
+
+async fn serve_here(listener: TcpListener, app: Router, ctx: &Context) -> std::io::Result<()> {
+    let server = &ctx.config.server;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()

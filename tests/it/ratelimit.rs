@@ -171,6 +171,29 @@ async fn two_gateways_share_one_limit() {
     );
 }
 
+/// With I/O threads, each thread batches its checks over a Redis connection of its own; one limit
+/// stays exact across them.
+#[tokio::test]
+async fn io_threads_with_their_own_redis_connections_keep_one_exact_limit() {
+    let gw = setup().await;
+    let prefix = redis_prefix();
+    let env = [
+        ("ACCESS_REDIS_URL", REDIS_URL),
+        ("ACCESS_REDIS__PREFIX", prefix.as_str()),
+        ("ACCESS_SERVER__IO_THREADS", "2"),
+    ];
+    let g = gateway(&gw, "", &env).await;
+    // 60 concurrent requests, each on a connection of its own, against 3 per minute.
+    let requests = (0..60).map(|_| {
+        let url = g.url("/outage");
+        tokio::spawn(async move { http().get(url).send().await.unwrap().status().as_u16() })
+    });
+    let statuses = futures::future::join_all(requests).await;
+    let allowed = statuses.iter().filter(|s| *s.as_ref().unwrap() == 200).count();
+    let limited = statuses.iter().filter(|s| *s.as_ref().unwrap() == 429).count();
+    assert_eq!((allowed, limited), (3, 57), "{statuses:?}");
+}
+
 async fn with_outage(mode: &str, shadow: bool) -> Vec<u16> {
     let gw = setup().await;
     let mut redis = PrivateRedis::start().await;

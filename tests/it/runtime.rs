@@ -226,6 +226,39 @@ async fn shutdown_drains_in_flight_requests_then_stops() {
     assert!(http().get(s.url("/health")).send().await.is_err(), "no longer accepting");
 }
 
+/// With `server.io_threads`, connections are served on that many threads of the role's own, and
+/// shutdown drains them as it does the shared runtime's.
+#[tokio::test]
+async fn io_threads_serve_connections_and_drain_on_shutdown() {
+    let thread = || async { std::thread::current().name().unwrap_or_default().to_string() };
+    let s = serve(
+        Role::Auth,
+        config(&[("ACCESS_SERVER__IO_THREADS", "2"), ("ACCESS_SERVER__DRAIN_TIMEOUT", "5s")]),
+        router().route("/thread", get(thread)),
+    )
+    .await;
+    let mut served_by = std::collections::BTreeMap::<String, usize>::new();
+    // `http()` does not pool: each request is a connection of its own.
+    for _ in 0..40 {
+        let name = http().get(s.url("/thread")).send().await.unwrap().text().await.unwrap();
+        *served_by.entry(name).or_default() += 1;
+    }
+    assert!(
+        served_by.keys().all(|name| name == "auth-io-0" || name == "auth-io-1"),
+        "served on the role's I/O threads: {served_by:?}"
+    );
+    let in_flight = tokio::spawn(http().get(s.url("/slow")).send());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    s.shutdown().stop();
+    let response = in_flight.await.unwrap().unwrap();
+    assert_eq!(response.text().await.unwrap(), "done", "the in-flight request finished");
+    eventually(Duration::from_secs(3), "serve returns", || async {
+        s.handle.is_finished().then_some(())
+    })
+    .await;
+    assert!(http().get(s.url("/health")).send().await.is_err(), "no longer accepting");
+}
+
 #[tokio::test]
 async fn the_drain_deadline_bounds_shutdown() {
     let s = serve(Role::Auth, config(&[("ACCESS_SERVER__DRAIN_TIMEOUT", "100ms")]), router()).await;

@@ -13,6 +13,7 @@
 pub mod breaker;
 pub mod cache;
 mod cached;
+mod local;
 pub mod proxy;
 pub mod ratelimit;
 pub mod routes;
@@ -194,7 +195,8 @@ pub struct Shared {
     entitlements: Arc<Entitlements>,
     /// Breakers by upstream base URL, created on first use.
     breakers: RwLock<HashMap<String, Arc<Guard>>>,
-    client: Client<HttpConnector, Body>,
+    /// The upstream connection pool: one per I/O thread (see [`local`]).
+    client: local::PerThread<Client<HttpConnector, Body>>,
     usage: Arc<usage::Usage>,
     limiter: ratelimit::Limiter,
     ip_limit: Arc<ratelimit::IpLimit>,
@@ -298,19 +300,21 @@ pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
         config.rate_limit_on_store_error,
         config.rate_limit_shadow,
     );
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(Duration::from_secs(2)));
-    let client = Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(60))
-        .build(connector);
+    let client = || {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(2)));
+        Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build(connector)
+    };
     Ok(State(Arc::new(Shared {
         table: RwLock::new(Arc::new(table)),
         verifier: auth.verifier,
         api_keys: auth.api_keys,
         entitlements,
         breakers: RwLock::default(),
-        client,
+        client: local::PerThread::new(client(), client),
         usage,
         ip_limit: ratelimit::IpLimit::new(config.ip_limit.clone()),
         limiter,

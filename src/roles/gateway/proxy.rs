@@ -414,7 +414,8 @@ pub(super) async fn upstream(
             }
         }
         let sent = Instant::now();
-        let outcome = tokio::time::timeout(route.timeout, state.client.request(upstream)).await;
+        let outcome =
+            tokio::time::timeout(route.timeout, state.client.get().request(upstream)).await;
         route.upstream_duration.record(sent.elapsed().as_secs_f64());
         match outcome {
             Ok(Ok(response)) => {

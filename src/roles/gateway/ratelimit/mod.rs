@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use super::local::PerThread;
 use crate::backends::redis::Client as RedisClient;
 
 mod redis;
@@ -235,8 +236,9 @@ impl Decision {
 pub struct Limiter {
     /// Swapped whole when the routes are reloaded.
     policies: std::sync::RwLock<Arc<BTreeMap<String, Policy>>>,
-    /// The batching task's handle and the key prefix.
-    redis: Option<(redis::Batcher, String)>,
+    /// The batching task's handle (one per I/O thread, each with its own connection) and the key
+    /// prefix.
+    redis: Option<(PerThread<redis::Batcher>, String)>,
     local: LocalGcra,
     on_error: OnStoreError,
     shadow: bool,
@@ -256,7 +258,13 @@ impl Limiter {
         let counts = policies.keys().map(|k| (k.clone(), Arc::new(Counts::new(k)))).collect();
         Limiter {
             policies: std::sync::RwLock::new(Arc::new(policies)),
-            redis: redis.map(|(client, prefix)| (redis::Batcher::spawn(client), prefix)),
+            redis: redis.map(|(client, prefix)| {
+                let own = client.clone();
+                let per_thread = PerThread::new(redis::Batcher::spawn(client, false), move || {
+                    redis::Batcher::spawn(own.clone_new(), true)
+                });
+                (per_thread, prefix)
+            }),
             local: LocalGcra::new(),
             on_error,
             shadow,
@@ -281,7 +289,7 @@ impl Limiter {
 
     /// Redis script calls made so far (`None` without Redis); each decides a batch of requests.
     pub fn script_calls(&self) -> Option<u64> {
-        self.redis.as_ref().map(|(batcher, _)| batcher.calls())
+        self.redis.as_ref().map(|(batchers, _)| batchers.all().map(|b| b.calls()).sum())
     }
 
     /// Whether shadow mode is on.
@@ -324,7 +332,7 @@ impl Limiter {
             Some((batcher, _)) => {
                 let keyed = items.iter().map(|(k, p, _)| (k.clone(), *p)).collect();
                 let reads = also_get.is_some();
-                match batcher.check(keyed, also_get).await {
+                match batcher.get().check(keyed, also_get).await {
                     Ok((verdicts, read)) => {
                         fetched = reads.then_some(read);
                         verdicts

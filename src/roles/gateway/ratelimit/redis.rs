@@ -63,8 +63,13 @@ pub(super) struct Batcher {
 }
 
 impl Batcher {
-    /// Starts the batching task on the current Tokio runtime.
-    pub(super) fn spawn(client: Client) -> Self {
+    /// Starts the batching task on the current Tokio runtime. With `own`, `client` is a new,
+    /// unconnected client of this task's alone: it is connected here (its connection's tasks run on
+    /// this runtime too; commands wait until it is up) and closed when the task ends.
+    pub(super) fn spawn(client: Client, own: bool) -> Self {
+        if own {
+            drop(client.connect());
+        }
         let (jobs, queue) = mpsc::channel(QUEUE);
         let deadline = match client.perf_config().default_command_timeout {
             none if none.is_zero() => Duration::from_secs(2),
@@ -75,6 +80,7 @@ impl Batcher {
             sha: Mutex::new(None),
             calls: AtomicU64::new(0),
             batch_size: metrics::histogram!(super::names::BATCH_SIZE, "role" => "gateway"),
+            own,
         });
         tokio::spawn(batch_loop(script.clone(), queue));
         Batcher { jobs, script, deadline }
@@ -119,6 +125,8 @@ struct Script {
     calls: AtomicU64,
     /// `access_gateway_rate_limit_batch_size`, registered once.
     batch_size: metrics::Histogram,
+    /// The client is this task's alone (closed when it ends).
+    own: bool,
 }
 
 impl Script {
@@ -177,6 +185,9 @@ async fn batch_loop(script: Arc<Script>, mut queue: mpsc::Receiver<Job>) {
         }
     }
     while running.next().await.is_some() {}
+    if script.own {
+        let _ = script.client.quit().await;
+    }
 }
 
 async fn run_batch(script: &Script, batch: Vec<Job>) {
