@@ -145,6 +145,9 @@ impl ServerConfig {
         if self.header_read_timeout.is_zero() {
             problems.push(Problem::new("server.header_read_timeout", "must be greater than 0"));
         }
+        if self.io_threads > 256 {
+            problems.push(Problem::new("server.io_threads", "must be at most 256"));
+        }
         if self.ready_check_timeout.is_zero() {
             problems.push(Problem::new("server.ready_check_timeout", "must be greater than 0"));
         }

@@ -147,6 +147,7 @@ fn semantic_problems_name_their_keys() {
         ("ACCESS_KAFKA_BOOTSTRAP", "nohost"),
         ("ACCESS_ENABLE_TRACING", "true"),
         ("ACCESS_SERVER__MAX_CONCURRENCY", "0"),
+        ("ACCESS_SERVER__IO_THREADS", "100000"),
         ("ACCESS_AUTH__ALGORITHMS", "[\"HS256\", \"none\"]"),
         ("ACCESS_KAFKA__CA_FILE", "/nonexistent/ca.pem"),
         ("ACCESS_KAFKA__TLS", "true"),
@@ -158,6 +159,7 @@ fn semantic_problems_name_their_keys() {
         "kafka_bootstrap",
         "otel_exporter",
         "server.max_concurrency",
+        "server.io_threads",
         "auth.algorithms",
         "kafka.ca_file",
     ] {
