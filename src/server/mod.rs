@@ -95,7 +95,9 @@ fn with_shared(ctx: &Context, role_router: Router) -> Router {
 
 /// Serves `app` on `listener` until the context's shutdown stops it, then drains in-flight
 /// connections under `server.drain_timeout`. Each connection gets its peer address as
-/// [`ConnectInfo`]; HTTP/1.1 upgrades (WebSocket) are supported.
+/// [`ConnectInfo`]; HTTP/1.1 upgrades (WebSocket) are supported. With `server.io_threads` = N,
+/// N threads of the role's own each accept on the listener and serve their connections on a
+/// single-threaded runtime; what is still running on one when its drain ends is dropped with it.
 pub async fn serve(listener: TcpListener, app: Router, ctx: &Context) -> std::io::Result<()> {
     let addr = listener.local_addr()?;
     let threads = ctx.config.server.io_threads;
@@ -123,15 +125,11 @@ pub async fn serve(listener: TcpListener, app: Router, ctx: &Context) -> std::io
         done.push(rx);
     }
     drop(listener);
-    let mut outcome = Ok(());
-    for rx in done {
-        match rx.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => outcome = Err(e),
-            Err(_) => outcome = Err(std::io::Error::other("an I/O thread panicked")),
-        }
-    }
-    outcome
+    // The first thread to fail ends the role (and so the process) at once.
+    let ended = done.into_iter().map(|rx| async move {
+        rx.await.unwrap_or_else(|_| Err(std::io::Error::other("an I/O thread panicked")))
+    });
+    futures::future::try_join_all(ended).await.map(drop)
 }
 
 async fn serve_here(listener: TcpListener, app: Router, ctx: &Context) -> std::io::Result<()> {
