@@ -99,17 +99,31 @@ fn with_shared(ctx: &Context, role_router: Router) -> Router {
 /// N threads of the role's own each accept on the listener and serve their connections on a
 /// single-threaded runtime; what is still running on one when its drain ends is dropped with it.
 pub async fn serve(listener: TcpListener, app: Router, ctx: &Context) -> std::io::Result<()> {
+    serve_until(listener, app, ctx, || true).await
+}
+
+/// As [`serve`], for a role whose upgraded connections (WebSocket streams) outlive the drain:
+/// after it, what runs them is kept running until `settled()` or `server.drain_timeout` more.
+/// With I/O threads their tasks live on those threads' runtimes, which end only then.
+pub async fn serve_until(
+    listener: TcpListener,
+    app: Router,
+    ctx: &Context,
+    settled: impl Fn() -> bool + Clone + Send + 'static,
+) -> std::io::Result<()> {
     let addr = listener.local_addr()?;
     let threads = ctx.config.server.io_threads;
     tracing::info!(role = %ctx.role, addr = %addr, io_threads = threads, "listening");
     if threads == 0 {
-        return serve_here(listener, app, ctx).await;
+        serve_here(listener, app, ctx).await?;
+        linger(ctx, settled).await;
+        return Ok(());
     }
     let listener = listener.into_std()?;
     let mut done = Vec::with_capacity(threads);
     for index in 0..threads {
         let listener = listener.try_clone()?;
-        let (app, ctx) = (app.clone(), ctx.clone());
+        let (app, ctx, settled) = (app.clone(), ctx.clone(), settled.clone());
         let (tx, rx) = tokio::sync::oneshot::channel();
         std::thread::Builder::new().name(format!("{}-io-{index}", ctx.role)).spawn(move || {
             let result = tokio::runtime::Builder::new_current_thread()
@@ -117,7 +131,9 @@ pub async fn serve(listener: TcpListener, app: Router, ctx: &Context) -> std::io
                 .build()
                 .and_then(|runtime| {
                     runtime.block_on(async {
-                        serve_here(TcpListener::from_std(listener)?, app, &ctx).await
+                        serve_here(TcpListener::from_std(listener)?, app, &ctx).await?;
+                        linger(&ctx, settled).await;
+                        Ok(())
                     })
                 });
             let _ = tx.send(result);
@@ -130,6 +146,14 @@ pub async fn serve(listener: TcpListener, app: Router, ctx: &Context) -> std::io
         rx.await.unwrap_or_else(|_| Err(std::io::Error::other("an I/O thread panicked")))
     });
     futures::future::try_join_all(ended).await.map(drop)
+}
+
+/// Waits until `settled()`, checking every 20 ms, for at most `server.drain_timeout`.
+async fn linger(ctx: &Context, settled: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + ctx.config.server.drain_timeout;
+    while !settled() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 async fn serve_here(listener: TcpListener, app: Router, ctx: &Context) -> std::io::Result<()> {

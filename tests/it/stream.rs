@@ -590,6 +590,36 @@ async fn shutdown_closes_every_connection_with_going_away() {
     assert!(matches!(ended, Ok(Ok(Ok(())))), "the role returned cleanly: {ended:?}");
 }
 
+/// With I/O threads (`server.io_threads`) the hub still reaches every client, though their sockets
+/// live on the I/O threads' runtimes, and shutdown still closes each with 1001.
+#[tokio::test]
+async fn io_threads_deliver_to_every_client_and_close_them_on_shutdown() {
+    let bootstrap = kafka_bootstrap();
+    let l = layer(Some(&bootstrap), "", &[("ACCESS_SERVER__IO_THREADS", "2")]).await;
+    let mut clients = Vec::new();
+    for user in ["u1", "u2", "u3", "u4"] {
+        let token = l.keys.token(user, "t1", &["trader"]);
+        clients.push(l.subscribed(&token, &[&l.prices], json!({})).await.0);
+    }
+    let kafka = kafka_client(&bootstrap).await;
+    let values = [
+        json!({"instrument_id": "NG", "price": 2.5}),
+        json!({"instrument_id": "BRN", "price": 80}),
+    ];
+    produce(&kafka, &l.prices, &values).await;
+    for ws in &mut clients {
+        let frames = collect(ws, 2, Duration::from_secs(5)).await;
+        assert_eq!(instruments(&frames), vec!["NG", "BRN"]);
+    }
+    l.stream.shutdown().stop();
+    for ws in &mut clients {
+        assert_eq!(close_code(ws, Duration::from_secs(3)).await, Some(1001));
+    }
+    let Running { handle, .. } = l.stream;
+    let ended = tokio::time::timeout(Duration::from_secs(10), handle).await;
+    assert!(matches!(ended, Ok(Ok(Ok(())))), "the role returned cleanly: {ended:?}");
+}
+
 /// A private tansu with sqlite storage, for restarts; killed when dropped.
 struct PrivateTansu {
     child: Option<std::process::Child>,

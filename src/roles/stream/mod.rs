@@ -435,11 +435,10 @@ pub async fn run(listener: TcpListener, state: State, ctx: Context) -> Result<()
     ctx.readiness.mark_started();
     let hub = state.hub.clone();
     let app = server::app(&ctx, router(state));
-    server::serve(listener, app, &ctx).await.map_err(|e| RunError::Other(e.into()))?;
-    let deadline = tokio::time::Instant::now() + ctx.config.server.drain_timeout;
-    while hub.open() > 0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let streams = hub.clone();
+    server::serve_until(listener, app, &ctx, move || streams.open() == 0)
+        .await
+        .map_err(|e| RunError::Other(e.into()))?;
     if hub.open() > 0 {
         tracing::warn!(
             role = "stream",
