@@ -97,7 +97,8 @@ fn with_shared(ctx: &Context, role_router: Router) -> Router {
 /// connections under `server.drain_timeout`. Each connection gets its peer address as
 /// [`ConnectInfo`]; HTTP/1.1 upgrades (WebSocket) are supported. With `server.io_threads` = N,
 /// N threads of the role's own each accept on the listener and serve their connections on a
-/// single-threaded runtime; what is still running on one when its drain ends is dropped with it.
+/// single-threaded runtime; what still runs on those runtimes once every thread has drained is
+/// dropped with them.
 pub async fn serve(listener: TcpListener, app: Router, ctx: &Context) -> std::io::Result<()> {
     serve_until(listener, app, ctx, || true).await
 }
@@ -121,22 +122,31 @@ pub async fn serve_until(
     }
     let listener = listener.into_std()?;
     let mut done = Vec::with_capacity(threads);
+    // Tasks one thread's runtime spawned (a pooled connection's, say) may serve the others'
+    // requests: no runtime ends before every thread has drained.
+    let all_drained = Arc::new(tokio::sync::Barrier::new(threads));
     for index in 0..threads {
         let listener = listener.try_clone()?;
         let (app, ctx, settled) = (app.clone(), ctx.clone(), settled.clone());
+        let all_drained = all_drained.clone();
         let (tx, rx) = tokio::sync::oneshot::channel();
         std::thread::Builder::new().name(format!("{}-io-{index}", ctx.role)).spawn(move || {
-            let result = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .and_then(|runtime| {
-                    runtime.block_on(async {
-                        serve_here(TcpListener::from_std(listener)?, app, &ctx).await?;
-                        linger(&ctx, settled).await;
-                        Ok(())
-                    })
-                });
-            let _ = tx.send(result);
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
+            runtime.block_on(async {
+                let served = async {
+                    serve_here(TcpListener::from_std(listener)?, app, &ctx).await?;
+                    linger(&ctx, settled).await;
+                    Ok(())
+                };
+                let _ = tx.send(served.await);
+                all_drained.wait().await;
+            });
         })?;
         done.push(rx);
     }

@@ -259,6 +259,74 @@ async fn io_threads_serve_connections_and_drain_on_shutdown() {
     assert!(http().get(s.url("/health")).send().await.is_err(), "no longer accepting");
 }
 
+/// A task one I/O thread's runtime spawned (as a pooled connection's is) keeps serving the other
+/// threads' requests while they drain: no runtime ends before every thread has drained.
+#[tokio::test]
+async fn an_io_thread_that_drained_first_keeps_its_tasks_for_the_others() {
+    use std::sync::{Arc, OnceLock};
+    use tokio::sync::{mpsc, oneshot};
+    type Service = mpsc::UnboundedSender<oneshot::Sender<&'static str>>;
+    let service: Arc<OnceLock<Service>> = Arc::default();
+    let thread = || async { std::thread::current().name().unwrap_or_default().to_string() };
+    let (start_service, use_service) = (service.clone(), service);
+    let router = router()
+        .route("/thread", get(thread))
+        // Spawns the answering task on this request's thread (once).
+        .route(
+            "/start",
+            get(move || async move {
+                start_service.get_or_init(|| {
+                    let (tx, mut rx) = mpsc::unbounded_channel::<oneshot::Sender<&str>>();
+                    tokio::spawn(async move {
+                        while let Some(reply) = rx.recv().await {
+                            let _ = reply.send("answered");
+                        }
+                    });
+                    tx
+                });
+                std::thread::current().name().unwrap_or_default().to_string()
+            }),
+        )
+        // Waits, then asks the task for its answer.
+        .route(
+            "/ask-later",
+            get(move || async move {
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                let (reply, answer) = oneshot::channel();
+                let Some(service) = use_service.get() else { return "no service".to_string() };
+                if service.send(reply).is_err() {
+                    return "the task is gone".to_string();
+                }
+                answer.await.unwrap_or("the task is gone").to_string()
+            }),
+        );
+    let s = serve(
+        Role::Auth,
+        config(&[("ACCESS_SERVER__IO_THREADS", "2"), ("ACCESS_SERVER__DRAIN_TIMEOUT", "5s")]),
+        router,
+    )
+    .await;
+    let started_on = http().get(s.url("/start")).send().await.unwrap().text().await.unwrap();
+    // A kept-alive connection served by the other thread.
+    let mut other = None;
+    for _ in 0..50 {
+        let client = reqwest::Client::new();
+        let on = client.get(s.url("/thread")).send().await.unwrap().text().await.unwrap();
+        if on != started_on {
+            other = Some(client);
+            break;
+        }
+    }
+    let other = other.expect("a connection on the other I/O thread");
+    let in_flight = tokio::spawn({
+        let url = s.url("/ask-later");
+        async move { other.get(url).send().await.unwrap().text().await.unwrap() }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    s.shutdown().stop();
+    assert_eq!(in_flight.await.unwrap(), "answered");
+}
+
 #[tokio::test]
 async fn the_drain_deadline_bounds_shutdown() {
     let s = serve(Role::Auth, config(&[("ACCESS_SERVER__DRAIN_TIMEOUT", "100ms")]), router()).await;
