@@ -379,7 +379,8 @@ async fn concurrent_checks_share_script_calls_and_stay_exact() {
     let prefix = format!("it:{}:", uuid::Uuid::new_v4().simple());
     // A rate so slow that no emission interval passes during the test.
     let policy = Policy { rate: 1, period: Duration::from_secs(3600), burst: 100 };
-    let wide = Policy { rate: 1000, period: Duration::from_secs(1), burst: 1000 };
+    // Roomier than `p`: the checks `p` refuses must not consume it, in a batch or across batches.
+    let wide = Policy { rate: 1, period: Duration::from_secs(3600), burst: 150 };
     let limiter = std::sync::Arc::new(Limiter::new(
         [("p".to_string(), policy), ("wide".to_string(), wide)].into(),
         Some((client.clone(), prefix.clone())),
@@ -407,6 +408,12 @@ async fn concurrent_checks_share_script_calls_and_stay_exact() {
     let counts = limiter.counts();
     assert_eq!(counts["p"].allowed.load(std::sync::atomic::Ordering::Relaxed), 200);
     assert_eq!(counts["p"].limited.load(std::sync::atomic::Ordering::Relaxed), 100);
+    for subject in ["u0", "u1"] {
+        let wide_only = limiter.check(&["wide".to_string()], subject, None).await;
+        let (_, _, verdict) = wide_only.tightest.expect("a verdict");
+        assert!(wide_only.allowed);
+        assert_eq!(verdict.remaining, 150 - 100 - 1, "only the 100 allowed checks consumed it");
+    }
     let keys: Vec<String> = ["p", "wide"]
         .iter()
         .flat_map(|p| ["u0", "u1"].map(|u| format!("{prefix}rl:{p}:{u}")))
