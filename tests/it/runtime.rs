@@ -213,6 +213,12 @@ async fn slow_headers_are_cut_off_and_huge_headers_refused() {
 async fn shutdown_drains_in_flight_requests_then_stops() {
     let s = serve(Role::Auth, config(&[("ACCESS_SERVER__DRAIN_TIMEOUT", "5s")]), router()).await;
     s.ctx.readiness.mark_started();
+    drains_in_flight_requests_then_stops(&s).await;
+}
+
+/// Stops `s` while `/slow` is in flight: the request finishes, serve returns, and nothing more is
+/// accepted.
+async fn drains_in_flight_requests_then_stops(s: &crate::support::Running) {
     let in_flight = tokio::spawn(http().get(s.url("/slow")).send());
     tokio::time::sleep(Duration::from_millis(100)).await;
     s.shutdown().stop();
@@ -247,16 +253,7 @@ async fn io_threads_serve_connections_and_drain_on_shutdown() {
         served_by.keys().all(|name| name == "auth-io-0" || name == "auth-io-1"),
         "served on the role's I/O threads: {served_by:?}"
     );
-    let in_flight = tokio::spawn(http().get(s.url("/slow")).send());
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    s.shutdown().stop();
-    let response = in_flight.await.unwrap().unwrap();
-    assert_eq!(response.text().await.unwrap(), "done", "the in-flight request finished");
-    eventually(Duration::from_secs(3), "serve returns", || async {
-        s.handle.is_finished().then_some(())
-    })
-    .await;
-    assert!(http().get(s.url("/health")).send().await.is_err(), "no longer accepting");
+    drains_in_flight_requests_then_stops(&s).await;
 }
 
 /// A task one I/O thread's runtime spawned (as a pooled connection's is) keeps serving the other
