@@ -127,4 +127,4 @@ run "(d) gateway: JWT + rate limit + entitlement, hit" "$GW_PID" "http://127.0.0
 curl -s "http://127.0.0.1:$GW/metrics" | awk '
   /^access_gateway_rate_limit_batch_size_sum/ { sum = $2 }
   /^access_gateway_rate_limit_batch_size_count/ { count = $2 }
-  END { if (count) printf "rate-limit checks per Redis script call: %.1f (%d calls)\n", sum / count, count }'
+  END { if (count) printf "rate-limit checks per Redis script call: %.1f (%d calls)\n", sum / count, count }' || true
