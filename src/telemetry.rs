@@ -29,6 +29,11 @@ pub mod names {
     pub const HTTP_REQUEST_DURATION: &str = "access_http_request_duration_seconds";
     /// Requests refused at the concurrency limit.
     pub const HTTP_SHED: &str = "access_http_requests_shed_total";
+    /// Requests refused at the edge, by reason (`invalid_path`, `too_many_in_flight`,
+    /// `body_timeout`).
+    pub const HTTP_REFUSED: &str = "access_http_requests_refused_total";
+    /// Connections refused at accept, by reason (`too_many_connections`).
+    pub const CONNECTIONS_REFUSED: &str = "access_http_connections_refused_total";
     /// Build information (value 1).
     pub const BUILD_INFO: &str = "access_build_info";
     /// Backend connection attempts that failed, by backend.
@@ -166,6 +171,14 @@ fn describe() {
         "HTTP request latency, by role and route"
     );
     describe_counter!(names::HTTP_SHED, "Requests refused with 503 at the concurrency limit");
+    describe_counter!(
+        names::HTTP_REFUSED,
+        "Requests refused at the edge by reason (invalid_path, too_many_in_flight, body_timeout)"
+    );
+    describe_counter!(
+        names::CONNECTIONS_REFUSED,
+        "Connections refused at accept by reason (too_many_connections)"
+    );
     describe_gauge!(names::BUILD_INFO, "Build information; the value is always 1");
     describe_counter!(names::BACKEND_ERRORS, "Backend operations that failed, by backend");
     crate::auth::jwks::names::describe();

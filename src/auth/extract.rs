@@ -24,6 +24,18 @@ impl Caller {
             Err(ApiError::new(ErrorCode::Forbidden, format!("this needs the {role} role")))
         }
     }
+
+    /// Refuses with 403 unless the caller has one of `roles`.
+    pub fn require_any_role(&self, roles: &[&str]) -> Result<(), ApiError> {
+        if roles.iter().any(|role| self.0.identity.has_role(role)) {
+            Ok(())
+        } else {
+            Err(ApiError::new(
+                ErrorCode::Forbidden,
+                format!("this needs one of the roles {}", roles.join(", ")),
+            ))
+        }
+    }
 }
 
 impl<S> FromRequestParts<S> for Caller

@@ -92,15 +92,30 @@ impl<'de> Deserialize<'de> for StringOrList {
 pub struct ServerConfig {
     /// Address to bind; roles bind all interfaces by default.
     pub host: IpAddr,
-    /// A connection that has not sent its request head in this time is closed.
+    /// A connection must deliver a complete request head within this time of connecting or of
+    /// its previous response, or it is closed: this is also the idle keep-alive timeout.
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
     /// Largest request head (request line and headers) accepted, bytes.
     pub max_header_bytes: usize,
     /// Largest request body accepted, bytes; larger is 413.
     pub max_body_bytes: usize,
+    /// A request body not received in full this long after its head is refused with 408 (the
+    /// request is dropped, an upstream call with it), so slow bodies cannot hold slots.
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
     /// Requests served at once; beyond it, 503 at once instead of an unbounded queue.
     pub max_concurrency: usize,
+    /// Requests one client address may have in flight at once; beyond it, 429
+    /// `too_many_in_flight` (0: no cap).
+    pub max_in_flight_per_client: u32,
+    /// Connections one peer address may hold open; beyond it the connection is answered 429
+    /// `too_many_connections` and closed (0: no cap). Peers in `trusted_proxies` are exempt.
+    pub max_connections_per_client: u32,
+    /// Proxies and load balancers (CIDRs) whose `X-Forwarded-For`/`-Proto` are believed: the
+    /// client address behind them is what per-client limits count. They are exempt from
+    /// `max_connections_per_client`.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// After SIGTERM: report not-ready and keep serving this long, so load balancers move away.
     #[serde(with = "humantime_serde")]
     pub grace_period: Duration,
@@ -121,7 +136,11 @@ impl Default for ServerConfig {
             header_read_timeout: Duration::from_secs(10),
             max_header_bytes: 64 * 1024,
             max_body_bytes: 1024 * 1024,
+            body_read_timeout: Duration::from_secs(15),
             max_concurrency: 1024,
+            max_in_flight_per_client: 128,
+            max_connections_per_client: 512,
+            trusted_proxies: Vec::new(),
             grace_period: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(20),
             ready_check_timeout: Duration::from_secs(2),
@@ -141,6 +160,9 @@ impl ServerConfig {
         }
         if self.max_concurrency == 0 {
             problems.push(Problem::new("server.max_concurrency", "must be greater than 0"));
+        }
+        if self.body_read_timeout.is_zero() {
+            problems.push(Problem::new("server.body_read_timeout", "must be greater than 0"));
         }
         if self.header_read_timeout.is_zero() {
             problems.push(Problem::new("server.header_read_timeout", "must be greater than 0"));

@@ -1,6 +1,7 @@
 //! The layer every listener shares, one tower service doing, outermost first: the request id
 //! (kept or generated, echoed on the response), one trace span and the access metrics per
-//! request, load shedding, and the body-size limit. Applied by [`super::app`].
+//! request, the client's address ([`super::client`]), its share of the request slots, load
+//! shedding, and the body's size limit and read deadline. Applied by [`super::app`].
 //!
 //! One hand-written service rather than a stack of `from_fn` middlewares and tower-http's
 //! request-id pair: each of those boxed and cloned the rest of the stack per request, and
@@ -9,22 +10,29 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::extract::{MatchedPath, Request};
+use axum::extract::{ConnectInfo, MatchedPath, Request};
 use axum::response::{IntoResponse, Response};
 use futures::future::BoxFuture;
 use http::header::CONTENT_LENGTH;
 use http::{HeaderName, HeaderValue};
+use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::Limited;
 use metrics::{Counter, Histogram};
 use tokio::sync::Semaphore;
 use tower::{Layer, Service, ServiceExt};
 use tracing::Instrument;
 
+use super::client::{client_addr, ClientAddr, PerKey};
+use crate::config::ServerConfig;
 use crate::error::{ApiError, ErrorCode};
 use crate::roles::Role;
 use crate::telemetry::names;
@@ -49,19 +57,35 @@ struct SharedInner {
     /// response head (a streaming body or an upgraded socket no longer holds one; the stream role
     /// bounds those itself).
     permits: Semaphore,
+    max_concurrency: usize,
+    /// Requests in flight per client address (`server.max_in_flight_per_client`): taken before a
+    /// permit, so one client never holds more than its share of them.
+    per_client: Arc<PerKey<IpAddr>>,
+    trusted_proxies: Vec<ipnet::IpNet>,
     max_body: usize,
+    body_read_timeout: Duration,
     metrics: RouteMetrics,
 }
 
 impl Shared {
-    /// For `role`, with `server.max_concurrency` and `server.max_body_bytes`.
-    pub fn new(role: Role, max_concurrency: usize, max_body: usize) -> Self {
+    /// For `role`, with the `server` section's limits.
+    pub fn new(role: Role, server: &ServerConfig) -> Self {
         Shared(Arc::new(SharedInner {
             role,
-            permits: Semaphore::new(max_concurrency),
-            max_body,
+            permits: Semaphore::new(server.max_concurrency),
+            max_concurrency: server.max_concurrency,
+            per_client: PerKey::new(server.max_in_flight_per_client),
+            trusted_proxies: server.trusted_proxies.clone(),
+            max_body: server.max_body_bytes,
+            body_read_timeout: server.body_read_timeout,
             metrics: RouteMetrics::new(role, names::HTTP_REQUESTS, names::HTTP_REQUEST_DURATION),
         }))
+    }
+
+    /// Whether every request slot is taken (`server.max_concurrency`): `/ready` reports it.
+    pub fn saturated(&self) -> Option<String> {
+        (self.0.permits.available_permits() == 0)
+            .then(|| format!("all {} request slots are in use", self.0.max_concurrency))
     }
 }
 
@@ -115,6 +139,10 @@ impl SharedInner {
                 id
             }
         };
+        if let Some(ConnectInfo(peer)) = req.extensions().get::<ConnectInfo<SocketAddr>>() {
+            let client = client_addr(peer.ip(), req.headers(), &self.trusted_proxies);
+            req.extensions_mut().insert(ClientAddr(client));
+        }
         let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned());
         let route = route.as_deref().unwrap_or("unmatched");
         let method = method_label(req.method());
@@ -150,7 +178,7 @@ impl SharedInner {
         response
     }
 
-    /// Load shedding, then the body limit, then the route.
+    /// The client's share of the slots, load shedding, then the body limits, then the route.
     async fn admitted<S>(&self, req: Request, inner: S) -> Response
     where
         S: Service<Request, Response = Response, Error = Infallible>,
@@ -158,6 +186,23 @@ impl SharedInner {
         if PROBES.contains(&req.uri().path()) {
             return self.limited(req, inner).await;
         }
+        let client = req.extensions().get::<ClientAddr>().map(|c| c.0);
+        let _client_slot = match client.map(|c| self.per_client.try_acquire(c)) {
+            Some(None) => {
+                metrics::counter!(names::HTTP_REFUSED, "role" => self.role.as_str(),
+                    "reason" => "too_many_in_flight")
+                .increment(1);
+                return ApiError::new(
+                    ErrorCode::RateLimited,
+                    "too many requests in flight from this address",
+                )
+                .with_reason("too_many_in_flight")
+                .with_retry_after(1)
+                .into_response();
+            }
+            Some(Some(slot)) => slot,
+            None => None,
+        };
         match self.permits.try_acquire() {
             Ok(_permit) => self.limited(req, inner).await,
             Err(_) => {
@@ -191,11 +236,117 @@ impl SharedInner {
             )
             .into_response();
         }
-        let req = req.map(|body| Body::new(Limited::new(body, max)));
-        match inner.oneshot(req).await {
+        // A request without a body (every GET) costs nothing more here.
+        if req.body().is_end_stream() {
+            return match inner.oneshot(req).await {
+                Ok(response) => response,
+                Err(never) => match never {},
+            };
+        }
+        let expired = Arc::new(AtomicBool::new(false));
+        let deadline = tokio::time::Instant::now() + self.body_read_timeout;
+        let watch = expired.clone();
+        let req = req.map(|body| {
+            Body::new(Limited::new(
+                Deadline {
+                    inner: body,
+                    sleep: Box::pin(tokio::time::sleep_until(deadline)),
+                    expired: watch,
+                },
+                max,
+            ))
+        });
+        let response = match inner.oneshot(req).await {
             Ok(response) => response,
             Err(never) => match never {},
+        };
+        if expired.load(Ordering::Relaxed) {
+            // Whatever the handler made of the failed read, the client's answer is 408; the
+            // connection is closed, as the rest of the body may still be on its way.
+            metrics::counter!(names::HTTP_REFUSED, "role" => self.role.as_str(),
+                "reason" => "body_timeout")
+            .increment(1);
+            let mut response = ApiError::new(
+                ErrorCode::RequestTimeout,
+                format!(
+                    "the request body was not received within {}",
+                    humantime::format_duration(self.body_read_timeout)
+                ),
+            )
+            .into_response();
+            response
+                .headers_mut()
+                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+            return response;
         }
+        response
+    }
+}
+
+/// The answer to a request body that could not be read: 413 over the limit, 408 past the read
+/// deadline, 400 when the client stopped sending (the body ended early or the connection broke).
+pub fn body_error(e: &(dyn std::error::Error + 'static), max: usize) -> ApiError {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if c.is::<http_body_util::LengthLimitError>() {
+            return ApiError::new(
+                ErrorCode::PayloadTooLarge,
+                format!("request body is larger than {max} bytes"),
+            );
+        }
+        if c.is::<BodyTimeout>() {
+            return ApiError::new(
+                ErrorCode::RequestTimeout,
+                "the request body was not received in time",
+            );
+        }
+        cause = c.source();
+    }
+    ApiError::new(ErrorCode::InvalidRequest, "the request body was not received in full")
+}
+
+/// A request body that fails with [`BodyTimeout`] once its deadline passes before it has been
+/// read in full, and says so in `expired` (the shared layer then answers 408). The deadline runs
+/// from the request's head, whether or not anyone polls the body.
+struct Deadline<B> {
+    inner: B,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    expired: Arc<AtomicBool>,
+}
+
+/// The error a [`Deadline`] body fails with.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body was not received in time")]
+pub struct BodyTimeout;
+
+impl<B> HttpBody for Deadline<B>
+where
+    B: HttpBody<Data = bytes::Bytes> + Unpin,
+    B::Error: Into<axum::BoxError>,
+{
+    type Data = bytes::Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<bytes::Bytes>, Self::Error>>> {
+        if let Poll::Ready(frame) = Pin::new(&mut self.inner).poll_frame(cx) {
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        if self.sleep.as_mut().poll(cx).is_ready() {
+            self.expired.store(true, Ordering::Relaxed);
+            return Poll::Ready(Some(Err(Box::new(BodyTimeout))));
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 

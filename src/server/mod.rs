@@ -4,10 +4,12 @@
 //! Servers never bind or read the environment: production binds in `cli.rs`, tests bind
 //! `127.0.0.1:0`.
 
+pub mod client;
 pub mod layers;
 pub mod openapi;
 mod readiness;
 mod shutdown;
+pub mod target;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,11 +18,11 @@ use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 
@@ -80,7 +82,15 @@ pub fn app_with_fallback(ctx: &Context, role_router: Router) -> Router {
 }
 
 fn with_shared(ctx: &Context, role_router: Router) -> Router {
-    let server = &ctx.config.server;
+    let mut server = ctx.config.server.clone();
+    server.trusted_proxies = trusted_proxies(&ctx.config);
+    let shared = layers::Shared::new(ctx.role, &server);
+    let capacity = shared.clone();
+    ctx.readiness.add_soft_check("capacity", move || {
+        let saturated = capacity.saturated();
+        Box::pin(async move { saturated.map_or(Ok(()), Err) })
+            as futures::future::BoxFuture<'static, _>
+    });
     let common = Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
@@ -90,7 +100,15 @@ fn with_shared(ctx: &Context, role_router: Router) -> Router {
         .merge(common)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(server.max_body_bytes))
-        .layer(layers::Shared::new(ctx.role, server.max_concurrency, server.max_body_bytes))
+        .layer(shared)
+}
+
+/// The proxies whose `X-Forwarded-For` is believed: `server.trusted_proxies`, and the older
+/// `gateway.trusted_proxies` (still honoured, the same list).
+pub fn trusted_proxies(config: &Config) -> Vec<ipnet::IpNet> {
+    let mut all = config.server.trusted_proxies.clone();
+    all.extend(config.gateway.trusted_proxies.iter().copied());
+    all
 }
 
 /// Serves `app` on `listener` until the context's shutdown stops it, then drains in-flight
@@ -166,21 +184,34 @@ async fn linger(ctx: &Context, settled: impl Fn() -> bool) {
     }
 }
 
+/// The answer to a connection over `server.max_connections_per_client`, written before it is
+/// closed (the client has not necessarily sent anything yet).
+const TOO_MANY_CONNECTIONS: &[u8] = b"HTTP/1.1 429 Too Many Requests\r\n\
+content-type: application/json\r\nconnection: close\r\nretry-after: 1\r\ncontent-length: 122\r\n\r\n\
+{\"code\":\"rate_limited\",\"message\":\"too many connections from this address\",\"reason\":\"too_many_connections\",\"retry_after\":1}";
+
+/// Accepts and serves HTTP/1.1 connections (upgrades included) until shutdown, then drains.
+///
+/// HTTP/1 only, on purpose: hyper-util's auto-detecting builder waits for a connection's first
+/// bytes with no deadline (an idle socket stayed open forever) and would hand an HTTP/2 preface
+/// to an HTTP/2 server with no header deadline. Here an HTTP/2 preface is a malformed HTTP/1
+/// request, closed at once, and hyper's header timer (`server.header_read_timeout`) runs from
+/// the moment a connection waits for a request head: after it connects and after each
+/// response, so an idle keep-alive connection is closed after it too.
 async fn serve_here(listener: TcpListener, app: Router, ctx: &Context) -> std::io::Result<()> {
     let server = &ctx.config.server;
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = hyper::server::conn::http1::Builder::new();
     builder
-        .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(server.header_read_timeout)
         .max_buf_size(server.max_header_bytes);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(server.max_header_bytes).unwrap_or(u32::MAX));
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let trusted = trusted_proxies(&ctx.config);
+    let per_peer = client::PerKey::new(server.max_connections_per_client);
+    // Each connection's task holds a clone; the drain below ends when every one has dropped it.
+    let (alive, mut all_closed) = tokio::sync::mpsc::channel::<()>(1);
+    let role = ctx.role;
     loop {
-        let (stream, peer) = tokio::select! {
+        let (mut stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(e) => {
@@ -192,29 +223,129 @@ async fn serve_here(listener: TcpListener, app: Router, ctx: &Context) -> std::i
             },
             _ = ctx.shutdown.stopping() => break,
         };
+        let slot = if client::is_trusted(&peer.ip(), &trusted) {
+            None
+        } else {
+            match per_peer.try_acquire(peer.ip()) {
+                Some(slot) => slot,
+                None => {
+                    metrics::counter!(telemetry::names::CONNECTIONS_REFUSED,
+                        "role" => role.as_str(), "reason" => "too_many_connections")
+                    .increment(1);
+                    tokio::spawn(async move {
+                        let write = stream.write_all(TOO_MANY_CONNECTIONS);
+                        let _ =
+                            tokio::time::timeout(std::time::Duration::from_secs(1), write).await;
+                        let _ = stream.shutdown().await;
+                    });
+                    continue;
+                }
+            }
+        };
         let _ = stream.set_nodelay(true);
-        let service = app.clone().map_request(move |mut req: Request<hyper::body::Incoming>| {
-            req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
-            req
-        });
+        let service = canonical(app.clone(), role, peer, server.max_header_bytes);
         let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service))
-            .into_owned();
-        let connection = graceful.watch(connection);
+            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service))
+            .with_upgrades();
+        let (stopping, alive) = (ctx.shutdown.clone(), alive.clone());
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
+            let (_slot, _alive) = (slot, alive);
+            tokio::pin!(connection);
+            let ended = tokio::select! {
+                ended = connection.as_mut() => ended,
+                _ = stopping.stopping() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(e) = ended {
                 tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
             }
         });
     }
     drop(listener);
+    drop(alive);
     tokio::select! {
-        _ = graceful.shutdown() => tracing::info!(role = %ctx.role, "drained"),
+        _ = all_closed.recv() => tracing::info!(role = %ctx.role, "drained"),
         _ = tokio::time::sleep(server.drain_timeout) => {
             tracing::warn!(role = %ctx.role, deadline = ?server.drain_timeout,
                 "drain deadline passed; closing the remaining connections");
         }
     }
+    Ok(())
+}
+
+/// `app` behind the canonical request target ([`target`]): the path and query are rewritten to
+/// their one canonical form before any route is matched, or the request is refused with 400
+/// `invalid_request`, reason `invalid_path`. Also hands the handlers the peer's address.
+fn canonical(
+    app: Router,
+    role: Role,
+    peer: SocketAddr,
+    max_header_bytes: usize,
+) -> impl tower::Service<
+    Request<hyper::body::Incoming>,
+    Response = Response,
+    Error = std::convert::Infallible,
+    Future = impl std::future::Future<Output = Result<Response, std::convert::Infallible>> + Send,
+> + Clone {
+    tower::service_fn(move |mut req: Request<hyper::body::Incoming>| {
+        let app = app.clone();
+        async move {
+            // hyper's buffer limit lets a head grow past `max_header_bytes` by up to one read
+            // (its reads double in size): the head is measured here, exactly.
+            if head_len(&req) > max_header_bytes {
+                let mut response = Response::new(axum::body::Body::empty());
+                *response.status_mut() = http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
+                response
+                    .headers_mut()
+                    .insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+                return Ok(response);
+            }
+            if let Err(invalid) = canonicalize(req.uri_mut()) {
+                metrics::counter!(telemetry::names::HTTP_REFUSED,
+                    "role" => role.as_str(), "reason" => "invalid_path")
+                .increment(1);
+                tracing::debug!(role = %role, peer = %peer, reason = invalid.as_str(),
+                    "request target refused");
+                let mut response = ApiError::new(ErrorCode::InvalidRequest, invalid.message())
+                    .with_reason("invalid_path")
+                    .into_response();
+                if let Some(id) = req.headers().get(&layers::REQUEST_ID) {
+                    response.headers_mut().insert(layers::REQUEST_ID.clone(), id.clone());
+                }
+                return Ok(response);
+            }
+            req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+            app.oneshot(req.map(axum::body::Body::new)).await
+        }
+    })
+}
+
+/// The size of a request's head as received: request line and header lines.
+fn head_len<B>(req: &Request<B>) -> usize {
+    let target = req.uri().path_and_query().map_or(1, |p| p.as_str().len());
+    let line = req.method().as_str().len() + target + 12;
+    req.headers().iter().fold(line, |n, (k, v)| n + k.as_str().len() + v.len() + 4)
+}
+
+/// Rewrites `uri` to its canonical path and query, or says why it is refused.
+fn canonicalize(uri: &mut http::Uri) -> Result<(), target::Invalid> {
+    let path = target::canonical_path(uri.path())?;
+    let query = uri.query().map(target::canonical_query).transpose()?;
+    let unchanged = matches!(path, std::borrow::Cow::Borrowed(_))
+        && query.as_ref().is_none_or(|q| matches!(q, std::borrow::Cow::Borrowed(_)));
+    if unchanged {
+        return Ok(());
+    }
+    let path_and_query = match query {
+        Some(q) => format!("{path}?{q}"),
+        None => path.into_owned(),
+    };
+    let mut parts = std::mem::take(uri).into_parts();
+    parts.path_and_query = path_and_query.parse().ok();
+    // Only characters that were already in the target are written: this cannot fail.
+    *uri = http::Uri::from_parts(parts).map_err(|_| target::Invalid::MalformedEscape)?;
     Ok(())
 }
 
@@ -279,4 +410,27 @@ async fn not_found() -> ApiError {
 
 async fn method_not_allowed() -> ApiError {
     ApiError::new(ErrorCode::MethodNotAllowed, "method not allowed on this route")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_connection_refusal_is_a_well_formed_response() {
+        let text = std::str::from_utf8(TOO_MANY_CONNECTIONS).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.contains(&format!("content-length: {}", body.len())), "{head}");
+        let body: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(
+            (body["code"].as_str(), body["reason"].as_str()),
+            (Some("rate_limited"), Some("too_many_connections"))
+        );
+    }
+
+    #[test]
+    fn heads_are_measured_as_sent() {
+        let req = Request::get("/a?b=c").header("x-big", "v".repeat(100)).body(()).unwrap();
+        assert_eq!(head_len(&req), 3 + 6 + 12 + 5 + 100 + 4);
+    }
 }

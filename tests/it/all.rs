@@ -155,7 +155,7 @@ async fn access_all_uses_the_real_backends_when_they_are_configured() {
         }
         r.send().await.unwrap().json::<Value>().await.unwrap()
     };
-    let stats = get(format!("http://127.0.0.1:{st}/stats"), None).await;
+    let stats = get(format!("http://127.0.0.1:{st}/stats"), Some(admin.clone())).await;
     assert_eq!(stats["source"], "kafka", "{stats}");
     let stats = get(format!("http://127.0.0.1:{en}/entitlements/stats"), Some(admin)).await;
     assert_eq!(stats["store"], "postgres", "{stats}");

@@ -7,6 +7,7 @@ mod backends;
 mod binary;
 mod cache;
 mod e2e;
+mod edge;
 mod entitlements;
 mod gateway;
 mod idp;

@@ -137,6 +137,19 @@ async fn sse_streams_records_and_an_open_streams_topics_change_through_any_repli
     )
     .await;
     assert_eq!((status, body["code"].as_str()), (404, Some("not_found")));
+    // The id cannot be guessed from its counter: without its random part (or with another), it
+    // names nothing.
+    let (counter, random) = conn_id.rsplit_once('-').unwrap();
+    assert_eq!(random.len(), 32, "{conn_id}");
+    for guess in [counter.to_string(), format!("{counter}-{}", "0".repeat(32))] {
+        let (status, _) = change(
+            reqwest::Method::POST,
+            &alice,
+            json!({"connection_id": guess, "topics": [news]}),
+        )
+        .await;
+        assert_eq!(status, 404, "{guess}");
+    }
 
     // Idle: comment heartbeats keep proxies from closing the stream.
     assert!(sse.next_within(Duration::from_millis(800)).await.is_none());

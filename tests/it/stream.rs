@@ -291,8 +291,16 @@ async fn kafka_records_reach_subscribers_through_filters_and_tenant_scoping() {
     let age = chrono::Utc::now().timestamp_millis() - first["timestamp"].as_i64().unwrap();
     assert!((0..10_000).contains(&age), "the Kafka timestamp in ms: {first}");
 
-    let stats: Value =
-        http().get(l.stream.url("/stats")).send().await.unwrap().json().await.unwrap();
+    let admin = l.keys.token("root", "t0", &["admin"]);
+    let stats: Value = http()
+        .get(l.stream.url("/stats"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(stats["connections"], 2, "{stats}");
     assert_eq!(stats["subscriptions"][&l.prices], 2);
     assert_eq!(stats["source"], "kafka");
@@ -519,8 +527,16 @@ async fn a_slow_client_is_cut_off_while_a_fast_one_keeps_up() {
         (0..total as i64).collect::<Vec<_>>(),
         "the fast client got every record in order"
     );
-    let stats: Value =
-        http().get(l.stream.url("/stats")).send().await.unwrap().json().await.unwrap();
+    let admin = l.keys.token("root", "t0", &["admin"]);
+    let stats: Value = http()
+        .get(l.stream.url("/stats"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(stats["slow_consumer_closes"], 1, "{stats}");
     assert!(stats["messages_dropped"].as_u64().unwrap() >= 1);
     assert_eq!(stats["connections"], 1, "the slow connection is gone: {stats}");

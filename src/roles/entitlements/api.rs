@@ -307,13 +307,17 @@ pub(super) async fn delete(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-#[utoipa::path(get, path = "/entitlements/stats", tag = "entitlements", summary = "Rules version, snapshot age, cache statistics", security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
-pub(super) async fn stats(AxumState(state): AxumState<State>, _caller: Caller) -> Response {
+#[utoipa::path(get, path = "/entitlements/stats", tag = "entitlements", summary = "Rules version, snapshot age, cache statistics (admin or service role)", security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
+pub(super) async fn stats(
+    AxumState(state): AxumState<State>,
+    caller: Caller,
+) -> ApiResult<Response> {
+    caller.require_any_role(&[&state.admin_role, &state.service_role])?;
     use std::sync::atomic::Ordering::Relaxed;
     let snap = state.engine.snapshot();
     let s = &state.engine.stats;
     let checks = s.checks.load(Relaxed);
-    axum::Json(json!({
+    Ok(axum::Json(json!({
         "rules": snap.rules().len(),
         "rules_version": snap.version(),
         "snapshot_loaded_at": snap.loaded_at(),
@@ -326,5 +330,5 @@ pub(super) async fn stats(AxumState(state): AxumState<State>, _caller: Caller) -
         "reload_errors": s.reload_errors.load(Relaxed),
         "store": state.store_kind,
     }))
-    .into_response()
+    .into_response())
 }

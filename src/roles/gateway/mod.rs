@@ -63,8 +63,11 @@ pub struct Config {
     pub timeout: Duration,
     /// Default retries (idempotent, body-less requests, after a failed connection).
     pub retries: u32,
-    /// Peers whose `X-Forwarded-For`/`-Proto` are believed (CIDRs).
+    /// The older name of `server.trusted_proxies`, still honoured: both lists are one set.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Requests one identity (user, API key, service) may have in flight at once through the
+    /// gateway; beyond it, 429 `too_many_in_flight` (0: no cap).
+    pub max_in_flight_per_identity: u32,
     /// Browser origins allowed by CORS (exact, or `*`).
     pub cors_origins: Vec<String>,
     /// Allow requests when the entitlements role cannot answer (default: refuse with 503).
@@ -106,6 +109,7 @@ impl Default for Config {
             timeout: Duration::from_secs(10),
             retries: 1,
             trusted_proxies: Vec::new(),
+            max_in_flight_per_identity: 64,
             cors_origins: Vec::new(),
             entitlements_fail_open: false,
             decision_cache_ttl: Duration::from_secs(5),
@@ -203,6 +207,12 @@ pub struct Shared {
     cache: Arc<cache::Cache>,
     admin_role: String,
     config: Config,
+    /// `server.trusted_proxies` and `gateway.trusted_proxies`: whose `X-Forwarded-Proto` is believed.
+    trusted_proxies: Vec<ipnet::IpNet>,
+    /// Requests in flight per identity (`max_in_flight_per_identity`).
+    per_identity: Arc<crate::server::client::PerKey<String>>,
+    /// `server.max_body_bytes`: a request body is read in full, up to this, before it goes upstream.
+    max_body: usize,
     /// `access_gateway_requests_total` and `access_gateway_request_duration_seconds` by route.
     metrics: crate::server::layers::RouteMetrics,
 }
@@ -320,6 +330,9 @@ pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
         limiter,
         cache: cache::Cache::new(cache_store),
         admin_role: ctx.config.auth.admin_role.clone(),
+        trusted_proxies: crate::server::trusted_proxies(&ctx.config),
+        per_identity: crate::server::client::PerKey::new(config.max_in_flight_per_identity),
+        max_body: ctx.config.server.max_body_bytes,
         config,
         metrics: crate::server::layers::RouteMetrics::new(
             Role::Gateway,

@@ -1,7 +1,11 @@
-//! The request path for data routes (`docs/contracts.md`): route match (404/405) ->
-//! authenticate (401) -> entitlement (403) -> circuit breaker (503) -> upstream with timeout and
-//! retries (502/504) -> response. CORS preflights are answered by the CORS layer before this.
+//! The request path for data routes (`docs/contracts.md`): route match on the canonical target
+//! (404/405) -> per-address limit (429) -> authenticate (401) -> the identity's share of requests
+//! in flight (429) -> rate limit (429) -> entitlement (403) -> cache -> the body read in full
+//! (413/408) -> circuit breaker (503) -> upstream with timeout and retries (502/504) -> response.
+//! CORS preflights are answered by the CORS layer before this, and the target was made canonical
+//! (or refused) before any route was matched ([`crate::server::target`]).
 
+use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -17,7 +21,9 @@ use super::routes::{render_resource, AuthMode};
 use super::State;
 use crate::auth::{AuthError, Identity, Reason};
 use crate::error::{ApiError, ErrorCode};
+use crate::server::client::ClientAddr;
 use crate::server::layers::{method_label, status_class};
+use crate::server::target;
 
 /// Metric names.
 pub mod names {
@@ -83,6 +89,49 @@ pub static IDENTITY_HEADERS: [HeaderName; 3] = [
     HeaderName::from_static("x-user-roles"),
 ];
 
+/// Client headers whose names, normalised (lower case, `_` read as `-`, since WSGI/CGI servers
+/// read `X_User_Id` as `X-User-Id`), are one of these are never forwarded: identity and
+/// credentials the gateway owns, forwarding information only trusted proxies may set, and the
+/// path and method overrides some frameworks obey (a different target than the one checked).
+const RESERVED_HEADERS: &[&str] = &[
+    "forwarded",
+    "x-real-ip",
+    "x-client-ip",
+    "true-client-ip",
+    "cf-connecting-ip",
+    "x-cluster-client-ip",
+    "x-original-url",
+    "x-original-uri",
+    "x-original-method",
+    "x-rewrite-url",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "remote-user",
+    "x-remote-user",
+    "x-remote-addr",
+];
+
+/// Name prefixes reserved the same way (`X-Forwarded-*`, `X-User-*`, `X-Tenant-*`, `X-Auth-*`).
+const RESERVED_PREFIXES: &[&str] = &["x-forwarded-", "x-user-", "x-tenant-", "x-auth-"];
+
+/// Whether a client header must not reach an upstream: see [`RESERVED_HEADERS`]. The caller's
+/// credentials (`Authorization`, `X-API-Key`) pass only on routes with `forward_authorization`;
+/// their underscore twins never do (they are not what the gateway verified).
+pub fn is_reserved(name: &HeaderName, forward_authorization: bool) -> bool {
+    let raw = name.as_str();
+    if raw == "authorization" || raw == "x-api-key" {
+        return !forward_authorization;
+    }
+    let name: Cow<str> =
+        if raw.contains('_') { Cow::Owned(raw.replace('_', "-")) } else { Cow::Borrowed(raw) };
+    if name == "authorization" || name == "x-api-key" {
+        return true;
+    }
+    RESERVED_HEADERS.contains(&name.as_ref())
+        || RESERVED_PREFIXES.iter().any(|p| name.starts_with(p))
+}
+
 const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
@@ -107,23 +156,6 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// The client's address: the peer, or, when the peer is a trusted proxy, the rightmost address in
-/// `X-Forwarded-For` that is not itself a trusted proxy.
-fn client_ip(state: &State, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
-    let trusted = |ip: &IpAddr| state.config.trusted_proxies.iter().any(|net| net.contains(ip));
-    if !trusted(&peer) {
-        return peer;
-    }
-    let chain: Vec<IpAddr> = headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|s| s.trim().parse().ok())
-        .collect();
-    chain.into_iter().rev().find(|ip| !trusted(ip)).unwrap_or(peer)
-}
-
 /// The fallback handler: every request that is not a gateway endpoint.
 pub async fn forward(
     AxumState(state): AxumState<State>,
@@ -133,6 +165,13 @@ pub async fn forward(
     let started = Instant::now();
     let table = state.table();
     let method = req.method().clone();
+    // `serve` made the target canonical before routing; a router used without it must not
+    // match (and check) one spelling and forward another.
+    if !matches!(target::canonical_path(req.uri().path()), Ok(Cow::Borrowed(_))) {
+        return ApiError::new(ErrorCode::InvalidRequest, "the request target is not canonical")
+            .with_reason("invalid_path")
+            .into_response();
+    }
     let Some(matched) = table.find(req.uri().path()) else {
         return ApiError::not_found("no route for this path").into_response();
     };
@@ -223,13 +262,34 @@ async fn handle(
     peer: SocketAddr,
     req: Request,
 ) -> Result<Handled, ApiError> {
-    let client = client_ip(state, peer.ip(), req.headers());
+    let client = req.extensions().get::<ClientAddr>().map_or(peer.ip(), |c| c.0);
     // The cheap per-address limit, before any signature is checked.
     if let Err(retry_after) = state.ip_limit.check(client) {
         return Err(ApiError::new(ErrorCode::RateLimited, "too many requests from this address")
             .with_retry_after(retry_after));
     }
     let identity = authenticate(state, route.spec.auth, req.headers()).await?;
+    // One identity's share of the requests in flight: a client that holds requests open (slow
+    // upstream calls, slow bodies) cannot take the slots every other identity needs.
+    let _in_flight = match &identity {
+        Some(identity) if state.per_identity.enabled() => {
+            match state.per_identity.try_acquire(identity.subject.clone()) {
+                Some(slot) => slot,
+                None => {
+                    metrics::counter!(crate::telemetry::names::HTTP_REFUSED, "role" => "gateway",
+                        "reason" => "too_many_in_flight")
+                    .increment(1);
+                    return Err(ApiError::new(
+                        ErrorCode::RateLimited,
+                        "too many requests in flight for this identity",
+                    )
+                    .with_reason("too_many_in_flight")
+                    .with_retry_after(1));
+                }
+            }
+        }
+        _ => None,
+    };
     let tier;
     let policies: &[String] = if route.spec.rate_limits.is_empty() {
         tier = [if identity.is_some() { "authenticated" } else { "public" }.to_string()];
@@ -321,27 +381,33 @@ pub(super) async fn upstream(
     req: Request,
 ) -> Result<Handled, ApiError> {
     let (mut parts, body) = req.into_parts();
-    let bytes_in = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let proto = if state.config.trusted_proxies.iter().any(|n| n.contains(&peer.ip())) {
+    // The body is read in full before any upstream is called: a body over the limit is 413, one
+    // not received in time 408, one the client abandons 400, and none of them reaches an
+    // upstream truncated or counts against its breaker (nginx buffers request bodies for the
+    // same reason). Requests without a body (every GET) skip this.
+    let body = read_body(body, state.max_body).await?;
+    let bytes_in = body.len() as u64;
+    let proto = if crate::server::client::is_trusted(&peer.ip(), &state.trusted_proxies) {
         parts.headers.get("x-forwarded-proto").cloned().unwrap_or(HeaderValue::from_static("http"))
     } else {
         HeaderValue::from_static("http")
     };
     let host = parts.headers.get(header::HOST).cloned();
     strip_hop_by_hop(&mut parts.headers);
-    // Client copies of identity and forwarding headers, and the API key, never reach upstreams.
-    for name in IDENTITY_HEADERS.iter().chain([
-        &API_KEY,
-        &HeaderName::from_static("x-forwarded-for"),
-        &HeaderName::from_static("x-forwarded-proto"),
-        &HeaderName::from_static("x-forwarded-host"),
-    ]) {
+    // Client copies of identity, credential and forwarding headers, in any spelling, never reach
+    // upstreams.
+    let forward_authorization = route.spec.forward_authorization;
+    let reserved: Vec<HeaderName> = parts
+        .headers
+        .keys()
+        .filter(|name| is_reserved(name, forward_authorization))
+        .cloned()
+        .collect();
+    for name in &reserved {
         parts.headers.remove(name);
+    }
+    if !body.is_empty() || parts.headers.contains_key(header::CONTENT_LENGTH) {
+        parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
     }
     if let Some(identity) = &identity {
         for (name, value) in IDENTITY_HEADERS.iter().zip([
@@ -375,9 +441,8 @@ pub(super) async fn upstream(
         parts.method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
     );
-    // A body can be sent once; only body-less idempotent requests are retried.
-    let retryable =
-        idempotent && bytes_in == 0 && parts.headers.get(header::TRANSFER_ENCODING).is_none();
+    // Only body-less idempotent requests are retried.
+    let retryable = idempotent && body.is_empty();
     let attempts = if retryable { route.retries + 1 } else { 1 };
     let mut body = Some(body);
     let mut last_error = None;
@@ -406,7 +471,7 @@ pub(super) async fn upstream(
                 Err(e) => return Err(ApiError::internal(anyhow::anyhow!("upstream URI: {e}"))),
             };
         let mut upstream =
-            http::Request::from_parts(parts.clone(), body.take().unwrap_or_else(Body::empty));
+            http::Request::from_parts(parts.clone(), Body::from(body.take().unwrap_or_default()));
         *upstream.uri_mut() = uri;
         if let Some(authority) = upstream.uri().authority().map(|a| a.as_str().to_string()) {
             if let Ok(v) = HeaderValue::from_str(&authority) {
@@ -449,4 +514,17 @@ pub(super) async fn upstream(
     }
     Err(last_error
         .unwrap_or_else(|| ApiError::new(ErrorCode::UpstreamUnavailable, "no upstream configured")))
+}
+
+/// Reads a request body in full (it is already capped at `server.max_body_bytes` and the read
+/// deadline by the shared layer; `max` caps it again for a router used without that layer).
+async fn read_body(body: Body, max: usize) -> Result<bytes::Bytes, ApiError> {
+    use http_body_util::BodyExt;
+    if http_body::Body::is_end_stream(&body) {
+        return Ok(bytes::Bytes::new());
+    }
+    match http_body_util::Limited::new(body, max).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) => Err(crate::server::layers::body_error(e.as_ref(), max)),
+    }
 }

@@ -78,6 +78,10 @@ pub struct RouteSpec {
     /// Cache policy: present means GET and HEAD responses may be cached.
     #[serde(default)]
     pub cache: Option<super::cache::CachePolicy>,
+    /// Forward the caller's own `Authorization` (and `X-API-Key`) to the upstream. Off by
+    /// default: an upstream that logs headers would hold live credentials.
+    #[serde(default)]
+    pub forward_authorization: bool,
 }
 
 /// A validated, compiled route.
@@ -238,10 +242,16 @@ impl Table {
         }
     }
 
-    /// The route for `path`, if any.
+    /// The route for `path`, a canonical path ([`crate::server::target`]), if any. Parameters
+    /// are percent-decoded: each is the one string the upstream will see for its segment(s).
     pub fn find(&self, path: &str) -> Option<Matched> {
         let m = self.router.at(path).ok()?;
-        let params = m.params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut params = Vec::with_capacity(m.params.len());
+        for (k, v) in m.params.iter() {
+            // `{*rest}` spans segments; no segment of a canonical path holds an encoded `/`,
+            // so decoding the whole stays unambiguous.
+            params.push((k.to_string(), crate::server::target::decode(v)?.into_owned()));
+        }
         Some(Matched { route: self.routes[*m.value].clone(), params })
     }
 

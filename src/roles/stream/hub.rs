@@ -223,7 +223,9 @@ impl Hub {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let conn = Arc::new(Conn {
             id,
-            public_id: format!("{}-{id}", self.replica),
+            // The counter finds the connection; the random part (122 bits) makes the id
+            // impossible to guess, so one client cannot name another's connection.
+            public_id: format!("{}-{id}-{}", self.replica, uuid::Uuid::new_v4().simple()),
             positions: Mutex::default(),
             transport,
             subject: identity.subject.clone(),
@@ -275,10 +277,16 @@ impl Hub {
         &self.replica
     }
 
-    /// A connection of this replica by its public id.
+    /// A connection of this replica by its public id (`<replica>-<n>-<random>`): the whole id
+    /// must match, the random part included.
     pub fn find(&self, public_id: &str) -> Option<Arc<Conn>> {
-        let id: ConnId = public_id.strip_prefix(&self.replica)?.strip_prefix('-')?.parse().ok()?;
-        self.conns.lock().unwrap_or_else(|p| p.into_inner()).all.get(&id).cloned()
+        let rest = public_id.strip_prefix(&self.replica)?.strip_prefix('-')?;
+        let id: ConnId = rest.split('-').next()?.parse().ok()?;
+        let conn = self.conns.lock().unwrap_or_else(|p| p.into_inner()).all.get(&id).cloned()?;
+        let same = conn.public_id.len() == public_id.len()
+            && conn.public_id.bytes().zip(public_id.bytes()).fold(0u8, |d, (a, b)| d | (a ^ b))
+                == 0;
+        same.then_some(conn)
     }
 
     /// Where a partition's next record will be (consumers set it when they start or start over).

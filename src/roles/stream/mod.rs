@@ -526,15 +526,16 @@ fn admit(
     })
 }
 
-#[utoipa::path(get, path = "/stats", tag = "stream", summary = "Connections, subscriptions, queues, Kafka partitions and lag", responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
-async fn stats(AxumState(state): AxumState<State>) -> Response {
+#[utoipa::path(get, path = "/stats", tag = "stream", summary = "Connections, subscriptions, queues, Kafka partitions and lag (admin or service role)", security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
+async fn stats(AxumState(state): AxumState<State>, caller: Caller) -> ApiResult<Response> {
+    caller.require_any_role(&[&state.admin_role, &state.service_role])?;
     let mut stats = state.hub.stats();
     stats["source"] = json!(state.publisher.kind());
     if let Some(consumer) = &state.consumer {
         stats["kafka"] =
             json!({"records": consumer.records(), "partitions": consumer.partitions()});
     }
-    axum::Json(stats).into_response()
+    Ok(axum::Json(stats).into_response())
 }
 
 /// The body of `POST /publish`.
