@@ -10,14 +10,20 @@ ST=${ACCESS_STREAM__PORT:-8001}
 AUTH=${ACCESS_AUTH__PORT:-8010}
 ENT=${ACCESS_ENTITLEMENTS__PORT:-8011}
 MET=${ACCESS_METRICS__PORT:-8012}
+UPSTREAM=${SAMPLE_UPSTREAM_PORT:-8100}
 
 "$BIN" check-config >/dev/null
 TOKEN=$("$BIN" token --sub alice --tenant t1 --roles trader --ttl 8h)
 ADMIN=$("$BIN" token --sub root --tenant t1 --roles admin --ttl 8h)
 
-"$BIN" all &
+"$BIN" all --upstream-port "$UPSTREAM" &
 PID=$!
-trap 'kill -TERM $PID 2>/dev/null; wait $PID 2>/dev/null' EXIT
+# Ctrl-C reaches the whole foreground process group, so the layer gets it too and stops on its
+# own (a second Ctrl-C skips its grace period); this script only waits for that and exits with
+# the layer's status, instead of dying of the signal (which `make run` reported as an error).
+trap ':' INT
+trap 'kill -TERM $PID 2>/dev/null' TERM
+trap 'kill -TERM $PID 2>/dev/null || true' EXIT
 for _ in $(seq 1 100); do
   curl -fs "http://localhost:$GW/ready" >/dev/null 2>&1 && curl -fs "http://localhost:$ST/ready" >/dev/null 2>&1 && break
   sleep 0.2
@@ -26,7 +32,7 @@ done
 cat <<MSG
 
 access $("$BIN" --version | cut -d' ' -f2) runs every role in one process: gateway :$GW, stream :$ST, auth :$AUTH,
-entitlements :$ENT, metrics :$MET, with a sample upstream on :8100 and sample price updates every
+entitlements :$ENT, metrics :$MET, with a sample upstream on :$UPSTREAM and sample price updates every
 second (embedded backends, a local dev key, the shipped routes and seed rules).
 
 Tokens (valid 8 hours): alice, a trader of tenant t1; root, an admin.
@@ -58,4 +64,10 @@ Also: /health, /ready, /metrics on every port; /stats on :$ST; docs/stream-proto
 Ctrl-C stops the layer (after the grace period; press twice to skip it).
 
 MSG
-wait $PID
+# `wait` returns early when a trapped signal arrives; wait on until the layer is gone, then take
+# its exit status (0 after a clean shutdown).
+while kill -0 "$PID" 2>/dev/null; do
+  wait "$PID" || true
+done
+trap - EXIT
+wait "$PID"

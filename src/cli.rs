@@ -427,6 +427,8 @@ fn exit_for(role: Role, e: RunError) -> ExitCode {
 
 /// `access subscribe`: a WebSocket client that prints the stream's frames, one JSON per line.
 async fn subscribe(args: &SubscribeArgs) -> ExitCode {
+    use std::io::Write as _;
+
     use futures::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     use tokio_tungstenite::tungstenite::Message;
@@ -457,10 +459,20 @@ async fn subscribe(args: &SubscribeArgs) -> ExitCode {
         return ExitCode::from(EXIT_FAILURE);
     }
     let mut seen = 0u64;
+    let mut stdout = std::io::stdout();
     while let Some(frame) = ws.next().await {
         match frame {
             Ok(Message::Text(t)) => {
-                println!("{t}");
+                // `println!` panics when the reader went away (`access subscribe | head`); a
+                // closed pipe is the reader saying it has seen enough.
+                if let Err(e) = writeln!(stdout, "{t}").and_then(|()| stdout.flush()) {
+                    let _ = ws.close(None).await;
+                    if e.kind() == std::io::ErrorKind::BrokenPipe {
+                        return ExitCode::SUCCESS;
+                    }
+                    eprintln!("error: cannot write to stdout: {e}");
+                    return ExitCode::from(EXIT_FAILURE);
+                }
                 if t.contains("\"type\":\"data\"") {
                     seen += 1;
                     if args.count.is_some_and(|n| seen >= n) {

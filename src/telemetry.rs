@@ -4,11 +4,9 @@
 //! Prometheus registry (metrics-exporter-prometheus), rendered by every role's `/metrics`; every
 //! metric carries a `role` label set where it is recorded, so `access all` keeps them apart.
 //! Traces: with `enable_tracing`, spans are exported over OTLP/HTTP (protobuf) to `otel_exporter`
-//! in batches from a background thread, and an incoming W3C `traceparent` becomes the parent of
-//! the request's span.
-//! Traces: with `enable_tracing`, spans are exported over OTLP/HTTP (protobuf) to `otel_exporter`
-//! in batches from a background thread, and an incoming W3C `traceparent` becomes the parent of
-//! the request's span.
+//! in batches from a background thread, an incoming W3C `traceparent` becomes the parent of the
+//! request's span, and every outgoing call carries the context of the span it is made in
+//! ([`inject_trace_context`], [`trace_headers`]), so the callee's spans join the same trace.
 
 use std::sync::OnceLock;
 
@@ -124,6 +122,44 @@ impl opentelemetry::propagation::Extractor for HeaderExtractor<'_> {
     fn keys(&self) -> Vec<&str> {
         self.0.keys().map(|k| k.as_str()).collect()
     }
+}
+
+/// Writes W3C trace context into request headers; an empty value (no `tracestate`) removes the
+/// header, so a stale copy from the incoming request is not passed on.
+struct HeaderInjector<'a>(&'a mut http::HeaderMap);
+
+impl opentelemetry::propagation::Injector for HeaderInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        let Ok(name) = http::HeaderName::from_bytes(key.as_bytes()) else { return };
+        match http::HeaderValue::from_str(&value) {
+            Ok(value) if !value.is_empty() => {
+                self.0.insert(name, value);
+            }
+            _ => {
+                self.0.remove(name);
+            }
+        }
+    }
+}
+
+/// Sets `traceparent` (and `tracestate` when the trace has one) of an outgoing request to the
+/// current span's context, replacing what the headers held: the callee's spans become children
+/// of this process's span, which is itself the child of the caller's `traceparent`, if any. A
+/// no-op without tracing (headers are left as they are) or outside a span.
+pub fn inject_trace_context(headers: &mut http::HeaderMap) {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let context = tracing::Span::current().context();
+    opentelemetry::global::get_text_map_propagator(|p| {
+        p.inject_context(&context, &mut HeaderInjector(headers))
+    });
+}
+
+/// The trace headers for an outgoing call made in the current span (empty without tracing), for
+/// a `reqwest` request: `.headers(trace_headers())`.
+pub fn trace_headers() -> http::HeaderMap {
+    let mut headers = http::HeaderMap::new();
+    inject_trace_context(&mut headers);
+    headers
 }
 
 /// Makes the request's `traceparent` (if any) the parent of `span`; a no-op without tracing.

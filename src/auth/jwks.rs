@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use josekit::jwk::Jwk;
 use josekit::jws::JwsVerifier;
+use tracing::Instrument as _;
 use url::Url;
 
 use crate::roles::Role;
@@ -229,8 +230,12 @@ impl Jwks {
     pub async fn refresh(&self, why: &'static str) -> Result<(), String> {
         let Source::Remote { url, http } = &self.source else { return Ok(()) };
         let result = async {
-            let response =
-                http.get(url.clone()).send().await.map_err(|e| format!("fetching {url}: {e}"))?;
+            let response = http
+                .get(url.clone())
+                .headers(crate::telemetry::trace_headers())
+                .send()
+                .await
+                .map_err(|e| format!("fetching {url}: {e}"))?;
             if !response.status().is_success() {
                 return Err(format!("fetching {url}: HTTP {}", response.status()));
             }
@@ -241,6 +246,9 @@ impl Jwks {
             }
             Ok(set)
         }
+        // A span of its own (a child of the request's, for an unknown kid), whose context the
+        // IdP receives.
+        .instrument(tracing::info_span!("jwks_fetch", reason = why))
         .await;
         let role = self.role.as_str();
         match result {

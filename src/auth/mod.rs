@@ -128,6 +128,22 @@ impl Reason {
     }
 }
 
+impl Reason {
+    /// A human message for the reason when the credential was an API key (`X-API-Key`), which
+    /// has an id and a secret, not a signature or claims.
+    pub fn api_key_message(self) -> &'static str {
+        match self {
+            Reason::BadSignature => "the API key's secret does not match",
+            Reason::UnknownKey => "no API key has this id",
+            Reason::Expired => "the API key has expired",
+            Reason::Revoked => "the API key has been revoked",
+            Reason::Malformed => "the API key is malformed (an API key is ak_<id>_<secret>)",
+            // Not produced for API keys; the token wording is the best there is.
+            other => other.message(),
+        }
+    }
+}
+
 impl fmt::Display for Reason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -148,6 +164,20 @@ pub enum AuthError {
 impl From<Reason> for AuthError {
     fn from(reason: Reason) -> Self {
         AuthError::Rejected(reason)
+    }
+}
+
+impl AuthError {
+    /// The error answered for a refused API key: the same code and `reason` as for a token, in
+    /// API-key words.
+    pub fn into_api_key_error(self) -> ApiError {
+        match self {
+            AuthError::Rejected(reason) => {
+                ApiError::new(ErrorCode::Unauthenticated, reason.api_key_message())
+                    .with_reason(reason.as_str())
+            }
+            other => ApiError::from(other),
+        }
     }
 }
 

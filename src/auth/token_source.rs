@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
+use tracing::Instrument as _;
 
 use super::devkey::{DevKey, TokenRequest};
 use crate::config::Secret;
@@ -112,14 +113,17 @@ impl TokenSource {
                 Ok((token, DEV_TTL))
             }
             Mode::ClientCredentials { http, token_url, client_id, secret } => {
+                let span = tracing::info_span!("service_token_fetch");
                 let response = http
                     .post(token_url.clone())
+                    .headers(span.in_scope(crate::telemetry::trace_headers))
                     .form(&[
                         ("grant_type", "client_credentials"),
                         ("client_id", client_id),
                         ("client_secret", secret.expose()),
                     ])
                     .send()
+                    .instrument(span)
                     .await
                     .map_err(|e| format!("token endpoint {token_url}: {e}"))?;
                 if !response.status().is_success() {

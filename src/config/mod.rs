@@ -271,19 +271,24 @@ pub fn load(sources: &Sources) -> Result<Config, ConfigErrors> {
         Err(e) => problems.extend(figment_problems(e, "")),
     }
 
-    // Types: each section on its own, so one bad section does not hide the others' problems.
+    // Types: every value of the wrong type is reported and replaced by its default, so the
+    // semantic checks still run on the rest.
     let mut config = extract_sections(&figment, &mut problems);
-    if let Some(config) = &mut config {
-        if config.auth.dev_key_file.is_none() {
-            config.auth.dev_key_file = default_dev_key_file(&sources.env);
-        }
+    if config.auth.dev_key_file.is_none() {
+        config.auth.dev_key_file = default_dev_key_file(&sources.env);
     }
-    if let Some(config) = &config {
-        problems.extend(config.validate());
-    }
-    match config {
-        Some(config) if problems.is_empty() => Ok(config),
-        _ => Err(ConfigErrors(problems)),
+    // A semantic check of a key already reported would only judge the default standing in for it.
+    let reported: Vec<String> = problems.iter().map(|p| p.key.clone()).collect();
+    let covered = |key: &str| {
+        reported.iter().any(|r| {
+            key == r || key.strip_prefix(r.as_str()).is_some_and(|rest| rest.starts_with('.'))
+        })
+    };
+    problems.extend(config.validate().into_iter().filter(|p| !covered(&p.key)));
+    if problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigErrors(problems))
     }
 }
 
@@ -334,90 +339,156 @@ fn unknown_keys(given: &Dict, known: &Dict, prefix: &str, problems: &mut Vec<Pro
     }
 }
 
-/// Problems of a figment error chain. `extract_inner(section)` appends the section to the error's
-/// path; `section` puts it back in front, where it belongs.
+/// Problems of a figment error chain.
 fn figment_problems(error: figment::Error, section: &str) -> Vec<Problem> {
+    error.into_iter().map(|e| figment_problem(&e, section, None).1).collect()
+}
+
+/// One figment error as a problem, with the error's path from the root. `extract_inner(section)`
+/// appends the section to the error's path; `section` puts it back in front, where it belongs.
+/// An unknown field is named by its own path. `origin` is the figment the value came from, when
+/// the error came from a copy of it (which knows no sources).
+fn figment_problem(
+    e: &figment::Error,
+    section: &str,
+    origin: Option<&Figment>,
+) -> (Vec<String>, Problem) {
     let section: Vec<String> =
         section.split('.').filter(|s| !s.is_empty()).map(String::from).collect();
-    error
-        .into_iter()
-        .map(|e| {
-            let mut path = e.path.clone();
-            if !section.is_empty() && path.ends_with(&section) {
-                path.truncate(path.len() - section.len());
-                path.splice(0..0, section.iter().cloned());
+    let mut path = e.path.clone();
+    if !section.is_empty() && path.ends_with(&section) {
+        path.truncate(path.len() - section.len());
+        path.splice(0..0, section.iter().cloned());
+    }
+    let mut message = e.kind.to_string();
+    if let figment::error::Kind::UnknownField(field, _) = &e.kind {
+        path.push(field.clone());
+        message = "unknown key".into();
+    }
+    let key = if path.is_empty() { "(root)".to_string() } else { path.join(".") };
+    let source = e
+        .metadata
+        .as_ref()
+        .and_then(|m| m.source.as_ref())
+        .or_else(|| origin?.find_metadata(&key)?.source.as_ref());
+    if let Some(source) = source {
+        message = format!("{message} (from {source})");
+    }
+    (path, Problem::new(key, message))
+}
+
+/// Extracts `key` (a top-level key or section), reporting every value of the wrong type in it
+/// and using the default for each. serde stops at the first bad value, so each pass reports the
+/// value it stopped at and removes it from a copy of the section (its default then applies),
+/// until the rest deserializes. The default of the whole key stands in when that cannot go on.
+fn extract_reporting<T: for<'de> Deserialize<'de>>(
+    figment: &Figment,
+    key: &str,
+    default: T,
+    problems: &mut Vec<Problem>,
+) -> T {
+    if !figment.contains(key) {
+        return default;
+    }
+    let mut error = match figment.extract_inner::<T>(key) {
+        Ok(value) => return value,
+        Err(e) => e,
+    };
+    let Ok(mut value) = figment.find_value(key) else {
+        problems.extend(figment_problems(error, key));
+        return default;
+    };
+    let depth = key.split('.').count();
+    // Bounded: each pass removes one provided value, and a section has few.
+    for _ in 0..256 {
+        let mut removed = true;
+        for e in error {
+            let (path, problem) = figment_problem(&e, key, Some(figment));
+            // An unknown key was already reported, by the pass that compares keys.
+            let unknown = matches!(e.kind, figment::error::Kind::UnknownField(..));
+            if !problems.iter().any(|p| p.key == problem.key && (unknown || *p == problem)) {
+                problems.push(problem);
             }
-            let key = if path.is_empty() { "(root)".to_string() } else { path.join(".") };
-            let mut message = e.kind.to_string();
-            if let Some(source) = e.metadata.as_ref().and_then(|m| m.source.as_ref()) {
-                message = format!("{message} (from {source})");
-            }
-            Problem::new(key, message)
-        })
-        .collect()
+            removed &= path.len() > depth && remove_path(&mut value, &path[depth..]);
+        }
+        if !removed {
+            return default;
+        }
+        error = match Figment::from(Serialized::global(key, &value)).extract_inner::<T>(key) {
+            Ok(value) => return value,
+            Err(e) => e,
+        };
+    }
+    default
+}
+
+/// Removes the value at `path` below `value`; whether there was one.
+fn remove_path(value: &mut Value, path: &[String]) -> bool {
+    let Value::Dict(_, dict) = value else { return false };
+    match path {
+        [] => false,
+        [last] => dict.remove(last).is_some(),
+        [head, rest @ ..] => dict.get_mut(head).is_some_and(|inner| remove_path(inner, rest)),
+    }
 }
 
 /// Extracts each top-level key and section on its own, so that one bad value does not hide the
-/// problems of the others; `None` when any failed (their problems are in `problems`).
-fn extract_sections(figment: &Figment, problems: &mut Vec<Problem>) -> Option<Config> {
-    fn get<T: for<'de> Deserialize<'de>>(
-        figment: &Figment,
-        key: &str,
-        default: T,
-        problems: &mut Vec<Problem>,
-    ) -> Option<T> {
-        if !figment.contains(key) {
-            return Some(default);
-        }
-        figment.extract_inner::<T>(key).map_err(|e| problems.extend(figment_problems(e, key))).ok()
-    }
+/// problems of the others: every value of the wrong type is in `problems`, its default in the
+/// result.
+fn extract_sections(figment: &Figment, problems: &mut Vec<Problem>) -> Config {
     let d = Config::default();
-    // Every key is evaluated before any `?`, so all problems are collected.
-    let env = get(figment, "env", d.env, problems);
-    let log_level = get(figment, "log_level", d.log_level, problems);
-    let log_format = get(figment, "log_format", d.log_format, problems);
-    let redis_url = get(figment, "redis_url", d.redis_url, problems);
-    let postgres_dsn = get(figment, "postgres_dsn", d.postgres_dsn, problems);
-    let kafka_bootstrap = get(figment, "kafka_bootstrap", StringOrList::default(), problems);
-    let jwks_url = get(figment, "jwks_url", d.jwks_url, problems);
-    let auth_service_url = get(figment, "auth_service_url", d.auth_service_url, problems);
-    let entitlements_service_url =
-        get(figment, "entitlements_service_url", d.entitlements_service_url, problems);
-    let metrics_service_url = get(figment, "metrics_service_url", d.metrics_service_url, problems);
-    let enable_tracing = get(figment, "enable_tracing", d.enable_tracing, problems);
-    let otel_exporter = get(figment, "otel_exporter", d.otel_exporter, problems);
-    let server = get(figment, "server", d.server, problems);
-    let postgres = get(figment, "postgres", d.postgres, problems);
-    let redis = get(figment, "redis", d.redis, problems);
-    let kafka = get(figment, "kafka", d.kafka, problems);
-    let auth = get(figment, "auth", d.auth, problems);
-    let gateway = get(figment, "gateway", d.gateway, problems);
-    let stream = get(figment, "stream", d.stream, problems);
-    let entitlements = get(figment, "entitlements", d.entitlements, problems);
-    let metrics = get(figment, "metrics", d.metrics, problems);
-    Some(Config {
-        env: env?,
-        log_level: log_level?,
-        log_format: log_format?,
-        redis_url: redis_url?,
-        postgres_dsn: postgres_dsn?,
-        kafka_bootstrap: kafka_bootstrap?.0,
-        jwks_url: jwks_url?,
-        auth_service_url: auth_service_url?,
-        entitlements_service_url: entitlements_service_url?,
-        metrics_service_url: metrics_service_url?,
-        enable_tracing: enable_tracing?,
-        otel_exporter: otel_exporter?,
-        server: server?,
-        postgres: postgres?,
-        redis: redis?,
-        kafka: kafka?,
-        auth: auth?,
-        gateway: gateway?,
-        stream: stream?,
-        entitlements: entitlements?,
-        metrics: metrics?,
-    })
+    let env = extract_reporting(figment, "env", d.env, problems);
+    let log_level = extract_reporting(figment, "log_level", d.log_level, problems);
+    let log_format = extract_reporting(figment, "log_format", d.log_format, problems);
+    let redis_url = extract_reporting(figment, "redis_url", d.redis_url, problems);
+    let postgres_dsn = extract_reporting(figment, "postgres_dsn", d.postgres_dsn, problems);
+    let kafka_bootstrap =
+        extract_reporting(figment, "kafka_bootstrap", StringOrList::default(), problems);
+    let jwks_url = extract_reporting(figment, "jwks_url", d.jwks_url, problems);
+    let auth_service_url =
+        extract_reporting(figment, "auth_service_url", d.auth_service_url, problems);
+    let entitlements_service_url = extract_reporting(
+        figment,
+        "entitlements_service_url",
+        d.entitlements_service_url,
+        problems,
+    );
+    let metrics_service_url =
+        extract_reporting(figment, "metrics_service_url", d.metrics_service_url, problems);
+    let enable_tracing = extract_reporting(figment, "enable_tracing", d.enable_tracing, problems);
+    let otel_exporter = extract_reporting(figment, "otel_exporter", d.otel_exporter, problems);
+    let server = extract_reporting(figment, "server", d.server, problems);
+    let postgres = extract_reporting(figment, "postgres", d.postgres, problems);
+    let redis = extract_reporting(figment, "redis", d.redis, problems);
+    let kafka = extract_reporting(figment, "kafka", d.kafka, problems);
+    let auth = extract_reporting(figment, "auth", d.auth, problems);
+    let gateway = extract_reporting(figment, "gateway", d.gateway, problems);
+    let stream = extract_reporting(figment, "stream", d.stream, problems);
+    let entitlements = extract_reporting(figment, "entitlements", d.entitlements, problems);
+    let metrics = extract_reporting(figment, "metrics", d.metrics, problems);
+    Config {
+        env,
+        log_level,
+        log_format,
+        redis_url,
+        postgres_dsn,
+        kafka_bootstrap: kafka_bootstrap.0,
+        jwks_url,
+        auth_service_url,
+        entitlements_service_url,
+        metrics_service_url,
+        enable_tracing,
+        otel_exporter,
+        server,
+        postgres,
+        redis,
+        kafka,
+        auth,
+        gateway,
+        stream,
+        entitlements,
+        metrics,
+    }
 }
 
 #[cfg(test)]

@@ -223,3 +223,29 @@ fn a_bad_config_file_is_named() {
     let s = Sources { file: Some(f.path().to_path_buf()), ..Sources::default() };
     assert_eq!(keys(&problems(&s)), vec!["--config"]);
 }
+
+#[test]
+fn every_wrong_type_and_every_semantic_problem_is_reported_at_once() {
+    let p = problems(&env(&[
+        // Two wrong types in one section, one in another...
+        ("ACCESS_SERVER__MAX_BODY_BYTES", "lots"),
+        ("ACCESS_SERVER__GRACE_PERIOD", "soon"),
+        ("ACCESS_STREAM__PING_INTERVAL", "often"),
+        // ...and semantic problems beside them, in a section with a wrong type too.
+        ("ACCESS_GATEWAY__BREAKER__ERROR_RATE", "2"),
+        ("ACCESS_GATEWAY__PORT", "eighty"),
+        ("ACCESS_SERVER__MAX_CONCURRENCY", "0"),
+    ]));
+    let k = keys(&p);
+    for expected in [
+        "server.max_body_bytes",
+        "server.grace_period",
+        "stream.ping_interval",
+        "gateway.breaker.error_rate",
+        "gateway.port",
+        "server.max_concurrency",
+    ] {
+        assert_eq!(k.iter().filter(|k| **k == expected).count(), 1, "{expected} once in {p:#?}");
+    }
+    assert_eq!(p.len(), 6, "{p:#?}");
+}

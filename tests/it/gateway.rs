@@ -233,6 +233,7 @@ async fn a_revoked_token_is_refused_within_a_second() {
         })
         .await;
     assert_eq!(refused["reason"], "revoked");
+    assert_eq!(refused["message"], "the token has been revoked");
 }
 
 #[tokio::test]
@@ -546,7 +547,16 @@ async fn api_key_lifecycle_create_use_rotate_with_overlap_revoke() {
     assert_eq!(body["x-user-id"], format!("apikey:{id}"));
     assert_eq!(body["x-tenant-id"], "t1");
     assert_eq!(body["x-api-key"], Value::Null, "the key is not forwarded upstream");
-    assert_eq!(use_key(format!("ak_{id}_wrong")).await.0, 401);
+    // A refused key is told in API-key words, not a JWT's.
+    let (status, wrong) = use_key(format!("ak_{id}_wrong")).await;
+    assert_eq!((status, wrong["reason"].as_str()), (401, Some("bad_signature")), "{wrong}");
+    assert_eq!(wrong["message"], "the API key's secret does not match", "{wrong}");
+    let (status, unknown) = use_key("ak_nosuchkey_secret".into()).await;
+    assert_eq!((status, unknown["reason"].as_str()), (401, Some("unknown_key")), "{unknown}");
+    assert_eq!(unknown["message"], "no API key has this id", "{unknown}");
+    let (status, malformed) = use_key("not-a-key".into()).await;
+    assert_eq!((status, malformed["reason"].as_str()), (401, Some("malformed")), "{malformed}");
+    assert!(malformed["message"].as_str().unwrap().contains("API key"), "{malformed}");
 
     let r = http()
         .post(auth.url(&format!("/auth/api-keys/{id}/rotate")))
@@ -589,6 +599,7 @@ async fn api_key_lifecycle_create_use_rotate_with_overlap_revoke() {
     })
     .await;
     assert_eq!(refused["reason"], "revoked");
+    assert_eq!(refused["message"], "the API key has been revoked");
 
     let (_, audit, _) =
         get_json(&auth.url(&format!("/auth/api-keys/{id}/audit")), Some(&admin)).await;

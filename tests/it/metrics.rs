@@ -398,3 +398,94 @@ async fn series_stats_and_trends() {
         http().get(m.s.url("/metrics/trends/nope")).bearer_auth(&m.service).send().await.unwrap();
     assert_eq!(r.status(), 404);
 }
+
+/// Tracks one point through `/metrics/track` or `/metrics/track/batch`; the refusal's reason, if
+/// refused.
+async fn track_via(m: &Metrics, batch: bool, point: Value) -> Option<String> {
+    if !batch {
+        let (status, body) = m.track(point).await;
+        return match status {
+            200 => None,
+            409 => Some(body["reason"].as_str().unwrap_or_default().to_string()),
+            other => panic!("HTTP {other}: {body}"),
+        };
+    }
+    let r = http()
+        .post(m.s.url("/metrics/track/batch"))
+        .bearer_auth(&m.service)
+        .json(&json!([point]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    let result = &body["results"][0];
+    match result["ok"].as_bool() {
+        Some(true) => None,
+        _ => Some(result["reason"].as_str().unwrap_or_default().to_string()),
+    }
+}
+
+/// A name has one type: every pair of types, in both orders, through both ingest paths, with and
+/// without a counter's `_total` (and a histogram's sample names) is refused with `type_conflict`,
+/// and only the first type is exported. A counter is the same counter with or without `_total`.
+#[tokio::test]
+async fn one_name_has_one_type_whatever_the_order_path_or_suffix() {
+    let keys = DevKeys::new();
+    let m = Metrics::start(&keys, &[]).await;
+    let kinds = ["counter", "gauge", "histogram"];
+    let mut case = 0;
+    for first in kinds {
+        for second in kinds.into_iter().filter(|k| *k != first) {
+            for batch in [false, true] {
+                // The name itself; with `_total` when a counter is involved; a histogram's
+                // sample names.
+                let mut seconds = vec![""];
+                if first == "counter" || second == "counter" {
+                    seconds.push("_total");
+                }
+                if first == "histogram" {
+                    seconds.extend(["_sum", "_count", "_bucket"]);
+                }
+                for suffix in seconds {
+                    case += 1;
+                    let base = format!("jobs_{case}");
+                    let point =
+                        |name: &str, kind: &str| json!({"name": name, "type": kind, "value": 1});
+                    assert_eq!(track_via(&m, batch, point(&base, first)).await, None);
+                    let second_name = format!("{base}{suffix}");
+                    assert_eq!(
+                        track_via(&m, batch, point(&second_name, second)).await.as_deref(),
+                        Some("type_conflict"),
+                        "{first} {base} then {second} {second_name} (batch: {batch})"
+                    );
+                    let text = m.exposition().await;
+                    let names: Vec<String> = ["", "_total", "_sum", "_count", "_bucket"]
+                        .iter()
+                        .map(|s| format!("{base}{s}"))
+                        .collect();
+                    let types: Vec<&str> = text
+                        .lines()
+                        .filter(|l| {
+                            l.strip_prefix("# TYPE ")
+                                .and_then(|l| l.split(' ').next())
+                                .is_some_and(|name| names.iter().any(|n| n == name))
+                        })
+                        .collect();
+                    assert_eq!(types.len(), 1, "one family for {base}: {types:?}");
+                    assert!(types[0].ends_with(&format!(" {first}")), "{types:?}");
+                }
+            }
+        }
+    }
+    // A counter tracked as `done` and as `done_total` is one counter.
+    for name in ["done", "done_total"] {
+        assert_eq!(
+            track_via(&m, false, json!({"name": name, "type": "counter", "value": 2})).await,
+            None
+        );
+    }
+    let text = m.exposition().await;
+    assert_eq!(line_value(&text, "done_total "), Some(4.0), "{text}");
+    promtool_check(&text);
+}

@@ -773,3 +773,45 @@ async fn silent_clients_are_closed_and_new_connections_are_rate_limited() {
         other => panic!("expected 429, got {:?}", other.map(|(_, r)| r.status())),
     }
 }
+
+/// `access subscribe ... | head -1`: once the reader is gone, the client stops quietly (exit 0,
+/// no panic) at its next write.
+#[tokio::test]
+async fn the_subscribe_client_exits_quietly_when_its_reader_goes() {
+    use std::io::BufRead;
+    let l = layer(None, "", &[]).await;
+    let alice = l.keys.token("alice", "t1", &["trader"]);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_access"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("ACCESS_TOKEN", &alice)
+        .args(["subscribe", "--url", &l.ws_url(None), "--topic", &l.prices])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let first = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        line
+        // The reader goes, as `head -1` does: the pipe's read end closes here.
+    })
+    .await
+    .unwrap();
+    assert!(first.contains("\"type\":\"connection_established\""), "{first}");
+    // Its next line (the subscription's answer, or a record) meets the closed pipe.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the client did not exit");
+        l.publish(&l.prices, "k", json!({"instrument_id": "k"})).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(status.code(), Some(0), "{stderr}");
+}

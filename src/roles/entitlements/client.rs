@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use fred::prelude::{ClientLike, EventInterface, PubsubInterface};
 use serde_json::json;
+use tracing::Instrument as _;
 use url::Url;
 
 use crate::auth::token_source::TokenSource;
@@ -165,7 +166,19 @@ impl Entitlements {
             "resource": resource, "action": action, "context": {},
         });
         let url = self.url.join("entitlements/check").map_err(|e| Unavailable(e.to_string()))?;
-        let send = || self.http.post(url.clone()).bearer_auth(&token).json(&body).send();
+        // The check has a span of its own, a child of the request's (or of nothing, for a
+        // stream's subscribe), whose context the entitlements role receives.
+        let span = tracing::info_span!("entitlements_check", role = %self.role);
+        let trace = span.in_scope(crate::telemetry::trace_headers);
+        let send = || {
+            self.http
+                .post(url.clone())
+                .headers(trace.clone())
+                .bearer_auth(&token)
+                .json(&body)
+                .send()
+                .instrument(span.clone())
+        };
         // A check is a read: one retry when the request could not be sent (a pooled connection
         // closed by the server as it was reused), never after an answer or a timeout.
         let response = match send().await {

@@ -432,6 +432,7 @@ async fn status(AxumState(state): AxumState<State>, caller: Caller) -> ApiResult
                 .map_err(|e| crate::error::ApiError::internal(anyhow::anyhow!(e)))?,
         )
         .timeout(Duration::from_secs(2))
+        .headers(crate::telemetry::trace_headers())
         .send()
         .await
         .map(|r| r.status().is_success())

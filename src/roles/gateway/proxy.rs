@@ -232,11 +232,16 @@ async fn authenticate(
         None if mode == AuthMode::Optional => Ok(None),
         None => Err(AuthError::Rejected(Reason::Malformed)),
     };
+    let by_api_key = bearer.is_none() && api_key.is_some();
     outcome.map_err(|e| {
         if let AuthError::Rejected(reason) = &e {
             metrics::counter!(names::AUTH_FAILURES, "role" => "gateway", "reason" => reason.as_str()).increment(1);
         }
-        ApiError::from(e)
+        if by_api_key {
+            e.into_api_key_error()
+        } else {
+            ApiError::from(e)
+        }
     })
 }
 
@@ -478,6 +483,7 @@ pub(super) async fn upstream(
                 upstream.headers_mut().insert(header::HOST, v);
             }
         }
+        crate::telemetry::inject_trace_context(upstream.headers_mut());
         let sent = Instant::now();
         let outcome =
             tokio::time::timeout(route.timeout, state.client.get().request(upstream)).await;

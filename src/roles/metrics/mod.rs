@@ -217,7 +217,7 @@ impl State {
             let mut store = self.store();
             let Store { tracked, groups } = &mut *store;
             let result = tracked.ingest(point, now, &self.limits, groups.series_count(), |name| {
-                groups.has_family(name)
+                groups.claims(name)
             });
             metrics::gauge!(names::SERIES, "role" => "metrics")
                 .set((tracked.series_count() + groups.series_count()) as f64);
@@ -411,7 +411,7 @@ async fn push(
             unix_now(),
             &state.limits,
             tracked.series_count(),
-            |name| tracked.has_family(name),
+            |name| tracked.claims(name),
         )
     };
     match result {

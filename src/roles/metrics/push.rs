@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
+use tracing::Instrument as _;
 use url::Url;
 
 use crate::auth::token_source::TokenSource;
@@ -48,6 +49,7 @@ pub fn spawn(
                     let token = tokens.token().await?;
                     let r = http
                         .post(target.clone())
+                        .headers(crate::telemetry::trace_headers())
                         .bearer_auth(token)
                         .json(&points)
                         .send()
@@ -59,6 +61,8 @@ pub fn spawn(
                         Err(format!("HTTP {}", r.status()))
                     }
                 }
+                // A span per push, whose context the metrics role receives.
+                .instrument(tracing::info_span!("usage_push", role = %role))
                 .await;
                 if let Err(e) = sent {
                     metrics::counter!(dropped, "role" => role.as_str(), "cause" => "push_failed")

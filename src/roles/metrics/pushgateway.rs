@@ -97,6 +97,16 @@ fn family_mut<'a>(families: &'a mut Vec<Family>, name: &str) -> &'a mut Family {
     families.last_mut().expect("just pushed")
 }
 
+/// The names a pushed family occupies: its name and its samples' names.
+fn claimed(kind: &str, family: &str) -> Vec<String> {
+    let suffixes: &[&str] = match kind {
+        "histogram" => &["", "_bucket", "_sum", "_count"],
+        "summary" => &["", "_sum", "_count"],
+        _ => &[""],
+    };
+    suffixes.iter().map(|s| format!("{family}{s}")).collect()
+}
+
 fn belongs(kind: &str, family: &str, sample: &str) -> bool {
     sample == family
         || match kind {
@@ -248,6 +258,15 @@ impl Groups {
         self.groups.values().any(|g| g.families.contains_key(name))
     }
 
+    /// Whether a pushed family occupies `name` in the exposition: its own name, or one of its
+    /// samples' (a histogram's `_bucket`, `_sum`, `_count`; a summary's `_sum`, `_count`).
+    pub fn claims(&self, name: &str) -> bool {
+        self.groups
+            .values()
+            .flat_map(|g| g.families.values())
+            .any(|f| belongs(&f.kind, &f.name, name))
+    }
+
     /// Applies a push after checking it; nothing changes when it is refused. (The arguments are
     /// the push and the limits it is checked against; a struct would only rename them.)
     #[allow(clippy::too_many_arguments)]
@@ -267,7 +286,7 @@ impl Groups {
             {
                 return Err((Rejection::ReservedName, format!("{} is reserved", family.name)));
             }
-            if taken(&family.name) {
+            if claimed(&family.kind, &family.name).iter().any(|name| taken(name)) {
                 return Err((
                     Rejection::TypeConflict,
                     format!("{} is a tracked metric", family.name),

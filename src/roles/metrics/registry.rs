@@ -171,6 +171,25 @@ struct Family {
     series: BTreeMap<Labels, Series>,
 }
 
+/// The names a tracked family occupies, given its exported name: the name the caller gave and
+/// every sample name it exports. A counter is one family whether pushed as `jobs` or
+/// `jobs_total` (exported `jobs_total`), so it occupies both; a histogram occupies its name and
+/// its `_bucket`, `_sum` and `_count`; a gauge its name. Two families may not share a name, so a
+/// name has one type, whatever suffix the caller gave.
+pub fn claimed(kind: Kind, exported: &str) -> Vec<String> {
+    match kind {
+        Kind::Counter => {
+            let base = exported.strip_suffix("_total").unwrap_or(exported);
+            vec![base.to_string(), exported.to_string()]
+        }
+        Kind::Gauge => vec![exported.to_string()],
+        Kind::Histogram => ["", "_bucket", "_sum", "_count"]
+            .iter()
+            .map(|suffix| format!("{exported}{suffix}"))
+            .collect(),
+    }
+}
+
 /// Label set of the series that absorbs a metric's points beyond its series limit.
 fn overflow_labels() -> Labels {
     vec![("overflow".to_string(), "true".to_string())]
@@ -228,6 +247,26 @@ impl Tracked {
         self.families.contains_key(name)
     }
 
+    /// Whether a tracked family occupies `name` in the exposition (see [`claimed`]).
+    pub fn claims(&self, name: &str) -> bool {
+        self.owner(name).is_some()
+    }
+
+    /// The family (by exported name) that occupies `name`: only a family whose name is `name`
+    /// plus or minus a suffix of [`claimed`] can.
+    fn owner(&self, name: &str) -> Option<&str> {
+        let mut candidates = vec![name.to_string(), format!("{name}_total")];
+        for suffix in ["_total", "_bucket", "_sum", "_count"] {
+            if let Some(base) = name.strip_suffix(suffix) {
+                candidates.push(base.to_string());
+            }
+        }
+        candidates.into_iter().find_map(|key| {
+            let (key, family) = self.families.get_key_value(&key)?;
+            claimed(family.kind, key).iter().any(|n| n == name).then_some(key.as_str())
+        })
+    }
+
     /// The exported name of a point (`_total` added to counters).
     pub fn exported_name(point: &Point) -> String {
         if point.kind == Kind::Counter && !point.name.ends_with("_total") {
@@ -266,11 +305,15 @@ impl Tracked {
         }
         labels.sort();
         check_labels(&labels, limits)?;
-        if taken(&name) {
-            return Err(Rejection::TypeConflict);
-        }
+        // One name, one type: every name this point's family would occupy must be free or its
+        // own (see `claimed`), here and in the pushed groups.
         if let Some(family) = self.families.get(&name) {
             if family.kind != point.kind {
+                return Err(Rejection::TypeConflict);
+            }
+        }
+        for occupied in claimed(point.kind, &name) {
+            if taken(&occupied) || self.owner(&occupied).is_some_and(|owner| owner != name) {
                 return Err(Rejection::TypeConflict);
             }
         }
@@ -601,6 +644,54 @@ mod tests {
         assert!(
             ingest(&mut t, &point("access_usage_requests_total", Kind::Counter, 1.0, &[])).is_ok(),
             "usage is allowed"
+        );
+    }
+
+    /// The names a second metric of type `second` may be given that are the first's (of type
+    /// `first`, named `base`) as `base` plus each suffix: the name itself, with `_total` when a
+    /// counter is involved, and a histogram's sample names.
+    fn suffixes(first: Kind, second: Kind) -> Vec<&'static str> {
+        let mut out = vec![""];
+        if first == Kind::Counter || second == Kind::Counter {
+            out.push("_total");
+        }
+        if first == Kind::Histogram {
+            out.extend(["_bucket", "_sum", "_count"]);
+        }
+        out
+    }
+
+    #[test]
+    fn a_name_has_one_type_with_or_without_a_suffix() {
+        let kinds = [Kind::Counter, Kind::Gauge, Kind::Histogram];
+        let mut case = 0;
+        for first in kinds {
+            for second in kinds.into_iter().filter(|k| *k != first) {
+                for suffix in suffixes(first, second) {
+                    case += 1;
+                    let mut t = Tracked::new();
+                    let base = format!("m{case}");
+                    ingest(&mut t, &point(&base, first, 1.0, &[])).unwrap();
+                    let name = format!("{base}{suffix}");
+                    assert_eq!(
+                        ingest(&mut t, &point(&name, second, 1.0, &[])),
+                        Err(Rejection::TypeConflict),
+                        "{first:?} {base}, then {second:?} {name}"
+                    );
+                }
+            }
+        }
+        // One counter, with or without `_total`.
+        let mut t = Tracked::new();
+        ingest(&mut t, &point("jobs", Kind::Counter, 1.0, &[])).unwrap();
+        ingest(&mut t, &point("jobs_total", Kind::Counter, 2.0, &[])).unwrap();
+        let mut out = String::new();
+        t.render(&limits().buckets, &mut out);
+        assert!(out.contains("jobs_total 3\n"), "{out}");
+        // A pushed group's names count too.
+        assert_eq!(
+            t.ingest(&point("z", Kind::Counter, 1.0, &[]), 1.0, &limits(), 0, |n| n == "z"),
+            Err(Rejection::TypeConflict)
         );
     }
 

@@ -130,7 +130,7 @@ pub struct Conn {
     /// Frames queued for it.
     pub delivered: AtomicU64,
     /// Its position vector: set at subscribe, advanced as frames are written. A std mutex held
-    /// for one update.
+    /// for one update or read (taken under a WebSocket outbox's lock, never the other way).
     pub(super) positions: Mutex<Positions>,
 }
 
@@ -146,7 +146,9 @@ impl Conn {
     }
 
     /// Records that the client has been sent `offset` of a partition (positions only move
-    /// forward: live frames held back during a resume may be counted before the recovered ones).
+    /// forward). A WebSocket connection's live frames call this under its outbox's lock, as the
+    /// frame joins the socket's stream; recovered frames and SSE events just before they are
+    /// written, by the connection's own task, which is also the one that reports the position.
     pub fn sent(&self, topic: &Arc<str>, partition: i32, offset: i64) {
         let mut positions = self.positions.lock().unwrap_or_else(|p| p.into_inner());
         match positions.get_mut(&(topic.clone(), partition)) {

@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use super::conn::{Conn, Delivery, Record, Sink};
-use super::outbox::{text_frame, Push};
+use super::outbox::{text_frame, Mark, Push};
 use super::protocol::Close;
 
 /// One record on its way to its recipients, framed once.
@@ -18,9 +18,8 @@ pub(super) struct Fanout {
     frame: Utf8Bytes,
     /// The same frame as a WebSocket text frame, written as is to every WebSocket recipient.
     ws_frame: bytes::Bytes,
-    topic: Arc<str>,
-    partition: i32,
-    offset: i64,
+    /// The record's topic, partition and offset.
+    mark: Mark,
     timestamp_ms: i64,
 }
 
@@ -53,9 +52,11 @@ impl Fanout {
         Fanout {
             ws_frame: text_frame(frame.as_bytes()),
             frame,
-            topic: record.topic.clone(),
-            partition: record.partition,
-            offset: record.offset,
+            mark: Mark {
+                topic: record.topic.clone(),
+                partition: record.partition,
+                offset: record.offset,
+            },
             timestamp_ms: record.timestamp_ms,
         }
     }
@@ -66,19 +67,21 @@ impl Fanout {
     pub(super) fn deliver(&self, conn: &Arc<Conn>, tally: &mut Tally) {
         let outcome = match &conn.sink {
             Sink::Socket(socket) => {
-                let pushed = socket.get().map_or(Push::Gone, |o| o.push(&self.ws_frame));
+                // The position moves under the outbox's lock, with the frame (see `outbox`).
+                let sent = |m: &Mark| conn.sent(&m.topic, m.partition, m.offset);
+                let pushed =
+                    socket.get().map_or(Push::Gone, |o| o.push(&self.ws_frame, &self.mark, sent));
                 if pushed == Push::Accepted {
                     tally.written += 1;
-                    conn.sent(&self.topic, self.partition, self.offset);
                 }
                 pushed
             }
             Sink::Queue(queue) => {
                 let delivery = Delivery {
                     frame: self.frame.clone(),
-                    topic: self.topic.clone(),
-                    partition: self.partition,
-                    offset: self.offset,
+                    topic: self.mark.topic.clone(),
+                    partition: self.mark.partition,
+                    offset: self.mark.offset,
                     timestamp_ms: self.timestamp_ms,
                 };
                 match queue.try_send(delivery) {

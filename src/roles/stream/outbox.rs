@@ -20,10 +20,17 @@
 //! consumer and memory does not grow with its backlog. While a `subscribe` with a resume position
 //! is answered, live frames are held back ([`Outbox::hold`]) so that the reply and the recovered
 //! records go first, in partition order.
+//!
+//! The connection's position moves with its frames: a data frame's [`Mark`] is applied (by the
+//! caller's `sent`) under the same lock that appends the frame to the socket's byte stream, and a
+//! reply that states the position ([`Outbox::reply`]) is rendered and appended under that lock
+//! too. So a reply's position describes exactly the data frames before it on the wire: moving the
+//! position after the write let a client read a frame and then a `get_stats` saying it had not
+//! been sent, and resume with that record again.
 
 use std::io;
 use std::pin::Pin;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -43,6 +50,18 @@ pub fn text_frame(payload: &[u8]) -> Bytes {
     // Formatting into a Vec cannot fail.
     let _ = frame.format(&mut out);
     Bytes::from(out)
+}
+
+/// Where a data frame sits: the connection's position moves past it once the frame is on its way
+/// to the socket.
+#[derive(Debug, Clone)]
+pub struct Mark {
+    /// The record's topic.
+    pub topic: Arc<str>,
+    /// Its partition.
+    pub partition: i32,
+    /// Its offset.
+    pub offset: i64,
 }
 
 /// What became of a pushed frame.
@@ -74,8 +93,8 @@ struct Inner {
     buffer: BytesMut,
     /// Frames appended since the buffer was last empty (the bound counts these).
     frames: usize,
-    /// Live frames held back while a resume is answered.
-    held: Option<Vec<Bytes>>,
+    /// Live frames held back while a resume is answered, with where each sits.
+    held: Option<Vec<(Bytes, Mark)>>,
 }
 
 impl std::fmt::Debug for Outbox {
@@ -115,8 +134,10 @@ impl Outbox {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A live data frame from the hub (held back during a resume).
-    pub fn push(&self, frame: &Bytes) -> Push {
+    /// A live data frame from the hub (held back during a resume). `sent` moves the
+    /// connection's position past `mark`; it is called under the lock, as the frame joins the
+    /// socket's stream (for a held frame, when it is released).
+    pub fn push(&self, frame: &Bytes, mark: &Mark, sent: impl Fn(&Mark)) -> Push {
         let mut inner = self.lock();
         if inner.io.is_none() {
             return Push::Gone;
@@ -125,11 +146,29 @@ impl Outbox {
             return Push::Full;
         }
         if let Some(held) = &mut inner.held {
-            held.push(frame.clone());
+            held.push((frame.clone(), mark.clone()));
             inner.frames += 1;
             return Push::Accepted;
         }
-        self.write_or_buffer(&mut inner, frame)
+        let pushed = self.write_or_buffer(&mut inner, frame);
+        if pushed == Push::Accepted {
+            sent(mark);
+        }
+        pushed
+    }
+
+    /// A reply rendered by `render` under the lock, so that what it reads (the connection's
+    /// position) matches the frames before it; written, or buffered after what is pending.
+    pub fn reply(&self, render: impl FnOnce() -> String) -> Push {
+        let mut inner = self.lock();
+        if inner.io.is_none() {
+            return Push::Gone;
+        }
+        if inner.buffer.len() >= self.max_bytes {
+            return Push::Full;
+        }
+        let frame = text_frame(render().as_bytes());
+        self.write_or_buffer(&mut inner, &frame)
     }
 
     /// Writes `bytes` now if nothing is pending and the socket takes them; buffers the rest.
@@ -167,15 +206,17 @@ impl Outbox {
         inner.held.get_or_insert_with(Vec::new);
     }
 
-    /// Sends the held frames, in order, after what was written meanwhile.
-    pub fn release(&self) {
+    /// Sends the held frames, in order, after what was written meanwhile; `sent` moves the
+    /// position past each, as for [`Outbox::push`].
+    pub fn release(&self, sent: impl Fn(&Mark)) {
         let mut inner = self.lock();
         let Some(held) = inner.held.take() else { return };
         inner.frames = inner.frames.saturating_sub(held.len());
-        for frame in held {
+        for (frame, mark) in held {
             if self.write_or_buffer(&mut inner, &frame) == Push::Gone {
                 return;
             }
+            sent(&mark);
         }
     }
 

@@ -25,7 +25,7 @@ use tokio_tungstenite::WebSocketStream;
 
 use super::control;
 use super::hub::{Conn, Record, Registration};
-use super::outbox::{Duplex, Outbox};
+use super::outbox::{Duplex, Mark, Outbox, Push};
 use super::protocol::{self, Action, Close};
 use super::resume;
 use super::{names, State};
@@ -339,8 +339,18 @@ impl Session {
                         Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return "client",
                         Some(Ok(_)) => continue,
                     };
-                    let reply = self.handle(&text).await;
-                    if self.write(sink, Message::text(reply), &conn).await.is_err() { return "client"; }
+                    let written = match self.handle(&text).await {
+                        Answer::Text(reply) => self.write(sink, Message::text(reply), &conn).await,
+                        // Rendered as it joins the socket's stream, after every frame before it.
+                        Answer::Positioned(mut reply) => match outbox.reply(|| {
+                            reply["position"] = json!(conn.position());
+                            reply.to_string()
+                        }) {
+                            Push::Accepted => Ok(()),
+                            Push::Full | Push::Gone => Err(()),
+                        },
+                    };
+                    if written.is_err() { return "client"; }
                     for record in std::mem::take(&mut self.catch_up) {
                         conn.sent(&record.topic, record.partition, record.offset);
                         if self.write(sink, Message::text(record.frame()), &conn).await.is_err() { return "client"; }
@@ -351,7 +361,7 @@ impl Session {
                     }
                     // Live frames held back while a subscription was answered follow its answer and
                     // what a resume recovered.
-                    outbox.release();
+                    outbox.release(|m: &Mark| conn.sent(&m.topic, m.partition, m.offset));
                 }
                 // The hub writes data frames itself; what the socket did not take at once is
                 // written here, when it can take more.
@@ -384,10 +394,10 @@ impl Session {
     }
 
     /// Answers one client frame.
-    async fn handle(&mut self, text: &str) -> String {
+    async fn handle(&mut self, text: &str) -> Answer {
         let action = match protocol::parse(text) {
             Ok(a) => a,
-            Err(r) => return protocol::error(r.code, &r.message, r.id.as_ref()),
+            Err(r) => return Answer::Text(protocol::error(r.code, &r.message, r.id.as_ref())),
         };
         let conn = self.conn().clone();
         match action {
@@ -414,18 +424,20 @@ impl Session {
                     }
                 }
                 self.live = live;
-                reply["position"] = json!(conn.position());
-                protocol::reply(reply, id.as_ref())
+                Answer::positioned(reply, id.as_ref())
             }
             Action::Unsubscribe { topics, id } => {
                 let removed: Vec<&String> =
                     topics.iter().filter(|t| self.state.hub.unsubscribe(&conn, t)).collect();
-                protocol::reply(json!({"type": "unsubscribed", "topics": removed}), id.as_ref())
+                Answer::Text(protocol::reply(
+                    json!({"type": "unsubscribed", "topics": removed}),
+                    id.as_ref(),
+                ))
             }
-            Action::Ping { id } => protocol::reply(
+            Action::Ping { id } => Answer::Text(protocol::reply(
                 json!({"type": "pong", "timestamp": chrono::Utc::now().timestamp_millis()}),
                 id.as_ref(),
-            ),
+            )),
             Action::ListTopics { id } => {
                 let mine = self.state.hub.subscriptions(&conn);
                 let topics: Vec<Value> = self
@@ -437,13 +449,15 @@ impl Session {
                             "description": t.description, "subscribed": mine.contains(&t.name)})
                     })
                     .collect();
-                protocol::reply(json!({"type": "topics", "topics": topics}), id.as_ref())
+                Answer::Text(protocol::reply(
+                    json!({"type": "topics", "topics": topics}),
+                    id.as_ref(),
+                ))
             }
-            Action::GetStats { id } => protocol::reply(
+            Action::GetStats { id } => Answer::positioned(
                 json!({
                     "type": "stats",
                     "connection_id": conn.public_id,
-                    "position": conn.position(),
                     "subscriptions": self.state.hub.subscriptions(&conn),
                     "messages_queued": conn.delivered.load(Ordering::Relaxed),
                     // Live frames are handed to the socket by the hub (queued and sent are one
@@ -454,7 +468,7 @@ impl Session {
                 }),
                 id.as_ref(),
             ),
-            Action::Auth { token, id } => match super::verify(&self.state, &token).await {
+            Action::Auth { token, id } => Answer::Text(match super::verify(&self.state, &token).await {
                 Err(e) => json!({"type": "error", "code": e.code().as_str(),
                     "reason": e.reason().unwrap_or("unauthenticated"), "message": e.public_message(), "id": id})
                 .to_string(),
@@ -462,11 +476,11 @@ impl Session {
                     let (new, old) = (&fresh.verified.identity, conn.credential());
                     let old = &old.verified.identity;
                     if new.subject != old.subject || new.tenant != old.tenant {
-                        return protocol::error(
+                        return Answer::Text(protocol::error(
                             "identity_mismatch",
                             "a fresh token must be for the same user and tenant; open a new connection instead",
                             id.as_ref(),
-                        );
+                        ));
                     }
                     self.expires_at = new.expires_at;
                     conn.renew(fresh);
@@ -475,8 +489,28 @@ impl Session {
                         id.as_ref(),
                     )
                 }
-            },
+            }),
         }
+    }
+}
+
+/// The answer to a client frame.
+enum Answer {
+    /// A finished frame.
+    Text(String),
+    /// A frame that states the connection's position: its `position` is filled in by
+    /// [`Outbox::reply`], as the frame joins the socket's stream, so it describes exactly the data
+    /// frames sent before it (computed earlier, a live frame written meanwhile would come before
+    /// an answer that says it was not sent).
+    Positioned(Value),
+}
+
+impl Answer {
+    fn positioned(mut frame: Value, id: Option<&Value>) -> Answer {
+        if let Some(id) = id {
+            frame["id"] = id.clone();
+        }
+        Answer::Positioned(frame)
     }
 }
 
