@@ -211,6 +211,7 @@ impl SharedInner {
                     ErrorCode::DependencyUnavailable,
                     "server is at its concurrency limit",
                 )
+                .with_reason("overloaded")
                 .with_retry_after(1)
                 .into_response()
             }

@@ -588,6 +588,7 @@ async fn idle_preface_and_trickling_connections_are_closed_by_every_role() {
     let env = [
         ("ACCESS_AUTH__DEV_KEY_FILE", keys.path.as_str()),
         ("ACCESS_SERVER__HEADER_READ_TIMEOUT", "500ms"),
+        ("ACCESS_SERVER__BODY_READ_TIMEOUT", "500ms"),
         ("ACCESS_SERVER__MAX_CONNECTIONS_PER_CLIENT", "6"),
     ];
     let stream = start(Role::Stream, config(&env)).await;
@@ -595,6 +596,15 @@ async fn idle_preface_and_trickling_connections_are_closed_by_every_role() {
     wait_ready(&stream.url("")).await;
     wait_ready(&auth.url("")).await;
     for role in [&stream, &auth] {
+        // A body that stops coming holds nothing past the read deadline, in a role that is not
+        // the gateway too (the auth role's JSON extractor reads it).
+        if role.addr == auth.addr {
+            let head = "POST /auth/verify HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\nconnection: close\r\n\r\n";
+            let local: IpAddr = "127.0.0.1".parse().unwrap();
+            let stalled = stalled_upload(role.addr, local, head, b"{").await;
+            let (status, body) = answer_of(stalled, Duration::from_secs(3)).await;
+            assert_eq!((status, body["code"].as_str()), (408, Some("request_timeout")), "{body}");
+        }
         let started = tokio::time::Instant::now();
         // Silent, HTTP/2 preface, a trickled head, and idle after one request.
         let mut silent = TcpStream::connect(role.addr).await.unwrap();
