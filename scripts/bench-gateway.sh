@@ -79,6 +79,10 @@ burst = 100000000
 TOML
 export ACCESS_AUTH__DEV_KEY_FILE=$WORK/dev-key.json ACCESS_LOG_LEVEL=warn ACCESS_SERVER__HOST=127.0.0.1
 export ACCESS_SERVER__MAX_CONCURRENCY=100000
+# wrk is one client with one identity: its share caps stay on (their cost is measured), set above
+# what it can hold in flight so none trips.
+export ACCESS_SERVER__MAX_IN_FLIGHT_PER_CLIENT=$((CONNECTIONS * 4)) ACCESS_SERVER__MAX_CONNECTIONS_PER_CLIENT=$((CONNECTIONS * 4))
+export ACCESS_GATEWAY__MAX_IN_FLIGHT_PER_IDENTITY=$((CONNECTIONS * 4))
 ACCESS_ENTITLEMENTS__SEED_FILE=$WORK/seed.yaml "$BIN" entitlements --port $ENT 2>"$WORK/ent.log" & PIDS+=($!)
 ACCESS_REDIS_URL=redis://127.0.0.1:6379 ACCESS_REDIS__PREFIX="bench:$$:" ACCESS_GATEWAY__ROUTES_FILE=$WORK/routes.yaml \
   ACCESS_ENTITLEMENTS_SERVICE_URL=http://127.0.0.1:$ENT ACCESS_SERVER__IO_THREADS=$IO_THREADS "$BIN" --config "$WORK/gateway.toml" gateway --port $GW 2>"$WORK/gw.log" & PIDS+=($!)
