@@ -130,9 +130,12 @@ impl SharedInner {
         S: Service<Request, Response = Response, Error = Infallible>,
     {
         let start = Instant::now();
-        let request_id = match req.headers().get(&REQUEST_ID) {
-            Some(id) => id.clone(),
-            None => {
+        // A client's id is kept only when it is one short token (it goes into logs, traces and
+        // upstream requests); anything else, or a second copy, is replaced by a fresh id.
+        let mut given = req.headers().get_all(&REQUEST_ID).iter();
+        let request_id = match (given.next(), given.next()) {
+            (Some(id), None) if valid_request_id(id.as_bytes()) => id.clone(),
+            _ => {
                 let id = HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
                     .unwrap_or(HeaderValue::from_static("invalid"));
                 req.headers_mut().insert(REQUEST_ID.clone(), id.clone());
@@ -172,6 +175,9 @@ impl SharedInner {
                 latency_ms = elapsed.as_secs_f64() * 1e3,
                 "request"
             );
+        }
+        if status.is_client_error() && response.extensions().get::<Proxied>().is_none() {
+            response = json_rejection(response).await;
         }
         self.metrics.record(route, method, status.as_u16(), elapsed.as_secs_f64());
         response.headers_mut().entry(&REQUEST_ID).or_insert(request_id);
@@ -282,6 +288,56 @@ impl SharedInner {
         }
         response
     }
+}
+
+/// Marks a response that came from an upstream: passed on as it is, never rewritten here.
+#[derive(Debug, Clone, Copy)]
+pub struct Proxied;
+
+/// Whether a client's `X-Request-Id` is kept: 1 to 128 characters of `A-Z a-z 0-9 . _ : -`.
+fn valid_request_id(id: &[u8]) -> bool {
+    (1..=128).contains(&id.len())
+        && id.iter().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+/// A 4xx that is not JSON (axum's own rejections of a path or query it cannot parse answer in
+/// plain text) becomes the error contract's JSON, with the same status and the same message:
+/// every refusal a client gets from a role carries a `code`.
+async fn json_rejection(response: Response) -> Response {
+    let is_json = response
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.starts_with("application/json") || v.starts_with("application/problem+json")
+        });
+    if is_json {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let code = match parts.status.as_u16() {
+        401 => ErrorCode::Unauthenticated,
+        403 => ErrorCode::Forbidden,
+        404 => ErrorCode::NotFound,
+        405 => ErrorCode::MethodNotAllowed,
+        408 => ErrorCode::RequestTimeout,
+        409 => ErrorCode::Conflict,
+        413 => ErrorCode::PayloadTooLarge,
+        422 => ErrorCode::ValidationFailed,
+        429 => ErrorCode::RateLimited,
+        _ => ErrorCode::InvalidRequest,
+    };
+    let message = String::from_utf8_lossy(&text).trim().to_string();
+    let message = if message.is_empty() { parts.status.to_string() } else { message };
+    let mut json = ApiError::new(code, message).into_response();
+    *json.status_mut() = parts.status;
+    for (name, value) in &parts.headers {
+        if name != http::header::CONTENT_TYPE && name != http::header::CONTENT_LENGTH {
+            json.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    json
 }
 
 /// The answer to a request body that could not be read: 413 over the limit, 408 past the read

@@ -187,8 +187,8 @@ async fn linger(ctx: &Context, settled: impl Fn() -> bool) {
 /// The answer to a connection over `server.max_connections_per_client`, written before it is
 /// closed (the client has not necessarily sent anything yet).
 const TOO_MANY_CONNECTIONS: &[u8] = b"HTTP/1.1 429 Too Many Requests\r\n\
-content-type: application/json\r\nconnection: close\r\nretry-after: 1\r\ncontent-length: 122\r\n\r\n\
-{\"code\":\"rate_limited\",\"message\":\"too many connections from this address\",\"reason\":\"too_many_connections\",\"retry_after\":1}";
+content-type: application/json\r\nconnection: close\r\nretry-after: 1\r\ncontent-length: 138\r\n\r\n\
+{\"code\":\"rate_limited\",\"message\":\"too many connections from this address\",\"reason\":\"too_many_connections\",\"retry_after\":1,\"side\":\"client\"}";
 
 /// Accepts and serves HTTP/1.1 connections (upgrades included) until shutdown, then drains.
 ///
@@ -302,6 +302,16 @@ fn canonical(
                     .insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
                 return Ok(response);
             }
+            // One Host, and a well-formed one (RFC 9112 3.2): the gateway forwards it as
+            // X-Forwarded-Host, and a second copy must not decide what an upstream believes.
+            if let Some(problem) = host_problem(&req) {
+                metrics::counter!(telemetry::names::HTTP_REFUSED,
+                    "role" => role.as_str(), "reason" => "invalid_host")
+                .increment(1);
+                return Ok(ApiError::new(ErrorCode::InvalidRequest, problem)
+                    .with_reason("invalid_host")
+                    .into_response());
+            }
             if let Err(invalid) = canonicalize(req.uri_mut()) {
                 metrics::counter!(telemetry::names::HTTP_REFUSED,
                     "role" => role.as_str(), "reason" => "invalid_path")
@@ -320,6 +330,27 @@ fn canonical(
             app.oneshot(req.map(axum::body::Body::new)).await
         }
     })
+}
+
+/// What is wrong with a request's `Host`, if anything: an HTTP/1.1 request needs exactly one, and
+/// it must be an authority (`host[:port]`).
+fn host_problem<B>(req: &Request<B>) -> Option<&'static str> {
+    let mut hosts = req.headers().get_all(http::header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (None, _) if req.version() == http::Version::HTTP_11 => {
+            Some("an HTTP/1.1 request needs a Host header")
+        }
+        (None, _) => None,
+        (Some(_), Some(_)) => Some("a request may carry one Host header"),
+        (Some(host), None) => {
+            let valid = host.to_str().ok().is_some_and(|h| {
+                !h.is_empty()
+                    && !h.contains(['/', '?', '#', '@'])
+                    && h.parse::<http::uri::Authority>().is_ok()
+            });
+            (!valid).then_some("the Host header is not a host[:port]")
+        }
+    }
 }
 
 /// The size of a request's head as received: request line and header lines.

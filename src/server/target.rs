@@ -164,20 +164,20 @@ pub fn canonical_path(path: &str) -> Result<Cow<'_, str>, Invalid> {
         }
         seg_len += 1;
         seg_dots &= decoded == b'.';
-        if width == 3 {
-            seg_escaped_high |= decoded >= 0x80;
-            let out = out.get_or_insert_with(|| bytes[..i].to_vec());
-            if is_unreserved(decoded) {
-                out.push(decoded);
-            } else {
-                out.extend_from_slice(&[
-                    b'%',
-                    HEX[usize::from(decoded >> 4)],
-                    HEX[usize::from(decoded & 15)],
-                ]);
-            }
-        } else if let Some(out) = &mut out {
-            out.push(b);
+        seg_escaped_high |= decoded >= 0x80;
+        // Unreserved characters and other plain ASCII stay as they are; escapes of unreserved
+        // characters are decoded; every other escape, and a raw non-ASCII byte, is written as
+        // an escape with upper-case hex (so what is forwarded is ASCII). Only a unit that
+        // changes starts a copy: a path already canonical is returned borrowed.
+        let escaped = [b'%', HEX[usize::from(decoded >> 4)], HEX[usize::from(decoded & 15)]];
+        let plain = [decoded];
+        let canonical: &[u8] = if is_unreserved(decoded) || (width == 1 && decoded < 0x80) {
+            &plain
+        } else {
+            &escaped
+        };
+        if out.is_some() || canonical != &bytes[i..i + width] {
+            out.get_or_insert_with(|| bytes[..i].to_vec()).extend_from_slice(canonical);
         }
         i += width;
     }
@@ -200,7 +200,11 @@ pub fn canonical_query(query: &str) -> Result<Cow<'_, str>, Invalid> {
             if b < 0x20 || b == 0x7f {
                 return Err(Invalid::ControlCharacter);
             }
-            if let Some(out) = &mut out {
+            if b >= 0x80 {
+                // Raw non-ASCII is forwarded escaped, as in a path.
+                let out = out.get_or_insert_with(|| bytes[..i].to_vec());
+                out.extend_from_slice(&[b'%', HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]);
+            } else if let Some(out) = &mut out {
                 out.push(b);
             }
             i += 1;
@@ -260,6 +264,12 @@ mod tests {
             assert_eq!(canonical_path(spelling).unwrap(), "/a/NG-H27", "{spelling}");
         }
         assert_eq!(canonical_path("/a/x%3ay%20z").unwrap(), "/a/x%3Ay%20z");
+        // A canonical path with escapes is returned as it is (borrowed).
+        assert!(matches!(canonical_path("/a/NG%3AH27%C3%A9").unwrap(), Cow::Borrowed(_)));
+        // Raw non-ASCII is forwarded escaped, and decodes to the same string.
+        assert_eq!(canonical_path("/a/CAFÉ").unwrap(), "/a/CAF%C3%89");
+        assert_eq!(decode("CAF%C3%89").unwrap(), "CAFÉ");
+        assert_eq!(canonical_query("q=é").unwrap(), "q=%C3%A9");
         assert_eq!(canonical_path("/a/caf%C3%A9").unwrap(), "/a/caf%C3%A9");
         assert_eq!(canonical_path("/ws/").unwrap(), "/ws/");
         assert_eq!(canonical_path("/").unwrap(), "/");

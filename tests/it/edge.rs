@@ -278,7 +278,12 @@ async fn the_resource_checked_is_the_path_the_upstream_receives() {
                     let segment = target.trim_start_matches("/prices/latest/");
                     assert_eq!(&percent_decode(segment), id, "{spelling} forwarded as {target}");
                 }
-                400 => assert_eq!(body["reason"], "invalid_path", "{spelling}: {body}"),
+                // Only double encoding is refused: every other spelling of the id is served or
+                // refused by its rule.
+                400 => {
+                    assert_eq!(body["reason"], "invalid_path", "{spelling}: {body}");
+                    assert!(spelling.contains("%25"), "{id:?} ({spelling}) refused: {body}");
+                }
                 other => panic!("{id:?} ({spelling}): {other} {body}"),
             }
         }
@@ -358,6 +363,11 @@ async fn reserved_headers_in_any_spelling_never_reach_the_upstream() {
         ("X-HTTP-Method-Override", "DELETE"),
         ("x_api_key", "ak_stolen"),
         ("X-Auth-Request-User", "root"),
+        ("X-Tenant", "t-other"),
+        ("X_Consumer_Username", "root"),
+        ("Impersonate-User", "root"),
+        ("X-SSL-Client-S-DN", "CN=root"),
+        ("X-Amzn-Oidc-Identity", "root"),
     ];
     let send = |path: &'static str| {
         let mut r = http().get(e.gateway.url(path)).bearer_auth(&alice);
@@ -388,6 +398,11 @@ async fn reserved_headers_in_any_spelling_never_reach_the_upstream() {
             "x-http-method-override",
             "x-api-key",
             "x-auth-request-user",
+            "x-tenant",
+            "x-consumer-username",
+            "impersonate-user",
+            "x-ssl-client-s-dn",
+            "x-amzn-oidc-identity",
         ] {
             assert!(!names.iter().any(|n| n == reserved), "{reserved} reached the upstream: {s:?}");
         }
@@ -667,6 +682,18 @@ async fn stats_need_the_admin_or_service_role_and_ready_reports_saturation() {
     let trader = keys.token("alice", "t1", &["trader"]);
     let admin = keys.token("root", "t1", &["admin"]);
     let service = keys.token("svc", "t1", &["service"]);
+    // A path or query a role cannot parse is refused in the error contract's JSON too.
+    for path in ["/entitlements/rules/not-a-uuid", "/entitlements/rules?limit=-1"] {
+        let r = http().get(entitlements.url(path)).bearer_auth(&admin).send().await.unwrap();
+        let status = r.status().as_u16();
+        let body: Value = r.json().await.unwrap_or(Value::Null);
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (400, Some("invalid_request")),
+            "{path}: {body}"
+        );
+        assert!(body["message"].is_string());
+    }
     for url in [stream.url("/stats"), entitlements.url("/entitlements/stats")] {
         let status = |token: Option<String>| {
             let mut r = http().get(&url);
@@ -694,5 +721,68 @@ async fn stats_need_the_admin_or_service_role_and_ready_reports_saturation() {
     assert_eq!(ready["failing"], json!(["capacity"]), "{ready}");
     for s in slow {
         assert_eq!(s.await.unwrap().unwrap().status(), 200);
+    }
+}
+
+#[tokio::test]
+async fn methods_hosts_and_request_ids_are_checked_as_what_they_are() {
+    let e = edge(SEED, "", &[]).await;
+    let tina = e.keys.token("tina", "t1", &["trader"]);
+    let addr = e.gateway.addr;
+    let send = |head: String| async move { raw(addr, head.as_bytes()).await };
+    // A method the gateway cannot classify is checked as `admin`, never as a read: the trader
+    // may read and write instruments, not administer them.
+    for method in ["delete", "Delete", "post", "PURGE", "MKCOL", "PROPFIND", "X"] {
+        let (status, body) = send(format!(
+            "{method} /api/v1/instruments/EURUSD HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {tina}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+        ))
+        .await;
+        assert_eq!((status, body["code"].as_str()), (403, Some("forbidden")), "{method}: {body}");
+    }
+    // OPTIONS is forwarded only where a route takes it (CORS preflights never reach routes).
+    let (status, body) = send(format!(
+        "OPTIONS /api/v1/prices/latest/EURUSD HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {tina}\r\nconnection: close\r\n\r\n"
+    ))
+    .await;
+    assert_eq!((status, body["code"].as_str()), (405, Some("method_not_allowed")), "{body}");
+    // One well-formed Host.
+    for head in [
+        "GET /api/v1/prices/latest/EURUSD HTTP/1.1\r\nconnection: close\r\n\r\n",
+        "GET /api/v1/prices/latest/EURUSD HTTP/1.1\r\nhost: evil\r\nhost: x\r\nconnection: close\r\n\r\n",
+        "GET /api/v1/prices/latest/EURUSD HTTP/1.1\r\nhost: a b\r\nconnection: close\r\n\r\n",
+        "GET /api/v1/prices/latest/EURUSD HTTP/1.1\r\nhost: a/b\r\nconnection: close\r\n\r\n",
+    ] {
+        let (status, body) = send(head.to_string()).await;
+        assert_eq!((status, body["reason"].as_str()), (400, Some("invalid_host")), "{head:?}: {body}");
+    }
+    assert!(e.targets().is_empty(), "{:?}", e.targets());
+    // A client's request id is kept only when it is one short token.
+    let keep = http()
+        .get(e.gateway.url("/api/v1/prices/latest/EURUSD"))
+        .bearer_auth(&tina)
+        .header("x-request-id", "client-id.1:a_b")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(keep.headers()["x-request-id"], "client-id.1:a_b");
+    for bad in ["x".repeat(129), "has space".to_string(), "semi;colon".to_string()] {
+        let r = http()
+            .get(e.gateway.url("/api/v1/prices/latest/EURUSD"))
+            .bearer_auth(&tina)
+            .header("x-request-id", bad.as_str())
+            .send()
+            .await
+            .unwrap();
+        let echoed = r.headers()["x-request-id"].to_str().unwrap().to_string();
+        assert_ne!(echoed, bad);
+        assert_eq!(echoed.len(), 36, "a fresh uuid: {echoed}");
+    }
+    let seen = e.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 4);
+    for s in &seen {
+        let ids: Vec<&String> =
+            s.headers.iter().filter(|(k, _)| k == "x-request-id").map(|(_, v)| v).collect();
+        assert_eq!(ids.len(), 1, "{s:?}");
+        assert!(ids[0].len() <= 128);
     }
 }

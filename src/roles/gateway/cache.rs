@@ -170,13 +170,16 @@ pub fn key(
     tenant: &str,
     user: Option<&str>,
 ) -> String {
+    // The query as forwarded (canonical: `server::target`), its parameters ordered by name with
+    // a stable sort: distinct names in any order share an entry, but repeated names keep their
+    // order (`limit=2&limit=1` is not `limit=1&limit=2` to an upstream that takes the first)
+    // and `a` stays distinct from `a=`.
     let query = match query.unwrap_or_default() {
         "" => String::new(),
         query => {
-            let mut pairs: Vec<(String, String)> =
-                url::form_urlencoded::parse(query.as_bytes()).into_owned().collect();
-            pairs.sort();
-            url::form_urlencoded::Serializer::new(String::new()).extend_pairs(pairs).finish()
+            let mut params: Vec<&str> = query.split('&').collect();
+            params.sort_by_key(|p| p.split('=').next().unwrap_or_default());
+            params.join("&")
         }
     };
     let material =
@@ -581,6 +584,12 @@ mod tests {
             key("GET", "r", "/p", None, "t1", Some("u2"))
         );
         assert!(a.starts_with("cache:prices:"));
+        // What an upstream may read differently never shares an entry.
+        let k = |q: &str| key("GET", "r", "/p", Some(q), "t1", None);
+        assert_ne!(k("limit=2&limit=1"), k("limit=1&limit=2"), "repeated names keep their order");
+        assert_eq!(k("b=1&limit=2&limit=1"), k("limit=2&b=1&limit=1"));
+        assert_ne!(k("a"), k("a="));
+        assert_ne!(k("a=x+y"), k("a=x%20y"));
     }
 
     #[test]

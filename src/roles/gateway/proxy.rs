@@ -95,6 +95,25 @@ pub static IDENTITY_HEADERS: [HeaderName; 3] = [
 /// path and method overrides some frameworks obey (a different target than the one checked).
 const RESERVED_HEADERS: &[&str] = &[
     "forwarded",
+    "x-forwarded",
+    "x-original-forwarded-for",
+    "x-user",
+    "x-userid",
+    "x-tenant",
+    "tenant-id",
+    "x-roles",
+    "x-groups",
+    "x-email",
+    "x-auth",
+    "x-authenticated-user",
+    "x-authenticated-userid",
+    "x-scope-orgid",
+    "x-org-id",
+    "x-account-id",
+    "x-webauth-user",
+    "x-access-token",
+    "x-id-token",
+    "x-token",
     "x-real-ip",
     "x-client-ip",
     "true-client-ip",
@@ -112,8 +131,27 @@ const RESERVED_HEADERS: &[&str] = &[
     "x-remote-addr",
 ];
 
-/// Name prefixes reserved the same way (`X-Forwarded-*`, `X-User-*`, `X-Tenant-*`, `X-Auth-*`).
-const RESERVED_PREFIXES: &[&str] = &["x-forwarded-", "x-user-", "x-tenant-", "x-auth-"];
+/// Name prefixes reserved the same way: ours (`X-User-*`, `X-Tenant-*`), forwarding
+/// (`X-Forwarded-*`), and the identity and client-certificate headers other proxies and
+/// platforms set (Kong's `X-Consumer-*`, Kubernetes' `Impersonate-*`, AWS ALB's
+/// `X-Amzn-Oidc-*`, IAP's `X-Goog-Authenticated-*`, Azure's `X-MS-Client-Principal*`, TLS
+/// terminators' `X-SSL-Client-*` / `X-Client-Cert*`), which an upstream may believe.
+const RESERVED_PREFIXES: &[&str] = &[
+    "x-forwarded-",
+    "x-user-",
+    "x-tenant-",
+    "x-auth-",
+    "x-authenticated-",
+    "x-consumer-",
+    "impersonate-",
+    "x-amzn-oidc-",
+    "x-goog-authenticated-",
+    "x-ms-client-principal",
+    "x-ssl-client",
+    "ssl-client",
+    "x-client-cert",
+    "x-client-ssl",
+];
 
 /// Whether a client header must not reach an upstream: see [`RESERVED_HEADERS`]. The caller's
 /// credentials (`Authorization`, `X-API-Key`) pass only on routes with `forward_authorization`;
@@ -494,6 +532,7 @@ pub(super) async fn upstream(
                 guard.publish();
                 let (mut parts, body) = response.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
+                parts.extensions.insert(crate::server::layers::Proxied);
                 return Ok((Response::from_parts(parts, Body::new(body)), identity, bytes_in));
             }
             Ok(Err(e)) => {

@@ -108,22 +108,28 @@ pub struct Route {
 }
 
 impl Route {
-    /// The action an entitlement check uses for `method`.
+    /// The action an entitlement check uses for `method`: the route's own, else GET, HEAD and
+    /// OPTIONS read, POST, PUT and PATCH write, DELETE delete, and any other method (an
+    /// extension method, or a standard one in another case, such as `delete`, which some
+    /// upstreams honour) `admin`: what the gateway cannot classify it checks as the strongest
+    /// action, never as a read.
     pub fn action(&self, method: &Method) -> String {
         if let Some(action) = self.spec.entitlement.as_ref().and_then(|e| e.action.clone()) {
             return action;
         }
         match *method {
+            Method::GET | Method::HEAD | Method::OPTIONS => "read",
             Method::POST | Method::PUT | Method::PATCH => "write",
             Method::DELETE => "delete",
-            _ => "read",
+            _ => "admin",
         }
         .to_string()
     }
 
-    /// Whether the route takes `method`.
+    /// Whether the route takes `method` (CORS preflights are answered before routes, by the
+    /// CORS layer, so OPTIONS is only forwarded where a route lists it or takes every method).
     pub fn allows(&self, method: &Method) -> bool {
-        self.methods.is_empty() || self.methods.contains(method) || (method == Method::OPTIONS)
+        self.methods.is_empty() || self.methods.contains(method)
     }
 }
 
@@ -401,5 +407,9 @@ mod tests {
             ("write".into(), "delete".into(), "read".into())
         );
         assert_eq!(t.routes()[1].action(&Method::GET), "admin");
+        for unknown in ["delete", "Delete", "post", "PURGE", "MKCOL", "TRACE", "X"] {
+            let method = Method::from_bytes(unknown.as_bytes()).unwrap();
+            assert_eq!(a.action(&method), "admin", "{unknown} is checked as the strongest action");
+        }
     }
 }

@@ -522,7 +522,8 @@ fn admit(
         } else {
             ErrorCode::RateLimited
         };
-        ApiError::new(code, message).with_reason(refusal.as_str())
+        // A connection limit frees when a connection closes: worth retrying in a second.
+        ApiError::new(code, message).with_reason(refusal.as_str()).with_retry_after(1)
     })
 }
 
