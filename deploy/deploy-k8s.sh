@@ -24,9 +24,9 @@
 # Prometheus operator's ServiceMonitor and PrometheusRule, cert-manager). With kubectl it creates
 # the namespace and the Secrets the plain manifests leave out (the dev key, the PostgreSQL and
 # Grafana passwords); with Helm the chart creates them, and Secrets made earlier by kubectl are
-# handed to the release (Helm's adoption annotations) so their values are kept. Production's
-# Secret access-secrets must exist first. Then it applies and waits for every Deployment to roll
-# out. Exit codes: 0 done, 2 usage, 3 a tool or the cluster is missing, 4 a precondition failed
+# handed to the release (Helm's adoption annotations) so their values are kept. Staging's and
+# production's Secret access-secrets must exist first. Then it applies and waits for every
+# Deployment to roll out. Exit codes: 0 done, 2 usage, 3 a tool or the cluster is missing, 4 a precondition failed
 # (secrets, resource definitions, confirmation), 5 the apply or the rollout failed.
 set -euo pipefail
 
@@ -161,6 +161,12 @@ secret_exists() { kubectl -n "$NAMESPACE" get secret "$1" >/dev/null 2>&1; }
 random() { head -c 48 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' | head -c 32; }
 if [ "$ENVIRONMENT" = production ]; then
   secret_exists access-secrets || die 4 "production reads its PostgreSQL DSN and client secret from Secret access-secrets (keys postgres-dsn, client-secret) in $NAMESPACE; create it first"
+fi
+if [ "$ENVIRONMENT" = staging ]; then
+  secret_exists access-secrets || die 4 "staging reads its IdP client secret from Secret access-secrets (key client-secret) in $NAMESPACE; create it first"
+fi
+if [ "$ENVIRONMENT" = production ]; then
+  :
 elif [ "$METHOD" = helm ]; then
   # The chart renders these Secrets (generated values, kept across upgrades). One created by an
   # earlier kubectl deploy is handed to the release, so Helm adopts it (and keeps its values)
