@@ -132,7 +132,8 @@ if [ "$ROLLBACK" = 1 ]; then
     helm rollback "$RELEASE" -n "$NAMESPACE" --wait --timeout 10m \
       || die 5 "helm rollback failed; see helm history $RELEASE -n $NAMESPACE"
   else
-    deployments=$(kubectl -n "$NAMESPACE" get deployments -l "app.kubernetes.io/instance=$RELEASE" -o name)
+    # The roles' Deployments (an upgrade changes their image; the backends' have no earlier revision).
+    deployments=$(kubectl -n "$NAMESPACE" get deployments -l "app.kubernetes.io/name=access,app.kubernetes.io/instance=$RELEASE" -o name)
     [ -n "$deployments" ] || die 4 "no Deployments of $RELEASE in $NAMESPACE to roll back"
     for d in $deployments; do kubectl -n "$NAMESPACE" rollout undo "$d" || die 5 "kubectl rollout undo $d failed"; done
     for d in $deployments; do
@@ -181,7 +182,8 @@ elif [ "$METHOD" = helm ]; then
     say "Secret $s (made before by kubectl) is handed to Helm release $RELEASE; its values are kept"
   done
 else
-  if ! secret_exists access-dev-key; then
+  needs() { grep -q "secretName: $1\$" <<<"$RENDERED"; }
+  if needs access-dev-key && ! secret_exists access-dev-key; then
     command -v openssl >/dev/null || die 3 "openssl is needed to generate the dev key"
     key=$(mktemp)
     openssl ecparam -name prime256v1 -genkey -noout -out "$key"
@@ -189,14 +191,14 @@ else
     rm -f "$key"
     say "created Secret access-dev-key (the dev signing key every role shares)"
   fi
-  if ! secret_exists postgres-secret; then
+  if needs postgres-secret && ! secret_exists postgres-secret; then
     pw=$(random) # letters and digits: nothing in the DSN needs escaping
     kubectl -n "$NAMESPACE" create secret generic postgres-secret \
       --from-literal=user=access --from-literal=database=access --from-literal=password="$pw" \
       --from-literal=dsn="postgres://access:$pw@postgres-service:5432/access"
     say "created Secret postgres-secret (generated password)"
   fi
-  if ! secret_exists grafana-secret; then
+  if needs grafana-secret && ! secret_exists grafana-secret; then
     kubectl -n "$NAMESPACE" create secret generic grafana-secret \
       --from-literal=admin-user=admin --from-literal=admin-password="$(random)"
     say "created Secret grafana-secret (generated admin password; read it with kubectl get secret)"
