@@ -33,6 +33,7 @@ CRDS = {"verticalpodautoscalers.autoscaling.k8s.io": ("VerticalPodAutoscaler", "
         "clusterissuers.cert-manager.io": ("ClusterIssuer", "cert-manager.io")}
 
 failures = []
+clusters = []  # their directories, removed at the end
 
 
 def check(ok, what):
@@ -44,6 +45,7 @@ def check(ok, what):
 class Cluster:
     def __init__(self):
         self.dir = pathlib.Path(tempfile.mkdtemp(prefix="fake-cluster-"))
+        clusters.append(self.dir)
         bin_dir = self.dir / "bin"
         bin_dir.mkdir()
         for tool in ("kubectl", "helm"):
@@ -192,6 +194,8 @@ def main():
     restore_from_cluster()
     r = subprocess.run(["make", "-n", "--no-print-directory", "-C", str(ROOT), "deploy", "ENV=staging", "IMAGE=registry.example.com/access:0.1.0", "VALUES=mine.yaml"], capture_output=True, text=True)
     check("-i registry.example.com/access:0.1.0" in r.stdout and "-V mine.yaml" in r.stdout and "-e staging" in r.stdout, f"make deploy passes the image and values files: {r.stdout}")
+    for d in clusters:
+        shutil.rmtree(d, ignore_errors=True)
     if failures:
         print("deploy walk FAILED:", *failures, sep="\n  ")
         sys.exit(1)
