@@ -1,13 +1,16 @@
 # The two commands a newcomer needs: `make run` and `make test`.
 SHELL := /bin/bash
-IMAGE ?= ghcr.io/254carbon/access:dev
+# The one image name `make image` builds and `make deploy` deploys: the chart's repository and
+# appVersion unless given (make image deploy IMAGE=registry.example.com/access:0.1.0).
+APP_VERSION := $(shell sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$$/\1/p' charts/access/Chart.yaml)
+IMAGE ?= ghcr.io/254carbon/access:$(APP_VERSION)
 .DEFAULT_GOAL := help
 
 # Builds live outside the clone so a fresh clone (CI) reuses them.
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/access/target
 BIN := $(CARGO_TARGET_DIR)/debug/access
 
-.PHONY: help run test check-deploy check-contracts image manifests deploy db-backup db-restore services build lint fmt bench-auth bench-entitlements bench-metrics bench-gateway bench-stream
+.PHONY: help run test check-deploy check-image check-contracts image push manifests deploy db-backup db-restore services build lint fmt bench-auth bench-entitlements bench-metrics bench-gateway bench-stream
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -25,16 +28,21 @@ test: services ## Run every test against the real Redis, PostgreSQL and tansu, a
 	source $(CARGO_TARGET_DIR)/test-services.env && cargo test --locked --lib --bins --tests
 	$(MAKE) --no-print-directory check-deploy check-contracts
 
-check-deploy: ## Offline checks of the Helm chart (render, lint, schemas, checkov, the guide's promises) and the Containerfile (hadolint)
+check-deploy: ## Offline checks of the Helm chart (render, lint, schemas, checkov, the guide's promises), the deploy script on a fake cluster, the Containerfile (hadolint), and the image's pods
 	python3 tests/chart/check.py
+	python3 tests/deploy/walk.py
 	hadolint Containerfile
+	$(MAKE) --no-print-directory check-image
+
+check-image: ## Build the image from the Containerfile (podman) and start every rendered role of dev, staging and production from it, as the kubelet would
+	python3 tests/deploy/pods.py --binary "$(BIN)"
 
 manifests: ## Regenerate deploy/k8s/<env>/ (the kubectl method's manifests) from the chart
 	for env in dev staging production; do python3 scripts/render-chart.py --env $$env --plain --out deploy/k8s/$$env; done
 
 ENV ?= dev
-deploy: ## Deploy to the current kubectl context: make deploy ENV=staging [METHOD=kubectl] [NAMESPACE=...]
-	deploy/deploy-k8s.sh -e $(if $(filter prod,$(ENV)),production,$(ENV)) -m $(or $(METHOD),helm) -n $(or $(NAMESPACE),254carbon-access)
+deploy: ## Deploy $(IMAGE) to the current kubectl context: make deploy ENV=staging [METHOD=kubectl] [NAMESPACE=...] [VALUES=mine.yaml]
+	deploy/deploy-k8s.sh -e $(if $(filter prod,$(ENV)),production,$(ENV)) -m $(or $(METHOD),helm) -n $(or $(NAMESPACE),254carbon-access) -i $(IMAGE) $(foreach v,$(VALUES),-V $(v))
 
 BACKUP_DIR ?= backups
 db-backup: ## Dump the layer's PostgreSQL data ($$ACCESS_POSTGRES_DSN, or K8S_NAMESPACE=... for the in-cluster one) to $(BACKUP_DIR)/
@@ -47,9 +55,13 @@ db-restore: ## Restore a dump: make db-restore FILE=backups/access-....dump (rep
 check-contracts: ## schemathesis against every role's /openapi.json on `access all` (no 5xx, no schema violation)
 	tests/contracts/schemathesis.sh "$(BIN)"
 
-image: ## Build the container image with podman or docker (IMAGE=ghcr.io/254carbon/access:dev)
+image: ## Build the container image with podman or docker (IMAGE=ghcr.io/254carbon/access:<appVersion>)
 	@engine=$$(command -v podman || command -v docker) || { echo "make image needs podman or docker" >&2; exit 1; }; \
 	$$engine build -f Containerfile -t $(IMAGE) .
+
+push: ## Push $(IMAGE) to its registry (make image push deploy IMAGE=registry.example.com/access:0.1.0)
+	@engine=$$(command -v podman || command -v docker) || { echo "make push needs podman or docker" >&2; exit 1; }; \
+	$$engine push $(IMAGE)
 
 lint: ## Formatting and clippy, as CI would want them
 	cargo fmt --check

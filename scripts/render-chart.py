@@ -5,6 +5,11 @@ no cluster) for one environment.
   render-chart.py --env staging                 all objects, to stdout
   render-chart.py --env staging --plain --out deploy/k8s/staging
                                                 the plain manifests for the kubectl method
+  render-chart.py --env dev --image registry.example.com/access:0.1.0 --values mine.yaml
+                                                another image, and more values files (as helm -f)
+
+Offline there is no cluster to ask for its APIs, so checkPrerequisites is false here (the deploy
+script checks the cluster's CRDs itself before it applies).
 
 --plain leaves out what must not be committed or cannot be applied as is: Secrets whose values the
 chart generates (deploy/deploy-k8s.sh creates them in the cluster instead), the checksum of those
@@ -26,8 +31,33 @@ VALUES = {"dev": "values-dev.yaml", "staging": "values-staging.yaml", "productio
 GENERATED_SECRETS = {"access-dev-key", "postgres-secret", "grafana-secret", "access-secrets"}
 
 
-def render(env, namespace, plain):
+def merge(into, more):
+    """Helm's merge of values files: maps merge key by key, anything else is replaced."""
+    for k, v in more.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            merge(into[k], v)
+        else:
+            into[k] = v
+    return into
+
+
+def image_values(image):
+    """repository:tag (or repository@digest, or repository:tag@digest) as the chart's image values."""
+    repo, at, digest = image.partition("@")
+    name, colon, tag = repo.rpartition(":")
+    if not colon or "/" in tag:
+        name, tag = repo, ""
+    tag = tag + (f"@{digest}" if at else "")
+    return {"image": {"repository": name, "tag": tag}}
+
+
+def render(env, namespace, plain, image=None, extra_values=()):
     values = helm.values_from_yaml((CHART / VALUES[env]).read_text())
+    for path in extra_values:
+        merge(values, helm.values_from_yaml(pathlib.Path(path).read_text()))
+    if image:
+        merge(values, image_values(image))
+    merge(values, {"checkPrerequisites": False})
     out = helm.Chart.load(str(CHART)).render(values, name="access", namespace=namespace, is_install=True)
     docs = []
     for path, text in sorted(out.items()):
@@ -60,8 +90,10 @@ def main():
     p.add_argument("--namespace", default="254carbon-access")
     p.add_argument("--plain", action="store_true", help="the kubectl method's manifests (see above)")
     p.add_argument("--out", help="write one file per object into this directory (replacing it)")
+    p.add_argument("--image", help="the image every role runs (repository:tag), instead of the chart's")
+    p.add_argument("--values", action="append", default=[], help="another values file, merged last (repeatable)")
     a = p.parse_args()
-    docs = render(a.env, a.namespace, a.plain)
+    docs = render(a.env, a.namespace, a.plain, a.image, a.values)
     header = f"# Generated from charts/access with {VALUES[a.env]} by scripts/render-chart.py; do not edit (make manifests).\n"
     if a.out:
         out = pathlib.Path(a.out)

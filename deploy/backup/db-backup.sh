@@ -13,7 +13,7 @@ while getopts ":k:o:h" opt; do
   case $opt in
     k) NAMESPACE=$OPTARG ;;
     o) OUT=$OPTARG ;;
-    h) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    h) sed -n '2,/^[^#]/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "db-backup: unknown option (see -h)" >&2; exit 2 ;;
   esac
 done
@@ -30,8 +30,13 @@ else
   command -v pg_dump >/dev/null || { echo "db-backup: pg_dump is not installed (Debian: postgresql-client)" >&2; exit 3; }
   pg_dump --format=custom --no-owner --dbname="$ACCESS_POSTGRES_DSN" --file="$TMP"
 fi
-# Only a complete dump gets the final name: pg_restore --list reads its table of contents.
-pg_restore --list "$TMP" >/dev/null 2>&1 || [ -n "$NAMESPACE" ] || { echo "db-backup: the dump is unreadable" >&2; exit 1; }
+# Only a complete dump gets the final name: pg_restore --list reads its table of contents (the
+# in-cluster one for -k: this machine's may be older than the server that wrote the dump).
+if [ -n "$NAMESPACE" ]; then
+  kubectl -n "$NAMESPACE" exec -i deploy/postgres-deployment -c postgres -- pg_restore --list <"$TMP" >/dev/null 2>&1
+else
+  pg_restore --list "$TMP" >/dev/null 2>&1
+fi || { echo "db-backup: the dump is unreadable" >&2; exit 1; }
 mv "$TMP" "$FILE"
 trap - EXIT
 echo "$FILE"

@@ -44,12 +44,17 @@ def check(ok, what):
 
 
 def values_for(env):
+    """An environment's values as an offline render takes them: no cluster to show its APIs, so
+    checkPrerequisites is off (prerequisites() checks it on)."""
     name = ENVS[env]
-    return helm.values_from_yaml((CHART / name).read_text()) if name else {}
+    values = helm.values_from_yaml((CHART / name).read_text()) if name else {}
+    values["checkPrerequisites"] = False
+    return values
 
 
 def render(values):
     c = helm.Chart.load(str(CHART))
+    values = {"checkPrerequisites": False, **values}  # offline: no cluster APIs (see kit())
     out = c.render(values, name="access", namespace=NAMESPACE, is_install=True)
     docs = []
     for path, text in sorted(out.items()):
@@ -163,6 +168,198 @@ def guide_promises(env, docs, notes):
     check({r[0] for r in ROLES.values()} <= policies, f"{env}: a NetworkPolicy per role")
 
 
+# What each backend image needs of its pod, from the image's documentation (they cannot be pulled
+# and run here): the user it runs as, the paths it writes (each must be a volume under a read-only
+# root), and where its data lives (strictly below the volume's root: an ext4 volume's root holds
+# lost+found, which Kafka and PostgreSQL's initdb refuse).
+IMAGE_CONTRACTS = {
+    # apache/kafka (docker/ in apache/kafka): runs as appuser 1000; /etc/kafka/docker/run writes
+    # /opt/kafka/config/server.properties (and log4j files) from KAFKA_* at every start;
+    # kafka-run-class.sh writes /opt/kafka/logs; CLUSTER_ID must be Uuid.toString(): 16 bytes in
+    # 22 base64url characters.
+    "kafka": {"uid": 1000, "writes": ["/opt/kafka/config", "/opt/kafka/logs", "/tmp"], "data_env": "KAFKA_LOG_DIRS"},
+    # postgres:16-alpine: postgres is UID 70; PGDATA below the mount (the image's docs: "a
+    # subdirectory ... if the mount point is a volume"); the socket in /var/run/postgresql.
+    "postgres": {"uid": 70, "writes": ["/var/lib/postgresql/data", "/var/run/postgresql", "/tmp"], "data_env": "PGDATA"},
+    # redis:7-alpine: redis is UID 999; data in /data (the image's WORKDIR and VOLUME).
+    "redis": {"uid": 999, "writes": ["/data"], "data_arg": "--dir"},
+}
+
+
+def kafka_cluster_id_ok(value):
+    import base64
+    import re
+    if not re.fullmatch(r"[A-Za-z0-9_-]{22}", value or ""):
+        return False
+    raw = base64.urlsafe_b64decode(value + "==")
+    return len(raw) == 16 and base64.urlsafe_b64encode(raw).rstrip(b"=").decode() == value
+
+
+def infra_contracts(env, docs):
+    """The backends' pods against their images' contracts (IMAGE_CONTRACTS)."""
+    for name, contract in IMAGE_CONTRACTS.items():
+        d = by(docs, "Deployment", f"{name}-deployment")
+        if d is None:
+            continue
+        pod = d["spec"]["template"]["spec"]
+        c = pod["containers"][0]
+        sc = c["securityContext"]
+        check(sc.get("runAsUser") == contract["uid"] and pod["securityContext"].get("fsGroup") == contract["uid"], f"{env}: {name} runs as the image's user {contract['uid']}")
+        mounts = {m["mountPath"] for m in c.get("volumeMounts", []) if not m.get("readOnly")}
+        if sc.get("readOnlyRootFilesystem"):
+            for path in contract["writes"]:
+                check(any(path == m or path.startswith(m + "/") for m in mounts), f"{env}: {name} writes {path}, which is no volume under its read-only root")
+        env_vars = {e["name"]: e.get("value") for e in c.get("env", [])}
+        if "data_env" in contract:
+            data = env_vars.get(contract["data_env"], "")
+            check(any(data.startswith(m + "/") for m in mounts), f"{env}: {name}'s {contract['data_env']}={data} is not strictly below a volume's root")
+        if "data_arg" in contract:
+            args = c.get("args", [])
+            data = args[args.index(contract["data_arg"]) + 1] if contract["data_arg"] in args else ""
+            check(data in mounts, f"{env}: {name}'s data directory {data} is not its volume")
+        if name == "kafka":
+            check(kafka_cluster_id_ok(env_vars.get("CLUSTER_ID")), f"{env}: Kafka's CLUSTER_ID {env_vars.get('CLUSTER_ID')!r} is not a UUID in 22 base64url characters")
+            check(env_vars.get("KAFKA_PROCESS_ROLES") == "broker,controller" and "CONTROLLER" in env_vars.get("KAFKA_LISTENERS", ""), f"{env}: Kafka is one KRaft broker-controller")
+
+
+def matches(selector, labels):
+    ok = all(labels.get(k) == v for k, v in (selector.get("matchLabels") or {}).items())
+    for e in selector.get("matchExpressions") or []:
+        if e["operator"] == "In":
+            ok = ok and labels.get(e["key"]) in e["values"]
+    return ok
+
+
+def selectors(env, docs):
+    """Only the roles carry app.kubernetes.io/name=access; a backend admits the roles alone (not
+    Prometheus, Grafana or the test pod); auth and metrics admit platform namespaces."""
+    pods = {d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"] for d in docs if d["kind"] == "Deployment"}
+    pods["access-test-ready"] = next((d["metadata"]["labels"] for d in docs if d["kind"] == "Pod"), {})
+    roles = {r[0] for r in ROLES.values()}
+    for name, labels in pods.items():
+        if name not in roles and name != "access-test-ready":
+            check(labels.get("app.kubernetes.io/name") != "access", f"{env}: {name} carries the layer's app.kubernetes.io/name=access")
+    for backend in ("redis", "postgres", "kafka"):
+        policy = by(docs, "NetworkPolicy", backend)
+        if policy is None:
+            continue
+        admitted = {name for name, labels in pods.items() for rule in policy["spec"]["ingress"] for src in rule["from"] if "podSelector" in src and matches(src["podSelector"], labels)}
+        check(admitted == roles, f"{env}: {backend} admits exactly the roles: {sorted(admitted)}")
+    for deployment in ("auth-deployment", "metrics-deployment"):
+        policy = by(docs, "NetworkPolicy", deployment)
+        sources = [src for rule in policy["spec"]["ingress"] for src in rule["from"]] if policy else []
+        platform = [s for s in sources if "namespaceSelector" in s and s["namespaceSelector"]["matchLabels"] not in ({"kubernetes.io/metadata.name": n} for n in ["monitoring", "ingress-nginx"])]
+        check(policy is None or platform, f"{env}: {deployment} admits no platform namespace")
+
+
+def render_error(values):
+    """The chart's refusal of these values (None when it renders)."""
+    try:
+        render({"checkPrerequisites": False, **values})
+        return None
+    except Exception as e:  # noqa: BLE001 - the refusal's text is what is checked
+        return str(e)
+
+
+def kit():
+    """The deployment guide's values work as written, and the kit's combinations that would
+    install and not work are refused, each naming the value to set."""
+    import urllib.parse
+
+    def rendered(values, what):
+        """The docs, or a failure recorded (and an empty list) when the chart refuses them."""
+        try:
+            return render({"checkPrerequisites": False, **values})[0]
+        except Exception as e:  # noqa: BLE001 - reported as the failure it is
+            failures.append(f"{what}: the chart refuses it: {str(e)[-300:]}")
+            return []
+
+    def find(docs, kind, name):
+        return by(docs, kind, name) or {"metadata": {"labels": {}}, "data": {}, "stringData": {}, "spec": {}}
+    default = rendered({}, "default values")
+    cm = find(default, "ConfigMap", "access-config")["data"]
+    check(cm.get("ACCESS_REDIS_URL") and cm.get("ACCESS_KAFKA_BOOTSTRAP") and by(default, "Deployment", "postgres-deployment"), "default: the multi-replica install brings Redis, PostgreSQL and Kafka")
+    off = {"infrastructure": {"redis": {"enabled": False}, "postgres": {"enabled": False}, "kafka": {"enabled": False}}}
+    err = render_error({"infrastructure": {"redis": {"enabled": False}}})
+    check(err and "infrastructure.redis.enabled=true" in err and "config.redisUrl" in err, f"default replicas without Redis are refused, naming the value: {err}")
+    err = render_error({"infrastructure": {"postgres": {"enabled": False}}})
+    check(err and "infrastructure.postgres.enabled=true" in err, f"two entitlements replicas without PostgreSQL are refused: {err}")
+    err = render_error({"infrastructure": {"kafka": {"enabled": False}}})
+    check(err and "config.kafkaBootstrap" in err, f"two stream replicas without Kafka are refused: {err}")
+    one = {**off, "roles": {r: {"replicaCount": 1, "autoscaling": {"enabled": False}} for r in ("gateway", "stream", "auth", "entitlements")}}
+    one["roles"] = {"gateway": {"enabled": True, "replicaCount": 1, "autoscaling": {"enabled": False}}, **{r: {"enabled": False} for r in ("stream", "auth", "entitlements", "metrics")}}
+    check(render_error(one) is None, f"one pod on in-process stores renders: {render_error(one)}")
+    # The guide's customisation block: top-level role keys.
+    guide = {"gateway": {"replicaCount": 5, "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}},
+                         "autoscaling": {"minReplicas": 5, "maxReplicas": 20}},
+             "streaming": {"autoscaling": {"enabled": False}, "replicaCount": 4},
+             "auth": {"replicaCount": 3, "autoscaling": {"enabled": False}},
+             "entitlements": {"autoscaling": {"minReplicas": 3, "maxReplicas": 6}}, "metrics": {"resources": {"limits": {"memory": "2Gi"}}}}
+    err = render_error(guide)
+    check(err is None, f"the guide's customisation block (top-level role keys) renders: {err}")
+    if err is None:
+        docs = rendered(guide, "the guide's block")
+        hpa = find(docs, "HorizontalPodAutoscaler", "gateway-deployment")
+        gw = find(docs, "Deployment", "gateway-deployment")["spec"]["template"]["spec"]["containers"][0]["resources"]
+        check(hpa["spec"]["minReplicas"] == 5 and hpa["spec"]["maxReplicas"] == 20 and gw["limits"]["cpu"] == "1" and gw["requests"]["memory"] == "512Mi", f"gateway.* of the guide applies: {hpa['spec']} {gw}")
+        check(find(docs, "Deployment", "streaming-deployment")["spec"].get("replicas") == 4 and by(docs, "HorizontalPodAutoscaler", "streaming-deployment") is None, "streaming.* of the guide applies (autoscaling off, 4 replicas)")
+        check(find(docs, "Deployment", "auth-deployment")["spec"].get("replicas") == 3, "auth.replicaCount of the guide applies")
+        mem = find(docs, "Deployment", "metrics-deployment")["spec"]["template"]["spec"]["containers"][0]["resources"]
+        check(mem["limits"] == {"cpu": "1000m", "memory": "2Gi"}, f"metrics.resources of the guide merges key by key: {mem}")
+    check(render_error({"gateway": {"replicas": 5}}) is not None, "the schema refuses a misspelt key in the guide's form too")
+    # The guide's env files: environment and logLevel under config; production logs at warn.
+    prod = rendered(values_for("prod"), "prod")
+    pcm = find(prod, "ConfigMap", "access-config")["data"]
+    check(pcm["ACCESS_ENV"] == "production" and pcm["ACCESS_LOG_LEVEL"] == "warn", f"prod: config.environment and config.logLevel (warn): {pcm['ACCESS_ENV']} {pcm['ACCESS_LOG_LEVEL']}")
+    # One Redis URL: the Secret's wins over the in-cluster Redis or config.redisUrl.
+    for values in ({"secrets": {"redisUrl": "redis://:pw@redis-service:6379"}}, {"config": {"redisUrl": "redis://r:6379"}, "secrets": {"redisUrl": "redis://:pw@r:6379"}}):
+        docs = rendered(values, f"a Redis secret beside {list(values)}")
+        rcm = find(docs, "ConfigMap", "access-config")["data"]
+        env_names = {e["name"] for e in find(docs, "Deployment", "gateway-deployment")["spec"]["template"]["spec"]["containers"][0]["env"]}
+        check("ACCESS_REDIS_URL" not in rcm and "ACCESS_REDIS_URL_FILE" in env_names, f"a Redis secret beside {list(values)}: one of ACCESS_REDIS_URL and _FILE, not both")
+        config_accepted(f"redis secret beside {list(values)}", docs)
+    # The generated DSN percent-encodes the password.
+    password = "p@ss:w/rd #1?&%+"
+    docs = rendered({"infrastructure": {"postgres": {"enabled": True, "password": password}}}, "a postgres password")
+    import base64
+    dsn = base64.b64decode(find(docs, "Secret", "postgres-secret")["data"]["dsn"]).decode()
+    parsed = urllib.parse.urlsplit(dsn)
+    check(parsed.hostname == "postgres-service" and parsed.path == "/access" and urllib.parse.unquote(parsed.password or "") == password, f"the DSN escapes the password: {dsn}")
+    # An ACME issuer cannot issue for .local names; staging uses a private CA.
+    err = render_error({"ingress": {"clusterIssuer": "letsencrypt-staging", "api": {"host": "api.staging.254carbon.local"}}})
+    check(err and "not a public DNS name" in err, f"letsencrypt for a .local host is refused: {err}")
+    check("letsencrypt" not in values_for("staging")["ingress"]["clusterIssuer"], "staging's .local hosts use a private CA issuer")
+    # kube-prometheus-stack selects ServiceMonitors and PrometheusRules by its release label.
+    for kind in ("ServiceMonitor", "PrometheusRule"):
+        o = find(prod, kind, "access")
+        check(o["metadata"]["labels"].get("release") == "kube-prometheus-stack", f"prod: the {kind} has the release label kube-prometheus-stack selects on")
+    # Alerts reach someone: Alertmanager (off by default) with a receiver, or an existing one.
+    check(by(default, "Deployment", "alertmanager-deployment") is None, "default: no Alertmanager")
+    err = render_error({"monitoring": {"prometheus": {"enabled": True}, "alertmanager": {"enabled": True}}})
+    check(err and "receiver.webhookUrl" in err, f"an Alertmanager without a receiver is refused: {err}")
+    docs = rendered({"monitoring": {"prometheus": {"enabled": True}, "alertmanager": {"enabled": True, "receiver": {"webhookUrl": "https://hooks.example.com/alerts"}}}}, "an Alertmanager")
+    prom = yaml.safe_load(find(docs, "ConfigMap", "prometheus-config")["data"].get("prometheus.yml") or "{}")
+    amcfg = yaml.safe_load(find(docs, "Secret", "alertmanager-config")["stringData"].get("alertmanager.yml") or '{"receivers": [{"webhook_configs": [{}]}], "route": {}}')
+    check(prom.get("alerting", {}).get("alertmanagers", [{}])[0].get("static_configs", [{}])[0].get("targets") == ["alertmanager-service:9093"]
+          and by(docs, "Service", "alertmanager-service") and amcfg["receivers"][0]["webhook_configs"][0].get("url") == "https://hooks.example.com/alerts"
+          and amcfg["route"].get("receiver") == "access", f"Prometheus sends alerts to the shipped Alertmanager, which sends them to the receiver: {prom.get('alerting')} {amcfg}")
+    docs = rendered({"monitoring": {"prometheus": {"enabled": True, "alertmanagerUrl": "http://alertmanager-operated.monitoring:9093"}}}, "an existing Alertmanager")
+    prom = yaml.safe_load(find(docs, "ConfigMap", "prometheus-config")["data"].get("prometheus.yml") or "{}")
+    check(prom.get("alerting", {}).get("alertmanagers", [{}])[0].get("static_configs", [{}])[0].get("targets") == ["alertmanager-operated.monitoring:9093"], f"Prometheus routes to an existing Alertmanager: {prom.get('alerting')}")
+    # Prerequisites Helm can see: without the cluster's APIs production is refused, naming them.
+    for values, needle in ((values_for("prod"), "VerticalPodAutoscaler"), ({"monitoring": {"serviceMonitor": {"enabled": True}}}, "monitoring.coreos.com"),
+                           ({"ingress": {"clusterIssuer": "254carbon-internal-ca"}}, "cert-manager")):
+        try:
+            render({**values, "checkPrerequisites": True})
+            failures.append(f"checkPrerequisites: rendered without {needle}'s API")
+        except Exception as e:  # noqa: BLE001
+            check(needle in str(e), f"checkPrerequisites names {needle}: {e}")
+    # Staging without a service-token client: the gateway and stream would exit 1 at start.
+    err = render_error({"config": {"jwksUrl": "https://idp/certs"}})
+    check(err and "config.tokenUrl" in err, f"a JWKS without a service-token client is refused: {err}")
+    print("kit: the guide's values and the refusals hold")
+
+
 # Stand-ins for the Secret files a cluster would mount, so the binary can read its whole config.
 SECRET_STANDINS = {
     "postgres-dsn": "postgres://access@postgres-service:5432/access",
@@ -175,7 +372,8 @@ SECRET_STANDINS = {
 
 def config_accepted(env, docs):
     """Every role's rendered configuration passes `access check-config` (the strict loader)."""
-    binary = os.environ.get("ACCESS_BIN") or str(pathlib.Path.home() / ".cache/access/target/debug/access")
+    target = os.environ.get("CARGO_TARGET_DIR") or str(pathlib.Path.home() / ".cache/access/target")
+    binary = os.environ.get("ACCESS_BIN") or str(pathlib.Path(target) / "debug" / "access")
     if not pathlib.Path(binary).exists():
         failures.append(f"{env}: no access binary at {binary} to check the rendered config (build first)")
         return
@@ -349,7 +547,7 @@ def backups():
 
 def main():
     skip = skipped_kinds()
-    lint = helm.lint(str(CHART), strict=True, namespace=NAMESPACE, kube_version=f"v{KUBE_VERSION}")
+    lint = helm.lint(str(CHART), {"checkPrerequisites": False}, strict=True, namespace=NAMESPACE, kube_version=f"v{KUBE_VERSION}")
     check(not lint["messages"] and not lint["errors"], f"helm lint: {lint}")
     out_dir = pathlib.Path(tempfile.mkdtemp(prefix="access-chart-"))
     for env in ENVS:
@@ -369,6 +567,8 @@ def main():
         config_accepted(env, docs)
         if env != "default":
             infrastructure(env, docs)
+        infra_contracts(env, docs)
+        selectors(env, docs)
         path = out_dir / f"{env}.yaml"
         path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
         r = subprocess.run(["checkov", "-f", str(path), "--framework", "kubernetes", "--quiet", "--compact", "-o", "json"], capture_output=True, text=True)
@@ -379,6 +579,7 @@ def main():
                 failures.append(f"{env}: checkov {f['check_id']} {f['check_name']} on {f['resource']}")
         print(f"chart {env}: {len(docs)} objects rendered, linted, validated, checkov clean" if not failures else f"chart {env}: checked")
     monitoring()
+    kit()
     deploy_script()
     backups()
     # The schema rejects typos and an updating VPA beside an HPA.

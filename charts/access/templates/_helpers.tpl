@@ -10,6 +10,70 @@ entitlements: {subcommand: entitlements, deployment: entitlements-deployment, co
 metrics: {subcommand: metrics, deployment: metrics-deployment, container: metrics, service: metrics-service}
 {{- end -}}
 
+{{/*
+A role's effective values: roles.<role>, with the deployment guide's top-level form (`gateway:`,
+`stream:` or `streaming:`, `auth:`, `entitlements:`, `metrics:`) merged over it, key by key (a
+`false` there wins, which Helm's own merge would drop). Use: include "access.role" (dict "root" $
+"role" "gateway") | fromYaml.
+*/}}
+{{- define "access.role" -}}
+{{- $v := deepCopy (index .root.Values.roles .role) -}}
+{{- $aliases := list (index .root.Values .role) -}}
+{{- if eq .role "stream" }}{{ $aliases = append $aliases .root.Values.streaming }}{{ end -}}
+{{- range $alias := $aliases }}
+{{- range $k, $a := ($alias | default dict) }}
+{{- if and (kindIs "map" $a) (kindIs "map" (index $v $k)) }}
+{{- $sub := index $v $k }}
+{{- range $k2, $a2 := $a }}
+{{- if and (kindIs "map" $a2) (kindIs "map" (index $sub $k2)) }}
+{{- $_ := set $sub $k2 (merge (deepCopy $a2) (index $sub $k2)) }}
+{{- else }}
+{{- $_ := set $sub $k2 $a2 }}
+{{- end }}
+{{- end }}
+{{- else }}
+{{- $_ := set $v $k $a }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- toYaml $v -}}
+{{- end -}}
+
+{{- define "access.port" -}}
+{{- (include "access.role" (dict "root" .root "role" .role) | fromYaml).service.port | int -}}
+{{- end -}}
+
+{{/* ACCESS_ENV and ACCESS_LOG_LEVEL: config.environment / config.logLevel (the guide's place)
+win over the top-level keys. */}}
+{{- define "access.environment" -}}
+{{- .Values.config.environment | default .Values.environment -}}
+{{- end -}}
+{{- define "access.logLevel" -}}
+{{- .Values.config.logLevel | default .Values.logLevel -}}
+{{- end -}}
+
+{{/* Whether the roles have a Redis: config.redisUrl, the Secret's redis-url, or the in-cluster one. */}}
+{{- define "access.hasRedisSecret" -}}
+{{- if or .Values.secrets.redisUrl (has "redis-url" .Values.secrets.existingKeys) }}true{{ end -}}
+{{- end -}}
+{{- define "access.hasRedis" -}}
+{{- if or (include "access.hasRedisSecret" .) (include "access.redisUrl" .) }}true{{ end -}}
+{{- end -}}
+{{- define "access.hasPostgres" -}}
+{{- if or .Values.secrets.postgresDsn (has "postgres-dsn" .Values.secrets.existingKeys) .Values.infrastructure.postgres.enabled }}true{{ end -}}
+{{- end -}}
+
+{{/* Labels of the backends and monitoring pods: their own name, part of the layer (the layer's
+name `access` is kept for the roles, so selectors on it never reach a database). */}}
+{{- define "access.infraLabels" -}}
+app.kubernetes.io/name: {{ .name }}
+app.kubernetes.io/part-of: access
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .name }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version }}
+{{- end -}}
+
 {{- define "access.labels" -}}
 app.kubernetes.io/name: access
 app.kubernetes.io/instance: {{ .Release.Name }}
@@ -81,9 +145,7 @@ kind: PersistentVolumeClaim
 metadata:
   name: {{ .name }}
   namespace: {{ .root.Release.Namespace }}
-  labels:
-    {{- include "access.labels" .root | nindent 4 }}
-    app.kubernetes.io/component: {{ .component }}
+  labels: {{- include "access.infraLabels" (dict "root" .root "name" .component) | nindent 4 }}
   annotations:
     helm.sh/resource-policy: keep
 spec:

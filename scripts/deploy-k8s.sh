@@ -1,0 +1,1 @@
+../deploy/deploy-k8s.sh
