@@ -168,6 +168,8 @@ fn describe() {
     describe_counter!(names::HTTP_SHED, "Requests refused with 503 at the concurrency limit");
     describe_gauge!(names::BUILD_INFO, "Build information; the value is always 1");
     describe_counter!(names::BACKEND_ERRORS, "Backend operations that failed, by backend");
+    crate::backends::breaker::names::describe();
+    crate::auth::token_source::names::describe();
     crate::auth::jwks::names::describe();
     crate::auth::verifier::names::describe();
     crate::roles::entitlements::engine::names::describe();

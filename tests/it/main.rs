@@ -8,6 +8,7 @@ mod binary;
 mod cache;
 mod e2e;
 mod entitlements;
+mod faults;
 mod gateway;
 mod idp;
 mod metrics;

@@ -157,12 +157,13 @@ pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
     let (cache, publisher): (Arc<dyn DecisionCache>, _) = match &config.redis_url {
         Some(url) => {
             let client = crate::backends::redis::connect(url, &config.redis).await?;
+            let guarded =
+                crate::backends::redis::Guarded::new(client.clone(), ctx.role, &config.redis);
             // Without Redis decisions are computed uncached: a soft check.
-            ctx.readiness
-                .add_soft_check("redis", crate::backends::redis::ready_check(client.clone()));
+            ctx.readiness.add_soft_check("redis", guarded.ready_check());
             let prefix = config.redis_prefix();
             (
-                Arc::new(engine::RedisCache::new(client.clone(), prefix.clone()))
+                Arc::new(engine::RedisCache::new(guarded, prefix.clone()))
                     as Arc<dyn DecisionCache>,
                 Some((client, format!("{prefix}rules"))),
             )

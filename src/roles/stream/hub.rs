@@ -31,7 +31,7 @@ pub type ConnId = u64;
 type TenantTopic = (Arc<str>, Arc<str>);
 
 use super::conn::Sink;
-pub use super::conn::{Closer, Conn, Credential, Delivery, Record};
+pub use super::conn::{Closer, Conn, Credential, Delivery, Record, Scope};
 
 /// The hub's limits.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
@@ -326,7 +326,7 @@ impl Hub {
         let Some(sub) = subs.get(&record.topic).and_then(|by_conn| by_conn.get(&conn.id)) else {
             return false;
         };
-        record.tenant().is_none_or(|t| t == &*conn.tenant)
+        record.visible_to(&conn.tenant)
             && sub.filter.as_ref().is_none_or(|f| f.matches(&record.data))
     }
 
@@ -377,11 +377,15 @@ impl Hub {
             *head = (*head).max(record.offset + 1);
         }
         let Some(by_conn) = subs.get(&record.topic) else { return };
-        let tenant = record.tenant();
+        if record.scope() == Scope::Nobody {
+            drop(subs);
+            metrics::counter!(names::MESSAGES_DROPPED, "role" => "stream", "topic" => record.topic.to_string(), "reason" => "invalid_tenant").increment(1);
+            return;
+        }
         let mut fanout: Option<Fanout> = None;
         let mut tally = Tally::default();
         for sub in by_conn.values() {
-            if tenant.is_some_and(|t| t != &*sub.conn.tenant)
+            if !record.visible_to(&sub.conn.tenant)
                 || sub.filter.as_ref().is_some_and(|f| !f.matches(&record.data))
             {
                 continue;
@@ -434,6 +438,7 @@ impl Hub {
                     &conn.subject == subject
                         && c.verified.info.iat.is_none_or(|iat| iat <= *not_before)
                 }
+                Revocation::ApiKey { id } => conn.subject == format!("apikey:{id}"),
                 Revocation::Resync => false,
             };
             if hit {

@@ -109,7 +109,11 @@ pub async fn connect(AxumState(state): AxumState<State>, req: Request) -> ApiRes
 
 /// The resume bound from the configuration.
 pub fn bound(state: &State) -> Bound {
-    Bound { max_records: state.config.resume_max_records, max_age: state.config.resume_max_age }
+    Bound {
+        max_records: state.config.resume_max_records,
+        max_age: state.config.resume_max_age,
+        deadline: state.config.relay_timeout,
+    }
 }
 
 /// Feeds one SSE connection until it ends.
