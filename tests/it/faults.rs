@@ -564,3 +564,60 @@ async fn postgres_killed_api_keys_seen_recently_keep_working() {
     })
     .await;
 }
+
+/// RFC 6455 close codes: a message over the limit is closed with 1009, a text message that is not
+/// UTF-8 with 1007 (before, the connection just dropped).
+#[tokio::test]
+async fn websocket_messages_too_big_or_not_utf8_get_their_close_codes() {
+    use crate::stream::{close_code, layer, next_json};
+    use futures::SinkExt;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::Message;
+    let l = layer(None, "[stream]\nmax_message_bytes = 1024\n", &[]).await;
+    let token = l.keys.token("alice", "t1", &["trader"]);
+    let open = || async {
+        let (mut ws, _) = tokio_tungstenite::connect_async(l.ws_url(Some(&token))).await.unwrap();
+        assert_eq!(next_json(&mut ws).await["type"], "connection_established");
+        ws
+    };
+    let mut ws = open().await;
+    ws.send(Message::text("x".repeat(4096))).await.unwrap();
+    assert_eq!(close_code(&mut ws, Duration::from_secs(3)).await, Some(1009), "too big");
+    let mut ws = open().await;
+    let invalid = Frame::message(vec![b'{', 0xff, 0xfe, b'}'], OpCode::Data(Data::Text), true);
+    ws.send(Message::Frame(invalid)).await.unwrap();
+    assert_eq!(close_code(&mut ws, Duration::from_secs(3)).await, Some(1007), "not UTF-8");
+}
+
+/// A resume asked while the broker is silent answers `recovered: false` within the relay timeout
+/// (before, it got no answer until the broker returned).
+#[tokio::test]
+async fn a_resume_while_the_broker_is_silent_answers_in_time() {
+    use crate::stream::{layer, next_json, produce};
+    use serde_json::json;
+    let broker = ProxiedTansu::start().await;
+    let l = layer(
+        Some(&broker.bootstrap()),
+        "[stream]\nkafka_request_margin = \"500ms\"\nrelay_timeout = \"700ms\"\n",
+        &[],
+    )
+    .await;
+    let token = l.keys.token("alice", "t1", &["trader"]);
+    let (mut ws, answer) = l.subscribed(&token, &[&l.prices], json!({})).await;
+    let position = answer["position"].as_str().unwrap().to_string();
+    let kafka = broker.producer().await;
+    produce(&kafka, &l.prices, &[json!({"instrument_id": "A"}), json!({"instrument_id": "B"})])
+        .await;
+    for _ in 0..2 {
+        assert_eq!(next_json(&mut ws).await["type"], "data");
+    }
+    broker.proxy.silence(true);
+    let asked = Instant::now();
+    let (_resumed, answer) = l.resumed(&token, &l.prices, &position).await;
+    let took = asked.elapsed();
+    assert_eq!(answer["type"], "subscribed", "{answer}");
+    assert_eq!(answer["recovered"], false, "{answer}");
+    assert!(took < Duration::from_millis(1500), "answered within the relay timeout: {took:?}");
+    broker.proxy.silence(false);
+}
