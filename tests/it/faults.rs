@@ -621,3 +621,46 @@ async fn a_resume_while_the_broker_is_silent_answers_in_time() {
     assert!(took < Duration::from_millis(1500), "answered within the relay timeout: {took:?}");
     broker.proxy.silence(false);
 }
+
+/// Tenant isolation fails closed: a record whose `tenant_id` is present but not a string (a
+/// number, a list, an object, `true`, null) reaches no tenant, live on WebSocket and SSE, and on
+/// an SSE resume; a string `tenant_id` reaches its tenant only.
+#[tokio::test]
+async fn records_with_a_tenant_id_that_is_not_a_string_reach_no_tenant() {
+    use crate::sse::{sse_url, SseClient};
+    use crate::stream::{layer, next_json};
+    use serde_json::json;
+    let l = layer(None, "", &[]).await;
+    let alice = l.keys.token("alice", "t1", &["trader"]);
+    let (mut ws, _) = l.subscribed(&alice, &[&l.prices], json!({})).await;
+    let mut sse = SseClient::open(sse_url(&l, &alice, &[&l.prices]), None).await;
+    let hello = sse.next().await;
+    let position = hello.id.clone().unwrap();
+    let odd = [json!(1), json!(["t1"]), json!({"id": "t1"}), json!(true), Value::Null];
+    for (i, tenant) in odd.iter().enumerate() {
+        l.publish(&l.prices, "X", json!({"instrument_id": format!("ODD{i}"), "tenant_id": tenant}))
+            .await;
+    }
+    l.publish(&l.prices, "X", json!({"instrument_id": "OTHER", "tenant_id": "t2"})).await;
+    l.publish(&l.prices, "X", json!({"instrument_id": "MINE", "tenant_id": "t1"})).await;
+    l.publish(&l.prices, "X", json!({"instrument_id": "ALL"})).await;
+    let expected = ["MINE", "ALL"];
+    for want in expected {
+        assert_eq!(next_json(&mut ws).await["data"]["instrument_id"], want, "websocket");
+        assert_eq!(sse.next().await.data["data"]["instrument_id"], want, "sse");
+    }
+    // On resume, from before those records: the same two.
+    let mut resumed = SseClient::open(sse_url(&l, &alice, &[&l.prices]), Some(&position)).await;
+    let hello = resumed.next().await;
+    assert_eq!(hello.data["recovered"], true, "{:?}", hello.data);
+    for want in expected {
+        assert_eq!(resumed.next().await.data["data"]["instrument_id"], want, "sse resume");
+    }
+    assert!(resumed.next_within(Duration::from_millis(300)).await.is_none());
+    let metrics = http().get(l.stream.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(
+        metrics.lines().any(|line| line.starts_with("access_stream_messages_dropped_total{")
+            && line.contains("invalid_tenant")),
+        "counted as invalid_tenant"
+    );
+}
