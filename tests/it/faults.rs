@@ -351,8 +351,9 @@ impl ProxiedTansu {
 }
 
 /// The broker's connections go silent (packets dropped, no reset) for longer than the request
-/// deadline, then heal: every record produced meanwhile reaches every client, in order, once;
-/// readiness follows the broker; the first missed record arrives soon after the heal.
+/// deadline, then heal: clients are told their data is delayed, and when it is no more; every
+/// record produced meanwhile reaches every client, in order, once; readiness follows the broker;
+/// the first missed record arrives soon after the heal.
 #[tokio::test]
 async fn a_silent_broker_stalls_nothing_once_it_heals() {
     use crate::stream::{layer, next_json, produce};
@@ -361,7 +362,7 @@ async fn a_silent_broker_stalls_nothing_once_it_heals() {
     let bootstrap = broker.bootstrap();
     let l = layer(
         Some(&bootstrap),
-        "[stream]\nkafka_request_margin = \"500ms\"\n",
+        "[stream]\nkafka_request_margin = \"500ms\"\ndelay_notice = \"1s\"\n",
         &[("ACCESS_STREAM__FETCH_WAIT", "20ms")],
     )
     .await;
@@ -389,20 +390,35 @@ async fn a_silent_broker_stalls_nothing_once_it_heals() {
     // Readiness follows the broker.
     let (status, body) = ready(&l.stream.url("")).await;
     assert_eq!(status, 503, "not ready while the broker is silent: {body}");
+    // Clients were told (the notice is a frame of its own, with the partition and the last read).
+    for ws in &mut clients {
+        let notice = next_json(ws).await;
+        assert_eq!(
+            (notice["type"].as_str(), notice["partition"].as_i64()),
+            (Some("delayed"), Some(0)),
+            "{notice}"
+        );
+        assert_eq!(notice["topic"], l.prices.as_str());
+    }
 
     broker.proxy.silence(false);
     let healed_at = Instant::now();
     for (n, ws) in clients.iter_mut().enumerate() {
         let mut got = Vec::new();
         let mut first_after = None;
-        while got.len() < produced.len() {
+        let mut ended = false;
+        while got.len() < produced.len() || !ended {
             let frame =
                 tokio::time::timeout(Duration::from_secs(10), next_json(ws)).await.unwrap_or_else(
                     |_| panic!("client {n}: {} of {} records", got.len(), produced.len()),
                 );
-            if frame["type"] == "data" {
-                first_after.get_or_insert(healed_at.elapsed());
-                got.push(frame["data"]["instrument_id"].as_str().unwrap().to_string());
+            match frame["type"].as_str() {
+                Some("data") => {
+                    first_after.get_or_insert(healed_at.elapsed());
+                    got.push(frame["data"]["instrument_id"].as_str().unwrap().to_string());
+                }
+                Some("delay_ended") => ended = true,
+                _ => panic!("client {n}: unexpected {frame}"),
             }
         }
         assert_eq!(got, produced, "client {n}: every record once, in order");

@@ -93,6 +93,9 @@ pub struct Delivery {
     pub offset: i64,
     /// The record's timestamp (ms), for the delivery-latency histogram.
     pub timestamp_ms: i64,
+    /// Not a record but a notice (the SSE event name: `delayed`, `delay_ended`): no position
+    /// moves.
+    pub notice: Option<&'static str>,
 }
 
 /// Closes a connection once, with the first reason given.

@@ -80,6 +80,7 @@ impl Fanout {
                     partition: self.partition,
                     offset: self.offset,
                     timestamp_ms: self.timestamp_ms,
+                    notice: None,
                 };
                 match queue.try_send(delivery) {
                     Ok(()) => Push::Accepted,

@@ -396,6 +396,35 @@ impl Hub {
         self.account(record, tally);
     }
 
+    /// Tells every subscriber of `topic` something about the topic itself (not a record):
+    /// `frame` on WebSocket, an SSE event named `event`. Never waits; a connection whose backlog
+    /// is full misses the notice (it is behind anyway).
+    pub fn notify(&self, topic: &str, event: &'static str, frame: String) {
+        let subs = self.subs.read().unwrap_or_else(|p| p.into_inner());
+        let Some((topic, by_conn)) = subs.get_key_value(topic) else { return };
+        let text = tokio_tungstenite::tungstenite::Utf8Bytes::from(frame);
+        let ws_frame = super::outbox::text_frame(text.as_bytes());
+        for sub in by_conn.values() {
+            match &sub.conn.sink {
+                super::conn::Sink::Socket(socket) => {
+                    if let Some(outbox) = socket.get() {
+                        let _ = outbox.push(&ws_frame);
+                    }
+                }
+                super::conn::Sink::Queue(queue) => {
+                    let _ = queue.try_send(Delivery {
+                        frame: text.clone(),
+                        topic: topic.clone(),
+                        partition: -1,
+                        offset: -1,
+                        timestamp_ms: 0,
+                        notice: Some(event),
+                    });
+                }
+            }
+        }
+    }
+
     /// Counts a fan-out: per tenant for usage, slow consumers, and the metrics.
     fn account(&self, record: &Record, tally: Tally) {
         if !tally.per_tenant.is_empty() {

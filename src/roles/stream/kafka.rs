@@ -65,6 +65,9 @@ pub struct KafkaSettings {
     /// Added to `fetch_wait` for the deadline of every request (metadata, fetch, produce, list
     /// offsets) and of each reconnection.
     pub request_margin: Duration,
+    /// A partition not read for this long tells its subscribers (`delayed`), and again when it
+    /// reads again (`delay_ended`).
+    pub delay_notice: Duration,
 }
 
 impl KafkaSettings {
@@ -97,6 +100,11 @@ pub struct PartitionState {
     pub connected: bool,
     /// Times the partition was started over (offsets went backwards).
     pub restarts: u64,
+    /// The last successful fetch.
+    #[serde(skip)]
+    pub last_read: Option<std::time::Instant>,
+    /// Subscribers were told the partition is delayed.
+    pub delayed: bool,
 }
 
 /// The consumer: partition tasks and their progress.
@@ -231,6 +239,12 @@ pub async fn start_consumer(
 ) -> Result<(Arc<Metadata>, Arc<Consumer>), BackendError> {
     let metadata = Metadata::connect(&settings).await?;
     let consumer = Arc::new(Consumer { partitions: Mutex::default(), records: AtomicU64::new(0) });
+    tokio::spawn(watch_delays(
+        consumer.clone(),
+        hub.clone(),
+        settings.delay_notice,
+        shutdown.clone(),
+    ));
     for topic in topics {
         let (settings, metadata, hub, shutdown, consumer) =
             (settings.clone(), metadata.clone(), hub.clone(), shutdown.clone(), consumer.clone());
@@ -394,6 +408,7 @@ async fn consume_partition(
                         s.next_offset = Some(next_offset);
                         s.high_watermark = Some(hw);
                         s.connected = true;
+                        s.last_read = Some(std::time::Instant::now());
                     });
                 }
                 Err(Fetch::Kafka(KafkaError::ServerError {
@@ -427,6 +442,50 @@ async fn consume_partition(
                     }
                 }
             }
+        }
+    }
+}
+
+/// Tells the subscribers of a topic when one of its partitions has not been read for `after`
+/// (`{"type":"delayed","topic","partition","since"}`, `since` the last read in unix ms), and
+/// when it is read again (`{"type":"delay_ended","topic","partition"}`), so a front-end can show
+/// it or move to another replica. Checked four times per `after`, at least once a second.
+async fn watch_delays(consumer: Arc<Consumer>, hub: Arc<Hub>, after: Duration, shutdown: Shutdown) {
+    let mut tick = tokio::time::interval((after / 4).min(Duration::from_secs(1)));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.stopping() => return,
+        }
+        let mut notices = Vec::new();
+        {
+            let mut partitions = consumer.partitions.lock().unwrap_or_else(|p| p.into_inner());
+            for ((topic, partition), state) in partitions.iter_mut() {
+                let Some(last) = state.last_read else { continue };
+                let late = last.elapsed() > after;
+                if late != state.delayed {
+                    state.delayed = late;
+                    let since = chrono::Utc::now().timestamp_millis()
+                        - i64::try_from(last.elapsed().as_millis()).unwrap_or(i64::MAX);
+                    notices.push((topic.clone(), *partition, late, since));
+                }
+            }
+        }
+        for (topic, partition, late, since) in notices {
+            let (event, frame) = if late {
+                tracing::warn!(role = "stream", topic = %topic, partition, "partition delayed; telling its subscribers");
+                (
+                    "delayed",
+                    serde_json::json!({"type": "delayed", "topic": topic, "partition": partition, "since": since}),
+                )
+            } else {
+                tracing::info!(role = "stream", topic = %topic, partition, "partition reads again");
+                (
+                    "delay_ended",
+                    serde_json::json!({"type": "delay_ended", "topic": topic, "partition": partition}),
+                )
+            };
+            hub.notify(&topic, event, frame.to_string());
         }
     }
 }

@@ -153,6 +153,10 @@ pub struct Config {
     /// it is dropped and made again (a broker gone silent answers nothing).
     #[serde(with = "humantime_serde")]
     pub kafka_request_margin: Duration,
+    /// A partition not read for this long sends its subscribers a `delayed` frame (SSE event),
+    /// and a `delay_ended` one when it reads again.
+    #[serde(with = "humantime_serde")]
+    pub delay_notice: Duration,
     /// How often topic metadata is re-read (partitions added, topics created late).
     #[serde(with = "humantime_serde")]
     pub metadata_refresh: Duration,
@@ -202,6 +206,7 @@ impl Default for Config {
             fetch_wait: Duration::from_millis(20),
             fetch_max_bytes: 1024 * 1024,
             kafka_request_margin: Duration::from_secs(2),
+            delay_notice: Duration::from_secs(5),
             metadata_refresh: Duration::from_secs(30),
             bus_retain: 10_000,
             max_message_bytes: 64 * 1024,
@@ -269,6 +274,7 @@ impl Config {
             ("stream.relay_timeout", self.relay_timeout),
             ("stream.usage_interval", self.usage_interval),
             ("stream.kafka_request_margin", self.kafka_request_margin),
+            ("stream.delay_notice", self.delay_notice),
         ] {
             if d.is_zero() {
                 problems.push(Problem::new(key, "must be greater than 0"));
@@ -371,6 +377,7 @@ pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
             metadata_refresh: config.metadata_refresh,
             connect_timeout: Duration::from_secs(5),
             request_margin: config.kafka_request_margin,
+            delay_notice: config.delay_notice,
         };
         let topics = config.topics.iter().map(|t| t.name.clone()).collect();
         let (metadata, consumer) =

@@ -160,7 +160,11 @@ async fn run(
             _ = tokio::time::sleep_until(expiry) => break Close::TokenExpired,
             _ = tx.closed() => break Close::GoingAway,
             Some(d) = queue.recv() => {
-                let Delivery { frame, topic, partition, offset, timestamp_ms } = d;
+                let Delivery { frame, topic, partition, offset, timestamp_ms, notice } = d;
+                if let Some(event) = notice {
+                    let _ = send(Event::default().event(event).data(frame.as_str())).await;
+                    continue;
+                }
                 conn.sent(&topic, partition, offset);
                 if !send(Event::default().id(conn.position()).data(frame.as_str())).await {
                     continue;
