@@ -9,8 +9,8 @@
 //! While the store cannot answer (PostgreSQL down: its breaker open), keys seen within
 //! [`STALE_FOR`] keep working from their cached record, and a wrong secret is refused from the
 //! cache. A secret that does not match the cached record re-reads the store (a rotation elsewhere
-//! works at once), at most once per key id per [`REREAD_EVERY`]: a flood of wrong secrets costs
-//! the store a few reads, not one each.
+//! works at once), within a budget per key id ([`REREAD_BURST`] at once, [`REREAD_RATE`] a
+//! second after that): a flood of wrong secrets costs the store a few reads, not one each.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -360,6 +360,9 @@ pub struct ApiKeys {
     /// In front of the store's reads, with their deadline: while it is open, reads fail at once
     /// and the cached records answer.
     breaker: Option<(Arc<crate::backends::breaker::Breaker>, Duration)>,
+    /// Re-read budgets by key id: (tokens, when last refilled). A std mutex held for one update;
+    /// bounded like the records.
+    rereads: Mutex<HashMap<String, (f64, Instant)>>,
 }
 
 /// How long a key record is trusted without asking the store again.
@@ -368,8 +371,10 @@ const RECORD_TTL: Duration = Duration::from_secs(1);
 /// How long a cached record still serves while the store cannot answer.
 pub const STALE_FOR: Duration = Duration::from_secs(15 * 60);
 
-/// A mismatching secret re-reads the key's record at most this often.
-pub const REREAD_EVERY: Duration = Duration::from_millis(250);
+/// Re-reads on a mismatching secret allowed at once per key id...
+pub const REREAD_BURST: f64 = 5.0;
+/// ...and per second after that.
+pub const REREAD_RATE: f64 = 4.0;
 
 /// Records kept at most.
 const CACHE_CAP: usize = 100_000;
@@ -382,6 +387,26 @@ impl ApiKeys {
             cache: Mutex::default(),
             touched: super::revocation::SeenSampler::new(Duration::from_secs(60)),
             breaker: None,
+            rereads: Mutex::default(),
+        }
+    }
+
+    /// Whether a mismatching secret for `id` may re-read the store now (takes one from its
+    /// budget).
+    fn may_reread(&self, id: &str) -> bool {
+        let mut budgets = self.rereads.lock().unwrap_or_else(|p| p.into_inner());
+        if budgets.len() >= CACHE_CAP && !budgets.contains_key(id) {
+            budgets.clear();
+        }
+        let now = Instant::now();
+        let (tokens, at) = budgets.entry(id.to_string()).or_insert((REREAD_BURST, now));
+        *tokens = (*tokens + at.elapsed().as_secs_f64() * REREAD_RATE).min(REREAD_BURST);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
         }
     }
 
@@ -536,11 +561,11 @@ impl ApiKeys {
         let now = Utc::now();
         let mut key =
             self.record(id, RECORD_TTL).await?.ok_or(AuthError::Rejected(Reason::UnknownKey))?;
-        if !matches(&key, now) {
-            // The cached record may predate a rotation: ask the store before refusing, unless it
-            // was read very recently (a flood of wrong secrets must not become a flood of reads).
+        if !matches(&key, now) && self.may_reread(id) {
+            // The cached record may predate a rotation: ask the store before refusing, within the
+            // key's budget (a flood of wrong secrets must not become a flood of reads).
             key = self
-                .record(id, REREAD_EVERY)
+                .record(id, Duration::ZERO)
                 .await?
                 .ok_or(AuthError::Rejected(Reason::UnknownKey))?;
         }
@@ -642,7 +667,7 @@ mod tests {
             ));
         }
         let reads = store.reads.load(Ordering::SeqCst) - before;
-        assert!(reads <= 2, "300 wrong secrets read the store {reads} times");
+        assert!(reads <= 8, "300 wrong secrets read the store {reads} times");
         // The store goes down: the key seen recently still works, a wrong secret is still
         // refused, a key never seen cannot be checked.
         store.down.store(true, Ordering::SeqCst);
