@@ -362,7 +362,8 @@ async fn a_silent_broker_stalls_nothing_once_it_heals() {
     let bootstrap = broker.bootstrap();
     let l = layer(
         Some(&bootstrap),
-        "[stream]\nkafka_request_margin = \"500ms\"\ndelay_notice = \"1s\"\n",
+        // The default request deadline (fetch_wait 20 ms + margin 1 s); a short delay notice.
+        "[stream]\ndelay_notice = \"1s\"\n",
         &[("ACCESS_STREAM__FETCH_WAIT", "20ms")],
     )
     .await;

@@ -307,14 +307,14 @@ async fn watch_topic(
     }
 }
 
-/// Exponential backoff between reconnects: 100 ms doubling to 1 s. The cap bounds how long after
-/// a broker heals its partitions read again (one cheap connection attempt per second and
-/// partition while it is down).
+/// Exponential backoff between reconnects: 100 ms doubling to 500 ms. The cap bounds how long
+/// after a broker heals its partitions read again (with the request deadline, under 2 s); while
+/// it is down that is two cheap connection attempts a second per partition.
 struct Backoff(Duration);
 
 impl Backoff {
     const FIRST: Duration = Duration::from_millis(100);
-    const MAX: Duration = Duration::from_secs(1);
+    const MAX: Duration = Duration::from_millis(500);
 
     fn next(&mut self) -> Duration {
         let wait = self.0;

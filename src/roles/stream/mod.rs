@@ -205,7 +205,7 @@ impl Default for Config {
             auth_timeout: Duration::from_secs(10),
             fetch_wait: Duration::from_millis(20),
             fetch_max_bytes: 1024 * 1024,
-            kafka_request_margin: Duration::from_secs(2),
+            kafka_request_margin: Duration::from_secs(1),
             delay_notice: Duration::from_secs(5),
             metadata_refresh: Duration::from_secs(30),
             bus_retain: 10_000,
