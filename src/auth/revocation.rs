@@ -256,6 +256,11 @@ impl RedisStore {
 impl RevocationStore for RedisStore {
     fn revoke(&self, revocation: Revocation) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async move {
+            // A write that must not be cut short waits for the command timeout, but not while
+            // Redis is known to be failing.
+            if self.redis.breaker.is_open() {
+                return Err("redis: breaker open after recent failures".into());
+            }
             let now = unix_now();
             // What to store, and for how long: a token until it expires, a user's not-before
             // for the longest token lifetime.
@@ -335,6 +340,9 @@ impl RevocationStore for RedisStore {
 
     fn user<'a>(&'a self, subject: &'a str) -> BoxFuture<'a, Result<Option<UserRecord>, String>> {
         Box::pin(async move {
+            if self.redis.breaker.is_open() {
+                return Err("redis: breaker open after recent failures".into());
+            }
             let fields: HashMap<String, String> = self
                 .client
                 .hgetall(self.key(&format!("user:{subject}")))

@@ -9,6 +9,7 @@ mod cache;
 mod e2e;
 mod entitlements;
 mod faults;
+mod faults_stream;
 mod gateway;
 mod idp;
 mod metrics;

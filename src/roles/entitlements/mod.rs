@@ -166,7 +166,7 @@ pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
             let guarded =
                 crate::backends::redis::Guarded::new(client.clone(), ctx.role, &config.redis);
             // Without Redis decisions are computed uncached: a soft check.
-            ctx.readiness.add_soft_check("redis", guarded.ready_check());
+            ctx.readiness.add_soft_check("redis_decision_cache", guarded.ready_check());
             let prefix = config.redis_prefix();
             (
                 Arc::new(engine::RedisCache::new(guarded, prefix.clone()))
