@@ -4,9 +4,10 @@
 #            `local` and `open` rate_limit_on_store_error modes. The gateway and the entitlements
 #            role share one private Redis (rate limits, response cache, revocations, decision
 #            cache); every request names a new instrument, so each asks the entitlements role,
-#            whose decision cache is in that Redis. Measured from 1 s after the fault (the first
-#            second is shown on its own line). Goal: at least 0.8 of the Redis-up rate, p99 under
-#            10 ms.
+#            whose decision cache is in that Redis. The first TRANSITION (2 s) after the fault is
+#            shown on its own line (the gateway's breaker, then the entitlements role's, trip after
+#            at most 500 ms each); then DURATION from there. Goal: at least 0.8 of the Redis-up
+#            rate, p99 under 10 ms.
 #   stream:  time from a silent broker healing to the first missed record delivered (the fault
 #            test `faults::a_silent_broker_stalls_nothing_once_it_heals` prints it). Goal: < 2 s.
 # Needs redis-server, nginx (the upstream), wrk, curl; the stream figure needs the test services
@@ -15,6 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/access/target}
 DURATION=${DURATION:-5s}
+TRANSITION=${TRANSITION:-2s}
 CONNECTIONS=${CONNECTIONS:-16}
 THREADS=${THREADS:-1}
 for tool in redis-server nginx wrk curl; do
@@ -106,9 +108,9 @@ run() { # label
   errors=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$out" | tr '\n' ' ')
   printf "%-44s %10s %10s %10s  %s\n" "$1" "$rps" "$p50" "$p99" "$errors"
 }
-first_second() { # label: wrk for the second right after the fault
+transition() { # label: wrk for the TRANSITION right after the fault
   local saved=$DURATION
-  DURATION=1s run "$1"
+  DURATION=$TRANSITION run "$1"
   DURATION=$saved
 }
 
@@ -126,15 +128,15 @@ for mode in local open; do
   run "$mode: Redis up"
 
   kill -9 "$REDIS_PID"; wait "$REDIS_PID" 2>/dev/null || true; REDIS_PID=
-  first_second "$mode: Redis killed, first second"
-  run "$mode: Redis killed, from 1 s on"
+  transition "$mode: Redis killed, first $TRANSITION"
+  run "$mode: Redis killed, after that"
   redis_up
   wait_ready "http://127.0.0.1:$ENT"; wait_ready "http://127.0.0.1:$GW"
   run "$mode: Redis back"
 
   kill -STOP "$REDIS_PID"
-  first_second "$mode: Redis frozen, first second"
-  run "$mode: Redis frozen, from 1 s on"
+  transition "$mode: Redis frozen, first $TRANSITION"
+  run "$mode: Redis frozen, after that"
   kill -CONT "$REDIS_PID"
   wait_ready "http://127.0.0.1:$ENT"; wait_ready "http://127.0.0.1:$GW"
 
