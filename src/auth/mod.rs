@@ -258,7 +258,12 @@ impl Auth {
             Some(url) => {
                 let client = crate::backends::redis::connect(url, &config.redis).await?;
                 let subscriber = crate::backends::redis::subscriber(url, &config.redis).await?;
-                let guarded = crate::backends::redis::Guarded::new(client, ctx.role, &config.redis);
+                let guarded = crate::backends::redis::Guarded::new(
+                    client,
+                    ctx.role,
+                    "revocations",
+                    &config.redis,
+                );
                 redis = Some(guarded.clone());
                 revocation::RedisStore::start(
                     guarded,
@@ -302,6 +307,7 @@ impl Auth {
                     let breaker = crate::backends::breaker::Breaker::new(
                         ctx.role,
                         "postgres",
+                        "api_keys",
                         config.postgres.breaker.clone(),
                         Some(Box::new(probe)),
                     );

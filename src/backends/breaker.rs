@@ -28,7 +28,7 @@ pub type Probe = Box<dyn Fn() -> BoxFuture<'static, Result<(), String>> + Send +
 
 /// Metric names.
 pub mod names {
-    /// Breaker state per backend: 0 closed, 1 open.
+    /// Breaker state per backend and client (which connection): 0 closed, 1 open.
     pub const STATE: &str = "access_backend_breaker_state";
     /// Times a breaker opened, per backend.
     pub const OPENED: &str = "access_backend_breaker_opened_total";
@@ -180,16 +180,20 @@ impl Drop for Permit<'_> {
 }
 
 impl Breaker {
-    /// A closed breaker for `backend` (`redis`, `postgres`) in `role`; with a `probe`, run in
-    /// the background while it is open.
+    /// A closed breaker for `backend` (`redis`, `postgres`, `entitlements`) in `role`, on the
+    /// connection `client` uses (`rate_limits`, `revocations`, `decision_cache`, `api_keys`,
+    /// `checks`: the `client` label, a closed set); with a `probe`, run in the background while it
+    /// is open.
     pub fn new(
         role: Role,
         backend: &'static str,
+        client: &'static str,
         config: Config,
         probe: Option<Probe>,
     ) -> Arc<Self> {
         let role = role.as_str();
-        let gauge = metrics::gauge!(names::STATE, "role" => role, "backend" => backend);
+        let labels = [("role", role), ("backend", backend), ("client", client)];
+        let gauge = metrics::gauge!(names::STATE, &labels);
         gauge.set(0.0);
         Arc::new_cyclic(|me| Breaker {
             backend,
@@ -202,8 +206,8 @@ impl Breaker {
             probe,
             me: me.clone(),
             gauge,
-            opened: metrics::counter!(names::OPENED, "role" => role, "backend" => backend),
-            rejected: metrics::counter!(names::REJECTED, "role" => role, "backend" => backend),
+            opened: metrics::counter!(names::OPENED, &labels),
+            rejected: metrics::counter!(names::REJECTED, &labels),
         })
     }
 
@@ -342,7 +346,7 @@ mod tests {
     }
 
     fn breaker() -> Arc<Breaker> {
-        Breaker::new(Role::Gateway, "test", config(), None)
+        Breaker::new(Role::Gateway, "test", "test", config(), None)
     }
 
     #[tokio::test]
@@ -416,7 +420,7 @@ mod tests {
                 }
             })
         });
-        let b = Breaker::new(Role::Gateway, "test", config(), Some(probe));
+        let b = Breaker::new(Role::Gateway, "test", "test", config(), Some(probe));
         b.admit().unwrap().failure();
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(

@@ -103,9 +103,10 @@ pub struct Guarded {
 }
 
 impl Guarded {
-    /// `client` with a new breaker for `role`, per `config`; while open, the breaker probes with
-    /// `PING` in the background.
-    pub fn new(client: Client, role: Role, config: &RedisConfig) -> Self {
+    /// `client` with a new breaker for `role`, per `config`, labelled with what the connection
+    /// is for (`user`: `rate_limits`, `revocations`, `decision_cache`); while open, the breaker
+    /// probes with `PING` in the background.
+    pub fn new(client: Client, role: Role, user: &'static str, config: &RedisConfig) -> Self {
         let pinged = client.clone();
         let probe: super::breaker::Probe = Box::new(move || {
             let client = pinged.clone();
@@ -115,7 +116,7 @@ impl Guarded {
         });
         Guarded {
             client,
-            breaker: Breaker::new(role, "redis", config.breaker.clone(), Some(probe)),
+            breaker: Breaker::new(role, "redis", user, config.breaker.clone(), Some(probe)),
             timeout: config.timeout,
         }
     }

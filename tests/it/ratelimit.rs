@@ -335,7 +335,7 @@ async fn redis_client(url: &str, timeout: Option<Duration>) -> access::backends:
     config.timeout = timeout.unwrap_or(config.timeout);
     let url = access::config::SecretUrl::from(url::Url::parse(url).unwrap());
     let client = access::backends::redis::connect(&url, &config).await.unwrap();
-    access::backends::redis::Guarded::new(client, Role::Gateway, &config)
+    access::backends::redis::Guarded::new(client, Role::Gateway, "rate_limits", &config)
 }
 
 /// The script reads the cache entry in the rate limit's round trip: the value when the key

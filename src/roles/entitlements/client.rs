@@ -88,8 +88,13 @@ impl Entitlements {
             trip_after: timeout.min(Duration::from_secs(1)),
             ..Default::default()
         };
-        let breaker =
-            crate::backends::breaker::Breaker::new(role, "entitlements", config, Some(probe));
+        let breaker = crate::backends::breaker::Breaker::new(
+            role,
+            "entitlements",
+            "checks",
+            config,
+            Some(probe),
+        );
         Ok(Entitlements {
             role,
             http,

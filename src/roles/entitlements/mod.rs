@@ -163,8 +163,12 @@ pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
     let (cache, publisher): (Arc<dyn DecisionCache>, _) = match &config.redis_url {
         Some(url) => {
             let client = crate::backends::redis::connect(url, &config.redis).await?;
-            let guarded =
-                crate::backends::redis::Guarded::new(client.clone(), ctx.role, &config.redis);
+            let guarded = crate::backends::redis::Guarded::new(
+                client.clone(),
+                ctx.role,
+                "decision_cache",
+                &config.redis,
+            );
             // Without Redis decisions are computed uncached: a soft check.
             ctx.readiness.add_soft_check("redis_decision_cache", guarded.ready_check());
             let prefix = config.redis_prefix();

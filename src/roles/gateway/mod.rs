@@ -288,6 +288,7 @@ pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
             crate::backends::redis::Guarded::new(
                 crate::backends::redis::connect(url, &ctx.config.redis).await?,
                 ctx.role,
+                "rate_limits",
                 &ctx.config.redis,
             ),
             ctx.config.redis_prefix(),
