@@ -162,6 +162,7 @@ impl ProxiedTansu {
 /// the first missed record arrives soon after the heal.
 #[tokio::test]
 async fn a_silent_broker_stalls_nothing_once_it_heals() {
+    use crate::sse::{sse_url, SseClient};
     use crate::stream::{layer, next_json, produce};
     use serde_json::json;
     let broker = ProxiedTansu::start().await;
@@ -178,11 +179,14 @@ async fn a_silent_broker_stalls_nothing_once_it_heals() {
     for who in ["alice", "bob"] {
         clients.push(l.subscribed(&token(who), &[&l.prices], json!({})).await.0);
     }
+    let mut sse = SseClient::open(sse_url(&l, &token("carol"), &[&l.prices]), None).await;
+    assert_eq!(sse.next().await.event, "connection_established");
     let kafka = broker.producer().await;
     produce(&kafka, &l.prices, &[json!({"instrument_id": "BEFORE"})]).await;
     for ws in &mut clients {
         assert_eq!(next_json(ws).await["data"]["instrument_id"], "BEFORE");
     }
+    assert_eq!(sse.next().await.data["data"]["instrument_id"], "BEFORE");
 
     broker.proxy.silence(true);
     let silent_at = Instant::now();
@@ -233,6 +237,25 @@ async fn a_silent_broker_stalls_nothing_once_it_heals() {
         println!("faults: first missed record {:.2} s after the heal", first.as_secs_f64());
         assert!(first < Duration::from_secs(3), "client {n}: first missed record after {first:?}");
     }
+    // SSE: the same, as named events.
+    let delayed = sse.next().await;
+    assert_eq!(
+        (delayed.event.as_str(), delayed.data["type"].as_str()),
+        ("delayed", Some("delayed"))
+    );
+    let mut got = Vec::new();
+    let mut ended = false;
+    while got.len() < produced.len() || !ended {
+        let event = sse.next().await;
+        match event.event.as_str() {
+            "message" => {
+                got.push(event.data["data"]["instrument_id"].as_str().unwrap().to_string())
+            }
+            "delay_ended" => ended = true,
+            other => panic!("sse: unexpected {other}: {:?}", event.data),
+        }
+    }
+    assert_eq!(got, produced, "sse: every record once, in order");
     eventually(Duration::from_secs(5), "ready after the heal", || async {
         (ready(&l.stream.url("")).await.0 == 200).then_some(())
     })
