@@ -190,20 +190,34 @@ async fn redis_frozen_open_mode_serves_at_full_speed_and_recovers() {
 
 /// `closed` cannot serve without Redis: the gateway refuses at once (503, never after the
 /// timeout) and is not ready, since every request would fail.
-#[tokio::test]
-async fn redis_frozen_closed_mode_refuses_at_once_and_is_not_ready() {
-    let l = layer("closed").await;
+async fn redis_fails_in_closed_mode(fault: Fault) {
+    let mut l = layer("closed").await;
     let token = l.keys.token("alice", "t1", &["trader"]);
     assert_eq!(get_status(&l.gateway.url("/px/WARM"), &token).await.0, 200);
     let fault_at = Instant::now();
-    l.redis.freeze();
+    match fault {
+        Fault::Killed => l.redis.stop(),
+        Fault::Frozen => l.redis.freeze(),
+    }
     let seen = load(&l, &token, fault_at, Duration::from_millis(2500)).await;
     let settled: Vec<_> = seen.iter().filter(|(at, _, _)| *at >= 1.5).collect();
-    assert!(settled.len() >= 5, "too few requests after 1.5 s: {seen:?}");
-    assert!(settled.iter().all(|(_, s, took)| *s == 503 && *took < 0.4), "{seen:?}");
+    assert!(settled.len() >= 5, "{fault:?}: too few requests after 1.5 s: {seen:?}");
+    assert!(settled.iter().all(|(_, s, took)| *s == 503 && *took < 0.4), "{fault:?}: {seen:?}");
     let (status, body) = ready(&l.gateway.url("")).await;
     assert_eq!((status, body["status"].as_str()), (503, Some("not_ready")), "{body}");
-    l.redis.thaw();
+    if let Fault::Frozen = fault {
+        l.redis.thaw();
+    }
+}
+
+#[tokio::test]
+async fn redis_killed_closed_mode_refuses_at_once_and_is_not_ready() {
+    redis_fails_in_closed_mode(Fault::Killed).await;
+}
+
+#[tokio::test]
+async fn redis_frozen_closed_mode_refuses_at_once_and_is_not_ready() {
+    redis_fails_in_closed_mode(Fault::Frozen).await;
 }
 
 /// A client-credentials token endpoint issuing tokens that live `lifetime` seconds; while down it
