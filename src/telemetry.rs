@@ -217,6 +217,8 @@ fn describe() {
     );
     describe_gauge!(names::BUILD_INFO, "Build information; the value is always 1");
     describe_counter!(names::BACKEND_ERRORS, "Backend operations that failed, by backend");
+    crate::backends::breaker::names::describe();
+    crate::auth::token_source::names::describe();
     crate::auth::jwks::names::describe();
     crate::auth::verifier::names::describe();
     crate::roles::entitlements::engine::names::describe();

@@ -5,6 +5,12 @@
 //! is created or rotated. A rotation keeps the previous secret valid until a chosen time, so
 //! clients can roll over. An API-key caller is `Identity { subject: "apikey:<id>", kind: ApiKey }`.
 //! Verifiers cache a key record for one second, so a revocation is honoured everywhere within it.
+//!
+//! While the store cannot answer (PostgreSQL down: its breaker open), keys seen within
+//! [`STALE_FOR`] keep working from their cached record, and a wrong secret is refused from the
+//! cache. A secret that does not match the cached record re-reads the store (a rotation elsewhere
+//! works at once), within a budget per key id ([`REREAD_BURST`] at once, [`REREAD_RATE`] a
+//! second after that): a flood of wrong secrets costs the store a few reads, not one each.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -347,13 +353,31 @@ impl KeyStore for PgKeys {
 /// Keys with a short-lived local cache of records; the handle every role uses.
 pub struct ApiKeys {
     store: Arc<dyn KeyStore>,
-    /// Records by id with when they were read; a std mutex held for one map operation.
+    /// Records by id with when they were read; a std mutex held for one map operation. Bounded
+    /// by [`CACHE_CAP`] (expired entries go first).
     cache: Mutex<HashMap<String, (Option<ApiKey>, Instant)>>,
     touched: super::revocation::SeenSampler,
+    /// In front of the store's reads, with their deadline: while it is open, reads fail at once
+    /// and the cached records answer.
+    breaker: Option<(Arc<crate::backends::breaker::Breaker>, Duration)>,
+    /// Re-read budgets by key id: (tokens, when last refilled). A std mutex held for one update;
+    /// bounded like the records.
+    rereads: Mutex<HashMap<String, (f64, Instant)>>,
 }
 
 /// How long a key record is trusted without asking the store again.
 const RECORD_TTL: Duration = Duration::from_secs(1);
+
+/// How long a cached record still serves while the store cannot answer.
+pub const STALE_FOR: Duration = Duration::from_secs(15 * 60);
+
+/// Re-reads on a mismatching secret allowed at once per key id...
+pub const REREAD_BURST: f64 = 5.0;
+/// ...and per second after that.
+pub const REREAD_RATE: f64 = 4.0;
+
+/// Records kept at most.
+const CACHE_CAP: usize = 100_000;
 
 impl ApiKeys {
     /// Keys in `store`.
@@ -362,7 +386,38 @@ impl ApiKeys {
             store,
             cache: Mutex::default(),
             touched: super::revocation::SeenSampler::new(Duration::from_secs(60)),
+            breaker: None,
+            rereads: Mutex::default(),
         }
+    }
+
+    /// Whether a mismatching secret for `id` may re-read the store now (takes one from its
+    /// budget).
+    fn may_reread(&self, id: &str) -> bool {
+        let mut budgets = self.rereads.lock().unwrap_or_else(|p| p.into_inner());
+        if budgets.len() >= CACHE_CAP && !budgets.contains_key(id) {
+            budgets.clear();
+        }
+        let now = Instant::now();
+        let (tokens, at) = budgets.entry(id.to_string()).or_insert((REREAD_BURST, now));
+        *tokens = (*tokens + at.elapsed().as_secs_f64() * REREAD_RATE).min(REREAD_BURST);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Puts `breaker` in front of the store's reads, each bounded by `deadline`.
+    pub fn with_breaker(
+        mut self,
+        breaker: Arc<crate::backends::breaker::Breaker>,
+        deadline: Duration,
+    ) -> Self {
+        self.breaker = Some((breaker, deadline));
+        self
     }
 
     /// The store (admin operations).
@@ -411,26 +466,80 @@ impl ApiKeys {
         Ok(())
     }
 
-    fn forget(&self, id: &str) {
+    /// Drops the cached record of `id` (revoked or rotated here or on another replica).
+    pub fn forget(&self, id: &str) {
         self.cache.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
     }
 
-    /// The record of `id`: from the local cache unless `fresh`, else from the store.
-    async fn record(&self, id: &str, fresh: bool) -> Result<Option<ApiKey>, AuthError> {
-        if !fresh {
-            let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some((record, _)) = cache.get(id).filter(|(_, at)| at.elapsed() < RECORD_TTL) {
+    /// Drops cached records as revocations and rotations are announced by any replica, until
+    /// shutdown: a record kept to serve through a PostgreSQL outage is never one revoked before.
+    pub fn follow_announcements(
+        self: &Arc<Self>,
+        mut announcements: tokio::sync::broadcast::Receiver<super::revocation::Revocation>,
+        shutdown: crate::server::Shutdown,
+    ) {
+        use tokio::sync::broadcast::error::RecvError;
+        let this = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    announced = announcements.recv() => match announced {
+                        Ok(super::revocation::Revocation::ApiKey { id }) => this.forget(&id),
+                        Ok(_) => {}
+                        // Announcements were missed: records may be stale; drop them all.
+                        Err(RecvError::Lagged(_)) => {
+                            this.cache.lock().unwrap_or_else(|p| p.into_inner()).clear()
+                        }
+                        Err(RecvError::Closed) => return,
+                    },
+                    _ = shutdown.stopping() => return,
+                }
+            }
+        });
+    }
+
+    /// The cached record of `id` and how old it is.
+    fn cached(&self, id: &str) -> Option<(Option<ApiKey>, Duration)> {
+        let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        cache.get(id).map(|(record, at)| (record.clone(), at.elapsed()))
+    }
+
+    async fn read_store(&self, id: &str) -> Result<Option<ApiKey>, String> {
+        match &self.breaker {
+            Some((breaker, deadline)) => {
+                breaker.call(*deadline, self.store.get(id)).await.map_err(|e| e.to_string())
+            }
+            None => self.store.get(id).await.map_err(|e| e.to_string()),
+        }
+    }
+
+    /// The record of `id`: from the local cache while younger than `max_age`, else from the
+    /// store; when the store fails, a cached record up to [`STALE_FOR`] old.
+    async fn record(&self, id: &str, max_age: Duration) -> Result<Option<ApiKey>, AuthError> {
+        let cached = self.cached(id);
+        if let Some((record, age)) = &cached {
+            if *age < max_age {
                 return Ok(record.clone());
             }
         }
-        let record = self
-            .store
-            .get(id)
-            .await
-            .map_err(|e| AuthError::Unavailable(format!("API keys: {e}")))?;
+        let record = match self.read_store(id).await {
+            Ok(record) => record,
+            Err(e) => {
+                return match cached.filter(|(_, age)| *age < STALE_FOR) {
+                    Some((record, _)) => {
+                        tracing::debug!(error = %e, "API-key store unavailable; using the cached record");
+                        Ok(record)
+                    }
+                    None => Err(AuthError::Unavailable(format!("API keys: {e}"))),
+                };
+            }
+        };
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.len() > 100_000 {
-            cache.clear();
+        if cache.len() >= CACHE_CAP {
+            cache.retain(|_, (_, at)| at.elapsed() < STALE_FOR);
+            if cache.len() >= CACHE_CAP {
+                cache.clear();
+            }
         }
         cache.insert(id.to_string(), (record.clone(), Instant::now()));
         Ok(record)
@@ -451,10 +560,14 @@ impl ApiKeys {
         };
         let now = Utc::now();
         let mut key =
-            self.record(id, false).await?.ok_or(AuthError::Rejected(Reason::UnknownKey))?;
-        if !matches(&key, now) {
-            // The cached record may predate a rotation: ask the store once before refusing.
-            key = self.record(id, true).await?.ok_or(AuthError::Rejected(Reason::UnknownKey))?;
+            self.record(id, RECORD_TTL).await?.ok_or(AuthError::Rejected(Reason::UnknownKey))?;
+        if !matches(&key, now) && self.may_reread(id) {
+            // The cached record may predate a rotation: ask the store before refusing, within the
+            // key's budget (a flood of wrong secrets must not become a flood of reads).
+            key = self
+                .record(id, Duration::ZERO)
+                .await?
+                .ok_or(AuthError::Rejected(Reason::UnknownKey))?;
         }
         if !matches(&key, now) {
             let retired = key.previous_hash.as_deref().is_some_and(|h| same(&given, h));
@@ -490,6 +603,82 @@ impl ApiKeys {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// The embedded store, counting reads and failing them on demand.
+    #[derive(Default)]
+    struct Counted {
+        keys: MemoryKeys,
+        reads: AtomicUsize,
+        down: std::sync::atomic::AtomicBool,
+    }
+
+    impl KeyStore for Counted {
+        fn insert(&self, key: ApiKey, actor: &str) -> BoxFuture<'_, Result<(), KeyError>> {
+            self.keys.insert(key, actor)
+        }
+        fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<ApiKey>, KeyError>> {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            if self.down.load(Ordering::SeqCst) {
+                return Box::pin(async { Err(KeyError::Unavailable("down".into())) });
+            }
+            self.keys.get(id)
+        }
+        fn list(&self) -> BoxFuture<'_, Result<Vec<ApiKey>, KeyError>> {
+            self.keys.list()
+        }
+        fn rotate<'a>(
+            &'a self,
+            id: &'a str,
+            new_hash: String,
+            until: DateTime<Utc>,
+            actor: &'a str,
+        ) -> BoxFuture<'a, Result<ApiKey, KeyError>> {
+            self.keys.rotate(id, new_hash, until, actor)
+        }
+        fn revoke<'a>(
+            &'a self,
+            id: &'a str,
+            actor: &'a str,
+        ) -> BoxFuture<'a, Result<(), KeyError>> {
+            self.keys.revoke(id, actor)
+        }
+        fn touch<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), KeyError>> {
+            self.keys.touch(id)
+        }
+        fn audit<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Vec<AuditRow>, KeyError>> {
+            self.keys.audit(id)
+        }
+    }
+
+    #[tokio::test]
+    async fn wrong_secrets_are_refused_from_the_cache_and_seen_keys_survive_a_store_outage() {
+        let store = Arc::new(Counted::default());
+        let keys = ApiKeys::new(store.clone());
+        let new =
+            NewKey { name: "n".into(), tenant_id: "t1".into(), roles: vec![], expires_at: None };
+        let (key, text) = keys.create(new, "root").await.unwrap();
+        assert!(keys.verify(&text).await.is_ok());
+        let before = store.reads.load(Ordering::SeqCst);
+        for _ in 0..300 {
+            assert!(matches!(
+                keys.verify(&format!("ak_{}_wrong", key.id)).await,
+                Err(AuthError::Rejected(Reason::BadSignature))
+            ));
+        }
+        let reads = store.reads.load(Ordering::SeqCst) - before;
+        assert!(reads <= 8, "300 wrong secrets read the store {reads} times");
+        // The store goes down: the key seen recently still works, a wrong secret is still
+        // refused, a key never seen cannot be checked.
+        store.down.store(true, Ordering::SeqCst);
+        tokio::time::sleep(RECORD_TTL).await;
+        assert!(keys.verify(&text).await.is_ok(), "served from the cached record");
+        assert!(matches!(
+            keys.verify(&format!("ak_{}_wrong", key.id)).await,
+            Err(AuthError::Rejected(Reason::BadSignature))
+        ));
+        assert!(matches!(keys.verify("ak_000000000000_x").await, Err(AuthError::Unavailable(_))));
+    }
 
     #[tokio::test]
     async fn lifecycle_in_memory() {

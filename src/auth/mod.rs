@@ -229,8 +229,8 @@ pub struct Auth {
     /// The process's PostgreSQL pool, migrated, when `postgres_dsn` is set (shared with the
     /// roles that store data there).
     pub postgres: Option<deadpool_postgres::Pool>,
-    /// The Redis client of the revocation store, for readiness.
-    redis: Option<crate::backends::redis::Client>,
+    /// The Redis connection of the revocation store (with its breaker), for readiness.
+    redis: Option<crate::backends::redis::Guarded>,
 }
 
 impl Auth {
@@ -288,9 +288,15 @@ impl Auth {
             Some(url) => {
                 let client = crate::backends::redis::connect(url, &config.redis).await?;
                 let subscriber = crate::backends::redis::subscriber(url, &config.redis).await?;
-                redis = Some(client.clone());
-                revocation::RedisStore::start(
+                let guarded = crate::backends::redis::Guarded::new(
                     client,
+                    ctx.role,
+                    "revocations",
+                    &config.redis,
+                );
+                redis = Some(guarded.clone());
+                revocation::RedisStore::start(
+                    guarded,
                     subscriber,
                     config.redis_prefix(),
                     auth.max_token_lifetime,
@@ -322,18 +328,36 @@ impl Auth {
         };
         let auth = Auth {
             verifier,
-            revocations,
+            revocations: revocations.clone(),
             dev_key,
-            api_keys: Arc::new(api_keys::ApiKeys::new(key_store)),
+            api_keys: Arc::new(match &postgres {
+                Some(pool) => {
+                    // While open, `SELECT 1` in the background closes it when PostgreSQL is back.
+                    let probe = crate::backends::postgres::ready_check(pool.clone());
+                    let breaker = crate::backends::breaker::Breaker::new(
+                        ctx.role,
+                        "postgres",
+                        "api_keys",
+                        config.postgres.breaker.clone(),
+                        Some(Box::new(probe)),
+                    );
+                    api_keys::ApiKeys::new(key_store)
+                        .with_breaker(breaker, config.postgres.connect_timeout)
+                }
+                None => api_keys::ApiKeys::new(key_store),
+            }),
             postgres,
             redis,
         };
+        auth.api_keys.follow_announcements(auth.revocations.subscribe(), ctx.shutdown.clone());
         auth.add_checks(ctx);
         Ok(auth)
     }
 
     /// Registers the `jwks` (and `redis`) readiness checks on a role's context: every role that
-    /// authenticates needs the keys, and Redis when revocations live there.
+    /// authenticates needs the keys (hard). Redis, where revocations live, is soft: without it
+    /// tokens already verified keep working and a token not yet seen is refused at once (503
+    /// `dependency_unavailable`), so the role still serves (`degraded`).
     pub fn add_checks(&self, ctx: &crate::server::Context) {
         let loaded = self.verifier.jwks().clone();
         ctx.readiness.add_check(
@@ -350,7 +374,13 @@ impl Auth {
             },
         );
         if let Some(client) = &self.redis {
-            ctx.readiness.add_check("redis", crate::backends::redis::ready_check(client.clone()));
+            ctx.readiness.add_soft_check("redis", client.ready_check());
+        }
+        if let Some(pool) = &self.postgres {
+            // Soft for every role: API keys seen recently keep working from their cached records,
+            // and the entitlements role (whose pool this is) answers from its rules snapshot.
+            ctx.readiness
+                .add_soft_check("postgres", crate::backends::postgres::ready_check(pool.clone()));
         }
     }
 }

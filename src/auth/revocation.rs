@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use super::{unix_now, Identity};
-use crate::backends::redis::{Client, SubscriberClient};
+use crate::backends::redis::{Client, Guarded, SubscriberClient};
 use crate::server::Shutdown;
 
 /// A revocation, as stored and announced.
@@ -43,6 +43,12 @@ pub enum Revocation {
     /// Announcements may have been missed (the subscriber reconnected): drop every cached
     /// verification.
     Resync,
+    /// An API key was revoked or rotated: every verifier drops its cached record (nothing is
+    /// stored; the key's record in PostgreSQL is the truth).
+    ApiKey {
+        /// The key id.
+        id: String,
+    },
 }
 
 /// What `GET /auth/users/{id}` shows.
@@ -131,7 +137,7 @@ impl RevocationStore for MemoryStore {
                 Revocation::User { subject, not_before } => {
                     state.users.insert(subject.clone(), *not_before);
                 }
-                Revocation::Resync => {}
+                Revocation::Resync | Revocation::ApiKey { .. } => {}
             }
         }
         let _ = self.tx.send(revocation);
@@ -185,8 +191,12 @@ impl RevocationStore for MemoryStore {
 /// How long a user record lives after the last sight.
 const USER_RECORD_TTL: i64 = 30 * 24 * 3600;
 
-/// The Redis store, shared by every replica and role.
+/// The Redis store, shared by every replica and role. Every command goes through the
+/// connection's breaker: while Redis is failing, a check for a token not yet cached fails at once
+/// (the verifier answers 503 `dependency_unavailable`, its documented rule) instead of after the
+/// Redis timeout.
 pub struct RedisStore {
+    redis: Guarded,
     client: Client,
     prefix: String,
     channel: String,
@@ -198,7 +208,7 @@ impl RedisStore {
     /// A store over `client` with key prefix `prefix` (`access:<env>:`); announcements arrive
     /// through `subscriber` until shutdown.
     pub async fn start(
-        client: Client,
+        redis: Guarded,
         subscriber: SubscriberClient,
         prefix: String,
         user_ttl: Duration,
@@ -234,7 +244,8 @@ impl RedisStore {
                 }
             }
         });
-        Ok(Arc::new(RedisStore { client, prefix, channel, user_ttl, tx }))
+        let client = redis.client.clone();
+        Ok(Arc::new(RedisStore { redis, client, prefix, channel, user_ttl, tx }))
     }
 
     fn key(&self, rest: &str) -> String {
@@ -245,6 +256,11 @@ impl RedisStore {
 impl RevocationStore for RedisStore {
     fn revoke(&self, revocation: Revocation) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async move {
+            // A write that must not be cut short waits for the command timeout, but not while
+            // Redis is known to be failing.
+            if self.redis.breaker.is_open() {
+                return Err("redis: breaker open after recent failures".into());
+            }
             let now = unix_now();
             // What to store, and for how long: a token until it expires, a user's not-before
             // for the longest token lifetime.
@@ -255,7 +271,7 @@ impl RevocationStore for RedisStore {
                 Revocation::User { subject, not_before } => {
                     Some((format!("revoked:user:{subject}"), *not_before, self.user_ttl.as_secs()))
                 }
-                Revocation::Resync => None,
+                Revocation::Resync | Revocation::ApiKey { .. } => None,
             };
             if let Some((key, value, ttl)) = stored {
                 let _: () = self
@@ -291,8 +307,11 @@ impl RevocationStore for RedisStore {
                 self.key(&format!("revoked:token:{hash}")),
                 self.key(&format!("revoked:user:{subject}")),
             ];
-            let (token, user): (Option<String>, Option<u64>) =
-                self.client.mget(keys).await.map_err(|e| format!("redis: {e}"))?;
+            let (token, user): (Option<String>, Option<u64>) = self
+                .redis
+                .call(|c| async move { c.mget(keys).await })
+                .await
+                .map_err(|e| e.to_string())?;
             Ok(token.is_some() || user.is_some_and(|nb| issued_before(iat, nb)))
         })
     }
@@ -309,18 +328,21 @@ impl RevocationStore for RedisStore {
                 ("tenant_id".to_string(), identity.tenant.clone()),
                 ("roles".to_string(), serde_json::to_string(&identity.roles).unwrap_or_default()),
             ]);
-            let _: () = self.client.hset(&key, fields).await.map_err(|e| format!("redis: {e}"))?;
-            let _: () = self
-                .client
-                .expire(&key, USER_RECORD_TTL, None)
+            self.redis
+                .call(|c| async move {
+                    let _: () = c.hset(&key, fields).await?;
+                    c.expire::<(), _>(&key, USER_RECORD_TTL, None).await
+                })
                 .await
-                .map_err(|e| format!("redis: {e}"))?;
-            Ok(())
+                .map_err(|e| e.to_string())
         })
     }
 
     fn user<'a>(&'a self, subject: &'a str) -> BoxFuture<'a, Result<Option<UserRecord>, String>> {
         Box::pin(async move {
+            if self.redis.breaker.is_open() {
+                return Err("redis: breaker open after recent failures".into());
+            }
             let fields: HashMap<String, String> = self
                 .client
                 .hgetall(self.key(&format!("user:{subject}")))

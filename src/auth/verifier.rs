@@ -242,6 +242,8 @@ impl Verifier {
                 cache.retain(|_, v| &v.identity.subject != subject);
             }
             Revocation::Resync => cache.clear(),
+            // API keys are not in this cache (see `api_keys::ApiKeys::follow_announcements`).
+            Revocation::ApiKey { .. } => {}
         }
     }
 

@@ -2,6 +2,7 @@
 //! error that names the backend. The in-process defaults used when a URL is not configured live
 //! beside the traits of the roles that need them.
 
+pub mod breaker;
 pub mod kafka;
 pub mod postgres;
 pub mod redis;

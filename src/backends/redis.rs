@@ -1,11 +1,15 @@
 //! Redis through fred: `redis://` and `rediss://` (TLS via native-tls), password in the URL.
 
+use std::sync::Arc;
+
 use fred::prelude::{ClientLike, Config as FredConfig, ReconnectPolicy};
 use fred::types::Builder;
 use futures::future::BoxFuture;
 
+use super::breaker::Breaker;
 use super::BackendError;
 use crate::config::{RedisConfig, SecretUrl};
+use crate::roles::Role;
 
 /// A connected client. fred multiplexes commands over one connection and reconnects by itself.
 pub type Client = fred::clients::Client;
@@ -86,26 +90,89 @@ pub fn ready_check(
     }
 }
 
-/// Reads a JSON value; a missing key, or a value that no longer parses, is `None`.
-pub async fn get_json<T: serde::de::DeserializeOwned>(
-    client: &Client,
-    key: &str,
-) -> Result<Option<T>, String> {
-    use fred::prelude::KeysInterface;
-    let raw: Option<String> = client.get(key).await.map_err(|e| e.to_string())?;
-    Ok(raw.and_then(|r| serde_json::from_str(&r).ok()))
+/// A Redis connection with its breaker: every call through [`Guarded::call`] fails at once while
+/// the breaker is open, so a dead or frozen Redis costs callers with a fallback nothing.
+#[derive(Clone)]
+pub struct Guarded {
+    /// The client.
+    pub client: Client,
+    /// Its breaker (one per connection in the process).
+    pub breaker: Arc<Breaker>,
+    /// The command deadline.
+    pub timeout: std::time::Duration,
 }
 
-/// Writes a JSON value that expires after `ttl` (at least a millisecond).
-pub async fn set_json<T: serde::Serialize>(
-    client: &Client,
-    key: &str,
-    value: &T,
-    ttl: std::time::Duration,
-) -> Result<(), String> {
-    use fred::prelude::{Expiration, KeysInterface};
-    let body = serde_json::to_string(value).map_err(|e| e.to_string())?;
-    let px = Expiration::PX(ttl.as_millis().clamp(1, i64::MAX as u128) as i64);
-    let _: () = client.set(key, body, Some(px), None, false).await.map_err(|e| e.to_string())?;
-    Ok(())
+impl Guarded {
+    /// `client` with a new breaker for `role`, per `config`, labelled with what the connection
+    /// is for (`user`: `rate_limits`, `revocations`, `decision_cache`); while open, the breaker
+    /// probes with `PING` in the background.
+    pub fn new(client: Client, role: Role, user: &'static str, config: &RedisConfig) -> Self {
+        let pinged = client.clone();
+        let probe: super::breaker::Probe = Box::new(move || {
+            let client = pinged.clone();
+            Box::pin(async move {
+                client.ping::<String>(None).await.map(|_| ()).map_err(|e| e.to_string())
+            })
+        });
+        Guarded {
+            client,
+            breaker: Breaker::new(role, "redis", user, config.breaker.clone(), Some(probe)),
+            timeout: config.timeout,
+        }
+    }
+
+    /// Runs a command (built from the client) under the breaker and the command deadline.
+    pub async fn call<T, F>(
+        &self,
+        command: impl FnOnce(Client) -> F,
+    ) -> Result<T, super::breaker::CallError>
+    where
+        F: std::future::Future<Output = Result<T, fred::error::Error>>,
+    {
+        // The client is a cheap handle; the breaker refuses before anything is sent.
+        self.breaker.call(self.timeout, command(self.client.clone())).await
+    }
+
+    /// A readiness check: `PING` through the breaker. While the breaker is open the check fails
+    /// at once (its background probe closes it when Redis answers again).
+    pub fn ready_check(&self) -> impl Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync {
+        let this = self.clone();
+        move || {
+            let this = this.clone();
+            Box::pin(async move {
+                this.call(|c| async move { c.ping::<String>(None).await })
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            })
+        }
+    }
+
+    /// Reads a JSON value; a missing key, or a value that no longer parses, is `None`.
+    pub async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &str,
+    ) -> Result<Option<T>, String> {
+        use fred::prelude::KeysInterface;
+        let key = key.to_string();
+        let raw: Option<String> =
+            self.call(|c| async move { c.get(key).await }).await.map_err(|e| e.to_string())?;
+        Ok(raw.and_then(|r| serde_json::from_str(&r).ok()))
+    }
+
+    /// Writes a JSON value that expires after `ttl` (at least a millisecond).
+    pub async fn set_json<T: serde::Serialize>(
+        &self,
+        key: &str,
+        value: &T,
+        ttl: std::time::Duration,
+    ) -> Result<(), String> {
+        use fred::prelude::{Expiration, KeysInterface};
+        let body = serde_json::to_string(value).map_err(|e| e.to_string())?;
+        let px = Expiration::PX(ttl.as_millis().clamp(1, i64::MAX as u128) as i64);
+        let key = key.to_string();
+        self.call(|c| async move { c.set::<(), _, _>(key, body, Some(px), None, false).await })
+            .await
+            .map_err(|e| e.to_string())
+    }
 }

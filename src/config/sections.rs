@@ -188,17 +188,26 @@ pub struct PostgresConfig {
     pub connect_timeout: Duration,
     /// A CA bundle (PEM) to trust for `sslmode=require`, besides the system's.
     pub ca_file: Option<PathBuf>,
+    /// The breaker in front of PostgreSQL reads that have a fallback (API-key records): when it
+    /// opens, those reads fail at once and the fallback answers.
+    pub breaker: crate::backends::breaker::Config,
 }
 
 impl Default for PostgresConfig {
     fn default() -> Self {
-        PostgresConfig { pool_size: 16, connect_timeout: Duration::from_secs(5), ca_file: None }
+        PostgresConfig {
+            pool_size: 16,
+            connect_timeout: Duration::from_secs(5),
+            ca_file: None,
+            breaker: crate::backends::breaker::Config::default(),
+        }
     }
 }
 
 impl PostgresConfig {
     pub(super) fn validate(&self) -> Vec<Problem> {
         let mut problems = check_file("postgres.ca_file", self.ca_file.as_ref());
+        problems.extend(self.breaker.validate("postgres.breaker"));
         if self.pool_size == 0 {
             problems.push(Problem::new("postgres.pool_size", "must be greater than 0"));
         }
@@ -217,17 +226,27 @@ pub struct RedisConfig {
     pub prefix: Option<String>,
     /// A CA bundle (PEM) to trust for `rediss://`, besides the system's.
     pub ca_file: Option<PathBuf>,
+    /// The breaker of each Redis connection: when it opens, calls fail at once and callers use
+    /// their fallback instead of waiting for `timeout`.
+    pub breaker: crate::backends::breaker::Config,
 }
 
 impl Default for RedisConfig {
     fn default() -> Self {
-        RedisConfig { timeout: Duration::from_secs(2), prefix: None, ca_file: None }
+        RedisConfig {
+            timeout: Duration::from_secs(2),
+            prefix: None,
+            ca_file: None,
+            breaker: crate::backends::breaker::Config::default(),
+        }
     }
 }
 
 impl RedisConfig {
     pub(super) fn validate(&self) -> Vec<Problem> {
-        check_file("redis.ca_file", self.ca_file.as_ref())
+        let mut problems = check_file("redis.ca_file", self.ca_file.as_ref());
+        problems.extend(self.breaker.validate("redis.breaker"));
+        problems
     }
 }
 

@@ -9,6 +9,8 @@ mod cache;
 mod e2e;
 mod edge;
 mod entitlements;
+mod faults;
+mod faults_stream;
 mod gateway;
 mod idp;
 mod metrics;

@@ -330,11 +330,12 @@ async fn policies_reload_with_the_routes_on_sighup() {
 }
 
 /// A client of the Redis at `url`, as the gateway connects one, for the limiter tests.
-async fn redis_client(url: &str, timeout: Option<Duration>) -> access::backends::redis::Client {
+async fn redis_client(url: &str, timeout: Option<Duration>) -> access::backends::redis::Guarded {
     let mut config = access::config::RedisConfig::default();
     config.timeout = timeout.unwrap_or(config.timeout);
     let url = access::config::SecretUrl::from(url::Url::parse(url).unwrap());
-    access::backends::redis::connect(&url, &config).await.unwrap()
+    let client = access::backends::redis::connect(&url, &config).await.unwrap();
+    access::backends::redis::Guarded::new(client, Role::Gateway, "rate_limits", &config)
 }
 
 /// The script reads the cache entry in the rate limit's round trip: the value when the key
@@ -343,12 +344,13 @@ async fn redis_client(url: &str, timeout: Option<Duration>) -> access::backends:
 async fn the_limit_script_reads_the_cache_entry_in_the_same_round_trip() {
     use access::roles::gateway::ratelimit::{Limiter, OnStoreError, Policy};
     use fred::prelude::KeysInterface;
-    let client = redis_client(REDIS_URL, None).await;
+    let guarded = redis_client(REDIS_URL, None).await;
+    let client = guarded.client.clone();
     let prefix = format!("it:{}:", uuid::Uuid::new_v4().simple());
     let policy = Policy { rate: 10, period: Duration::from_secs(60), burst: 2 };
     let limiter = Limiter::new(
         [("p".to_string(), policy)].into(),
-        Some((client.clone(), prefix.clone())),
+        Some((guarded, prefix.clone())),
         OnStoreError::Closed,
         false,
     );
@@ -375,7 +377,8 @@ async fn the_limit_script_reads_the_cache_entry_in_the_same_round_trip() {
 #[tokio::test]
 async fn concurrent_checks_share_script_calls_and_stay_exact() {
     use access::roles::gateway::ratelimit::{Limiter, OnStoreError, Policy};
-    let client = redis_client(REDIS_URL, None).await;
+    let guarded = redis_client(REDIS_URL, None).await;
+    let client = guarded.client.clone();
     let prefix = format!("it:{}:", uuid::Uuid::new_v4().simple());
     // A rate so slow that no emission interval passes during the test.
     let policy = Policy { rate: 1, period: Duration::from_secs(3600), burst: 100 };
@@ -383,7 +386,7 @@ async fn concurrent_checks_share_script_calls_and_stay_exact() {
     let wide = Policy { rate: 1, period: Duration::from_secs(3600), burst: 150 };
     let limiter = std::sync::Arc::new(Limiter::new(
         [("p".to_string(), policy), ("wide".to_string(), wide)].into(),
-        Some((client.clone(), prefix.clone())),
+        Some((guarded, prefix.clone())),
         OnStoreError::Closed,
         false,
     ));

@@ -74,7 +74,7 @@ impl SseClient {
     }
 }
 
-fn sse_url(l: &Layer, token: &str, topics: &[&str]) -> String {
+pub fn sse_url(l: &Layer, token: &str, topics: &[&str]) -> String {
     format!("{}?topics={}&token={token}", l.stream.url("/sse/stream"), topics.join(","))
 }
 

@@ -414,6 +414,11 @@ impl PrivateRedis {
     pub fn freeze(&self) {
         signal(self.child.id(), "STOP");
     }
+
+    /// Resumes a frozen server (SIGCONT).
+    pub fn thaw(&self) {
+        signal(self.child.id(), "CONT");
+    }
 }
 
 /// Sends `SIG<name>` to `pid` with kill(1).

@@ -248,6 +248,7 @@ async fn rotate_key(
         .rotate(&id, until, &caller.0.identity.subject)
         .await
         .map_err(key_error)?;
+    announce_key(&state, &key.id).await;
     tracing::info!(admin = %caller.0.identity.subject, key = %key.id, "API key rotated");
     let mut body = serde_json::to_value(&key).unwrap_or_default();
     body["key"] = json!(text);
@@ -262,8 +263,18 @@ async fn revoke_key(
 ) -> ApiResult<Response> {
     caller.require_role(&state.admin_role)?;
     state.auth.api_keys.revoke(&id, &caller.0.identity.subject).await.map_err(key_error)?;
+    announce_key(&state, &id).await;
     tracing::info!(admin = %caller.0.identity.subject, key = %id, "API key revoked");
     Ok(http::StatusCode::NO_CONTENT.into_response())
+}
+
+/// Tells every verifier to drop its cached record of a key (best effort: the change is already
+/// in PostgreSQL, and every record expires within a second while PostgreSQL answers).
+async fn announce_key(state: &State, id: &str) {
+    let announced = state.auth.revoke(Revocation::ApiKey { id: id.to_string() }).await;
+    if let Err(e) = announced {
+        tracing::warn!(key = %id, error = %e, "API key change not announced; other replicas see it within a second");
+    }
 }
 
 #[utoipa::path(get, path = "/auth/api-keys/{id}/audit", tag = "auth", summary = "An API key's audit trail (admin)", params(("id" = String, Path, description = "The id")), security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]

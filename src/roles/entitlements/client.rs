@@ -1,7 +1,9 @@
 //! The client of the entitlements role used by the gateway and the stream: checks asked with a
 //! service token, remembered briefly in a local decision cache that is emptied when a new rules
 //! version is announced. When the role cannot answer, the check fails (fail closed) unless the
-//! caller's role is configured to fail open.
+//! caller's role is configured to fail open. Checks go through a breaker (`backends::breaker`): a
+//! role that is down or frozen opens it, and while open checks fail at once (503, or allowed when
+//! failing open) instead of after the timeout; a background `GET /health` closes it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -46,6 +48,8 @@ pub struct Entitlements {
     cache: Mutex<HashMap<String, (bool, Instant)>>,
     ttl: Duration,
     fail_open: bool,
+    breaker: Arc<crate::backends::breaker::Breaker>,
+    timeout: Duration,
 }
 
 const CACHE_CAP: usize = 100_000;
@@ -68,7 +72,41 @@ impl Entitlements {
             .pool_idle_timeout(Duration::from_secs(5))
             .build()
             .map_err(|e| e.to_string())?;
-        Ok(Entitlements { role, http, url, tokens, cache: Mutex::default(), ttl, fail_open })
+        let health = url.join("health").map_err(|e| e.to_string())?;
+        let prober = http.clone();
+        let probe: crate::backends::breaker::Probe = Box::new(move || {
+            let (http, health) = (prober.clone(), health.clone());
+            Box::pin(async move {
+                match http.get(health).send().await {
+                    Ok(r) if r.status().is_success() => Ok(()),
+                    Ok(r) => Err(format!("HTTP {}", r.status())),
+                    Err(e) => Err(e.to_string()),
+                }
+            })
+        });
+        // A check is well under trip_after; the breaker only adds a bound below `timeout`.
+        let config = crate::backends::breaker::Config {
+            trip_after: timeout.min(Duration::from_secs(1)),
+            ..Default::default()
+        };
+        let breaker = crate::backends::breaker::Breaker::new(
+            role,
+            "entitlements",
+            "checks",
+            config,
+            Some(probe),
+        );
+        Ok(Entitlements {
+            role,
+            http,
+            url,
+            tokens,
+            cache: Mutex::default(),
+            ttl,
+            fail_open,
+            breaker,
+            timeout,
+        })
     }
 
     /// The client a role of this process uses: the entitlements role at
@@ -132,7 +170,8 @@ impl Entitlements {
             count(self.role, allowed, "cache");
             return Ok(allowed);
         }
-        match self.ask(identity, resource, action).await {
+        let asked = self.breaker.call(self.timeout, self.ask(identity, resource, action)).await;
+        match asked.map_err(|e| Unavailable(e.to_string())) {
             Ok((allowed, ttl)) => {
                 let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
                 if cache.len() >= CACHE_CAP {

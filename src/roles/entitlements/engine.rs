@@ -132,23 +132,25 @@ impl DecisionCache for MemoryCache {
     }
 }
 
-/// The decision cache in Redis: `<prefix>ent:<rules version>:<sha256 of request>`.
+/// The decision cache in Redis: `<prefix>ent:<rules version>:<sha256 of request>`. Calls go
+/// through the connection's breaker: while Redis is failing the cache is skipped at once and
+/// decisions are computed (a check never waits for the Redis timeout twice).
 pub struct RedisCache {
-    client: RedisClient,
+    redis: crate::backends::redis::Guarded,
     prefix: String,
 }
 
 impl RedisCache {
     /// A cache under `prefix` (`access:<env>:`).
-    pub fn new(client: RedisClient, prefix: String) -> Self {
-        RedisCache { client, prefix }
+    pub fn new(redis: crate::backends::redis::Guarded, prefix: String) -> Self {
+        RedisCache { redis, prefix }
     }
 }
 
 impl DecisionCache for RedisCache {
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Decision>, String>> {
         let key = format!("{}{key}", self.prefix);
-        Box::pin(async move { crate::backends::redis::get_json(&self.client, &key).await })
+        Box::pin(async move { self.redis.get_json(&key).await })
     }
 
     fn put<'a>(
@@ -158,9 +160,7 @@ impl DecisionCache for RedisCache {
         ttl: Duration,
     ) -> BoxFuture<'a, Result<(), String>> {
         let key = format!("{}{key}", self.prefix);
-        Box::pin(async move {
-            crate::backends::redis::set_json(&self.client, &key, decision, ttl).await
-        })
+        Box::pin(async move { self.redis.set_json(&key, decision, ttl).await })
     }
 }
 
@@ -290,16 +290,21 @@ impl Engine {
         let snap = self.snapshot();
         let key = cache_key(snap.version(), req);
         self.stats.checks.fetch_add(1, Ordering::Relaxed);
-        match self.cache.get(&key).await {
+        // A cache that failed the read is skipped for the write too: one failure per check at
+        // most (and none while the Redis breaker is open).
+        let cache_up = match self.cache.get(&key).await {
             Ok(Some(mut hit)) => {
                 self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
                 self.count(hit.allowed, "hit");
                 hit.cached = true;
                 return hit;
             }
-            Ok(None) => {}
-            Err(e) => self.cache_error(&e),
-        }
+            Ok(None) => true,
+            Err(e) => {
+                self.cache_error(&e);
+                false
+            }
+        };
         let outcome = snap.evaluate(req, Utc::now());
         let decision = Decision {
             allowed: outcome.allowed,
@@ -316,8 +321,10 @@ impl Engine {
             cached: false,
         };
         self.count(decision.allowed, "miss");
-        if let Err(e) = self.cache.put(&key, &decision, self.ttl).await {
-            self.cache_error(&e);
+        if cache_up {
+            if let Err(e) = self.cache.put(&key, &decision, self.ttl).await {
+                self.cache_error(&e);
+            }
         }
         decision
     }

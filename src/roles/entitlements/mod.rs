@@ -140,9 +140,15 @@ pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
                     crate::backends::postgres::connect_and_migrate(dsn, &config.postgres).await?
                 }
             };
-            // Reads keep working from the snapshot while PostgreSQL is down: a soft check.
-            ctx.readiness
-                .add_soft_check("postgres", crate::backends::postgres::ready_check(pool.clone()));
+            // Reads keep working from the snapshot while PostgreSQL is down: a soft check, which
+            // the auth module registers for the pool it made (`Auth::add_checks`); a pool made
+            // here (no auth pool) gets its own.
+            if auth.postgres.is_none() {
+                ctx.readiness.add_soft_check(
+                    "postgres",
+                    crate::backends::postgres::ready_check(pool.clone()),
+                );
+            }
             let settings = crate::backends::postgres::settings(dsn, &config.postgres)?;
             (
                 store::PgStore::start(pool, settings, ctx.shutdown.clone()) as Arc<dyn RuleStore>,
@@ -157,12 +163,17 @@ pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
     let (cache, publisher): (Arc<dyn DecisionCache>, _) = match &config.redis_url {
         Some(url) => {
             let client = crate::backends::redis::connect(url, &config.redis).await?;
+            let guarded = crate::backends::redis::Guarded::new(
+                client.clone(),
+                ctx.role,
+                "decision_cache",
+                &config.redis,
+            );
             // Without Redis decisions are computed uncached: a soft check.
-            ctx.readiness
-                .add_soft_check("redis", crate::backends::redis::ready_check(client.clone()));
+            ctx.readiness.add_soft_check("redis_decision_cache", guarded.ready_check());
             let prefix = config.redis_prefix();
             (
-                Arc::new(engine::RedisCache::new(client.clone(), prefix.clone()))
+                Arc::new(engine::RedisCache::new(guarded, prefix.clone()))
                     as Arc<dyn DecisionCache>,
                 Some((client, format!("{prefix}rules"))),
             )

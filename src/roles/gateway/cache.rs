@@ -19,7 +19,7 @@ use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::backends::redis::Client as RedisClient;
+use crate::backends::redis::{Client as RedisClient, Guarded};
 
 /// A route's cache policy (`cache:` in the route table).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -271,16 +271,18 @@ impl Store for MemoryStore {
     }
 }
 
-/// Entries in Redis.
+/// Entries in Redis. Reads and writes go through the connection's breaker: while Redis is
+/// failing the cache is skipped at once (a miss goes upstream) instead of costing the timeout.
 pub struct RedisStore {
+    redis: Guarded,
     client: RedisClient,
     prefix: String,
 }
 
 impl RedisStore {
     /// A store under `prefix` (`access:<env>:`).
-    pub fn new(client: RedisClient, prefix: String) -> Self {
-        RedisStore { client, prefix }
+    pub fn new(redis: Guarded, prefix: String) -> Self {
+        RedisStore { client: redis.client.clone(), redis, prefix }
     }
 
     /// The Redis key of `key`: under the prefix.
@@ -293,7 +295,11 @@ impl Store for RedisStore {
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Entry>, String>> {
         let key = self.full_key(key);
         Box::pin(async move {
-            let raw: Option<Bytes> = self.client.get(&key).await.map_err(|e| e.to_string())?;
+            let raw: Option<Bytes> = self
+                .redis
+                .call(|c| async move { c.get(&key).await })
+                .await
+                .map_err(|e| e.to_string())?;
             Ok(raw.as_ref().and_then(Entry::decode))
         })
     }
@@ -307,12 +313,12 @@ impl Store for RedisStore {
         Box::pin(async move {
             let px = fred::types::Expiration::PX(ttl.as_millis().clamp(1, i64::MAX as u128) as i64);
             let value = Bytes::from(entry.encode());
-            let _: () = self
-                .client
-                .set(&key, value, Some(px), None, false)
+            self.redis
+                .call(
+                    |c| async move { c.set::<(), _, _>(&key, value, Some(px), None, false).await },
+                )
                 .await
-                .map_err(|e| e.to_string())?;
-            Ok(())
+                .map_err(|e| e.to_string())
         })
     }
     fn purge<'a>(&'a self, route_prefix: &'a str) -> BoxFuture<'a, Result<u64, String>> {

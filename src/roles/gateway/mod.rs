@@ -295,13 +295,30 @@ pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
     }
     let redis = match &ctx.config.redis_url {
         Some(url) => Some((
-            crate::backends::redis::connect(url, &ctx.config.redis).await?,
+            crate::backends::redis::Guarded::new(
+                crate::backends::redis::connect(url, &ctx.config.redis).await?,
+                ctx.role,
+                "rate_limits",
+                &ctx.config.redis,
+            ),
             ctx.config.redis_prefix(),
         )),
         None => None,
     };
+    if let Some((guarded, _)) = &redis {
+        // Rate limits and the response cache have a fallback (`local` or `open` limits, the
+        // upstream) unless the limits fail closed: then no request can pass without Redis.
+        match config.rate_limit_on_store_error {
+            ratelimit::OnStoreError::Closed => {
+                ctx.readiness.add_check("redis_rate_limits", guarded.ready_check())
+            }
+            _ => ctx.readiness.add_soft_check("redis_rate_limits", guarded.ready_check()),
+        }
+    }
     let cache_store: Arc<dyn cache::Store> = match &redis {
-        Some((client, prefix)) => Arc::new(cache::RedisStore::new(client.clone(), prefix.clone())),
+        Some((guarded, prefix)) => {
+            Arc::new(cache::RedisStore::new(guarded.clone(), prefix.clone()))
+        }
         None => Arc::new(cache::MemoryStore::new(config.cache_max_bytes)),
     };
     let limiter = ratelimit::Limiter::new(

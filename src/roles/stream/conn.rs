@@ -16,6 +16,17 @@ use super::position::Positions;
 use super::protocol::Close;
 use crate::auth::Verified;
 
+/// Which connections a record may reach, by its `tenant_id` ([`Record::scope`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope<'a> {
+    /// No `tenant_id`: every tenant.
+    Everyone,
+    /// Only this tenant's connections.
+    Tenant(&'a str),
+    /// A `tenant_id` that is not a string: no tenant (counted as `invalid_tenant`).
+    Nobody,
+}
+
 /// A record from Kafka or the in-process bus, parsed once.
 #[derive(Debug, Clone)]
 pub struct Record {
@@ -34,9 +45,24 @@ pub struct Record {
 }
 
 impl Record {
-    /// The tenant the record is restricted to, if it names one.
-    pub fn tenant(&self) -> Option<&str> {
-        self.data.get("tenant_id").and_then(Value::as_str)
+    /// Who may see the record: everyone when it names no tenant, that tenant when its
+    /// `tenant_id` is a string, and nobody when `tenant_id` is present but not a string (a number,
+    /// a list, an object, a boolean or null): tenant isolation fails closed.
+    pub fn scope(&self) -> Scope<'_> {
+        match self.data.get("tenant_id") {
+            None => Scope::Everyone,
+            Some(Value::String(tenant)) => Scope::Tenant(tenant),
+            Some(_) => Scope::Nobody,
+        }
+    }
+
+    /// Whether a connection of `tenant` may see the record.
+    pub fn visible_to(&self, tenant: &str) -> bool {
+        match self.scope() {
+            Scope::Everyone => true,
+            Scope::Tenant(t) => t == tenant,
+            Scope::Nobody => false,
+        }
     }
 
     /// The data frame sent to clients.
@@ -67,6 +93,9 @@ pub struct Delivery {
     pub offset: i64,
     /// The record's timestamp (ms), for the delivery-latency histogram.
     pub timestamp_ms: i64,
+    /// Not a record but a notice (the SSE event name: `delayed`, `delay_ended`): no position
+    /// moves.
+    pub notice: Option<&'static str>,
 }
 
 /// Closes a connection once, with the first reason given.

@@ -31,7 +31,7 @@ pub type ConnId = u64;
 type TenantTopic = (Arc<str>, Arc<str>);
 
 use super::conn::Sink;
-pub use super::conn::{Closer, Conn, Credential, Delivery, Record};
+pub use super::conn::{Closer, Conn, Credential, Delivery, Record, Scope};
 
 /// The hub's limits.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
@@ -334,7 +334,7 @@ impl Hub {
         let Some(sub) = subs.get(&record.topic).and_then(|by_conn| by_conn.get(&conn.id)) else {
             return false;
         };
-        record.tenant().is_none_or(|t| t == &*conn.tenant)
+        record.visible_to(&conn.tenant)
             && sub.filter.as_ref().is_none_or(|f| f.matches(&record.data))
     }
 
@@ -385,11 +385,15 @@ impl Hub {
             *head = (*head).max(record.offset + 1);
         }
         let Some(by_conn) = subs.get(&record.topic) else { return };
-        let tenant = record.tenant();
+        if record.scope() == Scope::Nobody {
+            drop(subs);
+            metrics::counter!(names::MESSAGES_DROPPED, "role" => "stream", "topic" => record.topic.to_string(), "reason" => "invalid_tenant").increment(1);
+            return;
+        }
         let mut fanout: Option<Fanout> = None;
         let mut tally = Tally::default();
         for sub in by_conn.values() {
-            if tenant.is_some_and(|t| t != &*sub.conn.tenant)
+            if !record.visible_to(&sub.conn.tenant)
                 || sub.filter.as_ref().is_some_and(|f| !f.matches(&record.data))
             {
                 continue;
@@ -398,6 +402,35 @@ impl Hub {
         }
         drop(subs);
         self.account(record, tally);
+    }
+
+    /// Tells every subscriber of `topic` something about the topic itself (not a record):
+    /// `frame` on WebSocket, an SSE event named `event`. Never waits; a connection whose backlog
+    /// is full misses the notice (it is behind anyway).
+    pub fn notify(&self, topic: &str, event: &'static str, frame: String) {
+        let subs = self.subs.read().unwrap_or_else(|p| p.into_inner());
+        let Some((topic, by_conn)) = subs.get_key_value(topic) else { return };
+        let text = tokio_tungstenite::tungstenite::Utf8Bytes::from(frame);
+        let ws_frame = super::outbox::text_frame(text.as_bytes());
+        for sub in by_conn.values() {
+            match &sub.conn.sink {
+                super::conn::Sink::Socket(socket) => {
+                    if let Some(outbox) = socket.get() {
+                        let _ = outbox.push(&ws_frame);
+                    }
+                }
+                super::conn::Sink::Queue(queue) => {
+                    let _ = queue.try_send(Delivery {
+                        frame: text.clone(),
+                        topic: topic.clone(),
+                        partition: -1,
+                        offset: -1,
+                        timestamp_ms: 0,
+                        notice: Some(event),
+                    });
+                }
+            }
+        }
     }
 
     /// Counts a fan-out: per tenant for usage, slow consumers, and the metrics.
@@ -442,6 +475,7 @@ impl Hub {
                     &conn.subject == subject
                         && c.verified.info.iat.is_none_or(|iat| iat <= *not_before)
                 }
+                Revocation::ApiKey { id } => conn.subject == format!("apikey:{id}"),
                 Revocation::Resync => false,
             };
             if hit {

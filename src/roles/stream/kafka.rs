@@ -8,6 +8,12 @@
 //! client of their own). A partition task reconnects with backoff and continues from the next
 //! offset it has not delivered; when the broker's offsets went backwards (the topic was
 //! recreated) it logs it and starts the partition over from its earliest record.
+//!
+//! Every Kafka request has a deadline, `fetch_wait` plus `stream.kafka_request_margin`: a broker
+//! whose connections go silent (packets dropped, no reset) answers nothing, and rskafka waits for
+//! an answer forever. A request that misses its deadline drops its connection; the partition
+//! reconnects with backoff and reads on from the next undelivered offset, so the records produced
+//! during the silence arrive, in order and once, as soon as the broker answers again.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -56,6 +62,31 @@ pub struct KafkaSettings {
     pub metadata_refresh: Duration,
     /// Bounds one connection attempt.
     pub connect_timeout: Duration,
+    /// Added to `fetch_wait` for the deadline of every request (metadata, fetch, produce, list
+    /// offsets) and of each reconnection.
+    pub request_margin: Duration,
+    /// A partition not read for this long tells its subscribers (`delayed`), and again when it
+    /// reads again (`delay_ended`).
+    pub delay_notice: Duration,
+}
+
+impl KafkaSettings {
+    /// The deadline of one Kafka request.
+    pub fn deadline(&self) -> Duration {
+        self.fetch_wait + self.request_margin
+    }
+}
+
+/// Runs one Kafka request under `deadline`; a miss is an error like any other (the caller drops
+/// the connection).
+async fn within<T, E: std::fmt::Display>(
+    deadline: Duration,
+    request: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(deadline, request).await {
+        Ok(outcome) => outcome.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("no answer from the broker within {deadline:?}")),
+    }
 }
 
 /// One partition's progress, for `/stats`.
@@ -69,6 +100,11 @@ pub struct PartitionState {
     pub connected: bool,
     /// Times the partition was started over (offsets went backwards).
     pub restarts: u64,
+    /// The last successful fetch.
+    #[serde(skip)]
+    pub last_read: Option<std::time::Instant>,
+    /// Subscribers were told the partition is delayed.
+    pub delayed: bool,
 }
 
 /// The consumer: partition tasks and their progress.
@@ -102,6 +138,97 @@ impl Consumer {
     }
 }
 
+/// A client for metadata requests, replaced by a new connection when a request misses its
+/// deadline (a silent broker leaves the old connection waiting for an answer that never comes).
+pub struct Metadata {
+    settings: KafkaSettings,
+    /// The current client, and whether it missed a deadline. A tokio mutex, held across the
+    /// reconnection, so concurrent callers wait for one new connection instead of each making
+    /// their own.
+    client: tokio::sync::Mutex<(Arc<Client>, bool)>,
+}
+
+impl Metadata {
+    /// Connects (start-up: bounded by `connect_timeout`).
+    pub async fn connect(settings: &KafkaSettings) -> Result<Arc<Self>, BackendError> {
+        let client = connect(settings).await?;
+        Ok(Arc::new(Metadata {
+            settings: settings.clone(),
+            client: tokio::sync::Mutex::new((client, false)),
+        }))
+    }
+
+    async fn current(&self) -> Result<Arc<Client>, String> {
+        let mut slot = self.client.lock().await;
+        if slot.1 {
+            let deadline = self.settings.deadline();
+            let fresh = crate::backends::kafka::connect(
+                &self.settings.bootstrap,
+                &self.settings.client,
+                deadline,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            *slot = (fresh, false);
+        }
+        Ok(slot.0.clone())
+    }
+
+    /// Runs one request on the current client under the deadline; a miss marks the client for
+    /// replacement.
+    async fn request<T, E: std::fmt::Display, F>(
+        &self,
+        call: impl FnOnce(Arc<Client>) -> F,
+    ) -> Result<T, String>
+    where
+        F: std::future::Future<Output = Result<T, E>>,
+    {
+        let client = self.current().await?;
+        let deadline = self.settings.deadline();
+        match tokio::time::timeout(deadline, call(client.clone())).await {
+            Ok(outcome) => outcome.map_err(|e| e.to_string()),
+            Err(_) => {
+                let mut slot = self.client.lock().await;
+                if Arc::ptr_eq(&slot.0, &client) {
+                    slot.1 = true;
+                }
+                Err(format!("no answer from the broker within {deadline:?}"))
+            }
+        }
+    }
+
+    /// The topics and their partitions.
+    pub async fn list_topics(&self) -> Result<Vec<rskafka::topic::Topic>, String> {
+        self.request(|c| async move { c.list_topics().await }).await
+    }
+
+    /// A partition's client (a metadata request finds its leader).
+    async fn partition_client(
+        &self,
+        topic: &str,
+        partition: i32,
+    ) -> Result<PartitionClient, String> {
+        let topic = topic.to_string();
+        self.request(|c| async move {
+            c.partition_client(topic, partition, UnknownTopicHandling::Error).await
+        })
+        .await
+    }
+
+    /// A readiness check: the broker answers a metadata request within the deadline.
+    pub fn ready_check(
+        self: &Arc<Self>,
+    ) -> impl Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync {
+        let this = self.clone();
+        move || {
+            let this = this.clone();
+            Box::pin(async move {
+                this.list_topics().await.map(|_| ()).map_err(|e| format!("kafka: {e}"))
+            })
+        }
+    }
+}
+
 /// Connects the metadata client (failing start-up when no broker answers) and starts reading
 /// every partition of `topics` into `hub` until shutdown.
 pub async fn start_consumer(
@@ -109,9 +236,15 @@ pub async fn start_consumer(
     topics: Vec<String>,
     hub: Arc<Hub>,
     shutdown: Shutdown,
-) -> Result<(Arc<Client>, Arc<Consumer>), BackendError> {
-    let metadata = connect(&settings).await?;
+) -> Result<(Arc<Metadata>, Arc<Consumer>), BackendError> {
+    let metadata = Metadata::connect(&settings).await?;
     let consumer = Arc::new(Consumer { partitions: Mutex::default(), records: AtomicU64::new(0) });
+    tokio::spawn(watch_delays(
+        consumer.clone(),
+        hub.clone(),
+        settings.delay_notice,
+        shutdown.clone(),
+    ));
     for topic in topics {
         let (settings, metadata, hub, shutdown, consumer) =
             (settings.clone(), metadata.clone(), hub.clone(), shutdown.clone(), consumer.clone());
@@ -129,7 +262,7 @@ async fn connect(settings: &KafkaSettings) -> Result<Arc<Client>, BackendError> 
 /// `metadata_refresh`, so partitions added later and topics created late are picked up).
 async fn watch_topic(
     settings: KafkaSettings,
-    metadata: Arc<Client>,
+    metadata: Arc<Metadata>,
     topic: String,
     hub: Arc<Hub>,
     consumer: Arc<Consumer>,
@@ -174,12 +307,14 @@ async fn watch_topic(
     }
 }
 
-/// Exponential backoff between reconnects: 100 ms doubling to 5 s.
+/// Exponential backoff between reconnects: 100 ms doubling to 500 ms. The cap bounds how long
+/// after a broker heals its partitions read again (with the request deadline, under 2 s); while
+/// it is down that is two cheap connection attempts a second per partition.
 struct Backoff(Duration);
 
 impl Backoff {
     const FIRST: Duration = Duration::from_millis(100);
-    const MAX: Duration = Duration::from_secs(5);
+    const MAX: Duration = Duration::from_millis(500);
 
     fn next(&mut self) -> Duration {
         let wait = self.0;
@@ -206,6 +341,7 @@ async fn consume_partition(
         metrics::counter!(names::KAFKA_RECORDS, "role" => "stream", "topic" => label());
     let errors = metrics::counter!(names::KAFKA_ERRORS, "role" => "stream", "topic" => label());
     let wait_ms = i32::try_from(settings.fetch_wait.as_millis()).unwrap_or(i32::MAX);
+    let deadline = settings.deadline();
     let mut next: Option<i64> = None;
     let mut backoff = Backoff(Backoff::FIRST);
     loop {
@@ -229,7 +365,7 @@ async fn consume_partition(
         loop {
             let from = match next {
                 Some(n) => n,
-                None => match high_watermark(&client).await {
+                None => match within(deadline, high_watermark(&client)).await {
                     Ok(hw) => {
                         hub.set_head(&topic, partition, hw);
                         *next.insert(hw)
@@ -240,16 +376,22 @@ async fn consume_partition(
                     }
                 },
             };
+            let fetch = client.fetch_records(from, 1..settings.fetch_max_bytes, wait_ms);
             let fetched = tokio::select! {
-                r = client.fetch_records(from, 1..settings.fetch_max_bytes, wait_ms) => r,
+                r = tokio::time::timeout(deadline, fetch) => match r {
+                    Ok(r) => r.map_err(Fetch::Kafka),
+                    Err(_) => Err(Fetch::Deadline(deadline)),
+                },
                 _ = shutdown.stopping() => return,
             };
             match fetched {
                 Ok((batch, hw)) => {
                     backoff.reset();
                     if hw < from {
-                        next =
-                            Some(start_over(&client, &topic, partition, from, hw, &consumer).await);
+                        next = Some(
+                            start_over(&client, &topic, partition, from, hw, &consumer, deadline)
+                                .await,
+                        );
                         continue;
                     }
                     for r in batch.into_iter().filter(|r| r.offset >= from) {
@@ -266,19 +408,24 @@ async fn consume_partition(
                         s.next_offset = Some(next_offset);
                         s.high_watermark = Some(hw);
                         s.connected = true;
+                        s.last_read = Some(std::time::Instant::now());
                     });
                 }
-                Err(KafkaError::ServerError {
+                Err(Fetch::Kafka(KafkaError::ServerError {
                     protocol_error: ProtocolError::OffsetOutOfRange,
                     ..
-                }) => {
-                    let hw = high_watermark(&client).await.unwrap_or(0);
+                })) => {
+                    let Ok(hw) = within(deadline, high_watermark(&client)).await else { break };
                     if from > hw {
-                        next =
-                            Some(start_over(&client, &topic, partition, from, hw, &consumer).await);
+                        next = Some(
+                            start_over(&client, &topic, partition, from, hw, &consumer, deadline)
+                                .await,
+                        );
                     } else {
                         // Retention removed records before we read them: they are gone.
-                        let earliest = client.get_offset(OffsetAt::Earliest).await.unwrap_or(hw);
+                        let earliest = within(deadline, client.get_offset(OffsetAt::Earliest))
+                            .await
+                            .unwrap_or(hw);
                         tracing::warn!(role = "stream", topic = %topic, partition, from, earliest, "records expired before they were read; skipping ahead");
                         metrics::counter!(names::PARTITION_RESTARTS, "role" => "stream", "topic" => label(), "cause" => "expired").increment(1);
                         next = Some(earliest.max(from));
@@ -299,6 +446,50 @@ async fn consume_partition(
     }
 }
 
+/// Tells the subscribers of a topic when one of its partitions has not been read for `after`
+/// (`{"type":"delayed","topic","partition","since"}`, `since` the last read in unix ms), and
+/// when it is read again (`{"type":"delay_ended","topic","partition"}`), so a front-end can show
+/// it or move to another replica. Checked four times per `after`, at least once a second.
+async fn watch_delays(consumer: Arc<Consumer>, hub: Arc<Hub>, after: Duration, shutdown: Shutdown) {
+    let mut tick = tokio::time::interval((after / 4).min(Duration::from_secs(1)));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.stopping() => return,
+        }
+        let mut notices = Vec::new();
+        {
+            let mut partitions = consumer.partitions.lock().unwrap_or_else(|p| p.into_inner());
+            for ((topic, partition), state) in partitions.iter_mut() {
+                let Some(last) = state.last_read else { continue };
+                let late = last.elapsed() > after;
+                if late != state.delayed {
+                    state.delayed = late;
+                    let since = chrono::Utc::now().timestamp_millis()
+                        - i64::try_from(last.elapsed().as_millis()).unwrap_or(i64::MAX);
+                    notices.push((topic.clone(), *partition, late, since));
+                }
+            }
+        }
+        for (topic, partition, late, since) in notices {
+            let (event, frame) = if late {
+                tracing::warn!(role = "stream", topic = %topic, partition, "partition delayed; telling its subscribers");
+                (
+                    "delayed",
+                    serde_json::json!({"type": "delayed", "topic": topic, "partition": partition, "since": since}),
+                )
+            } else {
+                tracing::info!(role = "stream", topic = %topic, partition, "partition reads again");
+                (
+                    "delay_ended",
+                    serde_json::json!({"type": "delay_ended", "topic": topic, "partition": partition}),
+                )
+            };
+            hub.notify(&topic, event, frame.to_string());
+        }
+    }
+}
+
 /// The offsets went backwards (the topic was deleted and created again): start the partition
 /// over from its earliest record, so nothing of the new topic is missed.
 async fn start_over(
@@ -308,8 +499,10 @@ async fn start_over(
     from: i64,
     hw: i64,
     consumer: &Consumer,
+    deadline: Duration,
 ) -> i64 {
-    let earliest = client.get_offset(OffsetAt::Earliest).await.unwrap_or(0).max(0);
+    let earliest =
+        within(deadline, client.get_offset(OffsetAt::Earliest)).await.unwrap_or(0).max(0);
     tracing::warn!(
         role = "stream",
         topic,
@@ -324,16 +517,36 @@ async fn start_over(
     earliest
 }
 
+/// A new connection for one partition (the old one, if any, is dropped with its client). Both
+/// the connection and the metadata request behind it are bounded by the request deadline.
 async fn partition_client(
     settings: &KafkaSettings,
     topic: &str,
     partition: i32,
 ) -> Result<PartitionClient, String> {
-    let client = connect(settings).await.map_err(|e| e.to_string())?;
-    client
-        .partition_client(topic, partition, UnknownTopicHandling::Error)
+    let deadline = settings.deadline();
+    let client = crate::backends::kafka::connect(&settings.bootstrap, &settings.client, deadline)
         .await
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+    within(deadline, client.partition_client(topic, partition, UnknownTopicHandling::Error)).await
+}
+
+/// Why a fetch failed.
+#[derive(Debug)]
+enum Fetch {
+    /// The broker answered with an error, or the connection failed.
+    Kafka(KafkaError),
+    /// No answer within the deadline (a silent broker): the connection is dropped.
+    Deadline(Duration),
+}
+
+impl std::fmt::Display for Fetch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Fetch::Kafka(e) => e.fmt(f),
+            Fetch::Deadline(d) => write!(f, "no answer from the broker within {d:?}"),
+        }
+    }
 }
 
 /// The partition's high watermark (the next offset to be written). ListOffsets(latest) is not
@@ -348,14 +561,16 @@ async fn high_watermark(client: &PartitionClient) -> Result<i64, KafkaError> {
 /// One Kafka client's partition clients, made on first use and dropped after a failure (the
 /// partition's leader may have moved).
 struct PartitionClients {
-    client: Arc<Client>,
+    client: Arc<Metadata>,
     /// By (topic, partition); a std mutex held for one lookup or insert, never across I/O.
     cache: Mutex<HashMap<(String, i32), Arc<PartitionClient>>>,
+    /// Of every request.
+    deadline: Duration,
 }
 
 impl PartitionClients {
-    fn new(client: Arc<Client>) -> Self {
-        PartitionClients { client, cache: Mutex::default() }
+    fn new(client: Arc<Metadata>, deadline: Duration) -> Self {
+        PartitionClients { client, cache: Mutex::default(), deadline }
     }
 
     async fn get(&self, topic: &str, partition: i32) -> Result<Arc<PartitionClient>, String> {
@@ -363,12 +578,7 @@ impl PartitionClients {
         if let Some(c) = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
             return Ok(c.clone());
         }
-        let client = self
-            .client
-            .partition_client(topic, partition, UnknownTopicHandling::Error)
-            .await
-            .map_err(|e| e.to_string())?;
-        let client = Arc::new(client);
+        let client = Arc::new(self.client.partition_client(topic, partition).await?);
         self.cache.lock().unwrap_or_else(|p| p.into_inner()).insert(key, client.clone());
         Ok(client)
     }
@@ -392,7 +602,10 @@ impl KafkaHistory {
     /// Connects the history client.
     pub async fn connect(settings: &KafkaSettings) -> Result<Arc<Self>, BackendError> {
         Ok(Arc::new(KafkaHistory {
-            partitions: PartitionClients::new(connect(settings).await?),
+            partitions: PartitionClients::new(
+                Metadata::connect(settings).await?,
+                settings.deadline(),
+            ),
             max_bytes: settings.fetch_max_bytes,
         }))
     }
@@ -412,16 +625,24 @@ impl History for KafkaHistory {
             let mut out = Vec::new();
             let mut next = from;
             while next < until {
-                let (batch, _) = match client.fetch_records(next, 1..self.max_bytes, 0).await {
-                    Ok(b) => b,
+                let fetch = client.fetch_records(next, 1..self.max_bytes, 0);
+                let (batch, _) = match tokio::time::timeout(self.partitions.deadline, fetch).await {
+                    Ok(Ok(b)) => b,
                     // Expired by retention: what was read is what is kept.
-                    Err(KafkaError::ServerError {
+                    Ok(Err(KafkaError::ServerError {
                         protocol_error: ProtocolError::OffsetOutOfRange,
                         ..
-                    }) => break,
-                    Err(e) => {
+                    })) => break,
+                    Ok(Err(e)) => {
                         self.partitions.forget(topic, partition);
                         return Err(e.to_string());
+                    }
+                    Err(_) => {
+                        self.partitions.forget(topic, partition);
+                        return Err(format!(
+                            "no answer from the broker within {:?}",
+                            self.partitions.deadline
+                        ));
                     }
                 };
                 let before = next;
@@ -452,7 +673,10 @@ impl KafkaPublisher {
     /// Connects the publishing client.
     pub async fn connect(settings: &KafkaSettings) -> Result<Arc<Self>, BackendError> {
         Ok(Arc::new(KafkaPublisher {
-            partitions: PartitionClients::new(connect(settings).await?),
+            partitions: PartitionClients::new(
+                Metadata::connect(settings).await?,
+                settings.deadline(),
+            ),
             counts: Mutex::default(),
             refresh: settings.metadata_refresh,
             round_robin: AtomicU64::new(0),
@@ -465,8 +689,7 @@ impl KafkaPublisher {
                 return Ok(*n);
             }
         }
-        let topics =
-            self.partitions.client.list_topics().await.map_err(|e| PublishError(e.to_string()))?;
+        let topics = self.partitions.client.list_topics().await.map_err(PublishError)?;
         let n = topics
             .iter()
             .find(|t| t.name == topic)
@@ -517,11 +740,11 @@ impl Publisher for KafkaPublisher {
                 headers: BTreeMap::new(),
                 timestamp: chrono::Utc::now(),
             };
-            let offsets =
-                client.produce(vec![record], Compression::NoCompression).await.map_err(|e| {
-                    self.partitions.forget(topic, partition);
-                    PublishError(e.to_string())
-                })?;
+            let produce = client.produce(vec![record], Compression::NoCompression);
+            let offsets = within(self.partitions.deadline, produce).await.map_err(|e| {
+                self.partitions.forget(topic, partition);
+                PublishError(e)
+            })?;
             let offset = offsets
                 .first()
                 .copied()

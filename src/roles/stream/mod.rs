@@ -149,6 +149,14 @@ pub struct Config {
     pub fetch_wait: Duration,
     /// The most bytes one fetch returns.
     pub fetch_max_bytes: i32,
+    /// Added to `fetch_wait` for the deadline of every Kafka request; a connection that misses
+    /// it is dropped and made again (a broker gone silent answers nothing).
+    #[serde(with = "humantime_serde")]
+    pub kafka_request_margin: Duration,
+    /// A partition not read for this long sends its subscribers a `delayed` frame (SSE event),
+    /// and a `delay_ended` one when it reads again.
+    #[serde(with = "humantime_serde")]
+    pub delay_notice: Duration,
     /// How often topic metadata is re-read (partitions added, topics created late).
     #[serde(with = "humantime_serde")]
     pub metadata_refresh: Duration,
@@ -197,6 +205,8 @@ impl Default for Config {
             auth_timeout: Duration::from_secs(10),
             fetch_wait: Duration::from_millis(20),
             fetch_max_bytes: 1024 * 1024,
+            kafka_request_margin: Duration::from_secs(1),
+            delay_notice: Duration::from_secs(5),
             metadata_refresh: Duration::from_secs(30),
             bus_retain: 10_000,
             max_message_bytes: 64 * 1024,
@@ -263,6 +273,8 @@ impl Config {
             ("stream.sse_heartbeat", self.sse_heartbeat),
             ("stream.relay_timeout", self.relay_timeout),
             ("stream.usage_interval", self.usage_interval),
+            ("stream.kafka_request_margin", self.kafka_request_margin),
+            ("stream.delay_notice", self.delay_notice),
         ] {
             if d.is_zero() {
                 problems.push(Problem::new(key, "must be greater than 0"));
@@ -364,12 +376,16 @@ pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
             fetch_max_bytes: config.fetch_max_bytes,
             metadata_refresh: config.metadata_refresh,
             connect_timeout: Duration::from_secs(5),
+            request_margin: config.kafka_request_margin,
+            delay_notice: config.delay_notice,
         };
         let topics = config.topics.iter().map(|t| t.name.clone()).collect();
         let (metadata, consumer) =
             kafka::start_consumer(settings.clone(), topics, hub.clone(), ctx.shutdown.clone())
                 .await?;
-        ctx.readiness.add_check("kafka", crate::backends::kafka::ready_check(metadata));
+        // Hard: without the broker no record reaches any client. The check has the request
+        // deadline, so readiness follows a silent broker and comes back when it heals.
+        ctx.readiness.add_check("kafka", metadata.ready_check());
         (
             kafka::KafkaPublisher::connect(&settings).await?,
             kafka::KafkaHistory::connect(&settings).await?,

@@ -144,6 +144,14 @@ pub enum Close {
     /// The token could not be checked (the revocation store or the keys are unavailable): try
     /// again later (1013).
     TryAgainLater,
+    /// A client message over `stream.max_message_bytes` (1009, RFC 6455 7.4.1).
+    MessageTooBig,
+    /// A text message that is not UTF-8 (1007).
+    InvalidPayload,
+    /// A frame that breaks the WebSocket protocol (1002).
+    ProtocolError,
+    /// A client that breaks this protocol's rules in a way an error frame cannot answer (1008).
+    PolicyViolation,
 }
 
 impl Close {
@@ -158,6 +166,23 @@ impl Close {
             Close::HeartbeatTimeout => 4009,
             Close::TooManyConnections => 4029,
             Close::TryAgainLater => 1013,
+            Close::MessageTooBig => 1009,
+            Close::InvalidPayload => 1007,
+            Close::ProtocolError => 1002,
+            Close::PolicyViolation => 1008,
+        }
+    }
+
+    /// The close a read error calls for, when the peer is still there to be told: a message too
+    /// big, invalid UTF-8, a protocol violation. `None` when the connection itself failed.
+    pub fn for_read_error(error: &tokio_tungstenite::tungstenite::Error) -> Option<Close> {
+        use tokio_tungstenite::tungstenite::Error;
+        match error {
+            Error::Capacity(_) => Some(Close::MessageTooBig),
+            Error::Utf8(_) => Some(Close::InvalidPayload),
+            Error::Protocol(_) => Some(Close::ProtocolError),
+            Error::AttackAttempt => Some(Close::PolicyViolation),
+            _ => None,
         }
     }
 
@@ -172,6 +197,10 @@ impl Close {
             Close::HeartbeatTimeout => "heartbeat_timeout",
             Close::TooManyConnections => "too_many_connections",
             Close::TryAgainLater => "dependency_unavailable",
+            Close::MessageTooBig => "message_too_big",
+            Close::InvalidPayload => "invalid_payload",
+            Close::ProtocolError => "protocol_error",
+            Close::PolicyViolation => "policy_violation",
         }
     }
 }

@@ -19,6 +19,9 @@ pub struct Bound {
     pub max_records: i64,
     /// The oldest record, by its timestamp.
     pub max_age: Duration,
+    /// How long the whole read may take (`stream.relay_timeout`): a resume asked while the
+    /// broker is down answers `recovered: false` by then instead of waiting for it.
+    pub deadline: Duration,
 }
 
 /// What a resume found.
@@ -41,6 +44,7 @@ pub async fn recover(
     bound: Bound,
 ) -> Recovery {
     let mut recovery = Recovery { records: Vec::new(), recovered: true };
+    let until = tokio::time::Instant::now() + bound.deadline;
     let oldest = chrono::Utc::now().timestamp_millis() - bound.max_age.as_millis() as i64;
     for (topic, partition, from) in wanted {
         let Some((_, _, head)) = live.iter().find(|(t, p, _)| t == topic && p == partition) else {
@@ -59,10 +63,16 @@ pub async fn recover(
             recovery.recovered = false;
             continue;
         }
-        let records = match history.read(topic, *partition, from, head).await {
-            Ok(r) => r,
-            Err(e) => {
+        let read = tokio::time::timeout_at(until, history.read(topic, *partition, from, head));
+        let records = match read.await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
                 tracing::warn!(role = "stream", topic = %topic, partition, error = %e, "resume read failed");
+                recovery.recovered = false;
+                continue;
+            }
+            Err(_) => {
+                tracing::warn!(role = "stream", topic = %topic, partition, deadline = ?bound.deadline, "resume read timed out");
                 recovery.recovered = false;
                 continue;
             }

@@ -109,7 +109,11 @@ pub async fn connect(AxumState(state): AxumState<State>, req: Request) -> ApiRes
 
 /// The resume bound from the configuration.
 pub fn bound(state: &State) -> Bound {
-    Bound { max_records: state.config.resume_max_records, max_age: state.config.resume_max_age }
+    Bound {
+        max_records: state.config.resume_max_records,
+        max_age: state.config.resume_max_age,
+        deadline: state.config.relay_timeout,
+    }
 }
 
 /// Feeds one SSE connection until it ends.
@@ -156,7 +160,11 @@ async fn run(
             _ = tokio::time::sleep_until(expiry) => break Close::TokenExpired,
             _ = tx.closed() => break Close::GoingAway,
             Some(d) = queue.recv() => {
-                let Delivery { frame, topic, partition, offset, timestamp_ms } = d;
+                let Delivery { frame, topic, partition, offset, timestamp_ms, notice } = d;
+                if let Some(event) = notice {
+                    let _ = send(Event::default().event(event).data(frame.as_str())).await;
+                    continue;
+                }
                 conn.sent(&topic, partition, offset);
                 if !send(Event::default().id(conn.position()).data(frame.as_str())).await {
                     continue;

@@ -153,7 +153,13 @@ async fn first_frame_auth(
         };
         let text = match frame {
             Some(Ok(Message::Text(t))) => t,
-            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return None,
+            Some(Err(e)) => {
+                if let Some(why) = Close::for_read_error(&e) {
+                    close(sink, stream, outbox, why).await;
+                }
+                return None;
+            }
+            Some(Ok(Message::Close(_))) | None => return None,
             Some(Ok(_)) => continue,
         };
         let (token, id) = match protocol::parse(&text) {
@@ -336,7 +342,15 @@ impl Session {
                             if self.write(sink, Message::text(e), &conn).await.is_err() { return "client"; }
                             continue;
                         }
-                        Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return "client",
+                        // A message too big or not UTF-8 is told why (RFC 6455 7.4.1).
+                        Some(Err(e)) => match Close::for_read_error(&e) {
+                            Some(why) => {
+                                close(sink, stream, outbox, why).await;
+                                return why.as_str();
+                            }
+                            None => return "client",
+                        },
+                        Some(Ok(Message::Close(_))) | None => return "client",
                         Some(Ok(_)) => continue,
                     };
                     let written = match self.handle(&text).await {

@@ -19,7 +19,8 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use super::local::PerThread;
-use crate::backends::redis::Client as RedisClient;
+use crate::backends::breaker::Breaker;
+use crate::backends::redis::Guarded;
 
 mod redis;
 
@@ -239,6 +240,9 @@ pub struct Limiter {
     /// The batching task's handle (one per I/O thread, each with its own connection) and the key
     /// prefix.
     redis: Option<(PerThread<redis::Batcher>, String)>,
+    /// Redis's breaker: while it is open, checks are decided by `on_error` at once, never after
+    /// the Redis timeout.
+    breaker: Option<Arc<Breaker>>,
     local: LocalGcra,
     on_error: OnStoreError,
     shadow: bool,
@@ -251,20 +255,24 @@ impl Limiter {
     /// that batches script calls, so it must be called inside a Tokio runtime.
     pub fn new(
         policies: BTreeMap<String, Policy>,
-        redis: Option<(RedisClient, String)>,
+        redis: Option<(Guarded, String)>,
         on_error: OnStoreError,
         shadow: bool,
     ) -> Self {
         let counts = policies.keys().map(|k| (k.clone(), Arc::new(Counts::new(k)))).collect();
+        let breaker = redis.as_ref().map(|(guarded, _)| guarded.breaker.clone());
         Limiter {
             policies: std::sync::RwLock::new(Arc::new(policies)),
-            redis: redis.map(|(client, prefix)| {
-                let own = client.clone();
-                let per_thread = PerThread::new(redis::Batcher::spawn(client, false), move || {
-                    redis::Batcher::spawn(own.clone_new(), true)
-                });
+            redis: redis.map(|(guarded, prefix)| {
+                let (client, breaker) = (guarded.client, guarded.breaker);
+                let own = (client.clone(), breaker.clone());
+                let per_thread =
+                    PerThread::new(redis::Batcher::spawn(client, false, breaker), move || {
+                        redis::Batcher::spawn(own.0.clone_new(), true, own.1.clone())
+                    });
                 (per_thread, prefix)
             }),
+            breaker,
             local: LocalGcra::new(),
             on_error,
             shadow,
@@ -332,7 +340,12 @@ impl Limiter {
             Some((batcher, _)) => {
                 let keyed = items.iter().map(|(k, p, _)| (k.clone(), *p)).collect();
                 let reads = also_get.is_some();
-                match batcher.get().check(keyed, also_get).await {
+                // While Redis's breaker is open, the check is not even queued.
+                let answer = match self.breaker.as_deref().filter(|b| b.is_open()) {
+                    Some(open) => Err(format!("{}: breaker open", open.backend())),
+                    None => batcher.get().check(keyed, also_get).await,
+                };
+                match answer {
                     Ok((verdicts, read)) => {
                         fetched = reads.then_some(read);
                         verdicts
@@ -341,7 +354,8 @@ impl Limiter {
                         for (_, _, name) in &items {
                             self.count(name, Decision::StoreError);
                         }
-                        tracing::warn!(role = "gateway", error = %error, mode = ?self.on_error, "rate-limit store unavailable");
+                        // Debug, not warn: with the breaker open this is every request.
+                        tracing::debug!(role = "gateway", error = %error, mode = ?self.on_error, "rate-limit store unavailable");
                         match self.on_error {
                             OnStoreError::Local => local(&items),
                             OnStoreError::Open => {

@@ -22,6 +22,7 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Policy, Verdict};
+use crate::backends::breaker::Breaker;
 use crate::backends::redis::Client;
 
 /// The script.
@@ -66,7 +67,8 @@ impl Batcher {
     /// Starts the batching task on the current Tokio runtime. With `own`, `client` is a new,
     /// unconnected client of this task's alone: it is connected here (its connection's tasks run on
     /// this runtime too; commands wait until it is up) and closed when the task ends.
-    pub(super) fn spawn(client: Client, own: bool) -> Self {
+    /// Script calls go through `breaker`.
+    pub(super) fn spawn(client: Client, own: bool, breaker: Arc<Breaker>) -> Self {
         if own {
             drop(client.connect());
         }
@@ -81,6 +83,8 @@ impl Batcher {
             calls: AtomicU64::new(0),
             batch_size: metrics::histogram!(super::names::BATCH_SIZE, "role" => "gateway"),
             own,
+            breaker,
+            deadline,
         });
         tokio::spawn(batch_loop(script.clone(), queue));
         Batcher { jobs, script, deadline }
@@ -127,6 +131,10 @@ struct Script {
     batch_size: metrics::Histogram,
     /// The client is this task's alone (closed when it ends).
     own: bool,
+    /// Every script call goes through it.
+    breaker: Arc<Breaker>,
+    /// The command timeout.
+    deadline: Duration,
 }
 
 impl Script {
@@ -205,7 +213,10 @@ async fn run_batch(script: &Script, batch: Vec<Job>) {
         keys.extend(job.keys.into_iter().map(Key::from));
         replies.push((job.limits.len(), job.reads, job.reply));
     }
-    match script.run(keys, args).await {
+    // Under the breaker: a call Redis does not answer within `trip_after` fails (each check
+    // then follows `on_store_error`) and opens it, so later checks skip Redis at once.
+    let outcome = script.breaker.call(script.deadline, script.run(keys, args)).await;
+    match outcome {
         Ok(Value::Array(answers)) if answers.len() == replies.len() => {
             for (answer, (policies, reads, reply)) in answers.into_iter().zip(replies) {
                 let _ = reply.send(parse_answer(answer, policies, reads));

@@ -1,0 +1,435 @@
+//! The fault suite: each dependency killed or frozen under a steady load, against private
+//! instances only (a private redis-server, PostgreSQL cluster, token endpoint), never the
+//! machine's shared servers (the broker side is in `faults_stream`). Each test asserts the
+//! decisions and the latency bound: once a backend's breaker is open, no request waits for that
+//! backend's timeout.
+
+use std::time::{Duration, Instant};
+
+use access::roles::Role;
+use axum::routing::get;
+use axum::Router;
+use serde_json::Value;
+
+use crate::support::{
+    config, config_with_file, eventually, http, redis_prefix, start, wait_ready, DevKeys,
+    PrivateRedis, Running,
+};
+
+/// An upstream answering every path, cacheable for a minute.
+async fn upstream() -> String {
+    let app = Router::new()
+        .route("/{*rest}", get(|| async { ([(http::header::CACHE_CONTROL, "max-age=60")], "ok") }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    url
+}
+
+/// How Redis fails.
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    /// The process is killed: connections are refused.
+    Killed,
+    /// SIGSTOP: connections stay open and nothing answers.
+    Frozen,
+}
+
+/// A gateway and an entitlements role sharing one private Redis, with a route that asks the
+/// entitlements role for every new instrument (`/px/{id}`) and a cached route (`/cached/{id}`).
+struct Layer {
+    _dir: tempfile::TempDir,
+    keys: DevKeys,
+    redis: PrivateRedis,
+    gateway: Running,
+    entitlements: Running,
+}
+
+async fn layer(mode: &str) -> Layer {
+    let dir = tempfile::tempdir().unwrap();
+    let up = upstream().await;
+    let routes = dir.path().join("routes.yaml");
+    std::fs::write(
+        &routes,
+        format!(
+            r#"
+routes:
+  - {{ name: px, path: "/px/{{instrument_id}}", upstreams: ["{up}"], auth: required, rate_limits: [roomy], entitlement: {{ resource: "instrument:{{instrument_id}}" }} }}
+  - {{ name: cached, path: "/cached/{{id}}", upstreams: ["{up}"], auth: required, rate_limits: [roomy], cache: {{}} }}
+rate_limits:
+  roomy: {{ rate: 100000, period: 1s, burst: 100000 }}
+"#
+        ),
+    )
+    .unwrap();
+    let keys = DevKeys::new();
+    let redis = PrivateRedis::start().await;
+    let prefix = redis_prefix();
+    let common = [
+        ("ACCESS_AUTH__DEV_KEY_FILE", keys.path.as_str()),
+        ("ACCESS_REDIS_URL", redis.url.as_str()),
+        ("ACCESS_REDIS__PREFIX", prefix.as_str()),
+    ];
+    let entitlements = start(Role::Entitlements, config(&common)).await;
+    wait_ready(&entitlements.url("")).await;
+    let ent_url = entitlements.url("/");
+    let mut env = common.to_vec();
+    env.push(("ACCESS_GATEWAY__ROUTES_FILE", routes.to_str().unwrap()));
+    env.push(("ACCESS_ENTITLEMENTS_SERVICE_URL", ent_url.as_str()));
+    let toml = format!("[gateway]\nrate_limit_on_store_error = \"{mode}\"\n");
+    let gateway = start(Role::Gateway, config_with_file(&toml, &env)).await;
+    wait_ready(&gateway.url("")).await;
+    Layer { _dir: dir, keys, redis, gateway, entitlements }
+}
+
+async fn get_status(url: &str, token: &str) -> (u16, Value) {
+    let r = http().get(url).bearer_auth(token).send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+pub async fn ready(url: &str) -> (u16, Value) {
+    let r = http().get(format!("{url}/ready")).send().await.unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+/// Requests one at a time for `window` after the fault, each on a new instrument (so each asks
+/// the entitlements role, whose decision cache is in the failed Redis) or a cached route; returns
+/// (time since the fault, status, latency) of each.
+async fn load(l: &Layer, token: &str, fault_at: Instant, window: Duration) -> Vec<(f64, u16, f64)> {
+    let mut seen = Vec::new();
+    let mut i = 0u32;
+    while fault_at.elapsed() < window {
+        i += 1;
+        let path = if i % 2 == 0 { format!("/px/I{i}") } else { format!("/cached/{}", i % 7) };
+        let sent = Instant::now();
+        let (status, _) = get_status(&l.gateway.url(&path), token).await;
+        seen.push((
+            sent.duration_since(fault_at).as_secs_f64(),
+            status,
+            sent.elapsed().as_secs_f64(),
+        ));
+    }
+    seen
+}
+
+async fn redis_fails_under_load(mode: &str, fault: Fault) {
+    let mut l = layer(mode).await;
+    let token = l.keys.token("alice", "t1", &["trader"]);
+    // Warm: the token is verified (and cached), the routes answer.
+    assert_eq!(get_status(&l.gateway.url("/px/WARM"), &token).await.0, 200);
+    assert_eq!(get_status(&l.gateway.url("/cached/0"), &token).await.0, 200);
+    let fault_at = Instant::now();
+    match fault {
+        Fault::Killed => l.redis.stop(),
+        Fault::Frozen => l.redis.freeze(),
+    }
+    let seen = load(&l, &token, fault_at, Duration::from_millis(3000)).await;
+    // Two breakers trip in series (the gateway's, then the entitlements role's, each after at
+    // most `trip_after`, 500 ms): from 1.5 s on, no request touches Redis.
+    let settled: Vec<_> = seen.iter().filter(|(at, _, _)| *at >= 1.5).collect();
+    assert!(settled.len() >= 5, "{mode} {fault:?}: too few requests after 1.5 s: {seen:?}");
+    let statuses: Vec<u16> = settled.iter().map(|(_, s, _)| *s).collect();
+    assert!(statuses.iter().all(|s| *s == 200), "{mode} {fault:?}: every request served: {seen:?}");
+    let slowest = settled.iter().map(|(_, _, took)| *took).fold(0.0, f64::max);
+    // The Redis timeout is 2 s and a call is given up after `trip_after` (500 ms): no request
+    // after the breakers opened waited for either (a debug build on a shared machine takes up to
+    // a tenth of a second per request; the figures script measures a release build).
+    assert!(slowest < 0.4, "{mode} {fault:?}: slowest request {slowest:.3} s: {seen:?}");
+    // Readiness: both roles keep serving with a documented fallback, so both are ready, degraded.
+    for (role, url) in [("gateway", l.gateway.url("")), ("entitlements", l.entitlements.url(""))] {
+        let (status, body) = ready(&url).await;
+        assert_eq!(
+            (status, body["status"].as_str()),
+            (200, Some("degraded")),
+            "{mode} {fault:?}: {role} /ready: {body}"
+        );
+    }
+    // A token not yet verified cannot be checked for revocation: refused at once, as documented.
+    let fresh = l.keys.token("bob", "t1", &["trader"]);
+    let sent = Instant::now();
+    let (status, body) = get_status(&l.gateway.url("/px/NEW"), &fresh).await;
+    assert_eq!((status, body["code"].as_str()), (503, Some("dependency_unavailable")), "{body}");
+    assert!(sent.elapsed() < Duration::from_millis(400), "refused at once: {:?}", sent.elapsed());
+    if let Fault::Frozen = fault {
+        l.redis.thaw();
+        // A probe closes the breakers: ready again, and a new token is checked again.
+        for url in [l.gateway.url(""), l.entitlements.url("")] {
+            eventually(Duration::from_secs(10), "ready again after the thaw", || async {
+                let (status, body) = ready(&url).await;
+                (status == 200 && body["status"] == "ready").then_some(())
+            })
+            .await;
+        }
+        eventually(Duration::from_secs(10), "a new token verified after the thaw", || async {
+            (get_status(&l.gateway.url("/px/AGAIN"), &fresh).await.0 == 200).then_some(())
+        })
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn redis_killed_local_mode_serves_at_full_speed_and_stays_ready() {
+    redis_fails_under_load("local", Fault::Killed).await;
+}
+
+#[tokio::test]
+async fn redis_killed_open_mode_serves_at_full_speed_and_stays_ready() {
+    redis_fails_under_load("open", Fault::Killed).await;
+}
+
+#[tokio::test]
+async fn redis_frozen_local_mode_serves_at_full_speed_and_recovers() {
+    redis_fails_under_load("local", Fault::Frozen).await;
+}
+
+#[tokio::test]
+async fn redis_frozen_open_mode_serves_at_full_speed_and_recovers() {
+    redis_fails_under_load("open", Fault::Frozen).await;
+}
+
+/// `closed` cannot serve without Redis: the gateway refuses at once (503, never after the
+/// timeout) and is not ready, since every request would fail.
+async fn redis_fails_in_closed_mode(fault: Fault) {
+    let mut l = layer("closed").await;
+    let token = l.keys.token("alice", "t1", &["trader"]);
+    assert_eq!(get_status(&l.gateway.url("/px/WARM"), &token).await.0, 200);
+    let fault_at = Instant::now();
+    match fault {
+        Fault::Killed => l.redis.stop(),
+        Fault::Frozen => l.redis.freeze(),
+    }
+    let seen = load(&l, &token, fault_at, Duration::from_millis(2500)).await;
+    let settled: Vec<_> = seen.iter().filter(|(at, _, _)| *at >= 1.5).collect();
+    assert!(settled.len() >= 5, "{fault:?}: too few requests after 1.5 s: {seen:?}");
+    assert!(settled.iter().all(|(_, s, took)| *s == 503 && *took < 0.4), "{fault:?}: {seen:?}");
+    let (status, body) = ready(&l.gateway.url("")).await;
+    assert_eq!((status, body["status"].as_str()), (503, Some("not_ready")), "{body}");
+    if let Fault::Frozen = fault {
+        l.redis.thaw();
+    }
+}
+
+#[tokio::test]
+async fn redis_killed_closed_mode_refuses_at_once_and_is_not_ready() {
+    redis_fails_in_closed_mode(Fault::Killed).await;
+}
+
+#[tokio::test]
+async fn redis_frozen_closed_mode_refuses_at_once_and_is_not_ready() {
+    redis_fails_in_closed_mode(Fault::Frozen).await;
+}
+
+/// A client-credentials token endpoint issuing tokens that live `lifetime` seconds; while down it
+/// answers 503.
+struct TokenEndpoint {
+    url: url::Url,
+    down: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    fetches: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl TokenEndpoint {
+    async fn start(lifetime: u64) -> TokenEndpoint {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let down = Arc::new(AtomicBool::new(false));
+        let fetches = Arc::new(AtomicUsize::new(0));
+        let (d, f) = (down.clone(), fetches.clone());
+        let app = Router::new().route(
+            "/token",
+            axum::routing::post(move || {
+                let (d, f) = (d.clone(), f.clone());
+                async move {
+                    let n = f.fetch_add(1, Ordering::SeqCst);
+                    if d.load(Ordering::SeqCst) {
+                        return (http::StatusCode::SERVICE_UNAVAILABLE, String::new());
+                    }
+                    let body = serde_json::json!({"access_token": format!("token-{n}"), "expires_in": lifetime});
+                    (http::StatusCode::OK, body.to_string())
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/token", listener.local_addr().unwrap()).parse().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        TokenEndpoint { url, down, fetches }
+    }
+}
+
+/// The token endpoint goes down before the renewal point (80% of a 2 s token): the current
+/// token is used until it expires, renewal is retried with backoff (not on every call), failures
+/// are counted, and once the endpoint is back a new token is fetched.
+#[tokio::test]
+async fn a_token_endpoint_down_across_the_renewal_point_keeps_the_current_token() {
+    use access::auth::token_source::TokenSource;
+    use std::sync::atomic::Ordering;
+    let idp = TokenEndpoint::start(2).await;
+    let source = TokenSource::client_credentials(
+        idp.url.clone(),
+        "gateway".into(),
+        access::config::Secret::new("s3cret"),
+        Duration::from_secs(1),
+    )
+    .unwrap();
+    let fetched_at = Instant::now();
+    let first = source.token().await.unwrap();
+    idp.down.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1650).saturating_sub(fetched_at.elapsed())).await;
+    // Past the renewal point, the endpoint down: the current token, at once.
+    let sent = Instant::now();
+    assert_eq!(source.token().await.as_deref(), Ok(first.as_str()), "renewal due, endpoint down");
+    assert!(sent.elapsed() < Duration::from_millis(200));
+    assert_eq!(source.renewal_failures(), 1);
+    for _ in 0..10 {
+        assert_eq!(source.token().await.as_deref(), Ok(first.as_str()));
+    }
+    assert_eq!(source.renewal_failures(), 1, "retried after a backoff, not on every call");
+    // Once it expired (less the margin), and the endpoint still down: an error.
+    tokio::time::sleep(Duration::from_millis(2000).saturating_sub(fetched_at.elapsed())).await;
+    assert!(source.token().await.is_err(), "an expired token is never used");
+    idp.down.store(false, Ordering::SeqCst);
+    let renewed =
+        eventually(Duration::from_secs(5), "a new token once the endpoint is back", || async {
+            source.token().await.ok()
+        })
+        .await;
+    assert_ne!(renewed, first);
+    assert!(idp.fetches.load(Ordering::SeqCst) >= 3);
+}
+
+/// PostgreSQL killed under API-key traffic: keys seen recently keep working from their cached
+/// records, at full speed; wrong secrets are refused from the cache; a key never seen cannot be
+/// checked (503 at once); the gateway stays ready, degraded; it is ready again once PostgreSQL is.
+#[tokio::test]
+async fn postgres_killed_api_keys_seen_recently_keep_working() {
+    use access::auth::api_keys::{ApiKeys, NewKey, PgKeys};
+    let pg = crate::support::PrivatePostgres::start().await;
+    let dsn = access::config::Secret::new(pg.dsn());
+    let pool =
+        access::backends::postgres::connect_and_migrate(&dsn, &Default::default()).await.unwrap();
+    let keys = ApiKeys::new(std::sync::Arc::new(PgKeys::new(pool)));
+    let new =
+        NewKey { name: "bot".into(), tenant_id: "t1".into(), roles: vec![], expires_at: None };
+    let (key, text) = keys.create(new, "root").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let up = upstream().await;
+    let routes = dir.path().join("routes.yaml");
+    std::fs::write(
+        &routes,
+        format!(
+            "routes:\n  - {{ name: k, path: \"/k\", upstreams: [\"{up}\"], auth: required }}\n"
+        ),
+    )
+    .unwrap();
+    let dev = DevKeys::new();
+    let gateway = start(
+        Role::Gateway,
+        config(&[
+            ("ACCESS_AUTH__DEV_KEY_FILE", dev.path.as_str()),
+            ("ACCESS_POSTGRES_DSN", &pg.dsn()),
+            ("ACCESS_GATEWAY__ROUTES_FILE", routes.to_str().unwrap()),
+        ]),
+    )
+    .await;
+    wait_ready(&gateway.url("")).await;
+    let call = |k: String| {
+        let url = gateway.url("/k");
+        async move {
+            let sent = Instant::now();
+            let r = http().get(url).header("x-api-key", k).send().await.unwrap();
+            let status = r.status().as_u16();
+            let body: Value = r.json().await.unwrap_or(Value::Null);
+            (status, body, sent.elapsed())
+        }
+    };
+    assert_eq!(call(text.clone()).await.0, 200);
+    let down_at = Instant::now();
+    pg.down();
+    let mut seen = Vec::new();
+    while down_at.elapsed() < Duration::from_millis(2500) {
+        let (status, _, took) = call(text.clone()).await;
+        seen.push((down_at.elapsed().as_secs_f64(), status, took.as_secs_f64()));
+    }
+    let settled: Vec<_> = seen.iter().filter(|(at, _, _)| *at >= 1.0).collect();
+    assert!(settled.len() >= 5, "{seen:?}");
+    assert!(settled.iter().all(|(_, s, took)| *s == 200 && *took < 0.4), "{seen:?}");
+    let (status, body, took) = call(format!("ak_{}_wrong", key.id)).await;
+    assert_eq!((status, body["reason"].as_str()), (401, Some("bad_signature")), "{body}");
+    assert!(took < Duration::from_millis(400));
+    let (status, body, took) = call("ak_0123456789ab_nope".into()).await;
+    assert_eq!((status, body["code"].as_str()), (503, Some("dependency_unavailable")), "{body}");
+    assert!(took < Duration::from_millis(400), "refused at once: {took:?}");
+    let (status, body) = ready(&gateway.url("")).await;
+    assert_eq!((status, body["status"].as_str()), (200, Some("degraded")), "{body}");
+    pg.up();
+    eventually(Duration::from_secs(15), "ready again with PostgreSQL back", || async {
+        let (status, body) = ready(&gateway.url("")).await;
+        (status == 200 && body["status"] == "ready").then_some(())
+    })
+    .await;
+}
+
+/// A key revoked on one replica is dropped from every replica's cache at once (announced over
+/// Redis), so the record a gateway keeps to serve through a PostgreSQL outage is never one revoked
+/// before it: revoked, then PostgreSQL killed, the key is refused.
+#[tokio::test]
+async fn a_revoked_api_key_is_not_served_from_the_cache_during_an_outage() {
+    use serde_json::json;
+    let pg = crate::support::PrivatePostgres::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let up = upstream().await;
+    let routes = dir.path().join("routes.yaml");
+    std::fs::write(
+        &routes,
+        format!(
+            "routes:\n  - {{ name: k, path: \"/k\", upstreams: [\"{up}\"], auth: required }}\n"
+        ),
+    )
+    .unwrap();
+    let keys = DevKeys::new();
+    let prefix = redis_prefix();
+    let env = [
+        ("ACCESS_AUTH__DEV_KEY_FILE", keys.path.as_str()),
+        ("ACCESS_POSTGRES_DSN", &pg.dsn()),
+        ("ACCESS_REDIS_URL", crate::support::REDIS_URL),
+        ("ACCESS_REDIS__PREFIX", prefix.as_str()),
+        ("ACCESS_GATEWAY__ROUTES_FILE", routes.to_str().unwrap()),
+    ];
+    let auth = start(Role::Auth, config(&env)).await;
+    let gateway = start(Role::Gateway, config(&env)).await;
+    wait_ready(&auth.url("")).await;
+    wait_ready(&gateway.url("")).await;
+    let admin = keys.token("root", "t0", &["admin"]);
+    let created: Value = http()
+        .post(auth.url("/auth/api-keys"))
+        .bearer_auth(&admin)
+        .json(&json!({"name": "bot", "tenant_id": "t1"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let (id, key) = (created["id"].as_str().unwrap(), created["key"].as_str().unwrap());
+    let call = || async {
+        http().get(gateway.url("/k")).header("x-api-key", key).send().await.unwrap().status()
+    };
+    assert_eq!(call().await, 200, "the gateway has the key's record cached");
+    let r = http()
+        .delete(auth.url(&format!("/auth/api-keys/{id}")))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    pg.down();
+    // Within the record's one-second life: without the announcement the cached record (not
+    // revoked) would still let it through.
+    eventually(Duration::from_millis(800), "the revoked key is refused", || async {
+        (call().await != 200).then_some(())
+    })
+    .await;
+    for _ in 0..5 {
+        assert_ne!(call().await, 200, "never served again from a stale record");
+    }
+}
