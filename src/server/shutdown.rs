@@ -47,42 +47,62 @@ impl Shutdown {
         self.stopping.cancelled().await
     }
 
-    /// Runs the whole sequence on SIGTERM or SIGINT: drain, wait `grace`, stop.
-    pub async fn on_signal(self, grace: Duration) {
-        wait_for_signal().await;
-        tracing::info!(grace = ?grace, "shutdown signal received; reporting not ready");
-        self.begin_drain();
-        tokio::select! {
-            _ = tokio::time::sleep(grace) => {}
-            // A second signal skips the grace period.
-            _ = wait_for_signal() => tracing::warn!("second signal; skipping the grace period"),
+    /// Runs the whole sequence on SIGTERM or SIGINT: drain, wait `grace`, stop. The handlers are
+    /// installed when this is called (it must be called inside the runtime), not when the
+    /// returned future first runs: a signal that arrives between the two (a Ctrl-C right after
+    /// the listeners open, on a loaded machine) would otherwise end the process by its default
+    /// action. The same handlers wait for the second signal, so one signal is never seen twice.
+    pub fn on_signal(self, grace: Duration) -> impl std::future::Future<Output = ()> + Send {
+        let mut signals = Signals::install();
+        async move {
+            signals.recv().await;
+            tracing::info!(grace = ?grace, "shutdown signal received; reporting not ready");
+            self.begin_drain();
+            tokio::select! {
+                _ = tokio::time::sleep(grace) => {}
+                // A second signal skips the grace period.
+                _ = signals.recv() => tracing::warn!("second signal; skipping the grace period"),
+            }
+            tracing::info!("grace period over; stopping listeners and draining");
+            self.stop();
         }
-        tracing::info!("grace period over; stopping listeners and draining");
-        self.stop();
     }
 }
 
-async fn wait_for_signal() {
+/// SIGTERM and SIGINT handlers, installed once.
+struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-            (Ok(mut term), Ok(mut int)) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = int.recv() => {}
+    streams: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+}
+
+impl Signals {
+    fn install() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+                (Ok(term), Ok(int)) => Signals { streams: Some((term, int)) },
+                _ => {
+                    tracing::error!(
+                        "cannot install signal handlers; only ctrl-c will stop this process"
+                    );
+                    Signals { streams: None }
                 }
             }
-            _ => {
-                tracing::error!(
-                    "cannot install signal handlers; only ctrl-c will stop this process"
-                );
-                let _ = tokio::signal::ctrl_c().await;
-            }
         }
+        #[cfg(not(unix))]
+        Signals {}
     }
-    #[cfg(not(unix))]
-    {
+
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        if let Some((term, int)) = &mut self.streams {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            return;
+        }
         let _ = tokio::signal::ctrl_c().await;
     }
 }

@@ -108,8 +108,11 @@ fn make_run_exits_0_after_ctrl_c() {
         .process_group(0)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
+    let mut ports = Vec::new();
     for role in ["GATEWAY", "STREAM", "AUTH", "ENTITLEMENTS", "METRICS"] {
-        cmd.env(format!("ACCESS_{role}__PORT"), free_port().to_string());
+        let port = free_port();
+        ports.push(port);
+        cmd.env(format!("ACCESS_{role}__PORT"), port.to_string());
     }
     let mut child = cmd.spawn().unwrap();
     let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
@@ -118,7 +121,16 @@ fn make_run_exits_0_after_ctrl_c() {
         lines.by_ref().any(|l| l.contains("runs every role in one process")),
         "the script announces the running layer"
     );
-    // Ctrl-C at a terminal: SIGINT to every process of the foreground group.
+    // Once every role listens (its signal handler is installed by then: a SIGINT before that
+    // would end the process by default, on a loaded machine too)...
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    for port in &ports {
+        while std::net::TcpStream::connect(("127.0.0.1", *port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "port {port} never opened");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+    // ...Ctrl-C at a terminal: SIGINT to every process of the foreground group.
     let pgid = child.id();
     let sent = Command::new("kill").args(["-INT", "--", &format!("-{pgid}")]).status().unwrap();
     assert!(sent.success());

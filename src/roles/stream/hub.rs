@@ -411,12 +411,12 @@ impl Hub {
         let subs = self.subs.read().unwrap_or_else(|p| p.into_inner());
         let Some((topic, by_conn)) = subs.get_key_value(topic) else { return };
         let text = tokio_tungstenite::tungstenite::Utf8Bytes::from(frame);
-        let ws_frame = super::outbox::text_frame(text.as_bytes());
         for sub in by_conn.values() {
             match &sub.conn.sink {
                 super::conn::Sink::Socket(socket) => {
                     if let Some(outbox) = socket.get() {
-                        let _ = outbox.push(&ws_frame);
+                        // A notice moves no position: written as a reply, not a data frame.
+                        let _ = outbox.reply(|| text.as_str().to_owned());
                     }
                 }
                 super::conn::Sink::Queue(queue) => {
