@@ -47,12 +47,19 @@ pub fn client_addr(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAd
 const SHARDS: usize = 16;
 
 /// Counts held per key, at most `cap` each. The counts live in std mutexes held for one map
-/// update; a key whose count falls to zero is removed, so the map holds only active clients.
+/// update. A key whose count falls to zero stays (a client's next request then finds its entry
+/// instead of inserting it again: this is on every request's path), and a shard sweeps its idle
+/// keys once it holds more than [`SWEEP_AT`], so the map stays bounded by the clients active at
+/// once. foldhash (seeded per process) instead of SipHash: the keys are addresses and verified
+/// identities, and this runs twice per request.
 pub struct PerKey<K> {
-    shards: [Mutex<HashMap<K, u32>>; SHARDS],
-    hasher: std::collections::hash_map::RandomState,
+    shards: [Mutex<HashMap<K, u32, foldhash::fast::RandomState>>; SHARDS],
+    hasher: foldhash::fast::RandomState,
     cap: u32,
 }
+
+/// Keys a shard holds before it drops those with nothing held.
+const SWEEP_AT: usize = 4096;
 
 /// One unit held by a key; given back when dropped.
 pub struct Slot<K: Hash + Eq> {
@@ -71,7 +78,7 @@ impl<K: Hash + Eq + Clone> PerKey<K> {
         self.cap > 0
     }
 
-    fn shard(&self, key: &K) -> &Mutex<HashMap<K, u32>> {
+    fn shard(&self, key: &K) -> &Mutex<HashMap<K, u32, foldhash::fast::RandomState>> {
         &self.shards[(self.hasher.hash_one(key) as usize) % SHARDS]
     }
 
@@ -82,7 +89,15 @@ impl<K: Hash + Eq + Clone> PerKey<K> {
             return Some(None);
         }
         let mut shard = self.shard(&key).lock().unwrap_or_else(|p| p.into_inner());
-        let held = shard.entry(key.clone()).or_insert(0);
+        let held = match shard.get_mut(&key) {
+            Some(held) => held,
+            None => {
+                if shard.len() >= SWEEP_AT {
+                    shard.retain(|_, held| *held > 0);
+                }
+                shard.entry(key.clone()).or_insert(0)
+            }
+        };
         if *held >= self.cap {
             return None;
         }
@@ -102,10 +117,7 @@ impl<K: Hash + Eq> Drop for Slot<K> {
         let shard = &self.owner.shards[(self.owner.hasher.hash_one(&self.key) as usize) % SHARDS];
         let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(held) = shard.get_mut(&self.key) {
-            *held -= 1;
-            if *held == 0 {
-                shard.remove(&self.key);
-            }
+            *held = held.saturating_sub(1);
         }
     }
 }
@@ -123,6 +135,13 @@ mod tests {
         assert!(per.try_acquire("b").is_some(), "b has its own share");
         drop(a1);
         assert_eq!(per.held(&"a"), 1);
+        // Idle keys are swept once a shard is full of them: the map stays bounded.
+        let many = PerKey::new(1);
+        for i in 0..(SWEEP_AT * SHARDS * 2) {
+            drop(many.try_acquire(i));
+        }
+        let kept: usize = many.shards.iter().map(|s| s.lock().unwrap().len()).sum();
+        assert!(kept <= SWEEP_AT * SHARDS, "{kept} keys kept");
         assert!(per.try_acquire("a").is_some());
         let unlimited = PerKey::<&str>::new(0);
         for _ in 0..10 {
