@@ -10,7 +10,7 @@ IMAGE ?= ghcr.io/254carbon/access:$(APP_VERSION)
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/access/target
 BIN := $(CARGO_TARGET_DIR)/debug/access
 
-.PHONY: help run test check-deploy check-image check-contracts image push manifests deploy db-backup db-restore services build lint fmt bench-auth bench-entitlements bench-metrics bench-gateway bench-stream
+.PHONY: help run test check-deploy check-image check-contracts image push manifests deploy db-backup db-restore services build lint fmt bench-auth bench-entitlements bench-metrics bench-gateway bench-gateway-instructions bench-stream
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -84,3 +84,6 @@ bench-stream: services ## 10,000 WebSocket clients on one stream replica: delive
 
 bench-gateway: services ## wrk: upstream, nginx proxy, gateway on a cache miss and a hit (needs nginx, wrk)
 	scripts/bench-gateway.sh
+
+bench-gateway-instructions: services ## callgrind: the gateway's instructions per request, hit and miss (needs valgrind, nginx)
+	scripts/bench-gateway-instructions.sh
