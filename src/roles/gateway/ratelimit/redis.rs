@@ -187,7 +187,9 @@ async fn batch_loop(script: Arc<Script>, mut queue: mpsc::Receiver<Job>) {
                     }
                 }
                 if !batch.is_empty() {
-                    running.push(run_batch(&script, batch));
+                    // Boxed: the batch future (a script call under its breaker) is large, and
+                    // FuturesUnordered would move it by value on every push.
+                    running.push(Box::pin(run_batch(&script, batch)));
                 }
             }
         }
