@@ -152,14 +152,20 @@ pub fn diff(old: &Snapshot, new: &Snapshot) -> Vec<Change> {
 pub(super) async fn snapshot(
     AxumState(state): AxumState<State>,
     caller: Caller,
+    headers: HeaderMap,
 ) -> ApiResult<Response> {
     caller.require_any_role(&[&state.admin_role, &state.service_role])?;
     let snap = state.engine.snapshot();
+    let etag = format!("\"{}\"", snap.version());
+    // A mirror already at this version gets no body (its periodic refresh costs nothing).
+    if headers.get(http::header::IF_NONE_MATCH).is_some_and(|v| v.as_bytes() == etag.as_bytes()) {
+        return Ok((http::StatusCode::NOT_MODIFIED, [(http::header::ETAG, etag)]).into_response());
+    }
     let wire = WireSnapshot {
         rules_version: snap.version(),
         rules: snap.rules().iter().map(|r| WireRule::from(r.as_ref())).collect(),
     };
-    Ok(axum::Json(wire).into_response())
+    Ok(([(http::header::ETAG, etag)], axum::Json(wire)).into_response())
 }
 
 #[utoipa::path(get, path = "/entitlements/version", tag = "entitlements", summary = "The rules version this replica decides at", security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]

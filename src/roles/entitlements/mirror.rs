@@ -37,7 +37,7 @@ use crate::server::Shutdown;
 pub mod names {
     /// The rules version a role's mirror decides at.
     pub const VERSION: &str = "access_rules_mirror_version";
-    /// Snapshot fetches, by outcome (`ok`, `stale`, `error`).
+    /// Snapshot fetches, by outcome (`ok`, `not_modified`, `stale`, `error`).
     pub const FETCHES: &str = "access_rules_mirror_fetches_total";
     /// From a version's announcement to the mirror applying it.
     pub const APPLY_DELAY: &str = "access_rules_mirror_apply_delay_seconds";
@@ -47,7 +47,7 @@ pub mod names {
         metrics::describe_gauge!(VERSION, "The rules version this role decides at");
         metrics::describe_counter!(
             FETCHES,
-            "Rules snapshot fetches from the entitlements role, by outcome (ok, stale, error)"
+            "Rules snapshot fetches from the entitlements role, by outcome (ok, not_modified, stale, error)"
         );
         metrics::describe_histogram!(
             APPLY_DELAY,
@@ -244,6 +244,24 @@ impl Mirror {
         Ok(mirror)
     }
 
+    /// Where this replica stands: the body of `GET /entitlements/version` on the gateway and the
+    /// stream.
+    pub fn standing(&self, role: &str, replica: &str) -> serde_json::Value {
+        serde_json::json!({
+            "role": role,
+            "replica": replica,
+            "rules_version": self.version(),
+            "announced_version": self.announced(),
+            "loaded": self.is_loaded(),
+            "applied_at": self.snapshot().loaded_at(),
+        })
+    }
+
+    /// Whether checks pass while no snapshot was ever loaded.
+    pub fn fails_open(&self) -> bool {
+        self.fail_open
+    }
+
     /// Whether a snapshot was loaded.
     pub fn is_loaded(&self) -> bool {
         self.loaded.load(Ordering::Acquire)
@@ -312,33 +330,40 @@ impl Mirror {
         let outcome = async {
             let token = source.tokens.token().await?;
             let url = source.url.join("entitlements/snapshot").map_err(|e| e.to_string())?;
-            let response = source
-                .http
-                .get(url)
-                .headers(crate::telemetry::trace_headers())
-                .bearer_auth(token)
-                .send()
-                .await
-                .map_err(|e| e.to_string())?;
+            let mut request =
+                source.http.get(url).headers(crate::telemetry::trace_headers()).bearer_auth(token);
+            if self.is_loaded() {
+                request =
+                    request.header(http::header::IF_NONE_MATCH, format!("\"{}\"", self.version()));
+            }
+            let response = request.send().await.map_err(|e| e.to_string())?;
+            if response.status() == http::StatusCode::NOT_MODIFIED {
+                return Ok(None);
+            }
             if !response.status().is_success() {
                 return Err(format!("HTTP {}", response.status()));
             }
             let wire: WireSnapshot = response.json().await.map_err(|e| e.to_string())?;
             let rules = wire.rules.into_iter().map(Rule::from).collect();
-            Ok(Snapshot::new(rules, wire.rules_version))
+            Ok(Some(Snapshot::new(rules, wire.rules_version)))
         }
         .await;
+        let fetched = match &outcome {
+            Ok(Some(s)) => s.version(),
+            _ => self.version(),
+        };
         let label = match &outcome {
-            Ok(s) if s.version() < self.announced() => "stale",
-            Ok(_) => "ok",
             Err(_) => "error",
+            Ok(_) if fetched < self.announced() => "stale",
+            Ok(Some(_)) => "ok",
+            Ok(None) => "not_modified",
         };
         metrics::counter!(names::FETCHES, "role" => self.role.as_str(), "outcome" => label)
             .increment(1);
-        let snapshot = outcome?;
-        let version = snapshot.version();
-        self.apply(snapshot);
-        Ok(version)
+        if let Some(snapshot) = outcome? {
+            self.apply(snapshot);
+        }
+        Ok(fetched)
     }
 
     /// Decides at the snapshot in place.

@@ -83,6 +83,7 @@ impl Fanout {
                     partition: self.mark.partition,
                     offset: self.mark.offset,
                     timestamp_ms: self.timestamp_ms,
+                    event: None,
                 };
                 match queue.try_send(delivery) {
                     Ok(()) => Push::Accepted,

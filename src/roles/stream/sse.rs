@@ -156,7 +156,12 @@ async fn run(
             _ = tokio::time::sleep_until(expiry) => break Close::TokenExpired,
             _ = tx.closed() => break Close::GoingAway,
             Some(d) = queue.recv() => {
-                let Delivery { frame, topic, partition, offset, timestamp_ms } = d;
+                let Delivery { frame, topic, partition, offset, timestamp_ms, event } = d;
+                if let Some(name) = event {
+                    // A notice (`unsubscribed`): no record, so no position and no `id:`.
+                    send(Event::default().event(name).data(frame.as_str())).await;
+                    continue;
+                }
                 conn.sent(&topic, partition, offset);
                 if !send(Event::default().id(conn.position()).data(frame.as_str())).await {
                     continue;
