@@ -11,6 +11,7 @@ mod edge;
 mod entitlements;
 mod gateway;
 mod idp;
+mod live_rules;
 mod metrics;
 mod ratelimit;
 mod runtime;
