@@ -144,9 +144,9 @@ impl Layer {
 async fn marked(ws: &mut Ws, marker: &str, n: usize, quiet: Duration) -> Vec<String> {
     let mut got = Vec::new();
     while got.len() < n {
-        let Ok(Some(Ok(Message::Text(t)))) = tokio::time::timeout(quiet, ws.next()).await else {
-            break;
-        };
+        let Ok(Some(Ok(m))) = tokio::time::timeout(quiet, ws.next()).await else { break };
+        // A ping does not end the wait.
+        let Message::Text(t) = m else { continue };
         let v: Value = serde_json::from_str(&t).unwrap();
         if v["type"] == "data" && v["data"]["marker"] == marker {
             got.push(v["data"]["instrument_id"].as_str().unwrap_or("?").to_string());
@@ -203,9 +203,10 @@ async fn a_deny_on_one_instrument_stops_its_records_for_that_user_on_both_replic
     let answer = next_json(&mut resumed).await;
     assert_eq!(answer["recovered"], true, "{answer}");
     let mut frames = Vec::new();
-    while let Ok(Some(Ok(Message::Text(t)))) =
+    while let Ok(Some(Ok(m))) =
         tokio::time::timeout(Duration::from_millis(500), resumed.next()).await
     {
+        let Message::Text(t) = m else { continue };
         let v: Value = serde_json::from_str(&t).unwrap();
         if v["type"] == "data" {
             frames.push(format!(

@@ -6,6 +6,7 @@ mod auth;
 mod backends;
 mod binary;
 mod cache;
+mod consistency;
 mod e2e;
 mod edge;
 mod entitlements;
