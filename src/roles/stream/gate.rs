@@ -6,7 +6,8 @@
 //! the entitlements role's own evaluator over the same snapshot. A connection remembers its
 //! decisions for the rules version they were made at ([`Memo`]): a record of an instrument the
 //! connection has seen before costs one map lookup, and the first record after a new version is
-//! decided afresh. A connection's memo is bounded ([`MEMO_CAP`] decisions, emptied when full).
+//! decided afresh, as is the first after a rule of the version expires. A connection's memo is
+//! bounded ([`MEMO_CAP`] decisions, emptied when full).
 
 use std::collections::HashMap;
 
@@ -44,6 +45,9 @@ impl RecordCheck {
 #[derive(Debug, Default)]
 pub struct Memo {
     version: i64,
+    /// When a rule of this version expires next (ms since the epoch): the decisions hold until
+    /// then.
+    until_ms: Option<i64>,
     decisions: HashMap<String, HashMap<String, bool>>,
     size: usize,
 }
@@ -62,10 +66,13 @@ pub fn allowed(conn: &Conn, rules: &Mirror, snap: &Snapshot, resource: &str, act
     if !rules.is_loaded() {
         return rules.fails_open();
     }
+    let now = Utc::now();
     let mut memo = conn.memo.lock().unwrap_or_else(|p| p.into_inner());
-    if memo.version != snap.version() {
+    if memo.version != snap.version() || memo.until_ms.is_some_and(|u| now.timestamp_millis() >= u)
+    {
         memo.clear();
         memo.version = snap.version();
+        memo.until_ms = snap.next_expiry(now).map(|at| at.timestamp_millis());
     }
     if let Some(hit) = memo.decisions.get(action).and_then(|by| by.get(resource)) {
         return *hit;

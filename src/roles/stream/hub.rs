@@ -400,16 +400,23 @@ impl Hub {
         ended
     }
 
-    /// Re-evaluates the open subscriptions whenever the rules move to a new version, until
-    /// shutdown (records are decided at the new version from the first one after the change).
+    /// Re-evaluates the open subscriptions whenever the rules move to a new version (or a rule
+    /// expires), until shutdown (records are decided at the new version from the first one after the change).
     pub fn follow_rules(self: &Arc<Self>, shutdown: Shutdown) {
-        let Some(rules) = self.rules.get() else { return };
+        let Some(rules) = self.rules.get().cloned() else { return };
         let mut versions = rules.applied();
         let hub = self.clone();
         tokio::spawn(async move {
             loop {
+                // A rule that expires changes decisions without a new version.
+                let expiry = rules.snapshot().next_expiry(chrono::Utc::now()).map(|at| {
+                    let left = (at - chrono::Utc::now()).to_std().unwrap_or_default();
+                    tokio::time::Instant::now() + left + std::time::Duration::from_millis(1)
+                });
+                let far = tokio::time::Instant::now() + std::time::Duration::from_secs(3600);
                 tokio::select! {
                     changed = versions.changed() => if changed.is_err() { return },
+                    _ = tokio::time::sleep_until(expiry.unwrap_or(far).min(far)) => {}
                     _ = shutdown.stopping() => return,
                 }
                 let version = *versions.borrow_and_update();
