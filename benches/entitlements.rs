@@ -97,7 +97,8 @@ async fn measure(url: &str, token: &str, warm: bool) -> (f64, f64, f64) {
 /// one.
 fn in_process(seed: &str) {
     use access::roles::entitlements::mirror::Mirror;
-    let inputs = access::roles::entitlements::load_seed(Some(&std::path::PathBuf::from(seed))).unwrap();
+    let inputs =
+        access::roles::entitlements::load_seed(Some(&std::path::PathBuf::from(seed))).unwrap();
     let now = chrono::Utc::now();
     let rules: Vec<_> = inputs
         .into_iter()

@@ -205,7 +205,9 @@ async fn run() {
     let registry: String = topics
         .iter()
         .map(|t| {
-            format!("[[stream.topics]]\nname = \"{t}\"\nresource = \"market_data\"\n{record_resource}")
+            format!(
+                "[[stream.topics]]\nname = \"{t}\"\nresource = \"market_data\"\n{record_resource}"
+            )
         })
         .collect();
     std::fs::write(&config, registry).unwrap();

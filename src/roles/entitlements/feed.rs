@@ -189,7 +189,8 @@ pub(super) struct WatchQuery {
     since: Option<i64>,
 }
 
-#[utoipa::path(get, path = "/entitlements/watch", tag = "entitlements", summary = "Server-sent events: every rule change with its version; resync when too far behind (service or admin role)", params(("since" = Option<i64>, Query, description = "Changes after this version (or Last-Event-ID)")), security(("bearer" = [])), responses((status = 200, description = "An event stream"), Errors))]
+/// `GET /entitlements/watch`: an SSE stream, described in `docs/entitlements.md` (OpenAPI covers
+/// the JSON endpoints).
 pub(super) async fn watch(
     AxumState(state): AxumState<State>,
     caller: Caller,

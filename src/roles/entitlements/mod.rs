@@ -234,7 +234,7 @@ pub fn router(state: State) -> Router {
             .routes(routes!(api::stats))
             .routes(routes!(feed::snapshot))
             .routes(routes!(feed::version))
-            .routes(routes!(feed::watch))
+            .route("/entitlements/watch", axum::routing::get(feed::watch))
             .with_state(state),
     )
 }
