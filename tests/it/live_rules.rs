@@ -301,3 +301,25 @@ async fn a_rules_change_reaches_a_thousand_open_clients_with_an_unsubscribed_fra
     let answer = next_json(&mut again).await;
     assert_eq!(answer["failed"][0]["code"], "forbidden", "{answer}");
 }
+
+#[tokio::test]
+async fn a_rule_that_expires_stops_its_records_at_its_expiry_without_a_new_version() {
+    let l = layer("instrument:NG-*", "").await;
+    let alice = l.keys.token("alice", "t1", &["trader"]);
+    let mut ws = l.subscribed(0, &alice).await;
+    let expires = chrono::Utc::now() + chrono::Duration::milliseconds(2500);
+    let version = create_rule(
+        &l.entitlements,
+        &l.admin(),
+        json!({"name": "brent-for-now", "effect": "allow", "resource": "instrument:BRN-F27",
+            "actions": ["read"], "roles": ["trader"], "priority": 10, "expires_at": expires.to_rfc3339()}),
+    )
+    .await;
+    l.applied_everywhere(version).await;
+    l.produce(&["BRN-F27", "NG-H27"], "before").await;
+    assert_eq!(marked(&mut ws, "before", 2, Duration::from_secs(5)).await, ["BRN-F27", "NG-H27"]);
+    let left = (expires - chrono::Utc::now()).to_std().unwrap_or_default();
+    tokio::time::sleep(left + Duration::from_millis(100)).await;
+    l.produce(&["BRN-F27", "NG-H27"], "after").await;
+    assert_eq!(marked(&mut ws, "after", 2, Duration::from_secs(2)).await, ["NG-H27"]);
+}
