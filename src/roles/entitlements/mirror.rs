@@ -22,6 +22,7 @@ use chrono::{DateTime, Utc};
 use fred::prelude::{ClientLike, EventInterface, PubsubInterface};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Notify};
+use tracing::Instrument as _;
 use url::Url;
 use uuid::Uuid;
 
@@ -327,11 +328,14 @@ impl Mirror {
     /// Fetches the snapshot from the entitlements role and applies it if newer.
     pub async fn fetch(&self) -> Result<i64, String> {
         let Some(source) = &self.source else { return Ok(self.version()) };
+        // The fetch has a span of its own (a root: it serves no one request), whose context the
+        // entitlements role receives.
+        let span = tracing::info_span!(parent: None, "rules_snapshot_fetch", role = %self.role);
+        let trace = span.in_scope(crate::telemetry::trace_headers);
         let outcome = async {
             let token = source.tokens.token().await?;
             let url = source.url.join("entitlements/snapshot").map_err(|e| e.to_string())?;
-            let mut request =
-                source.http.get(url).headers(crate::telemetry::trace_headers()).bearer_auth(token);
+            let mut request = source.http.get(url).headers(trace).bearer_auth(token);
             if self.is_loaded() {
                 request =
                     request.header(http::header::IF_NONE_MATCH, format!("\"{}\"", self.version()));
@@ -347,6 +351,7 @@ impl Mirror {
             let rules = wire.rules.into_iter().map(Rule::from).collect();
             Ok(Some(Snapshot::new(rules, wire.rules_version)))
         }
+        .instrument(span)
         .await;
         let fetched = match &outcome {
             Ok(Some(s)) => s.version(),
