@@ -323,3 +323,91 @@ async fn a_rule_that_expires_stops_its_records_at_its_expiry_without_a_new_versi
     l.produce(&["BRN-F27", "NG-H27"], "after").await;
     assert_eq!(marked(&mut ws, "after", 2, Duration::from_secs(2)).await, ["NG-H27"]);
 }
+
+#[tokio::test]
+async fn a_restarted_embedded_rules_store_is_followed_although_its_versions_start_again() {
+    let keys = DevKeys::new();
+    let dir = tempfile::tempdir().unwrap();
+    let seed = dir.path().join("seed.yaml");
+    std::fs::write(
+        &seed,
+        "- { name: all, effect: allow, resource: \"instrument:*\", actions: [read], roles: [trader] }\n",
+    )
+    .unwrap();
+    let seed = seed.display().to_string();
+    let prefix = redis_prefix();
+    let env = [
+        ("ACCESS_AUTH__DEV_KEY_FILE", keys.path.as_str()),
+        ("ACCESS_ENTITLEMENTS__SEED_FILE", seed.as_str()),
+        ("ACCESS_REDIS_URL", REDIS_URL),
+        ("ACCESS_REDIS__PREFIX", prefix.as_str()),
+    ];
+    let entitlements = start(Role::Entitlements, config(&env)).await;
+    wait_ready(&entitlements.url("")).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let app = axum::Router::new().route("/r/{id}", axum::routing::get(|| async { "ok" }));
+        axum::serve(listener, app).await
+    });
+    let routes = dir.path().join("routes.yaml");
+    std::fs::write(
+        &routes,
+        format!("- {{ name: r, path: \"/api/r/{{id}}\", upstreams: [\"{upstream}\"], strip_prefix: /api, entitlement: {{ resource: \"instrument:{{id}}\" }} }}\n"),
+    )
+    .unwrap();
+    let (routes, ent_url) = (routes.display().to_string(), entitlements.url(""));
+    let gateway = start(
+        Role::Gateway,
+        config(&[
+            ("ACCESS_AUTH__DEV_KEY_FILE", keys.path.as_str()),
+            ("ACCESS_GATEWAY__ROUTES_FILE", routes.as_str()),
+            ("ACCESS_ENTITLEMENTS_SERVICE_URL", ent_url.as_str()),
+            ("ACCESS_GATEWAY__DECISION_CACHE_TTL", "300ms"),
+            ("ACCESS_REDIS_URL", REDIS_URL),
+            ("ACCESS_REDIS__PREFIX", prefix.as_str()),
+        ]),
+    )
+    .await;
+    wait_ready(&gateway.url("")).await;
+    let admin = keys.token("root", "ops", &["admin"]);
+    let alice = keys.token("alice", "t1", &["trader"]);
+    let status = || async {
+        http().get(gateway.url("/api/r/EURUSD")).bearer_auth(&alice).send().await.unwrap().status()
+    };
+    assert_eq!(status().await, 200);
+    for n in 0..3 {
+        create_rule(
+            &entitlements,
+            &admin,
+            json!({"name": format!("deny-{n}"), "effect": "deny", "resource": "instrument:EURUSD", "actions": ["read"], "priority": 5}),
+        )
+        .await;
+    }
+    eventually(Duration::from_secs(1), "the deny reaches the gateway", || async {
+        (status().await == 403).then_some(())
+    })
+    .await;
+
+    // The embedded store starts again, at version 1, without the denies, on the same address.
+    let addr = entitlements.addr;
+    entitlements.shutdown().stop();
+    eventually(Duration::from_secs(5), "the entitlements role is gone", || async {
+        http().get(entitlements.url("/health")).send().await.is_err().then_some(())
+    })
+    .await;
+    let listener = eventually(Duration::from_secs(5), "the port is free again", || async {
+        tokio::net::TcpListener::bind(addr).await.ok()
+    })
+    .await;
+    let ctx = access::server::Context::new(
+        Role::Entitlements,
+        std::sync::Arc::new(config(&env)),
+        access::server::Shutdown::new(),
+    );
+    tokio::spawn(access::cli::start(Role::Entitlements, listener, ctx));
+    eventually(Duration::from_secs(5), "the gateway follows the restarted store", || async {
+        (status().await == 200).then_some(())
+    })
+    .await;
+}

@@ -156,12 +156,13 @@ pub(super) async fn snapshot(
 ) -> ApiResult<Response> {
     caller.require_any_role(&[&state.admin_role, &state.service_role])?;
     let snap = state.engine.snapshot();
-    let etag = format!("\"{}\"", snap.version());
+    let etag = format!("\"{}:{}\"", state.engine.store().epoch(), snap.version());
     // A mirror already at this version gets no body (its periodic refresh costs nothing).
     if headers.get(http::header::IF_NONE_MATCH).is_some_and(|v| v.as_bytes() == etag.as_bytes()) {
         return Ok((http::StatusCode::NOT_MODIFIED, [(http::header::ETAG, etag)]).into_response());
     }
     let wire = WireSnapshot {
+        epoch: state.engine.store().epoch(),
         rules_version: snap.version(),
         rules: snap.rules().iter().map(|r| WireRule::from(r.as_ref())).collect(),
     };

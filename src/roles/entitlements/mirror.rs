@@ -104,6 +104,9 @@ impl From<WireRule> for Rule {
 /// The body of `GET /entitlements/snapshot`: every rule at one rules version.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WireSnapshot {
+    /// The store's epoch: versions of one epoch only grow (see `RuleStore::epoch`).
+    #[serde(default)]
+    pub epoch: String,
     /// The rules version.
     pub rules_version: i64,
     /// Every rule, disabled ones too.
@@ -156,6 +159,8 @@ pub struct Mirror {
     applied: watch::Sender<i64>,
     /// Wakes the refresher (a newer version was announced).
     wake: Notify,
+    /// The epoch of the snapshot in place; a std mutex held for one read or write.
+    epoch: std::sync::Mutex<String>,
     fail_open: bool,
 }
 
@@ -170,6 +175,7 @@ impl Mirror {
             announced_at: std::sync::Mutex::new(None),
             applied: watch::channel(-1).0,
             wake: Notify::new(),
+            epoch: std::sync::Mutex::default(),
             fail_open,
         }
     }
@@ -304,11 +310,27 @@ impl Mirror {
 
     /// Installs `snapshot` unless an equal or newer one is in place; whether it was installed.
     pub fn apply(&self, snapshot: Snapshot) -> bool {
+        self.apply_from(snapshot, None)
+    }
+
+    /// As [`Mirror::apply`], for a snapshot of `epoch`: one of another epoch than the snapshot in
+    /// place (the entitlements role's embedded store restarted) is installed whatever its version,
+    /// and the versions heard of start again from it.
+    fn apply_from(&self, snapshot: Snapshot, epoch: Option<String>) -> bool {
         let version = snapshot.version();
         {
             let mut current = self.snapshot.write().unwrap_or_else(|p| p.into_inner());
-            if self.is_loaded() && current.version() >= version {
+            let mut known = self.epoch.lock().unwrap_or_else(|p| p.into_inner());
+            let new_epoch = epoch.as_ref().is_some_and(|e| *e != *known) && self.is_loaded();
+            if self.is_loaded() && !new_epoch && current.version() >= version {
                 return false;
+            }
+            if let Some(e) = epoch {
+                *known = e;
+            }
+            if new_epoch {
+                tracing::warn!(role = %self.role, version, "the rules store started again; following its versions from here");
+                self.announced.store(version, Ordering::Release);
             }
             *current = Arc::new(snapshot);
             self.loaded.store(true, Ordering::Release);
@@ -337,8 +359,9 @@ impl Mirror {
             let url = source.url.join("entitlements/snapshot").map_err(|e| e.to_string())?;
             let mut request = source.http.get(url).headers(trace).bearer_auth(token);
             if self.is_loaded() {
-                request =
-                    request.header(http::header::IF_NONE_MATCH, format!("\"{}\"", self.version()));
+                let epoch = self.epoch.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                request = request
+                    .header(http::header::IF_NONE_MATCH, format!("\"{epoch}:{}\"", self.version()));
             }
             let response = request.send().await.map_err(|e| e.to_string())?;
             if response.status() == http::StatusCode::NOT_MODIFIED {
@@ -349,12 +372,12 @@ impl Mirror {
             }
             let wire: WireSnapshot = response.json().await.map_err(|e| e.to_string())?;
             let rules = wire.rules.into_iter().map(Rule::from).collect();
-            Ok(Some(Snapshot::new(rules, wire.rules_version)))
+            Ok(Some((Snapshot::new(rules, wire.rules_version), wire.epoch)))
         }
         .instrument(span)
         .await;
         let fetched = match &outcome {
-            Ok(Some(s)) => s.version(),
+            Ok(Some((s, _))) => s.version(),
             _ => self.version(),
         };
         let label = match &outcome {
@@ -365,10 +388,10 @@ impl Mirror {
         };
         metrics::counter!(names::FETCHES, "role" => self.role.as_str(), "outcome" => label)
             .increment(1);
-        if let Some(snapshot) = outcome? {
-            self.apply(snapshot);
+        if let Some((snapshot, epoch)) = outcome? {
+            self.apply_from(snapshot, Some(epoch));
         }
-        Ok(fetched)
+        Ok(self.version().max(fetched))
     }
 
     /// Decides at the snapshot in place.
@@ -540,7 +563,8 @@ mod tests {
                 "conditions": [{"field": "context.x", "operator": "equals", "value": 1}],
                 "expires_at": "2030-01-01T00:00:00Z"}),
         );
-        let wire = WireSnapshot { rules_version: 9, rules: vec![WireRule::from(&r)] };
+        let wire =
+            WireSnapshot { epoch: "e".into(), rules_version: 9, rules: vec![WireRule::from(&r)] };
         let back: WireSnapshot =
             serde_json::from_str(&serde_json::to_string(&wire).unwrap()).unwrap();
         assert_eq!(Rule::from(back.rules[0].clone()), r);
@@ -564,6 +588,19 @@ mod tests {
         let d = mirror.decide(&alice(), "instrument:BRN-F27", "read").unwrap();
         assert_eq!(d, Decision { allowed: false, version: 4 });
         assert!(mirror.decide(&alice(), "instrument:NG-H", "read").unwrap().allowed);
+    }
+
+    #[test]
+    fn a_snapshot_of_another_epoch_replaces_a_newer_version() {
+        let mirror = Mirror::with(Role::Stream, None, false);
+        assert!(mirror.apply_from(Snapshot::new(vec![], 7), Some("a".into())));
+        assert!(
+            !mirror.apply_from(Snapshot::new(vec![], 3), Some("a".into())),
+            "same epoch, older"
+        );
+        assert!(mirror.apply_from(Snapshot::new(vec![], 1), Some("b".into())), "a new epoch");
+        assert_eq!((mirror.version(), mirror.announced()), (1, 1));
+        assert!(mirror.apply_from(Snapshot::new(vec![], 2), Some("b".into())));
     }
 
     #[test]

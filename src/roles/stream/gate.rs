@@ -4,12 +4,13 @@
 //!
 //! Decisions are made in-process by the rules mirror ([`crate::roles::entitlements::mirror`]),
 //! the entitlements role's own evaluator over the same snapshot. A connection remembers its
-//! decisions for the rules version they were made at ([`Memo`]): a record of an instrument the
+//! decisions for the snapshot (rules version) they were made at ([`Memo`]): a record of an instrument the
 //! connection has seen before costs one map lookup, and the first record after a new version is
 //! decided afresh, as is the first after a rule of the version expires. A connection's memo is
 //! bounded ([`MEMO_CAP`] decisions, emptied when full).
 
 use std::collections::HashMap;
+use std::sync::{Arc, Weak};
 
 use chrono::Utc;
 use serde_json::json;
@@ -41,10 +42,13 @@ impl RecordCheck {
     }
 }
 
-/// A connection's decisions at one rules version: action -> resource -> allowed.
+/// A connection's decisions at one snapshot of the rules: action -> resource -> allowed.
 #[derive(Debug, Default)]
 pub struct Memo {
-    version: i64,
+    /// The snapshot the decisions were made at. Compared by address: the weak reference keeps
+    /// the allocation, so no later snapshot can have the same address while the memo holds it
+    /// (a version number alone could repeat when the rules store starts again).
+    snapshot: Weak<Snapshot>,
     /// When a rule of this version expires next (ms since the epoch): the decisions hold until
     /// then.
     until_ms: Option<i64>,
@@ -62,16 +66,23 @@ impl Memo {
 
 /// Whether `conn` may do `action` on `resource` at `snap` (the mirror's current snapshot).
 /// Before the mirror has loaded any snapshot, nothing is allowed unless the role fails open.
-pub fn allowed(conn: &Conn, rules: &Mirror, snap: &Snapshot, resource: &str, action: &str) -> bool {
+pub fn allowed(
+    conn: &Conn,
+    rules: &Mirror,
+    snap: &Arc<Snapshot>,
+    resource: &str,
+    action: &str,
+) -> bool {
     if !rules.is_loaded() {
         return rules.fails_open();
     }
     let now = Utc::now();
     let mut memo = conn.memo.lock().unwrap_or_else(|p| p.into_inner());
-    if memo.version != snap.version() || memo.until_ms.is_some_and(|u| now.timestamp_millis() >= u)
+    if !std::ptr::eq(memo.snapshot.as_ptr(), Arc::as_ptr(snap))
+        || memo.until_ms.is_some_and(|u| now.timestamp_millis() >= u)
     {
         memo.clear();
-        memo.version = snap.version();
+        memo.snapshot = Arc::downgrade(snap);
         memo.until_ms = snap.next_expiry(now).map(|at| at.timestamp_millis());
     }
     if let Some(hit) = memo.decisions.get(action).and_then(|by| by.get(resource)) {
