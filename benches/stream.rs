@@ -21,7 +21,8 @@
 //!
 //! Knobs (environment): `BENCH_CONNECTIONS` (10000), `BENCH_RATE` (records/s, 20),
 //! `BENCH_SECONDS` (10), `BENCH_FETCH_WAIT` (5ms), `BENCH_TOPICS` (4), `BENCH_PER_RECORD` (set:
-//! print every record's last-copy time).
+//! print every record's last-copy time), `BENCH_RECORD_CHECKS` (1: every record checked against
+//! each recipient's entitlement to `instrument:<id>`; 0: off), `BENCH_RULES` (10000 rules).
 
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -188,12 +189,26 @@ async fn run() {
     for topic in &topics {
         kafka.controller_client().unwrap().create_topic(topic, 1, 1, 5_000).await.unwrap();
     }
+    // Per-record checks (`BENCH_RECORD_CHECKS`, on by default): every record is checked against
+    // each recipient's entitlement to `instrument:<id>`, over `BENCH_RULES` rules.
+    let record_checks = knob("BENCH_RECORD_CHECKS", 1) != 0;
+    let rule_count = knob("BENCH_RULES", 10_000) as usize;
     let seed = dir.path().join("seed.yaml");
-    std::fs::write(&seed, "- { name: traders, effect: allow, resource: market_data, actions: [subscribe], roles: [trader] }\n").unwrap();
+    let mut rules = String::from("- { name: traders, effect: allow, resource: market_data, actions: [subscribe], roles: [trader] }\n- { name: instruments, effect: allow, resource: \"instrument:*\", actions: [read], roles: [trader] }\n");
+    for i in 0..rule_count.saturating_sub(2) {
+        rules.push_str(&format!("- {{ name: r{i}, effect: allow, resource: \"instrument:SYM{i}\", actions: [read], roles: [trader], priority: {} }}\n", i % 5));
+    }
+    std::fs::write(&seed, rules).unwrap();
     let config = dir.path().join("access.toml");
+    let record_resource =
+        if record_checks { "record_resource = \"instrument:{instrument_id}\"\n" } else { "" };
     let registry: String = topics
         .iter()
-        .map(|t| format!("[[stream.topics]]\nname = \"{t}\"\nresource = \"market_data\"\n"))
+        .map(|t| {
+            format!(
+                "[[stream.topics]]\nname = \"{t}\"\nresource = \"market_data\"\n{record_resource}"
+            )
+        })
         .collect();
     std::fs::write(&config, registry).unwrap();
     let key = dir.path().join("dev-key.json").display().to_string();
@@ -352,7 +367,7 @@ async fn run() {
             / 1000.0
     };
     let deliveries = delivered.load(Ordering::Relaxed);
-    println!("\nstream bench: {connections} WebSocket connections, one replica, tansu, fetch wait {fetch_wait}");
+    println!("\nstream bench: {connections} WebSocket connections, one replica, tansu, fetch wait {fetch_wait}, per-record checks {}", if record_checks { format!("on ({rule_count} rules)") } else { "off".to_string() });
     println!("| measure | value |");
     println!("|---|---|");
     println!(

@@ -355,7 +355,11 @@ async fn serve_all(args: &AllArgs, config: Arc<Config>) -> ExitCode {
             .with_graceful_shutdown(async move { stopping.stopping().await })
             .await;
     });
-    let auth_ctx = Context::new(Role::Auth, config.clone(), shutdown.clone());
+    let mut auth_ctx = Context::new(Role::Auth, config.clone(), shutdown.clone());
+    // One bus of rules versions for every role of the process: a rule change reaches the
+    // gateway's and the stream's rules without Redis.
+    let rules_bus = crate::server::rules_bus::RulesBus::default();
+    auth_ctx.rules_bus = rules_bus.clone();
     let auth = match crate::auth::Auth::build(&auth_ctx).await {
         Ok(a) => a,
         Err(e) => return exit_for(Role::Auth, e),
@@ -365,7 +369,8 @@ async fn serve_all(args: &AllArgs, config: Arc<Config>) -> ExitCode {
         let ctx = if role == Role::Auth {
             auth_ctx.clone()
         } else {
-            let ctx = Context::new(role, config.clone(), shutdown.clone());
+            let mut ctx = Context::new(role, config.clone(), shutdown.clone());
+            ctx.rules_bus = rules_bus.clone();
             auth.add_checks(&ctx);
             ctx
         };

@@ -223,6 +223,7 @@ fn describe() {
     crate::auth::verifier::names::describe();
     crate::roles::entitlements::engine::names::describe();
     crate::roles::entitlements::client::names::describe();
+    crate::roles::entitlements::mirror::names::describe();
     crate::roles::metrics::names::describe();
     crate::roles::gateway::proxy::names::describe();
     crate::roles::stream::names::describe();

@@ -8,6 +8,7 @@ pub mod client;
 pub mod layers;
 pub mod openapi;
 mod readiness;
+pub mod rules_bus;
 mod shutdown;
 pub mod target;
 
@@ -47,6 +48,8 @@ pub struct Context {
     pub readiness: Readiness,
     /// The process's Prometheus registry, rendered by `/metrics`.
     pub metrics: PrometheusHandle,
+    /// Rules versions announced in this process (shared by every role under `access all`).
+    pub rules_bus: rules_bus::RulesBus,
     /// More exposition text appended by `/metrics` (the metrics role's ingested series).
     exposition: Arc<std::sync::RwLock<Vec<Exposition>>>,
 }
@@ -60,7 +63,15 @@ impl Context {
         let readiness = Readiness::new(shutdown.clone(), config.server.ready_check_timeout);
         let metrics = telemetry::metrics_handle();
         telemetry::record_build_info(role);
-        Context { role, config, shutdown, readiness, metrics, exposition: Arc::default() }
+        Context {
+            role,
+            config,
+            shutdown,
+            readiness,
+            metrics,
+            rules_bus: rules_bus::RulesBus::default(),
+            exposition: Arc::default(),
+        }
     }
 
     /// Adds text to this role's `/metrics`, after the process's own metrics.

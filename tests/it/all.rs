@@ -166,3 +166,95 @@ async fn access_all_uses_the_real_backends_when_they_are_configured() {
     let status = all.process.terminate(Duration::from_secs(30)).await;
     assert!(status.success(), "{status:?}");
 }
+
+/// The README's deny example under `access all`, without Redis: the in-process bus carries the
+/// new rules version, and within a second the gateway refuses BRN-F27 and the stream stops
+/// sending its prices to the same user, while her other instruments keep flowing.
+#[tokio::test]
+async fn the_readme_deny_reaches_the_gateway_and_the_stream_within_a_second_without_redis() {
+    let mut all = All::start(&[], &[]).await;
+    let (gw, st, en) = (all.gw, all.st, all.en);
+    let token = all.keys.token("alice", "t1", &["trader"]);
+    let admin = all.keys.token("root", "t1", &["admin"]);
+    let brent = format!("http://127.0.0.1:{gw}/api/v1/prices/latest/BRN-F27");
+    assert_eq!(http().get(&brent).bearer_auth(&token).send().await.unwrap().status(), 200);
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{st}/ws/stream?token={token}"))
+            .await
+            .unwrap();
+    ws.send(Message::text(
+        json!({"action": "subscribe", "topics": ["served.market.latest_prices.v1"]}).to_string(),
+    ))
+    .await
+    .unwrap();
+    // Instruments of the data frames that arrive within `within`.
+    async fn instruments<S>(ws: &mut S, within: Duration) -> Vec<String>
+    where
+        S: futures::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+    {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut seen = Vec::new();
+        while let Ok(Some(Ok(m))) = tokio::time::timeout_at(deadline, ws.next()).await {
+            if let Message::Text(t) = m {
+                let v: Value = serde_json::from_str(&t).unwrap();
+                if v["type"] == "data" {
+                    seen.push(v["data"]["instrument_id"].as_str().unwrap_or("?").to_string());
+                }
+            }
+        }
+        seen
+    }
+    let before = instruments(&mut ws, Duration::from_millis(2500)).await;
+    assert!(before.iter().any(|i| i == "BRN-F27"), "{before:?}");
+
+    let started = std::time::Instant::now();
+    let r = http()
+        .post(format!("http://127.0.0.1:{en}/entitlements/rules"))
+        .bearer_auth(&admin)
+        .json(&json!({"name": "no-brent", "effect": "deny", "resource": "instrument:BRN-*",
+            "actions": ["read"], "priority": 500}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let version = r.json::<Value>().await.unwrap()["version"].as_i64().unwrap();
+    for port in [gw, st] {
+        crate::support::eventually(Duration::from_secs(1), "the role applies the rule", || {
+            let (url, admin) = (format!("http://127.0.0.1:{port}/entitlements/version"), &admin);
+            async move {
+                let v: Value =
+                    http().get(url).bearer_auth(admin).send().await.ok()?.json().await.ok()?;
+                (v["rules_version"].as_i64()? >= version).then_some(())
+            }
+        })
+        .await;
+    }
+    println!("access all: the rule reached the gateway and the stream in {:?}", started.elapsed());
+    assert_eq!(http().get(&brent).bearer_auth(&token).send().await.unwrap().status(), 403);
+    // Frames already on their way are drained; from then on no BRN-F27, the others still.
+    instruments(&mut ws, Duration::from_millis(50)).await;
+    let after = instruments(&mut ws, Duration::from_millis(2500)).await;
+    assert!(!after.iter().any(|i| i == "BRN-F27"), "{after:?}");
+    assert!(after.iter().any(|i| i == "NG-H27"), "{after:?}");
+    // The entitlements role lists where every role of the process stands.
+    let standing: Value = http()
+        .get(format!("http://127.0.0.1:{en}/entitlements/version"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let roles: Vec<&str> = standing["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["role"].as_str())
+        .collect();
+    for role in ["entitlements", "gateway", "stream"] {
+        assert!(roles.contains(&role), "{standing}");
+    }
+    let status = all.process.terminate(Duration::from_secs(30)).await;
+    assert!(status.success(), "{status:?}");
+}

@@ -582,3 +582,117 @@ async fn a_check_the_server_dropped_unanswered_is_retried_once() {
     assert!(refused.is_err(), "{refused:?}");
     assert_eq!(connections.load(Ordering::SeqCst), 2, "retried once, not more");
 }
+
+/// Reads SSE events (`event` name, `id`, data as JSON) from `body` until `n` arrived.
+async fn sse_events(
+    body: &mut (impl futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin),
+    buffer: &mut String,
+    n: usize,
+) -> Vec<(String, String, Value)> {
+    use futures::StreamExt;
+    let mut events = Vec::new();
+    while events.len() < n {
+        while let Some(end) = buffer.find("\n\n") {
+            let block: String = buffer.drain(..end + 2).collect();
+            let (mut event, mut id, mut data) =
+                (String::from("message"), String::new(), String::new());
+            for line in block.lines() {
+                if let Some(v) = line.strip_prefix("event:") {
+                    event = v.trim().to_string();
+                } else if let Some(v) = line.strip_prefix("id:") {
+                    id = v.trim().to_string();
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data.push_str(v.trim());
+                }
+            }
+            if !data.is_empty() {
+                events.push((event, id, serde_json::from_str(&data).unwrap()));
+            }
+        }
+        if events.len() >= n {
+            break;
+        }
+        let chunk = tokio::time::timeout(Duration::from_secs(3), body.next())
+            .await
+            .expect("an event within 3s")
+            .expect("the stream is open")
+            .unwrap();
+        buffer.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    events
+}
+
+#[tokio::test]
+async fn the_watch_feed_carries_every_change_with_its_version_and_resync_when_too_far_behind() {
+    let keys = DevKeys::new();
+    let s = role(&keys, None, &[]).await;
+    let admin = Api { s: &s, token: keys.token("root", "t0", &["admin"]) };
+    let service = keys.token("platform-cache", "t0", &["service"]);
+    let trader = keys.token("alice", "t1", &["trader"]);
+    let watch = |token: &str, last: Option<&str>| {
+        let mut r = http().get(s.url("/entitlements/watch")).bearer_auth(token);
+        if let Some(id) = last {
+            r = r.header("last-event-id", id);
+        }
+        r.send()
+    };
+    assert_eq!(watch(&trader, None).await.unwrap().status(), 403, "service or admin only");
+
+    let r = watch(&service, None).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let mut body = r.bytes_stream();
+    let mut buffer = String::new();
+    let hello = sse_events(&mut body, &mut buffer, 1).await;
+    assert_eq!(hello[0].0, "hello");
+    let start_version = hello[0].2["rules_version"].as_i64().unwrap();
+
+    let (status, created, etag) = admin
+        .send(reqwest::Method::POST, "/entitlements/rules", Some(rule("w", json!({}))), None)
+        .await;
+    assert_eq!(status, 201);
+    let id = created["id"].as_str().unwrap().to_string();
+    let path = format!("/entitlements/rules/{id}");
+    let (status, _, etag) = admin
+        .send(
+            reqwest::Method::PUT,
+            &path,
+            Some(rule("w", json!({"priority": 20}))),
+            etag.as_deref(),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, _, _) = admin.send(reqwest::Method::DELETE, &path, None, etag.as_deref()).await;
+    assert_eq!(status, 204);
+
+    let live = sse_events(&mut body, &mut buffer, 3).await;
+    let kinds: Vec<&str> = live.iter().map(|e| e.2["change"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["created", "updated", "deleted"], "{live:?}");
+    let versions: Vec<i64> = live.iter().map(|e| e.2["rules_version"].as_i64().unwrap()).collect();
+    assert!(
+        versions.windows(2).all(|w| w[0] < w[1]) && versions[0] > start_version,
+        "{versions:?}"
+    );
+    for (event, sse_id, change) in &live {
+        assert_eq!(event, "change");
+        assert_eq!(sse_id, &change["rules_version"].to_string());
+        assert_eq!(change["rule_id"], id.as_str());
+    }
+    assert_eq!(live[1].2["rule"]["rule"]["priority"], 20);
+    assert!(live[2].2["rule"].is_null());
+
+    // Reconnecting from where it stood replays what it missed, once.
+    let r = watch(&service, Some(&start_version.to_string())).await.unwrap();
+    let (mut body, mut buffer) = (r.bytes_stream(), String::new());
+    let replay = sse_events(&mut body, &mut buffer, 4).await;
+    assert_eq!(replay[0].0, "hello");
+    assert_eq!(
+        replay[1..].iter().map(|e| e.2.clone()).collect::<Vec<_>>(),
+        live.iter().map(|e| e.2.clone()).collect::<Vec<_>>()
+    );
+    // From before what the replica kept: resync.
+    let r = watch(&service, Some("-5")).await.unwrap();
+    let (mut body, mut buffer) = (r.bytes_stream(), String::new());
+    let events = sse_events(&mut body, &mut buffer, 2).await;
+    assert_eq!(events[1].0, "resync", "{events:?}");
+    assert_eq!(events[1].2["rules_version"].as_i64(), Some(versions[2]));
+}

@@ -291,7 +291,8 @@ async fn cors_preflights_are_answered_before_auth() {
 }
 
 #[tokio::test]
-async fn entitlement_checks_fail_closed_unless_configured_open() {
+async fn decisions_outlive_the_entitlements_role_and_without_rules_fail_closed_unless_configured_open(
+) {
     let l = layer(&[]).await;
     let trader = l.keys.token("alice", "t1", &["trader"]);
     l.entitlements.shutdown().stop();
@@ -299,24 +300,24 @@ async fn entitlement_checks_fail_closed_unless_configured_open() {
         http().get(l.entitlements.url("/health")).send().await.is_err().then_some(())
     })
     .await;
-    // A decision not cached yet (another instrument) cannot be made: 503, nothing forwarded.
+    // The gateway decides from its own copy of the rules: a decision never asked before is made
+    // at the version it holds.
+    let admin = l.keys.token("root", "t0", &["admin"]);
+    let (status, body, headers) =
+        get_json(&l.gateway.url("/api/v1/prices/latest/GBPUSD"), Some(&admin)).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(headers.contains_key("x-entitlements-version"));
+
+    // A gateway that never got the rules cannot decide: 503, nothing forwarded.
     let before = l.hits.load(Ordering::SeqCst);
+    let closed = layer_with_keys(&l, &[]).await;
     let (status, body, _) =
-        get_json(&l.gateway.url("/api/v1/prices/latest/GBPUSD"), Some(&trader)).await;
+        get_json(&closed.url("/api/v1/prices/latest/EURUSD"), Some(&trader)).await;
     assert_eq!((status, body["code"].as_str()), (503, Some("dependency_unavailable")), "{body}");
     assert_eq!(l.hits.load(Ordering::SeqCst), before);
-
-    let open = layer(&[("ACCESS_GATEWAY__ENTITLEMENTS_FAIL_OPEN", "true")]).await;
-    open.entitlements.shutdown().stop();
-    eventually(Duration::from_secs(3), "gone", || async {
-        http().get(open.entitlements.url("/health")).send().await.is_err().then_some(())
-    })
-    .await;
-    let trader = open.keys.token("alice", "t1", &["trader"]);
-    assert_eq!(
-        get_json(&open.gateway.url("/api/v1/prices/latest/GBPUSD"), Some(&trader)).await.0,
-        200
-    );
+    // Unless configured to fail open.
+    let open = layer_with_keys(&l, &[("ACCESS_GATEWAY__ENTITLEMENTS_FAIL_OPEN", "true")]).await;
+    assert_eq!(get_json(&open.url("/api/v1/prices/latest/EURUSD"), Some(&trader)).await.0, 200);
 }
 
 #[tokio::test]
@@ -477,7 +478,12 @@ async fn a_rules_change_reaches_the_gateways_decision_cache_at_once() {
     let l = layer(&[]).await;
     let trader = l.keys.token("alice", "t1", &["trader"]);
     let url = l.gateway.url("/api/v1/prices/latest/EURUSD");
-    assert_eq!(get_json(&url, Some(&trader)).await.0, 200, "allowed, and now cached for up to 5s");
+    let (status, _, headers) = get_json(&url, Some(&trader)).await;
+    assert_eq!(status, 200);
+    let version = |h: &reqwest::header::HeaderMap| -> i64 {
+        h["x-entitlements-version"].to_str().unwrap().parse().unwrap()
+    };
+    let before = version(&headers);
     let admin = l.keys.token("root", "t0", &["admin"]);
     let r = http()
         .post(l.entitlements.url("/entitlements/rules"))
@@ -487,11 +493,18 @@ async fn a_rules_change_reaches_the_gateways_decision_cache_at_once() {
         .await
         .unwrap();
     assert_eq!(r.status(), 201);
-    // Well inside the local cache's 5 s: the new rules version empties it.
     eventually(Duration::from_secs(1), "the gateway refuses after the rules change", || async {
         (get_json(&url, Some(&trader)).await.0 == 403).then_some(())
     })
     .await;
+    // Every decision after that is made at the new version, and says so.
+    let (status, _, headers) = get_json(&url, Some(&admin)).await;
+    assert_eq!(status, 200);
+    let after = version(&headers);
+    assert!(after > before, "{before} {headers:?}");
+    let (_, standing, _) = get_json(&l.gateway.url("/entitlements/version"), Some(&trader)).await;
+    assert_eq!(standing["role"], "gateway");
+    assert_eq!(standing["rules_version"].as_i64(), Some(after), "{standing}");
 }
 
 #[tokio::test]

@@ -238,12 +238,20 @@ async fn upstreams_and_the_entitlements_role_continue_the_gateways_trace() {
     assert_eq!(gateway_span(&trace, &parent).parent, "", "the gateway's span is the root");
     assert_eq!(tracestate, &None);
 
-    // The entitlements role's span of the first request's check is a child of the gateway's
-    // check span, in the caller's trace.
+    // Entitlements are decided in the gateway, with no call per request: the caller's trace has
+    // no entitlements span. The rules it decides by were fetched in a span of the gateway's own,
+    // whose context the entitlements role continued.
+    assert!(
+        !spans.iter().any(|s| s.service == "access-entitlements" && s.trace == caller_trace),
+        "{spans:#?}"
+    );
+    let fetch = spans
+        .iter()
+        .find(|s| s.service == "access-gateway" && s.name == "rules_snapshot_fetch")
+        .unwrap_or_else(|| panic!("no rules fetch span: {spans:#?}"));
     let served = spans
         .iter()
-        .find(|s| s.service == "access-entitlements" && s.trace == caller_trace)
-        .unwrap_or_else(|| panic!("no entitlements span in the caller's trace: {spans:#?}"));
-    let check = gateway_span(caller_trace, &served.parent);
-    assert_eq!(check.name, "entitlements_check");
+        .find(|s| s.service == "access-entitlements" && s.trace == fetch.trace)
+        .unwrap_or_else(|| panic!("no entitlements span in the fetch's trace: {spans:#?}"));
+    assert_eq!(served.parent, fetch.span);
 }

@@ -189,6 +189,9 @@ pub struct Engine {
     cache: Arc<dyn DecisionCache>,
     publisher: Option<(RedisClient, String)>,
     ttl: Duration,
+    /// The version of the snapshot served, for followers in this process (the in-process rules
+    /// bus, the change feed); only moves forward.
+    versions: tokio::sync::watch::Sender<i64>,
     /// Counters.
     pub stats: Stats,
 }
@@ -202,13 +205,15 @@ impl Engine {
         ttl: Duration,
     ) -> Result<Arc<Self>, StoreError> {
         let loaded = store.load().await?;
+        let version = loaded.version;
         let engine = Arc::new(Engine {
             store,
-            snapshot: RwLock::new(Arc::new(Snapshot::new(loaded.rules, loaded.version))),
+            snapshot: RwLock::new(Arc::new(Snapshot::new(loaded.rules, version))),
             reloading: tokio::sync::Mutex::new(()),
             cache,
             publisher,
             ttl,
+            versions: tokio::sync::watch::channel(version).0,
             stats: Stats::default(),
         });
         engine.record_snapshot();
@@ -225,8 +230,21 @@ impl Engine {
         self.snapshot.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Follows the version of the snapshot served (a new value after every reload that moved it).
+    pub fn versions(&self) -> tokio::sync::watch::Receiver<i64> {
+        self.versions.subscribe()
+    }
+
     fn record_snapshot(&self) {
         let snap = self.snapshot();
+        let version = snap.version();
+        self.versions.send_if_modified(|v| {
+            let newer = version > *v;
+            if newer {
+                *v = version;
+            }
+            newer
+        });
         metrics::gauge!(names::RULES_VERSION, "role" => "entitlements").set(snap.version() as f64);
         metrics::gauge!(names::RULES, "role" => "entitlements").set(snap.rules().len() as f64);
         metrics::gauge!(names::SNAPSHOT_LOADED, "role" => "entitlements")

@@ -71,6 +71,9 @@ pub struct Snapshot {
     globs: Vec<Arc<Rule>>,
     /// Every rule (disabled ones too), by id, for the rules API.
     all: Vec<Arc<Rule>>,
+    /// When enabled rules expire, sorted: a decision remembered at this version holds until the
+    /// next of these.
+    expiries: Vec<DateTime<Utc>>,
     loaded_at: DateTime<Utc>,
 }
 
@@ -88,7 +91,17 @@ impl Snapshot {
                 exact.entry(rule.input.resource.clone()).or_default().push(rule.clone());
             }
         }
-        Snapshot { version, exact, globs, all, loaded_at: Utc::now() }
+        let mut expiries: Vec<DateTime<Utc>> =
+            all.iter().filter(|r| r.input.enabled).filter_map(|r| r.input.expires_at).collect();
+        expiries.sort();
+        Snapshot { version, exact, globs, all, expiries, loaded_at: Utc::now() }
+    }
+
+    /// The first instant after `now` at which a rule expires: decisions made now may change
+    /// then, without a new version.
+    pub fn next_expiry(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        let i = self.expiries.partition_point(|at| *at <= now);
+        self.expiries.get(i).copied()
     }
 
     /// The rules version.
@@ -261,6 +274,24 @@ mod tests {
 
     fn decide(rules: Vec<Rule>, r: &CheckRequest) -> Outcome {
         Snapshot::new(rules, 1).evaluate(r, Utc::now())
+    }
+
+    #[test]
+    fn the_next_expiry_is_the_first_after_now_among_enabled_rules() {
+        let now = Utc::now();
+        let at = |s: i64| (now + chrono::Duration::seconds(s)).to_rfc3339();
+        let snap = Snapshot::new(
+            vec![
+                rule(1, json!({"expires_at": at(-5)})),
+                rule(2, json!({"expires_at": at(30)})),
+                rule(3, json!({"expires_at": at(10), "enabled": false})),
+                rule(4, json!({"expires_at": at(20)})),
+            ],
+            1,
+        );
+        let next = snap.next_expiry(now).unwrap();
+        assert!((next - now).num_seconds() >= 19 && (next - now).num_seconds() <= 20);
+        assert_eq!(Snapshot::new(vec![], 1).next_expiry(now), None);
     }
 
     #[test]

@@ -6,11 +6,18 @@
 //! - [`store`]: PostgreSQL and in-memory rule stores (audit, version, announcements).
 //! - [`engine`]: snapshot swapping, the decision cache, change handling.
 //! - `api`: the HTTP handlers.
+//! - `feed`: the snapshot, version and change-feed endpoints other roles and services follow.
+//! - [`mirror`]: the gateway's and the stream's local copy of the rules, decided in-process.
+//! - [`board`]: where each replica stands (the rules version it decides at).
+//! - [`client`]: the HTTP client of `/entitlements/check`.
 
 mod api;
+pub mod board;
 pub mod client;
 pub mod engine;
 pub mod eval;
+mod feed;
+pub mod mirror;
 pub mod rules;
 pub mod store;
 
@@ -112,6 +119,9 @@ pub struct State {
     service_role: Arc<str>,
     max_batch: usize,
     store_kind: &'static str,
+    feed: Arc<feed::Feed>,
+    board: Arc<board::Board>,
+    shutdown: crate::server::Shutdown,
 }
 
 impl FromRef<State> for Arc<Verifier> {
@@ -187,6 +197,11 @@ pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
         .await
         .map_err(|e| anyhow::anyhow!("loading rules: {e}"))?;
     engine.spawn_refresh(section.reload_interval, ctx.shutdown.clone());
+    announce_in_process(&engine, ctx);
+    let board = Arc::new(board::Board::for_context(ctx).await?);
+    let replica = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
+    board.spawn_reporter("entitlements", replica, engine.versions(), ctx.shutdown.clone());
+    let feed = feed::Feed::start(engine.clone(), ctx.shutdown.clone());
     Ok(State {
         engine,
         verifier: auth.verifier,
@@ -194,7 +209,27 @@ pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
         service_role: config.auth.service_role.as_str().into(),
         max_batch: section.max_batch,
         store_kind,
+        feed,
+        board,
+        shutdown: ctx.shutdown.clone(),
     })
+}
+
+/// Every version this replica's snapshot moves to is announced on the process's rules bus, so
+/// the gateway and the stream of the same process (`access all`) follow it without Redis.
+fn announce_in_process(engine: &Arc<Engine>, ctx: &Context) {
+    let mut versions = engine.versions();
+    let bus = ctx.rules_bus.clone();
+    let shutdown = ctx.shutdown.clone();
+    tokio::spawn(async move {
+        loop {
+            bus.announce(*versions.borrow_and_update());
+            tokio::select! {
+                changed = versions.changed() => if changed.is_err() { return },
+                _ = shutdown.stopping() => return,
+            }
+        }
+    });
 }
 
 /// The role's routes.
@@ -208,6 +243,9 @@ pub fn router(state: State) -> Router {
             .routes(routes!(api::get_rule, api::update, api::delete))
             .routes(routes!(api::history))
             .routes(routes!(api::stats))
+            .routes(routes!(feed::snapshot))
+            .routes(routes!(feed::version))
+            .route("/entitlements/watch", axum::routing::get(feed::watch))
             .with_state(state),
     )
 }

@@ -93,6 +93,12 @@ pub trait RuleStore: Send + Sync {
     fn history(&self, id: Uuid) -> BoxFuture<'_, Result<Vec<AuditEntry>, StoreError>>;
     /// New rules versions, from every replica.
     fn changes(&self) -> broadcast::Receiver<i64>;
+    /// Names the sequence of versions: versions of one epoch only grow, so a follower that sees
+    /// another epoch (the embedded store of a restarted process) takes its rules whatever their
+    /// version. Every replica of a shared store answers the same.
+    fn epoch(&self) -> String {
+        "shared".into()
+    }
 }
 
 fn to_json(input: &RuleInput) -> Value {
@@ -107,6 +113,8 @@ pub struct MemoryStore {
     /// The rules, the audit trail and the version; a std mutex never held across an await.
     state: Mutex<MemoryState>,
     changes: broadcast::Sender<i64>,
+    /// This store's epoch: its versions start again with every process.
+    epoch: String,
 }
 
 impl MemoryStore {
@@ -127,6 +135,7 @@ impl MemoryStore {
         MemoryStore {
             state: Mutex::new((rules, Vec::new(), version)),
             changes: broadcast::channel(64).0,
+            epoch: format!("memory-{}", Uuid::new_v4().simple()),
         }
     }
 
@@ -233,6 +242,10 @@ impl RuleStore for MemoryStore {
 
     fn changes(&self) -> broadcast::Receiver<i64> {
         self.changes.subscribe()
+    }
+
+    fn epoch(&self) -> String {
+        self.epoch.clone()
     }
 }
 

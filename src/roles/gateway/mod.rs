@@ -197,6 +197,10 @@ pub struct Shared {
     verifier: Arc<Verifier>,
     api_keys: Arc<crate::auth::api_keys::ApiKeys>,
     entitlements: Arc<Entitlements>,
+    /// The rules every route's entitlement is decided by, in-process.
+    rules: Arc<crate::roles::entitlements::mirror::Mirror>,
+    /// This replica's id on the replica board.
+    replica: String,
     /// Breakers by upstream base URL, created on first use.
     breakers: RwLock<HashMap<String, Arc<Guard>>>,
     /// The upstream connection pool: one per I/O thread (see [`local`]).
@@ -289,6 +293,20 @@ pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
         config.entitlements_fail_open,
     )
     .await?;
+    let rules = crate::roles::entitlements::mirror::Mirror::for_role(
+        ctx,
+        tokens.clone(),
+        config.entitlements_fail_open,
+        config.decision_cache_ttl,
+    )
+    .await?;
+    let replica = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
+    crate::roles::entitlements::board::Board::for_context(ctx).await.map(Arc::new)?.spawn_reporter(
+        "gateway",
+        replica.clone(),
+        rules.applied(),
+        ctx.shutdown.clone(),
+    );
     let usage = usage::Usage::new(config.usage_max_keys);
     if let Some(url) = &ctx.config.metrics_service_url {
         usage.spawn_push(url.clone(), tokens, config.usage_interval, ctx.shutdown.clone());
@@ -340,6 +358,8 @@ pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
         verifier: auth.verifier,
         api_keys: auth.api_keys,
         entitlements,
+        rules,
+        replica,
         breakers: RwLock::default(),
         client: local::PerThread::new(client(), client),
         usage,
@@ -372,6 +392,7 @@ pub fn router(state: State) -> Router {
             .routes(routes!(rate_limits))
             .routes(routes!(cache_stats))
             .routes(routes!(cache_purge))
+            .routes(routes!(rules_version))
             .with_state(state.clone()),
     )
     .fallback_service(axum::routing::any(proxy::forward).with_state(state));
@@ -400,6 +421,7 @@ fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
         .expose_headers([
             http::HeaderName::from_static("x-request-id"),
             http::HeaderName::from_static("x-cache"),
+            proxy::X_ENTITLEMENTS_VERSION.clone(),
             http::header::RETRY_AFTER,
         ])
         .max_age(Duration::from_secs(600))
@@ -471,6 +493,11 @@ async fn status(AxumState(state): AxumState<State>, caller: Caller) -> ApiResult
         "circuit_breakers": breakers,
     }))
     .into_response())
+}
+
+#[utoipa::path(get, path = "/entitlements/version", tag = "gateway", summary = "The rules version this gateway replica decides at", security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
+async fn rules_version(AxumState(state): AxumState<State>, _caller: Caller) -> ApiResult<Response> {
+    Ok(axum::Json(state.rules.standing("gateway", &state.replica)).into_response())
 }
 
 #[utoipa::path(get, path = "/api/v1/metadata/routes", tag = "gateway", summary = "The route table (admin)", security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]

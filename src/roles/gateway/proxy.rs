@@ -78,6 +78,8 @@ pub mod names {
 
 /// Says how the response cache treated a response: `HIT`, `MISS`, `STALE` or `BYPASS`.
 pub static X_CACHE: HeaderName = HeaderName::from_static("x-cache");
+/// The rules version a data response's entitlement was decided at.
+pub static X_ENTITLEMENTS_VERSION: HeaderName = HeaderName::from_static("x-entitlements-version");
 
 /// The API-key header (never forwarded).
 pub static API_KEY: HeaderName = HeaderName::from_static("x-api-key");
@@ -383,12 +385,15 @@ async fn handle(
         response.headers_mut().extend(limit_headers);
         return Ok((response, identity, 0));
     }
+    // Decided in-process at the newest rules version this replica has heard of; the version
+    // goes back to the caller as `X-Entitlements-Version`.
+    let mut rules_version = None;
     if let (Some(spec), Some(identity)) = (&route.spec.entitlement, &identity) {
         let resource = render_resource(&spec.resource, params);
         let action = route.action(req.method());
-        match state.entitlements.allowed(identity, &resource, &action).await {
-            Ok(true) => {}
-            Ok(false) => {
+        match state.rules.decide_current(identity, &resource, &action).await {
+            Ok(d) if d.allowed => rules_version = Some(d.version),
+            Ok(_) => {
                 return Err(ApiError::new(
                     ErrorCode::Forbidden,
                     format!("not entitled to {action} {resource}"),
@@ -411,6 +416,9 @@ async fn handle(
         }
     };
     handled.0.headers_mut().extend(limit_headers);
+    if let Some(version) = rules_version {
+        handled.0.headers_mut().insert(X_ENTITLEMENTS_VERSION.clone(), version.into());
+    }
     Ok(handled)
 }
 

@@ -98,6 +98,20 @@ pub struct Delivery {
     pub notice: Option<&'static str>,
 }
 
+impl Delivery {
+    /// A notice that is not a record (it moves no position): sent as the SSE event `event`.
+    pub fn notice(event: &'static str, frame: String) -> Delivery {
+        Delivery {
+            frame: frame.into(),
+            topic: "".into(),
+            partition: -1,
+            offset: -1,
+            timestamp_ms: 0,
+            notice: Some(event),
+        }
+    }
+}
+
 /// Closes a connection once, with the first reason given.
 #[derive(Debug, Clone, Default)]
 pub struct Closer {
@@ -161,6 +175,9 @@ pub struct Conn {
     /// Its position vector: set at subscribe, advanced as frames are written. A std mutex held
     /// for one update or read (taken under a WebSocket outbox's lock, never the other way).
     pub(super) positions: Mutex<Positions>,
+    /// Its entitlement decisions at the current rules version (see `gate`). A std mutex held
+    /// for one lookup or one evaluation.
+    pub(super) memo: Mutex<super::gate::Memo>,
 }
 
 impl Conn {
@@ -172,6 +189,8 @@ impl Conn {
     /// Replaces the credential (same user and tenant, checked by the caller).
     pub fn renew(&self, credential: Credential) {
         *self.credential.lock().unwrap_or_else(|p| p.into_inner()) = credential;
+        // Its roles may differ: decide afresh.
+        self.memo.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
     /// Records that the client has been sent `offset` of a partition (positions only move

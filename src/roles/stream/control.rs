@@ -52,13 +52,30 @@ pub async fn subscribe(
                 continue;
             }
         };
-        match state.entitlements.allowed(&identity, &spec.resource, &spec.action).await {
-            Ok(true) => {
+        let decision = state.rules.decide_current(&identity, &spec.resource, &spec.action).await;
+        match decision.map(|d| (d.allowed, d.version)) {
+            Ok((true, version)) => {
                 let heads = state.hub.subscribe(conn, topic, filter);
+                // The rules moved between the decision and the subscription: the hub's
+                // re-evaluation may have run before this subscription existed, so decide again.
+                if state.rules.version() != version
+                    && !state
+                        .rules
+                        .decide(&identity, &spec.resource, &spec.action)
+                        .is_ok_and(|d| d.allowed)
+                {
+                    state.hub.unsubscribe(conn, topic);
+                    failed.push(fail(
+                        topic,
+                        ErrorCode::Forbidden.as_str(),
+                        format!("not entitled to {} {}", spec.action, spec.resource),
+                    ));
+                    continue;
+                }
                 live.extend(heads.into_iter().map(|(p, head)| (topic.clone(), p, head)));
                 ok.push(topic.clone());
             }
-            Ok(false) => failed.push(fail(
+            Ok((false, _)) => failed.push(fail(
                 topic,
                 ErrorCode::Forbidden.as_str(),
                 format!("not entitled to {} {}", spec.action, spec.resource),

@@ -16,11 +16,13 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use super::fanout::{Fanout, Tally};
+use super::gate::{self, RecordCheck};
 use super::names;
 use super::protocol::Close;
 use super::topics::{Filter, TopicSpec};
 use crate::auth::revocation::Revocation;
 use crate::auth::{AuthError, Verifier};
+use crate::roles::entitlements::mirror::Mirror;
 use crate::roles::gateway::ratelimit::{LocalGcra, Policy};
 use crate::server::Shutdown;
 
@@ -103,6 +105,11 @@ pub struct Hub {
     /// to it, never both and never neither.
     heads: Mutex<HashMap<(Arc<str>, i32), i64>>,
     registry: HashMap<String, TopicSpec>,
+    /// The per-record check of each topic that has one.
+    record_checks: HashMap<String, RecordCheck>,
+    /// The rules every subscription and record is decided by (set once by `build`; a hub
+    /// without it checks no record).
+    rules: std::sync::OnceLock<Arc<Mirror>>,
     order: Vec<String>,
     limits: Limits,
     /// topic -> connection -> subscription. Read by every dispatch, written by (un)subscribe; a
@@ -152,6 +159,11 @@ impl Hub {
             replica: uuid::Uuid::new_v4().simple().to_string()[..8].to_string(),
             heads: Mutex::default(),
             registry: topics.iter().map(|t| (t.name.clone(), t.clone())).collect(),
+            record_checks: topics
+                .iter()
+                .filter_map(|t| Some((t.name.clone(), RecordCheck::of(t)?)))
+                .collect(),
+            rules: std::sync::OnceLock::new(),
             order: topics.iter().map(|t| t.name.clone()).collect(),
             limits,
             subs: RwLock::default(),
@@ -234,6 +246,7 @@ impl Hub {
             closer: Closer::default(),
             sink,
             delivered: AtomicU64::new(0),
+            memo: Mutex::default(),
         });
         *reg.per_user.entry(conn.subject.clone()).or_default() += 1;
         *reg.per_tenant.entry(tenant).or_default() += 1;
@@ -328,7 +341,8 @@ impl Hub {
         heads
     }
 
-    /// Whether `conn`'s subscription lets `record` through (subscribed, tenant, filter).
+    /// Whether `conn`'s subscription lets `record` through (subscribed, tenant, filter, and the
+    /// connection's entitlement to the record's resource).
     pub fn accepts(&self, conn: &Conn, record: &Record) -> bool {
         let subs = self.subs.read().unwrap_or_else(|p| p.into_inner());
         let Some(sub) = subs.get(&record.topic).and_then(|by_conn| by_conn.get(&conn.id)) else {
@@ -336,6 +350,87 @@ impl Hub {
         };
         record.visible_to(&conn.tenant)
             && sub.filter.as_ref().is_none_or(|f| f.matches(&record.data))
+            && self.record_gate(record).is_none_or(|g| g.admits(conn))
+    }
+
+    /// Hands the hub the rules it decides by.
+    pub fn set_rules(&self, rules: Arc<Mirror>) {
+        let _ = self.rules.set(rules);
+    }
+
+    /// The per-record check of `record`, if its topic has one: its resource rendered once, and
+    /// the snapshot it is decided at.
+    fn record_gate<'a>(&'a self, record: &Record) -> Option<RecordGate<'a>> {
+        let check = self.record_checks.get(&*record.topic)?;
+        let rules = self.rules.get()?;
+        Some(RecordGate {
+            rules,
+            snapshot: rules.snapshot(),
+            resource: check.template.render(&record.data),
+            action: &check.action,
+        })
+    }
+
+    /// Checks every open subscription against the rules in force (after a rules change), ends
+    /// those no longer allowed and tells their clients (`unsubscribed`, reason `not_entitled`).
+    /// Returns the number ended.
+    pub fn reevaluate(&self) -> usize {
+        let Some(rules) = self.rules.get() else { return 0 };
+        let snapshot = rules.snapshot();
+        let subscribed: Vec<(Arc<str>, Arc<Conn>)> = {
+            let subs = self.subs.read().unwrap_or_else(|p| p.into_inner());
+            subs.iter()
+                .flat_map(|(topic, by_conn)| {
+                    by_conn.values().map(move |s| (topic.clone(), s.conn.clone()))
+                })
+                .collect()
+        };
+        let mut ended = 0;
+        for (topic, conn) in subscribed {
+            let Some(spec) = self.registry.get(&*topic) else { continue };
+            if gate::allowed(&conn, rules, &snapshot, &spec.resource, &spec.action) {
+                continue;
+            }
+            if self.unsubscribe(&conn, &topic) {
+                let message = format!("no longer entitled to {} {}", spec.action, spec.resource);
+                gate::tell_unsubscribed(&conn, &topic, "not_entitled", &message);
+                ended += 1;
+            }
+        }
+        ended
+    }
+
+    /// Re-evaluates the open subscriptions whenever the rules move to a new version (or a rule
+    /// expires), until shutdown (records are decided at the new version from the first one after the change).
+    pub fn follow_rules(self: &Arc<Self>, shutdown: Shutdown) {
+        let Some(rules) = self.rules.get().cloned() else { return };
+        let mut versions = rules.applied();
+        let hub = self.clone();
+        tokio::spawn(async move {
+            loop {
+                // A rule that expires changes decisions without a new version.
+                let expiry = rules.snapshot().next_expiry(chrono::Utc::now()).map(|at| {
+                    let left = (at - chrono::Utc::now()).to_std().unwrap_or_default();
+                    tokio::time::Instant::now() + left + std::time::Duration::from_millis(1)
+                });
+                let far = tokio::time::Instant::now() + std::time::Duration::from_secs(3600);
+                tokio::select! {
+                    changed = versions.changed() => if changed.is_err() { return },
+                    _ = tokio::time::sleep_until(expiry.unwrap_or(far).min(far)) => {}
+                    _ = shutdown.stopping() => return,
+                }
+                let version = *versions.borrow_and_update();
+                let ended = hub.reevaluate();
+                if ended > 0 {
+                    tracing::info!(
+                        role = "stream",
+                        version,
+                        ended,
+                        "rules change ended subscriptions"
+                    );
+                }
+            }
+        });
     }
 
     /// Removes a subscription; whether there was one.
@@ -390,12 +485,16 @@ impl Hub {
             metrics::counter!(names::MESSAGES_DROPPED, "role" => "stream", "topic" => record.topic.to_string(), "reason" => "invalid_tenant").increment(1);
             return;
         }
+        let gate = self.record_gate(record);
         let mut fanout: Option<Fanout> = None;
         let mut tally = Tally::default();
         for sub in by_conn.values() {
             if !record.visible_to(&sub.conn.tenant)
                 || sub.filter.as_ref().is_some_and(|f| !f.matches(&record.data))
             {
+                continue;
+            }
+            if gate.as_ref().is_some_and(|g| !g.admits(&sub.conn)) {
                 continue;
             }
             fanout.get_or_insert_with(|| Fanout::new(record)).deliver(&sub.conn, &mut tally);
@@ -581,6 +680,23 @@ impl Hub {
             "messages_dropped": self.dropped.load(Ordering::Relaxed),
             "slow_consumer_closes": self.slow_closes.load(Ordering::Relaxed),
             "limits": self.limits,
+        })
+    }
+}
+
+/// One record's entitlement check: its resource and the snapshot it is decided at.
+struct RecordGate<'a> {
+    rules: &'a Mirror,
+    snapshot: Arc<crate::roles::entitlements::eval::Snapshot>,
+    /// `None`: the record lacks a field of the template and reaches no one.
+    resource: Option<String>,
+    action: &'a str,
+}
+
+impl RecordGate<'_> {
+    fn admits(&self, conn: &Conn) -> bool {
+        self.resource.as_deref().is_some_and(|resource| {
+            gate::allowed(conn, self.rules, &self.snapshot, resource, self.action)
         })
     }
 }

@@ -5,6 +5,7 @@
 //! - [`protocol`]: client actions, server frames, close codes.
 //! - [`hub`]: open connections, subscriptions, choosing a record's recipients, revocation.
 //! - `fanout`: one record framed once and handed to each recipient, within bounds.
+//! - [`gate`]: per-record and per-subscription entitlement decisions, made in-process.
 //! - [`outbox`]: a WebSocket connection's socket, written by the hub directly.
 //! - [`conn`]: one connection as the hub holds it, and what an SSE connection's queue carries.
 //! - [`position`]: the position vector clients resume from.
@@ -21,6 +22,7 @@
 pub mod conn;
 pub mod control;
 mod fanout;
+pub mod gate;
 pub mod hub;
 pub mod kafka;
 pub mod outbox;
@@ -49,7 +51,7 @@ use crate::auth::{Auth, Caller, Verifier};
 use crate::cli::RunError;
 use crate::config::Problem;
 use crate::error::{ApiError, ApiResult, ErrorCode};
-use crate::roles::entitlements::client::Entitlements;
+use crate::roles::entitlements::mirror::Mirror;
 use crate::roles::Role;
 use crate::server::{self, Context, Shutdown};
 use hub::{Credential, Hub, Limits, Refusal, Registration};
@@ -173,7 +175,8 @@ pub struct Config {
     pub max_write_buffer_bytes: usize,
     /// Subscribe when the entitlements role cannot answer (default: refuse the topic).
     pub entitlements_fail_open: bool,
-    /// The longest a decision is remembered locally.
+    /// The longest the local copy of the rules goes without a refetch from the entitlements
+    /// role (a new rules version is announced, and fetched, well before).
     #[serde(with = "humantime_serde")]
     pub decision_cache_ttl: Duration,
     /// A resume reads at most this many missed records per partition.
@@ -244,6 +247,15 @@ impl Config {
                 problems.push(Problem::new(
                     format!("{at}.action"),
                     format!("unknown action {:?}", t.action),
+                ));
+            }
+            if let Some(Err(e)) = t.record_resource.as_deref().map(topics::Template::parse) {
+                problems.push(Problem::new(format!("{at}.record_resource"), e));
+            }
+            if !crate::roles::entitlements::rules::ACTIONS.contains(&t.record_action.as_str()) {
+                problems.push(Problem::new(
+                    format!("{at}.record_action"),
+                    format!("unknown action {:?}", t.record_action),
                 ));
             }
         }
@@ -319,7 +331,7 @@ pub struct State {
     config: Arc<Config>,
     hub: Arc<Hub>,
     verifier: Arc<Verifier>,
-    entitlements: Arc<Entitlements>,
+    rules: Arc<Mirror>,
     publisher: Arc<dyn Publisher>,
     history: Arc<dyn History>,
     relay: Option<Arc<control::Relay>>,
@@ -335,7 +347,7 @@ impl axum::extract::FromRef<State> for Arc<Verifier> {
     }
 }
 
-/// Builds the state: the hub, the entitlements client, and Kafka (consumer and publisher) or
+/// Builds the state: the hub, the rules mirror, and Kafka (consumer and publisher) or
 /// the in-process bus.
 pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
     let config = Arc::new(ctx.config.stream.clone());
@@ -353,13 +365,17 @@ pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
             move || hub.take_usage(),
         );
     }
-    let entitlements = Entitlements::for_role(
-        ctx,
-        tokens,
-        config.decision_cache_ttl,
-        config.entitlements_fail_open,
-    )
-    .await?;
+    let rules =
+        Mirror::for_role(ctx, tokens, config.entitlements_fail_open, config.decision_cache_ttl)
+            .await?;
+    hub.set_rules(rules.clone());
+    hub.follow_rules(ctx.shutdown.clone());
+    crate::roles::entitlements::board::Board::for_context(ctx).await.map(Arc::new)?.spawn_reporter(
+        "stream",
+        hub.replica().to_string(),
+        rules.applied(),
+        ctx.shutdown.clone(),
+    );
     type Sources = (Arc<dyn Publisher>, Arc<dyn History>, Option<Arc<Consumer>>);
     let (publisher, history, consumer): Sources = if ctx.config.kafka_bootstrap.is_empty() {
         tracing::warn!(
@@ -411,7 +427,7 @@ pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
         config,
         hub,
         verifier: auth.verifier,
-        entitlements,
+        rules,
         publisher,
         history,
         relay: relay.as_ref().map(|(r, _)| r.clone()),
@@ -440,6 +456,7 @@ pub fn router(state: State) -> Router {
             .route("/sse/stream", get(sse::connect))
             .routes(routes!(sse::add, sse::remove))
             .routes(routes!(stats))
+            .routes(routes!(rules_version))
             .routes(routes!(publish))
             .with_state(state),
     )
@@ -553,6 +570,11 @@ async fn stats(AxumState(state): AxumState<State>, caller: Caller) -> ApiResult<
             json!({"records": consumer.records(), "partitions": consumer.partitions()});
     }
     Ok(axum::Json(stats).into_response())
+}
+
+#[utoipa::path(get, path = "/entitlements/version", tag = "stream", summary = "The rules version this stream replica decides at", security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
+async fn rules_version(AxumState(state): AxumState<State>, _caller: Caller) -> ApiResult<Response> {
+    Ok(axum::Json(state.rules.standing("stream", state.hub.replica())).into_response())
 }
 
 /// The body of `POST /publish`.

@@ -1,4 +1,5 @@
-//! The topic registry (topic -> resource and action, `docs/contracts.md`, Streams) and the
+//! The topic registry (topic -> resource and action to subscribe, and the resource template and
+//! action every record is checked against; `docs/contracts.md`, Streams) and the
 //! per-subscription filters applied to a record's top-level fields before it is sent.
 
 use serde::{Deserialize, Serialize};
@@ -15,6 +16,14 @@ pub struct TopicSpec {
     /// The entitlement action (default `subscribe`).
     #[serde(default = "subscribe")]
     pub action: String,
+    /// The resource each record is checked against, a template over the record's top-level
+    /// fields (`instrument:{instrument_id}`): a record reaches a subscriber only when the
+    /// subscriber may `record_action` it. Unset: records are not checked one by one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record_resource: Option<String>,
+    /// The action of the per-record check (default `read`).
+    #[serde(default = "read")]
+    pub record_action: String,
     /// What the topic carries, shown by `list_topics`.
     #[serde(default)]
     pub description: String,
@@ -24,21 +33,106 @@ fn subscribe() -> String {
     "subscribe".into()
 }
 
-/// The platform's topics.
+fn read() -> String {
+    "read".into()
+}
+
+/// The platform's topics: prices are checked per instrument, curves per curve, as the gateway
+/// checks `GET /api/v1/prices/latest/{instrument_id}` and `/curves/{curve_id}/snapshot`.
 pub fn default_registry() -> Vec<TopicSpec> {
     [
-        ("served.market.latest_prices.v1", "market_data", "Latest price per instrument"),
-        ("market.data.updates.v1", "market_data", "Market data updates"),
-        ("pricing.curve.updates.v1", "curve", "Forward curve updates"),
+        (
+            "served.market.latest_prices.v1",
+            "market_data",
+            "instrument:{instrument_id}",
+            "Latest price per instrument",
+        ),
+        (
+            "market.data.updates.v1",
+            "market_data",
+            "instrument:{instrument_id}",
+            "Market data updates",
+        ),
+        ("pricing.curve.updates.v1", "curve", "curve:{curve_id}", "Forward curve updates"),
     ]
     .into_iter()
-    .map(|(name, resource, description)| TopicSpec {
+    .map(|(name, resource, record_resource, description)| TopicSpec {
         name: name.into(),
         resource: resource.into(),
         action: subscribe(),
+        record_resource: Some(record_resource.into()),
+        record_action: read(),
         description: description.into(),
     })
     .collect()
+}
+
+/// A record resource template: literal text and `{field}` references to the record's top-level
+/// fields (`instrument:{instrument_id}`). A field renders as its string, or its number's text;
+/// a record without it (or with another kind of value) has no resource and reaches no one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Template {
+    parts: Vec<Part>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Part {
+    Text(String),
+    Field(String),
+}
+
+impl Template {
+    /// Parses a template; the error says what is wrong.
+    pub fn parse(text: &str) -> Result<Template, String> {
+        let mut parts = Vec::new();
+        let mut rest = text;
+        while !rest.is_empty() {
+            match rest.find(['{', '}']) {
+                None => {
+                    parts.push(Part::Text(rest.to_string()));
+                    break;
+                }
+                Some(i) if rest.as_bytes()[i] == b'}' => {
+                    return Err(format!("unmatched '}}' in {text:?}"));
+                }
+                Some(i) => {
+                    if i > 0 {
+                        parts.push(Part::Text(rest[..i].to_string()));
+                    }
+                    let after = &rest[i + 1..];
+                    let end =
+                        after.find('}').ok_or_else(|| format!("unclosed '{{' in {text:?}"))?;
+                    let field = &after[..end];
+                    if field.is_empty() || field.contains('{') {
+                        return Err(format!("a field name is needed between braces in {text:?}"));
+                    }
+                    parts.push(Part::Field(field.to_string()));
+                    rest = &after[end + 1..];
+                }
+            }
+        }
+        if parts.is_empty() {
+            return Err("must not be empty".into());
+        }
+        Ok(Template { parts })
+    }
+
+    /// The resource of `data`, or `None` when a field it names is missing or not a string or
+    /// number.
+    pub fn render(&self, data: &Value) -> Option<String> {
+        let mut out = String::new();
+        for part in &self.parts {
+            match part {
+                Part::Text(t) => out.push_str(t),
+                Part::Field(f) => match data.get(f)? {
+                    Value::String(s) => out.push_str(s),
+                    Value::Number(n) => out.push_str(&n.to_string()),
+                    _ => return None,
+                },
+            }
+        }
+        Some(out)
+    }
 }
 
 /// Most conditions one filter may hold, and most values one membership list may hold: bounds
@@ -195,5 +289,32 @@ mod tests {
         assert_eq!(r.len(), 3);
         assert!(r.iter().all(|t| t.action == "subscribe"));
         assert_eq!(r[2].resource, "curve");
+    }
+
+    #[test]
+    fn the_default_registry_checks_prices_per_instrument_and_curves_per_curve() {
+        let r = default_registry();
+        assert_eq!(r[0].record_resource.as_deref(), Some("instrument:{instrument_id}"));
+        assert_eq!(r[2].record_resource.as_deref(), Some("curve:{curve_id}"));
+        assert!(r.iter().all(|t| t.record_action == "read"));
+    }
+
+    #[test]
+    fn templates_render_top_level_fields() {
+        let t = Template::parse("instrument:{instrument_id}").unwrap();
+        assert_eq!(
+            t.render(&json!({"instrument_id": "BRN-F27"})).as_deref(),
+            Some("instrument:BRN-F27")
+        );
+        assert_eq!(t.render(&json!({"instrument_id": 7})).as_deref(), Some("instrument:7"));
+        assert_eq!(t.render(&json!({"instrument_id": null})), None);
+        assert_eq!(t.render(&json!({"other": "x"})), None);
+        assert_eq!(t.render(&json!("not an object")), None);
+        let two = Template::parse("{venue}/{id}!").unwrap();
+        assert_eq!(two.render(&json!({"venue": "ICE", "id": "B"})).as_deref(), Some("ICE/B!"));
+        assert_eq!(Template::parse("fixed").unwrap().render(&json!({})).as_deref(), Some("fixed"));
+        for bad in ["", "a{", "a}", "{}", "x:{a{b}"] {
+            assert!(Template::parse(bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -460,6 +460,7 @@ impl Session {
                     .topics()
                     .map(|t| {
                         json!({"name": t.name, "resource": t.resource, "action": t.action,
+                            "record_resource": t.record_resource, "record_action": t.record_action,
                             "description": t.description, "subscribed": mine.contains(&t.name)})
                     })
                     .collect();
