@@ -19,9 +19,11 @@ ADMIN=$("$BIN" token --sub root --tenant t1 --roles admin --ttl 8h)
 "$BIN" all --upstream-port "$UPSTREAM" &
 PID=$!
 # Ctrl-C reaches the whole foreground process group, so the layer gets it too and stops on its
-# own (a second Ctrl-C skips its grace period); this script only waits for that and exits with
-# the layer's status, instead of dying of the signal (which `make run` reported as an error).
-trap ':' INT
+# own (a second Ctrl-C skips its grace period); this script ignores it, waits for the layer and
+# exits with the layer's status, instead of dying of the signal (which `make run` reported as an
+# error). Ignored, not trapped: a trapped signal interrupts `wait`, and one that lands in a child
+# of this script (the readiness `curl`, `sleep`) would end it under `set -e`.
+trap '' INT
 trap 'kill -TERM $PID 2>/dev/null' TERM
 trap 'kill -TERM $PID 2>/dev/null || true' EXIT
 for _ in $(seq 1 100); do
@@ -64,10 +66,5 @@ Also: /health, /ready, /metrics on every port; /stats on :$ST; docs/stream-proto
 Ctrl-C stops the layer (after the grace period; press twice to skip it).
 
 MSG
-# `wait` returns early when a trapped signal arrives; wait on until the layer is gone, then take
-# its exit status (0 after a clean shutdown).
-while kill -0 "$PID" 2>/dev/null; do
-  wait "$PID" || true
-done
-trap - EXIT
+# The layer's exit status (0 after a clean shutdown) is this script's.
 wait "$PID"

