@@ -104,6 +104,13 @@ resource = "curve"
 }
 
 impl Layer {
+    /// The stream's `/stats`, read with an admin token (it needs the admin or service role).
+    pub async fn stats(&self) -> Value {
+        let admin = self.keys.token("root", "t0", &["admin"]);
+        let r = http().get(self.stream.url("/stats")).bearer_auth(admin).send().await.unwrap();
+        r.json().await.unwrap()
+    }
+
     pub fn ws_url(&self, token: Option<&str>) -> String {
         let base = self.stream.url("/ws/stream").replacen("http://", "ws://", 1);
         match token {
@@ -291,16 +298,7 @@ async fn kafka_records_reach_subscribers_through_filters_and_tenant_scoping() {
     let age = chrono::Utc::now().timestamp_millis() - first["timestamp"].as_i64().unwrap();
     assert!((0..10_000).contains(&age), "the Kafka timestamp in ms: {first}");
 
-    let admin = l.keys.token("root", "t0", &["admin"]);
-    let stats: Value = http()
-        .get(l.stream.url("/stats"))
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats = l.stats().await;
     assert_eq!(stats["connections"], 2, "{stats}");
     assert_eq!(stats["subscriptions"][&l.prices], 2);
     assert_eq!(stats["source"], "kafka");
@@ -527,16 +525,7 @@ async fn a_slow_client_is_cut_off_while_a_fast_one_keeps_up() {
         (0..total as i64).collect::<Vec<_>>(),
         "the fast client got every record in order"
     );
-    let admin = l.keys.token("root", "t0", &["admin"]);
-    let stats: Value = http()
-        .get(l.stream.url("/stats"))
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats = l.stats().await;
     assert_eq!(stats["slow_consumer_closes"], 1, "{stats}");
     assert!(stats["messages_dropped"].as_u64().unwrap() >= 1);
     assert_eq!(stats["connections"], 1, "the slow connection is gone: {stats}");
