@@ -696,3 +696,37 @@ async fn the_watch_feed_carries_every_change_with_its_version_and_resync_when_to
     assert_eq!(events[1].0, "resync", "{events:?}");
     assert_eq!(events[1].2["rules_version"].as_i64(), Some(versions[2]));
 }
+
+/// A cached decision never outlives the rule that made it: an allow that expires stops allowing
+/// at its expiry on `/entitlements/check` too (Redis decision cache and the in-process one),
+/// as it does in the gateway and the stream.
+#[tokio::test]
+async fn a_cached_decision_ends_when_the_rule_that_made_it_expires() {
+    for redis in [true, false] {
+        let db = Db::new().await;
+        let keys = DevKeys::new();
+        let extra: &[(&str, &str)] = if redis { &[("ACCESS_REDIS_URL", REDIS_URL)] } else { &[] };
+        let s = role(&keys, Some(&db.dsn), extra).await;
+        let admin = Api { s: &s, token: keys.token("root", "t0", &["admin"]) };
+        let expires = chrono::Utc::now() + chrono::Duration::milliseconds(4000);
+        let (status, body) = admin
+            .post(
+                "/entitlements/rules",
+                rule("brief", json!({"user_id": "root", "expires_at": expires.to_rfc3339()})),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        let first = admin.check("root", "t0", "instrument:BRN-F27", "read").await;
+        assert_eq!(first["allowed"], true, "{first}");
+        assert!(first["ttl_seconds"].as_u64().unwrap() <= 4, "bounded by the expiry: {first}");
+        let again = admin.check("root", "t0", "instrument:BRN-F27", "read").await;
+        assert_eq!(
+            (again["allowed"].as_bool(), again["cached"].as_bool()),
+            (Some(true), Some(true))
+        );
+        let wait = (expires - chrono::Utc::now()).to_std().unwrap_or_default();
+        tokio::time::sleep(wait + Duration::from_millis(50)).await;
+        let after = admin.check("root", "t0", "instrument:BRN-F27", "read").await;
+        assert_eq!(after["allowed"], false, "redis={redis}: {after}");
+    }
+}

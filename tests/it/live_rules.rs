@@ -241,6 +241,23 @@ async fn a_rule_allowing_a_new_instrument_starts_its_records_flowing() {
     for ws in [&mut a, &mut b] {
         assert_eq!(marked(ws, "after", 2, Duration::from_secs(5)).await, ["BRN-F27", "NG-H27"]);
     }
+    // A record without the field its topic's template names reaches no one, and is counted.
+    let values = [
+        json!({"price": 1.0, "marker": "unnamed"}),
+        json!({"instrument_id": "NG-H27", "price": 1.0, "marker": "unnamed"}),
+    ];
+    produce(&l.kafka, &l.prices, &values).await;
+    for ws in [&mut a, &mut b] {
+        assert_eq!(marked(ws, "unnamed", 2, Duration::from_secs(2)).await, ["NG-H27"]);
+    }
+    let metrics =
+        http().get(l.replicas[0].url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(
+        metrics.lines().any(|line| line.starts_with("access_stream_messages_dropped_total")
+            && line.contains(&format!("topic=\"{}\"", l.prices))
+            && line.contains("reason=\"no_record_resource\"")),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -541,6 +558,26 @@ async fn list_responses_hold_only_the_items_the_caller_may_read() {
     assert_eq!((status, body), (200, json!(["NG-H27"])));
     let (status, _, body) = get("/api/ids", bob.clone()).await;
     assert_eq!((status, body), (200, json!(["NG-H27", "BRN-F27"])));
+    // A conditional or ranged request gets the caller's own copy: never a 304 confirming a copy
+    // made at an older rules version, never a range of the whole body.
+    for (name, value) in [
+        ("if-none-match", "*"),
+        ("if-modified-since", "Mon, 01 Jan 2024 00:00:00 GMT"),
+        ("range", "bytes=0-10"),
+    ] {
+        let r = http()
+            .get(gateway.url("/api/prices"))
+            .bearer_auth(&alice)
+            .header(name, value)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{name}");
+        // Decided for this caller: no shared cache in front of the gateway may keep it.
+        let cc = r.headers()["cache-control"].to_str().unwrap().to_string();
+        assert!(cc.starts_with("private") && !cc.contains("public"), "{cc}");
+        assert_eq!(ids(&r.json().await.unwrap()), ["NG-H27"], "{name}");
+    }
     // A HEAD answer does not tell the size of the whole list.
     let head = http().head(gateway.url("/api/prices")).bearer_auth(&alice).send().await.unwrap();
     assert_eq!(head.status(), 200);

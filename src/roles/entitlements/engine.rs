@@ -326,7 +326,14 @@ impl Engine {
                 false
             }
         };
-        let outcome = snap.evaluate(req, Utc::now());
+        let now = Utc::now();
+        let outcome = snap.evaluate(req, now);
+        // A decision holds until the next rule of this version expires (or starts to count as
+        // expired), never past it: the cache must not answer with what an expired rule decided.
+        let ttl = match snap.next_expiry(now) {
+            Some(at) => self.ttl.min((at - now).to_std().unwrap_or_default()),
+            None => self.ttl,
+        };
         let decision = Decision {
             allowed: outcome.allowed,
             reason: match outcome.reason {
@@ -338,12 +345,12 @@ impl Engine {
             rule_id: outcome.rule_id,
             decision_id: Uuid::new_v4(),
             rules_version: snap.version(),
-            ttl_seconds: self.ttl.as_secs(),
+            ttl_seconds: ttl.as_secs(),
             cached: false,
         };
         self.count(decision.allowed, "miss");
-        if cache_up {
-            if let Err(e) = self.cache.put(&key, &decision, self.ttl).await {
+        if cache_up && ttl >= Duration::from_millis(1) {
+            if let Err(e) = self.cache.put(&key, &decision, ttl).await {
                 self.cache_error(&e);
             }
         }

@@ -62,6 +62,13 @@ pub mod names {
 /// fails (closed, or open if configured).
 pub const CATCH_UP: Duration = Duration::from_secs(1);
 
+/// How often the snapshot is polled (a conditional `GET`, 304 when unchanged) unless an
+/// entitlements role in this process announces every change on the bus. Redis announcements
+/// make a change arrive at once; the poll is what bounds it when they cannot: Redis down,
+/// frozen (a silent subscription looks healthy), partitioned, or not configured. So a rule change
+/// reaches every replica within a second whatever fails but the entitlements role itself.
+pub const FALLBACK_POLL: Duration = Duration::from_millis(250);
+
 /// One rule as `GET /entitlements/snapshot` carries it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct WireRule {
@@ -159,6 +166,9 @@ pub struct Mirror {
     applied: watch::Sender<i64>,
     /// Wakes the refresher (a newer version was announced).
     wake: Notify,
+    /// The process's bus has carried a version: an entitlements role in this process announces
+    /// every change there, so the refresher need not poll ([`FALLBACK_POLL`]).
+    pushed: AtomicBool,
     /// The epoch of the snapshot in place; a std mutex held for one read or write.
     epoch: std::sync::Mutex<String>,
     fail_open: bool,
@@ -175,6 +185,7 @@ impl Mirror {
             announced_at: std::sync::Mutex::new(None),
             applied: watch::channel(-1).0,
             wake: Notify::new(),
+            pushed: AtomicBool::new(false),
             epoch: std::sync::Mutex::default(),
             fail_open,
         }
@@ -436,7 +447,8 @@ impl Mirror {
     }
 
     /// Fetches whenever a newer version is announced (retrying a failed or stale fetch with a
-    /// growing pause, 20 ms to 2 s) and every `interval`, until shutdown.
+    /// growing pause, 20 ms to 2 s) and every `interval` (at most [`FALLBACK_POLL`] unless the
+    /// process's bus carries the versions), until shutdown.
     pub fn spawn_refresh(self: &Arc<Self>, interval: Duration, shutdown: Shutdown) {
         if self.source.is_none() {
             return;
@@ -448,6 +460,7 @@ impl Mirror {
                 let wait = match retry {
                     Some(pause) => pause,
                     None if !mirror.is_loaded() => Duration::ZERO,
+                    None if !mirror.pushed.load(Ordering::Acquire) => interval.min(FALLBACK_POLL),
                     None => interval,
                 };
                 tokio::select! {
@@ -480,6 +493,8 @@ impl Mirror {
             loop {
                 let v = *versions.borrow_and_update();
                 if v >= 0 {
+                    // An entitlements role in this process announces every change here.
+                    mirror.pushed.store(true, Ordering::Release);
                     mirror.announce(v);
                 }
                 tokio::select! {
@@ -507,6 +522,9 @@ impl Mirror {
             let _resubscribe = subscriber.manage_subscriptions();
             let mut messages = subscriber.message_rx();
             let mut reconnects = subscriber.reconnect_rx();
+            // A lost connection wakes the refresher at once (then it polls); after a reconnect
+            // one fetch catches up with what was missed.
+            let mut errors = subscriber.error_rx();
             loop {
                 tokio::select! {
                     m = messages.recv() => match m {
@@ -518,6 +536,7 @@ impl Mirror {
                         Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                     },
                     Ok(_) = reconnects.recv() => mirror.wake.notify_one(),
+                    Ok(_) = errors.recv() => mirror.wake.notify_one(),
                     _ = shutdown.stopping() => {
                         let _ = subscriber.quit().await;
                         return;

@@ -11,7 +11,10 @@
 //! `max_bytes`, is not passed on (502 `upstream_unavailable`, reason `unfilterable_response`); an item
 //! the template cannot name (a missing field) reaches no one. Validators (`ETag`,
 //! `Last-Modified`) describe the upstream's whole body, not a caller's share, so they are
-//! removed; a HEAD answer carries no `Content-Length` (it would tell the whole body's size).
+//! removed and the request's conditional and range headers are not honoured (no 304, no 206);
+//! a HEAD answer does not tell the whole body's size (`Content-Length: 0`). Only the named list is
+//! filtered: the body's other fields, and error (non-2xx) bodies, pass as the upstream wrote
+//! them, so an upstream must not put items elsewhere.
 
 use std::collections::HashMap;
 
@@ -128,8 +131,24 @@ fn unfilterable(why: &str) -> ApiError {
     .with_reason("unfilterable_response")
 }
 
+/// Removes the request headers that ask for a conditional or partial answer (`If-None-Match`,
+/// `If-Modified-Since`, `If-Match`, `If-Unmodified-Since`, `If-Range`, `Range`): they refer to
+/// the upstream's whole body, which no caller of a filtered list receives.
+pub fn strip_conditionals(headers: &mut http::HeaderMap) {
+    for name in [
+        header::IF_NONE_MATCH,
+        header::IF_MODIFIED_SINCE,
+        header::IF_MATCH,
+        header::IF_UNMODIFIED_SINCE,
+        header::IF_RANGE,
+        header::RANGE,
+    ] {
+        headers.remove(name);
+    }
+}
+
 /// Filters `response` (from the upstream or the cache) for `identity` at the rules in force.
-/// Non-2xx responses pass unchanged (they carry no items).
+/// Non-2xx responses pass unchanged but for their validators (they carry no items).
 pub async fn filter(
     check: &ItemCheck,
     rules: &Mirror,
@@ -138,12 +157,12 @@ pub async fn filter(
     head: bool,
     response: Response,
 ) -> Result<Response, ApiError> {
-    if !response.status().is_success() {
-        return Ok(response);
-    }
     let (mut parts, body) = response.into_parts();
     parts.headers.remove(header::ETAG);
     parts.headers.remove(header::LAST_MODIFIED);
+    if !parts.status.is_success() {
+        return Ok(Response::from_parts(parts, body));
+    }
     if head || parts.status == http::StatusCode::NO_CONTENT {
         parts.headers.remove(header::CONTENT_LENGTH);
         return Ok(Response::from_parts(parts, Body::empty()));

@@ -306,9 +306,15 @@ async fn handle(
     route: &super::routes::Route,
     params: &[(String, String)],
     peer: SocketAddr,
-    req: Request,
+    mut req: Request,
 ) -> Result<Handled, ApiError> {
     let client = req.extensions().get::<ClientAddr>().map_or(peer.ip(), |c| c.0);
+    if route.items.is_some() {
+        // A caller's copy of a filtered list is not the upstream's body: validators and ranges
+        // of the whole body mean nothing for it (and a 304 would confirm a copy made at an
+        // older rules version).
+        super::items::strip_conditionals(req.headers_mut());
+    }
     // The cheap per-address limit, before any signature is checked.
     if let Err(retry_after) = state.ip_limit.check(client) {
         return Err(ApiError::new(ErrorCode::RateLimited, "too many requests from this address")
@@ -425,11 +431,49 @@ async fn handle(
             super::items::filter(check, &state.rules, identity, &route.spec.name, head, response)
                 .await?;
     }
+    if handled.1.is_some() {
+        // What an identified caller receives was decided for that caller: no shared cache in
+        // front of the gateway may store it for others.
+        privatize(handled.0.headers_mut());
+    }
     handled.0.headers_mut().extend(limit_headers);
     if let Some(version) = rules_version {
         handled.0.headers_mut().insert(X_ENTITLEMENTS_VERSION.clone(), version.into());
     }
     Ok(handled)
+}
+
+/// Makes a response's `Cache-Control` private: `public` and `s-maxage` (which let a shared
+/// cache store a response to an authenticated request, RFC 9111 section 3.5) are removed and
+/// `private` added; the caller's own cache keeps `max-age` and the rest. A response without
+/// `Cache-Control` is left alone (shared caches do not store authenticated responses by default).
+pub fn privatize(headers: &mut HeaderMap) {
+    let Some(value) = headers.get(header::CACHE_CONTROL) else { return };
+    let text = value.to_str().unwrap_or_default().to_string();
+    let mut directives: Vec<&str> = text
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .filter(|d| {
+            let name = d.split('=').next().unwrap_or_default().trim().to_ascii_lowercase();
+            name != "public" && name != "s-maxage" && name != "proxy-revalidate"
+        })
+        .collect();
+    let private_already = directives.iter().any(|d| {
+        let d = d.to_ascii_lowercase();
+        d == "private" || d == "no-store" || d.starts_with("private=")
+    });
+    if !private_already {
+        directives.insert(0, "private");
+    }
+    match HeaderValue::from_str(&directives.join(", ")) {
+        Ok(v) => {
+            headers.insert(header::CACHE_CONTROL, v);
+        }
+        Err(_) => {
+            headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("private, no-cache"));
+        }
+    }
 }
 
 /// Forwards to the route's upstreams: round-robin, breaker, timeout, retries; header rewriting.
