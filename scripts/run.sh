@@ -47,11 +47,13 @@ Through the gateway: auth, entitlement, RateLimit-* headers; a repeat within 5 s
   curl -si http://localhost:$GW/api/v1/prices/latest/NG-H27 -H "Authorization: Bearer \$TOKEN"
   curl -si http://localhost:$GW/api/v1/prices/latest/NG-H27 -H "Authorization: Bearer \$TOKEN" | grep -i -e x-cache -e ratelimit
 
-Deny alice an instrument, and see the 403 (the stream below stops sending its prices too, within a second):
+Deny alice an instrument, and see the 403, and the instrument gone from her copy of the list (the
+stream below stops sending its prices too, within a second):
 
   curl -s -X POST http://localhost:$ENT/entitlements/rules -H "Authorization: Bearer \$ADMIN" -H 'content-type: application/json' \\
     -d '{"name":"no-brent","effect":"deny","resource":"instrument:BRN-*","actions":["read"],"priority":500}'
   curl -si http://localhost:$GW/api/v1/prices/latest/BRN-F27 -H "Authorization: Bearer \$TOKEN"
+  curl -s http://localhost:$GW/api/v1/prices/latest -H "Authorization: Bearer \$TOKEN"
 
 Live prices over WebSocket and SSE:
 

@@ -231,6 +231,28 @@ async fn the_readme_deny_reaches_the_gateway_and_the_stream_within_a_second_with
     }
     println!("access all: the rule reached the gateway and the stream in {:?}", started.elapsed());
     assert_eq!(http().get(&brent).bearer_auth(&token).send().await.unwrap().status(), 403);
+    // The bulk lists of the built-in routes leave it out of her copy, and only it.
+    let list = |path: &str| {
+        let url = format!("http://127.0.0.1:{gw}{path}");
+        let token = token.clone();
+        async move {
+            http().get(url).bearer_auth(token).send().await.unwrap().json::<Value>().await.unwrap()
+        }
+    };
+    let prices = list("/api/v1/prices/latest").await;
+    let ids: Vec<&str> = prices["prices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["instrument_id"].as_str())
+        .collect();
+    assert_eq!(ids, ["NG-H27", "WTI-G27", "TTF-H27", "PWR-DE-Q1"], "{prices}");
+    let instruments_list = list("/api/v1/instruments").await;
+    assert_eq!(
+        instruments_list["instruments"],
+        json!(["NG-H27", "WTI-G27", "TTF-H27", "PWR-DE-Q1"]),
+        "{instruments_list}"
+    );
     // Frames already on their way are drained; from then on no BRN-F27, the others still.
     instruments(&mut ws, Duration::from_millis(50)).await;
     let after = instruments(&mut ws, Duration::from_millis(2500)).await;
