@@ -137,8 +137,9 @@ class Layer:
                 "ACCESS_AUTH_SERVICE_URL": self.url("auth"),
                 "ACCESS_CONSOLE__GATEWAY_URL": self.url("gateway"),
                 "ACCESS_CONSOLE__STREAM_URL": self.url("stream"),
-                "ACCESS_GATEWAY__UPSTREAMS": json.dumps({g: [f"http://127.0.0.1:{self.upstream}"] for g in ["market_data", "curves", "projections"]}),
             })
+            for group in ["market_data", "curves", "projections"]:
+                self.env[f"ACCESS_GATEWAY__UPSTREAMS__{group.upper()}"] = f'["http://127.0.0.1:{self.upstream}"]'
             self.sample_upstream()
             # Entitlements first: it migrates PostgreSQL, and the others load its rules.
             for role in ["entitlements", "auth", "metrics", "gateway", "stream"]:

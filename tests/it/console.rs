@@ -311,7 +311,9 @@ async fn explain_names_the_deciding_rule_the_losers_and_the_version() {
     assert_eq!(why["not_applicable"][0]["name"], "quants write");
     assert_eq!(why["not_applicable"][0]["standing"], "other_action");
     // The same decision and version as a check.
-    let (_, check) = post(&l.entitlements, "/entitlements/check", Some(&admin), ask.clone()).await;
+    let service = l.keys.token("gateway", "platform", &["service"]);
+    let (_, check) =
+        post(&l.entitlements, "/entitlements/check", Some(&service), ask.clone()).await;
     assert_eq!(check["allowed"], why["allowed"]);
     assert_eq!(check["rules_version"], why["rules_version"]);
     // Operators only: a trader may not ask, not even about itself.

@@ -421,8 +421,13 @@ fn because(c: &super::eval::Considered, outcome: &super::eval::Outcome) -> Strin
             let i = c.condition.unwrap_or_default();
             match r.conditions.get(i) {
                 Some(cond) => format!(
-                    "condition {i} does not hold: {} {:?} {}",
-                    cond.field, cond.operator, cond.value
+                    "condition {i} does not hold: {} {} {}",
+                    cond.field,
+                    serde_json::to_value(cond.operator)
+                        .ok()
+                        .and_then(|v| v.as_str().map(String::from))
+                        .unwrap_or_default(),
+                    cond.value
                 ),
                 None => "a condition does not hold".into(),
             }

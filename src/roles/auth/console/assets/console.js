@@ -265,6 +265,7 @@ const PAGES = { rules: rulesPage, why: whyPage, keys: keysPage, sessions: sessio
 
 async function route() {
   stopTimers();
+  notice("");
   const s = session();
   if (!s) { signInPage(); return; }
   $("nav").hidden = false;
@@ -628,14 +629,14 @@ function plot(series, since, until) {
 async function livePage(main) {
   append(main, el("h2", { text: "The live layer" }), el("p", { class: "muted", id: "live-updated", text: "" }));
   const p = {
-    routes: panel("live-routes", "Gateway routes"),
+    usage: panel("live-usage", "Requests per tenant (gateway usage, 10 s buckets, last 15 min)"),
+    messages: panel("live-messages", "Stream messages per tenant (10 s buckets, last 15 min)"),
+    stream: panel("live-stream", "Stream: connections and subscriptions"),
     breakers: panel("live-breakers", "Circuit breakers"),
     limits: panel("live-ratelimits", "Rate limits"),
     cache: panel("live-cache", "Response cache"),
-    stream: panel("live-stream", "Stream: connections and subscriptions"),
     lag: panel("live-lag", "Stream: partitions and lag"),
-    usage: panel("live-usage", "Requests per tenant (gateway usage, 10 s buckets, last 15 min)"),
-    messages: panel("live-messages", "Stream messages per tenant (10 s buckets, last 15 min)"),
+    routes: panel("live-routes", "Gateway routes"),
   };
   append(main, el("div", { class: "panels" }, Object.values(p).map((x) => x.node)));
   const fill = async (target, call, render) => {
