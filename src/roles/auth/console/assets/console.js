@@ -6,7 +6,7 @@
 //   values set one by one), so a rule named <img src=x onerror=alert(1)> shows as text;
 // - every call goes to this origin (/console/...), with the operator's own token;
 // - the token lives in sessionStorage (this tab only, gone when it closes), never in a URL,
-//   a cookie or localStorage.
+//   a cookie or any storage that outlives the tab.
 
 const SESSION_KEY = "access.console.session";
 const PKCE_KEY = "access.console.pkce";
