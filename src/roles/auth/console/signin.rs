@@ -45,7 +45,8 @@ pub struct SignIn {
 
 enum Mode {
     Dev(Dev),
-    Oidc(Oidc),
+    /// Boxed: its HTTP client and endpoint cell dwarf the dev mode's fields.
+    Oidc(Box<Oidc>),
 }
 
 struct Dev {
@@ -96,7 +97,7 @@ impl SignIn {
                     "DEV MODE console: the one-time sign-in code is in this file; open /console/ on the auth port");
                 Mode::Dev(dev)
             }
-            _ => Mode::Oidc(Oidc {
+            _ => Mode::Oidc(Box::new(Oidc {
                 client_id: section.oidc_client_id.clone().or_else(|| config.auth.audience.clone()),
                 scopes: section.oidc_scopes.clone(),
                 issuer: config.auth.issuer.clone(),
@@ -110,7 +111,7 @@ impl SignIn {
                     .redirect(reqwest::redirect::Policy::none())
                     .build()
                     .map_err(|e| e.to_string())?,
-            }),
+            })),
         };
         Ok(SignIn { mode, admin_role })
     }
@@ -121,8 +122,7 @@ impl Dev {
     /// never sees half a code).
     fn rotate(&self) -> Result<(), String> {
         let hex = uuid::Uuid::new_v4().simple().to_string();
-        let code: String = hex[..20]
-            .as_bytes()
+        let code: String = hex.as_bytes()[..20]
             .chunks(5)
             .map(|c| String::from_utf8_lossy(c).into_owned())
             .collect::<Vec<_>>()
