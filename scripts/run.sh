@@ -46,9 +46,9 @@ The operator's console (rules, "why?", API keys, sessions, the live layer):
 
   http://localhost:$AUTH/console/
   sign-in code: $(cat "$ACCESS_CONSOLE__DEV_CODE_FILE" 2>/dev/null || echo "(not written: see the log)")   (one use; the next one: cat $ACCESS_CONSOLE__DEV_CODE_FILE)
-
 CONSOLE
 fi)
+
 Tokens (valid 8 hours): alice, a trader of tenant t1; root, an admin.
 
   export TOKEN=$TOKEN

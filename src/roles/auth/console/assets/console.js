@@ -645,8 +645,12 @@ async function livePage(main) {
   };
   const usage = (name) => (data) => {
     if (!data.tenants.length) return el("p", { class: "muted", text: "no usage pushed yet" });
+    // From the first bucket with data (not the window's start), so a young layer's few
+    // buckets are not squeezed against the right edge.
     const until = Date.now() / 1000;
-    return plot(data.tenants.slice(0, 6), data.since, until);
+    const first = Math.min(...data.tenants.flatMap((t) => t.points.map((p) => p[0])));
+    const since = Math.max(data.since, first - data.step_seconds);
+    return plot(data.tenants.slice(0, 6), since, until);
   };
   every(2000, async () => {
     await Promise.all([
