@@ -254,7 +254,12 @@ class ConsoleTest:
         assert xss is None, f"script from the page's data ran ({where}): window.__xss = {xss!r}"
 
     def go(self, page):
-        self.d.get(self.l.url("auth", f"/console/#/{page}"))
+        """Opens a page afresh (the same address with only a fragment is no navigation: reload)."""
+        url = self.l.url("auth", f"/console/#/{page}")
+        same = self.d.current_url == url
+        self.d.get(url)
+        if same:
+            self.d.refresh()
         self.find(f'main[data-page="{page}"]')
 
     def notice(self):
@@ -267,6 +272,7 @@ class ConsoleTest:
         rule_id = self.rules_and_the_gateway()
         self.why()
         self.stale_edit_and_history(rule_id)
+        self.disable_and_delete(rule_id)
         self.api_keys()
         self.sessions()
         self.live()
@@ -354,6 +360,22 @@ class ConsoleTest:
         self.no_script_ran("history")
         self.shot("rules-history")
 
+    def disable_and_delete(self, rule_id):
+        alice = self.l.token("alice", "t1", "trader")
+        price = self.l.url("gateway", "/api/v1/prices/latest/BRN-F27")
+        self.go("rules")
+        self.find(f'tr[data-rule="{rule_id}"]').find_element(By.XPATH, ".//button[text()='Disable']").click()
+        wait_for("the rule shows disabled", lambda: "disabled" in self.find(f'tr[data-rule="{rule_id}"]').text)
+        wait_for("a disabled rule refuses nothing", lambda: call("GET", price, alice)[0] == 200, within=5)
+        self.find(f'tr[data-rule="{rule_id}"]').find_element(By.XPATH, ".//button[text()='Enable']").click()
+        wait_for("enabled again, it refuses", lambda: call("GET", price, alice)[0] == 403, within=5)
+        self.find(f'tr[data-rule="{rule_id}"]').find_element(By.XPATH, ".//button[text()='Delete']").click()
+        self.accept_confirm()
+        wait_for("the rule's row is gone", lambda: not self.d.find_elements(By.CSS_SELECTOR, f'tr[data-rule="{rule_id}"]'))
+        wait_for("deleted, it refuses nothing", lambda: call("GET", price, alice)[0] == 200, within=5)
+        self.no_script_ran("rules after delete")
+        say(self.l.mode, "disabled, enabled and deleted the rule; the gateway followed each")
+
     def api_keys(self):
         self.go("keys")
         self.fill('#key-form input[name="name"]', "batch <b>job</b>")
@@ -369,14 +391,25 @@ class ConsoleTest:
         key_id = key.split("_")[1]
         row = self.find(f'tr[data-key="{key_id}"]')
         assert row.find_element(By.CSS_SELECTOR, ".key-name").text == "batch <b>job</b>"
+        # Rotate with an overlap: a new secret, shown once; the old one keeps working meanwhile.
+        Select(row.find_element(By.CSS_SELECTOR, "select")).select_by_value("5m")
+        row.find_element(By.XPATH, ".//button[text()='Rotate']").click()
+        rotated = wait_for("the new secret is shown", lambda: (lambda t: t if t != key else None)(self.find("#key-secret-value").text))
+        assert rotated.startswith(f"ak_{key_id}_"), rotated
+        for secret in (key, rotated):
+            status, body, _ = call("GET", price, headers={"X-API-Key": secret})
+            assert status == 200, f"within the overlap both secrets work: {status} {body}"
+        self.shot("keys-rotated")
+        row = self.find(f'tr[data-key="{key_id}"]')
         row.find_element(By.XPATH, ".//button[text()='Revoke']").click()
         self.accept_confirm()
         wait_for("the key shows revoked", lambda: "revoked" in self.find(f'tr[data-key="{key_id}"]').text)
-        wait_for("the gateway refuses the revoked key",
-                 lambda: call("GET", price, headers={"X-API-Key": key})[0] == 401, within=5)
+        for secret in (key, rotated):
+            wait_for("the gateway refuses the revoked key",
+                     lambda: call("GET", price, headers={"X-API-Key": secret})[0] == 401, within=5)
         self.find(f'tr[data-key="{key_id}"]').find_element(By.XPATH, ".//button[text()='Audit']").click()
         audit = wait_for("the key's audit", lambda: self.find("#key-audit").text)
-        assert "create" in audit and "revoke" in audit, audit
+        assert all(a in audit for a in ("create", "rotate", "revoke")), audit
         self.shot("keys")
 
     def sessions(self):
