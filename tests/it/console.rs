@@ -379,3 +379,175 @@ async fn the_consoles_own_calls_are_rate_limited() {
         .unwrap();
     assert_eq!(r.status(), 200);
 }
+
+/// An identity provider with an authorization-code token endpoint that checks PKCE (S256), the
+/// client and the redirect URI, and a discovery document naming it.
+mod code_idp {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+
+    use axum::extract::State;
+    use axum::http::StatusCode;
+    use axum::response::{IntoResponse, Response};
+    use axum::routing::{get, post};
+    use axum::{Json, Router};
+    use base64::Engine;
+    use serde_json::{json, Value};
+    use sha2::Digest;
+
+    use crate::idp::{claims, Key};
+
+    pub const CLIENT: &str = "access-console";
+
+    /// code -> (S256 challenge, redirect URI, claims of the token it buys).
+    type Codes = HashMap<String, (String, String, Value)>;
+
+    #[derive(Clone)]
+    pub struct CodeIdp {
+        pub url: String,
+        codes: Arc<Mutex<Codes>>,
+    }
+
+    struct Shared {
+        url: String,
+        key: Key,
+        codes: Arc<Mutex<Codes>>,
+    }
+
+    pub fn challenge(verifier: &str) -> String {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(verifier))
+    }
+
+    impl CodeIdp {
+        pub async fn start() -> CodeIdp {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}", listener.local_addr().unwrap());
+            let codes = Arc::new(Mutex::new(HashMap::new()));
+            let shared = Arc::new(Shared {
+                url: url.clone(),
+                key: Key::ec("console-idp"),
+                codes: codes.clone(),
+            });
+            let app = Router::new()
+                .route("/.well-known/openid-configuration", get(discovery))
+                .route("/certs", get(certs))
+                .route("/token", post(token))
+                .with_state(shared);
+            tokio::spawn(async move { axum::serve(listener, app).await });
+            CodeIdp { url, codes }
+        }
+
+        /// Issues `code` for a user with `roles`, redeemable with `verifier` at `redirect`.
+        pub fn issue(&self, code: &str, verifier: &str, redirect: &str, sub: &str, roles: &[&str]) {
+            let c = claims(sub, json!({"iss": self.url, "realm_access": {"roles": roles}}));
+            self.codes
+                .lock()
+                .unwrap()
+                .insert(code.into(), (challenge(verifier), redirect.into(), c));
+        }
+    }
+
+    async fn discovery(State(s): State<Arc<Shared>>) -> Json<Value> {
+        Json(json!({
+            "issuer": s.url, "authorization_endpoint": format!("{}/auth", s.url),
+            "token_endpoint": format!("{}/token", s.url), "jwks_uri": format!("{}/certs", s.url),
+        }))
+    }
+
+    async fn certs(State(s): State<Arc<Shared>>) -> Json<Value> {
+        Json(json!({"keys": [Value::Object(s.key.public.as_ref().clone())]}))
+    }
+
+    async fn token(State(s): State<Arc<Shared>>, body: String) -> Response {
+        let form: HashMap<String, String> =
+            url::form_urlencoded::parse(body.as_bytes()).into_owned().collect();
+        let field = |k: &str| form.get(k).cloned().unwrap_or_default();
+        // A code is spent by its first use, right or wrong.
+        let found = s.codes.lock().unwrap().remove(&field("code"));
+        let valid = field("grant_type") == "authorization_code"
+            && field("client_id") == CLIENT
+            && found.as_ref().is_some_and(|(challenge_, redirect, _)| {
+                *challenge_ == challenge(&field("code_verifier"))
+                    && *redirect == field("redirect_uri")
+            });
+        match (valid, found) {
+            (true, Some((_, _, c))) => Json(json!({
+                "access_token": s.key.sign(&c), "token_type": "Bearer", "expires_in": 600,
+            }))
+            .into_response(),
+            _ => (StatusCode::BAD_REQUEST, Json(json!({"error": "invalid_grant"}))).into_response(),
+        }
+    }
+}
+
+#[tokio::test]
+async fn oidc_sign_in_redeems_a_pkce_code_at_the_idp_and_admits_admins_only() {
+    use code_idp::{CodeIdp, CLIENT};
+    let idp = CodeIdp::start().await;
+    let prefix = redis_prefix();
+    let jwks = format!("{}/certs", idp.url);
+    let auth = start(
+        Role::Auth,
+        config(&[
+            ("ACCESS_JWKS_URL", jwks.as_str()),
+            ("ACCESS_AUTH__ISSUER", idp.url.as_str()),
+            ("ACCESS_AUTH__AUDIENCE", crate::idp::AUDIENCE),
+            ("ACCESS_REDIS_URL", REDIS_URL),
+            ("ACCESS_REDIS__PREFIX", prefix.as_str()),
+            ("ACCESS_CONSOLE__ENABLED", "true"),
+            ("ACCESS_CONSOLE__OIDC_CLIENT_ID", CLIENT),
+            // Six attempts here; the default allows five at once per address.
+            ("ACCESS_CONSOLE__SIGNIN_LIMIT__RATE", "20"),
+            ("ACCESS_CONSOLE__SIGNIN_LIMIT__PERIOD", "1m"),
+            ("ACCESS_CONSOLE__SIGNIN_LIMIT__BURST", "20"),
+        ]),
+    )
+    .await;
+    wait_ready(&auth.url("")).await;
+    let setup: Value =
+        http().get(auth.url("/console/session/setup")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(setup["mode"], "oidc");
+    assert_eq!(setup["authorization_url"], format!("{}/auth", idp.url));
+    assert_eq!(setup["client_id"], CLIENT);
+
+    let redirect = auth.url("/console/");
+    let verifier = "v".repeat(20) + &uuid::Uuid::new_v4().simple().to_string();
+    idp.issue("code-1", &verifier, &redirect, "ops", &["admin"]);
+    let sign_in = |code: &str, verifier: &str, redirect: &str| {
+        let body = json!({"code": code, "code_verifier": verifier, "redirect_uri": redirect});
+        let url = auth.url("/console/session/oidc");
+        async move {
+            let r = http().post(url).json(&body).send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let (status, session) = sign_in("code-1", &verifier, &redirect).await;
+    assert_eq!(status, 200, "{session}");
+    assert_eq!(session["subject"], "ops");
+    assert!(session["roles"].as_array().unwrap().contains(&json!("admin")));
+    let token = session["token"].as_str().unwrap();
+    let r = http()
+        .get(auth.url("/console/api/auth/auth/api-keys"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "the IdP's token works on the relay");
+
+    // A spent code, and a code with the wrong verifier, are refused by the IdP: 401.
+    let (status, _) = sign_in("code-1", &verifier, &redirect).await;
+    assert_eq!(status, 401);
+    idp.issue("code-2", &verifier, &redirect, "ops", &["admin"]);
+    let (status, _) = sign_in("code-2", &"w".repeat(43), &redirect).await;
+    assert_eq!(status, 401);
+    // Not an admin: the IdP's token is good, the console is not for them.
+    idp.issue("code-3", &verifier, &redirect, "alice", &["trader"]);
+    let (status, body) = sign_in("code-3", &verifier, &redirect).await;
+    assert_eq!((status, body["code"].as_str()), (403, Some("forbidden")), "{body}");
+    // Only the console's own address is a redirect URI; dev sign-in is off.
+    let (status, _) = sign_in("code-4", &verifier, "https://evil.example/console/").await;
+    assert_eq!(status, 422);
+    let (status, _) = post(&auth, "/console/session/dev", None, json!({"code": "x"})).await;
+    assert_eq!(status, 404);
+}

@@ -370,16 +370,29 @@ impl Oidc {
 pub(super) async fn oidc(
     AxumState(state): AxumState<SignInState>,
     client: Option<axum::Extension<ClientAddr>>,
+    headers: http::HeaderMap,
     Json(body): Json<OidcSignIn>,
 ) -> ApiResult<Response> {
     limit_signin(&state, client.map(|c| c.0))?;
     let Mode::Oidc(oidc) = &state.console.signin.mode else {
         return Err(ApiError::not_found("OIDC sign-in is off in dev mode: use the sign-in code"));
     };
+    // The redirect URI is this console's own /console/, at the host the browser asked for.
+    let host = headers.get(http::header::HOST).and_then(|h| h.to_str().ok()).unwrap_or_default();
     let redirect = Url::parse(&body.redirect_uri)
         .ok()
         .filter(|u| u.path() == "/console/" && u.query().is_none() && u.fragment().is_none())
-        .ok_or_else(|| ApiError::validation("redirect_uri", "must be the console's /console/"))?;
+        .filter(|u| {
+            let authority = match (u.host_str(), u.port()) {
+                (Some(h), Some(p)) => format!("{h}:{p}"),
+                (Some(h), None) => h.to_string(),
+                _ => String::new(),
+            };
+            authority.eq_ignore_ascii_case(host)
+        })
+        .ok_or_else(|| {
+            ApiError::validation("redirect_uri", "must be this console's own /console/ address")
+        })?;
     if !(43..=128).contains(&body.code_verifier.len()) {
         return Err(ApiError::validation("code_verifier", "43 to 128 characters (RFC 7636)"));
     }
