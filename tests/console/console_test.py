@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The operator's console in a real browser: Debian's chromium, driven headless by Selenium.
 
-Two layers are started and tested the same way:
+Two layers are started and tested the same way (and a third, `oidc`, signs in through an IdP):
   embedded  `access all` (every role in one process, embedded backends), as `make run` runs it;
   backends  the five roles as separate processes on the machine's Redis and PostgreSQL (a
             database and a Redis prefix of their own), the console's relay reaching the other
@@ -19,10 +19,12 @@ storage that outlives the tab.
 A screenshot of each page goes to $CARGO_TARGET_DIR/console-screenshots/ (the test artifact);
 --readme-screenshot FILE also writes the live layer's to FILE (docs/console.png).
 
-Usage: console_test.py --binary PATH_TO_ACCESS [--mode embedded|backends|all] [--readme-screenshot FILE]
+Usage: console_test.py --binary PATH_TO_ACCESS [--mode embedded|backends|oidc|all] [--readme-screenshot FILE]
 """
 
 import argparse
+import base64
+import hashlib
 import http.server
 import json
 import os
@@ -34,6 +36,7 @@ import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -546,6 +549,123 @@ def readme_shot(layer, driver, path):
             sub.wait()
 
 
+class FakeIdp:
+    """An identity provider for the OIDC sign-in: a discovery document, a JWKS, an authorization
+    endpoint that sends the browser straight back with a code (remembering its PKCE challenge),
+    and a token endpoint that redeems the code only with the matching verifier. Its tokens are
+    signed by a key of its own, minted with `access token` (issuer and audience set to its)."""
+
+    def __init__(self, binary, work):
+        self.binary, self.work = binary, Path(work)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.key = self.work / "idp-key.json"
+        self.codes = {}
+        self.redeemed = []
+        idp = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def answer(self, status, body, headers=None):
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):  # noqa: N802
+                url = urllib.parse.urlparse(self.path)
+                q = dict(urllib.parse.parse_qsl(url.query))
+                if url.path == "/.well-known/openid-configuration":
+                    self.answer(200, {"issuer": idp.url, "authorization_endpoint": idp.url + "/auth",
+                                      "token_endpoint": idp.url + "/token", "jwks_uri": idp.url + "/certs"})
+                elif url.path == "/certs":
+                    jwk = json.loads(idp.key.read_text())
+                    jwk.pop("d", None)
+                    self.answer(200, {"keys": [jwk]})
+                elif url.path == "/auth":
+                    ok = q.get("response_type") == "code" and q.get("client_id") == "access-console" \
+                        and q.get("code_challenge_method") == "S256" and q.get("code_challenge")
+                    if not ok:
+                        self.answer(400, {"error": "invalid_request", "got": q})
+                        return
+                    code = secrets.token_urlsafe(16)
+                    idp.codes[code] = (q["code_challenge"], q["redirect_uri"])
+                    back = q["redirect_uri"] + "?" + urllib.parse.urlencode({"code": code, "state": q.get("state", "")})
+                    self.answer(302, {}, {"Location": back})
+                else:
+                    self.answer(404, {})
+
+            def do_POST(self):  # noqa: N802
+                form = dict(urllib.parse.parse_qsl(self.rfile.read(int(self.headers["Content-Length"])).decode()))
+                found = idp.codes.pop(form.get("code"), None)
+                verifier = form.get("code_verifier", "")
+                challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+                if not found or found != (challenge, form.get("redirect_uri")) or form.get("client_id") != "access-console":
+                    self.answer(400, {"error": "invalid_grant"})
+                    return
+                idp.redeemed.append(form["code"])
+                self.answer(200, {"access_token": idp.token("ops-oidc", "admin"), "token_type": "Bearer", "expires_in": 600})
+
+            def log_message(self, *args):
+                pass
+
+        self.token("warm-up", "admin")  # creates the key
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def token(self, sub, roles):
+        env = {"PATH": os.environ.get("PATH", ""), "HOME": str(self.work), "ACCESS_AUTH__DEV_KEY_FILE": str(self.key),
+               "ACCESS_AUTH__ISSUER": self.url, "ACCESS_AUTH__AUDIENCE": "access"}
+        out = subprocess.run([self.binary, "token", "--sub", sub, "--tenant", "t1", "--roles", roles, "--ttl", "10m"],
+                             env=env, check=True, capture_output=True, text=True)
+        return out.stdout.strip()
+
+
+def run_oidc(binary, shots):
+    """Sign-in through the IdP: authorization code with PKCE, in the browser."""
+    with tempfile.TemporaryDirectory(prefix="console-oidc-") as work:
+        idp = FakeIdp(binary, work)
+        port = free_port()
+        env = {"PATH": os.environ.get("PATH", ""), "HOME": work, "ACCESS_LOG_LEVEL": "warn",
+               "ACCESS_SERVER__HOST": "127.0.0.1", "ACCESS_JWKS_URL": idp.url + "/certs",
+               "ACCESS_AUTH__ISSUER": idp.url, "ACCESS_AUTH__AUDIENCE": "access",
+               "ACCESS_CONSOLE__ENABLED": "true", "ACCESS_CONSOLE__OIDC_CLIENT_ID": "access-console"}
+        log = open(Path(work) / "auth.log", "w")
+        auth = subprocess.Popen([binary, "auth", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+        driver = None
+        try:
+            base = f"http://127.0.0.1:{port}"
+            wait_for("auth /ready", lambda: call("GET", base + "/ready")[0] == 200, within=30)
+            driver = browser()
+            wait = WebDriverWait(driver, 10)
+            driver.get(base + "/console/")
+            button = wait.until(EC.element_to_be_clickable((By.XPATH, "//button[text()='Sign in with the identity provider']")))
+            driver.save_screenshot(str(shots / "oidc-signin.png"))
+            button.click()
+            wait.until(EC.text_to_be_present_in_element((By.ID, "who"), "ops-oidc (admin)"))
+            assert idp.redeemed, "the code was redeemed at the IdP's token endpoint"
+            assert driver.current_url == base + "/console/", f"the code left the address bar: {driver.current_url}"
+            assert driver.execute_script("return sessionStorage.getItem('access.console.pkce')") is None, "the PKCE verifier is gone"
+            assert driver.execute_script("return localStorage.length") == 0
+            driver.save_screenshot(str(shots / "oidc-signed-in.png"))
+            say("oidc: signed in through the IdP (authorization code with PKCE)")
+        except Exception:
+            if driver:
+                driver.save_screenshot(str(shots / "oidc-FAILED.png"))
+            log.flush()
+            print((Path(work) / "auth.log").read_text()[-3000:], file=sys.stderr)
+            raise
+        finally:
+            if driver:
+                driver.quit()
+            auth.terminate()
+            auth.wait(timeout=15)
+            idp.server.shutdown()
+
+
 def run_mode(binary, mode, shots, readme):
     with tempfile.TemporaryDirectory(prefix=f"console-{mode}-") as work:
         layer = Layer(binary, mode, work)
@@ -576,15 +696,18 @@ def run_mode(binary, mode, shots, readme):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--binary", required=True)
-    ap.add_argument("--mode", default="all", choices=["embedded", "backends", "all"])
+    ap.add_argument("--mode", default="all", choices=["embedded", "backends", "oidc", "all"])
     ap.add_argument("--readme-screenshot")
     args = ap.parse_args()
     target = Path(os.environ.get("CARGO_TARGET_DIR", Path.home() / ".cache/access/target"))
     shots = target / "console-screenshots"
     shots.mkdir(parents=True, exist_ok=True)
-    modes = ["embedded", "backends"] if args.mode == "all" else [args.mode]
+    modes = ["embedded", "backends", "oidc"] if args.mode == "all" else [args.mode]
     for mode in modes:
-        run_mode(os.path.abspath(args.binary), mode, shots, args.readme_screenshot if mode == "embedded" else None)
+        if mode == "oidc":
+            run_oidc(os.path.abspath(args.binary), shots)
+        else:
+            run_mode(os.path.abspath(args.binary), mode, shots, args.readme_screenshot if mode == "embedded" else None)
     say("screenshots in", shots)
 
 
