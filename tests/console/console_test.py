@@ -702,6 +702,8 @@ def main():
     target = Path(os.environ.get("CARGO_TARGET_DIR", Path.home() / ".cache/access/target"))
     shots = target / "console-screenshots"
     shots.mkdir(parents=True, exist_ok=True)
+    for stale in shots.glob("*-FAILED.png"):
+        stale.unlink()
     modes = ["embedded", "backends", "oidc"] if args.mode == "all" else [args.mode]
     for mode in modes:
         if mode == "oidc":
