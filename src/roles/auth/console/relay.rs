@@ -89,6 +89,8 @@ pub struct Relay {
     /// The auth role's own API, called in-process.
     auth_api: Router,
     http: reqwest::Client,
+    /// The largest request body relayed (`server.max_body_bytes`).
+    max_body: usize,
 }
 
 impl Relay {
@@ -103,6 +105,7 @@ impl Relay {
                 ("metrics", config.metrics_service_url.clone()),
             ],
             auth_api,
+            max_body: config.server.max_body_bytes,
             http: reqwest::Client::builder()
                 .timeout(console.relay_timeout)
                 .redirect(reqwest::redirect::Policy::none())
@@ -167,9 +170,9 @@ pub async fn forward(
             headers.insert(name.clone(), v.clone());
         }
     }
-    let body = axum::body::to_bytes(body, usize::MAX)
-        .await
-        .map_err(|_| ApiError::invalid_request("the request body could not be read"))?;
+    let body = axum::body::to_bytes(body, console.relay.max_body).await.map_err(|_| {
+        ApiError::new(ErrorCode::PayloadTooLarge, "the request body is too large to relay")
+    })?;
     if role == "auth" {
         let mut inner = http::Request::builder()
             .method(parts.method.clone())
