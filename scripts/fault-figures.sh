@@ -2,12 +2,13 @@
 # Figures for dependency faults (issue #21; not part of `make test`):
 #   gateway: requests/s and p50/p99 with Redis up, killed and frozen (SIGSTOP), in the
 #            `local` and `open` rate_limit_on_store_error modes. The gateway and the entitlements
-#            role share one private Redis (rate limits, response cache, revocations, decision
-#            cache); every request names a new instrument, so each asks the entitlements role,
-#            whose decision cache is in that Redis. The first TRANSITION (2 s) after the fault is
-#            shown on its own line (the gateway's breaker, then the entitlements role's, trip after
-#            at most 500 ms each); then DURATION from there. Goal: at least 0.8 of the Redis-up
-#            rate, p99 under 10 ms.
+#            role share one private Redis (rate limits, revocations, the rules version channel,
+#            the entitlements role's decision cache); every request names a new instrument, so no
+#            cache answers and the gateway's rules mirror decides each one. The first TRANSITION
+#            (1 s) after the fault is shown on its own line: a killed Redis opens the process's
+#            one Redis breaker when its connection closes, a frozen one after `trip_after`
+#            (500 ms); then DURATION from there. Goal: at least 0.8 of the Redis-up rate, p99
+#            under 10 ms, within 1 s of the failure.
 #   stream:  time from a silent broker healing to the first missed record delivered (the fault
 #            test `faults::a_silent_broker_stalls_nothing_once_it_heals` prints it). Goal: < 2 s.
 # Needs redis-server, nginx (the upstream), wrk, curl; the stream figure needs the test services
@@ -16,7 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/access/target}
 DURATION=${DURATION:-5s}
-TRANSITION=${TRANSITION:-2s}
+TRANSITION=${TRANSITION:-1s}
 CONNECTIONS=${CONNECTIONS:-16}
 THREADS=${THREADS:-1}
 for tool in redis-server nginx wrk curl; do

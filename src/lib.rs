@@ -8,6 +8,7 @@
 //!   common layers.
 //! - [`backends`]: Redis, PostgreSQL and Kafka connections with readiness checks.
 //! - [`auth`]: in-process JWT verification, revocation, dev key, service tokens.
+//! - [`resource`]: resource templates (`instrument:{instrument_id}`) rendered from data.
 //! - [`roles`]: the roles, each `Config -> build -> State -> router -> run`.
 //! - [`sample`]: the sample upstream and update publisher of `access all`.
 
@@ -16,6 +17,7 @@ pub mod backends;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod resource;
 pub mod roles;
 pub mod sample;
 pub mod server;

@@ -229,8 +229,11 @@ pub struct Auth {
     /// The process's PostgreSQL pool, migrated, when `postgres_dsn` is set (shared with the
     /// roles that store data there).
     pub postgres: Option<deadpool_postgres::Pool>,
-    /// The Redis connection of the revocation store (with its breaker), for readiness.
-    redis: Option<crate::backends::redis::Guarded>,
+    /// The process's one Redis command connection and its breaker, when `redis_url` is set:
+    /// revocations here, and every role of the process that keeps state in Redis (rate limits,
+    /// the response cache, the decision cache, the SSE relay), so that one breaker decides for
+    /// all of them and a Redis failure is noticed once, not once per use.
+    pub redis: Option<crate::backends::redis::Guarded>,
 }
 
 impl Auth {
@@ -288,10 +291,12 @@ impl Auth {
             Some(url) => {
                 let client = crate::backends::redis::connect(url, &config.redis).await?;
                 let subscriber = crate::backends::redis::subscriber(url, &config.redis).await?;
+                // The process's one command connection, with its one breaker: revocations here,
+                // and every role of the process that uses Redis (`Auth::redis`).
                 let guarded = crate::backends::redis::Guarded::new(
                     client,
                     ctx.role,
-                    "revocations",
+                    "commands",
                     &config.redis,
                 );
                 redis = Some(guarded.clone());

@@ -10,9 +10,13 @@
 //! first probe that succeeds closes it. No request ever waits for a probe. Without a probe, one
 //! call is let through as the probe once the interval has passed.
 //!
-//! Measured with `scripts/fault-figures.sh`: a killed or SIGSTOP-frozen Redis costs the requests
-//! in flight at that moment `trip_after` at most; every request after it is decided without
-//! touching Redis.
+//! When the breaker opens, the calls still in flight are released at once
+//! ([`CallError::Released`]): they do not each wait for their own deadline. A connection that
+//! reports its own loss (a Redis connection closed by the server: see
+//! [`crate::backends::redis::Guarded`]) opens the breaker at that moment with [`Breaker::trip`],
+//! so a killed server costs no call any wait; a frozen one costs the calls in flight at that
+//! moment `trip_after` at most. Every call after that is decided without touching the backend
+//! (measured with `scripts/fault-figures.sh`).
 
 use std::future::Future;
 use std::sync::{Arc, Mutex, Weak};
@@ -104,6 +108,10 @@ pub enum CallError {
     /// The backend answered with an error, or the connection failed.
     #[error("{0}: {1}")]
     Failed(&'static str, String),
+    /// The call was made, but the breaker opened (another call failed, or the connection was
+    /// lost) before its answer came: given up at once. Whether it took effect is unknown.
+    #[error("{0}: breaker opened while the call was in flight; given up")]
+    Released(&'static str),
 }
 
 impl CallError {
@@ -133,6 +141,9 @@ pub struct Breaker {
     probe: Option<Probe>,
     /// Itself, for the background prober it spawns.
     me: Weak<Breaker>,
+    /// Notified when the breaker opens: the calls in flight wait on it beside their answer, so
+    /// they are released at once rather than each waiting for its deadline.
+    opened_signal: tokio::sync::Notify,
     gauge: metrics::Gauge,
     opened: metrics::Counter,
     rejected: metrics::Counter,
@@ -205,6 +216,7 @@ impl Breaker {
             config,
             probe,
             me: me.clone(),
+            opened_signal: tokio::sync::Notify::new(),
             gauge,
             opened: metrics::counter!(names::OPENED, &labels),
             rejected: metrics::counter!(names::REJECTED, &labels),
@@ -258,15 +270,7 @@ impl Breaker {
         let mut state = self.lock();
         let now = Instant::now();
         match (state.open_until, probe) {
-            (None, _) => {
-                state.interval = self.config.open_min;
-                state.open_until = Some(now + state.interval);
-                self.opened.increment(1);
-                self.gauge.set(1.0);
-                tracing::warn!(backend = self.backend, open_for = ?state.interval, "backend failing; breaker open");
-                drop(state);
-                self.spawn_prober();
-            }
+            (None, _) => self.open(state, now, "a call failed or went unanswered"),
             (Some(_), true) => {
                 state.interval = (state.interval * 2).min(self.config.open_max);
                 state.open_until = Some(now + state.interval);
@@ -274,6 +278,28 @@ impl Breaker {
             }
             (Some(_), false) => {}
         }
+    }
+
+    /// Opens a closed breaker from outside a call: the connection reported its own loss. Calls
+    /// in flight are released and new ones refused until a probe succeeds.
+    pub fn trip(&self, why: &str) {
+        let state = self.lock();
+        if state.open_until.is_none() {
+            self.open(state, Instant::now(), why);
+        }
+    }
+
+    /// Opens the (closed) breaker: for `open_min`, then probed.
+    fn open(&self, mut state: std::sync::MutexGuard<'_, State>, now: Instant, why: &str) {
+        state.interval = self.config.open_min;
+        state.open_until = Some(now + state.interval);
+        state.probing = false;
+        self.opened.increment(1);
+        self.gauge.set(1.0);
+        tracing::warn!(backend = self.backend, open_for = ?state.interval, why, "backend failing; breaker open");
+        drop(state);
+        self.opened_signal.notify_waiters();
+        self.spawn_prober();
     }
 
     /// Probes in the background until a probe succeeds (which closes the breaker), waiting the
@@ -306,7 +332,8 @@ impl Breaker {
     }
 
     /// Runs `call` under the breaker: refused at once when open; failed, and the breaker opened,
-    /// when it fails or is unanswered after `trip_after` (or `deadline`, if shorter).
+    /// when it fails or is unanswered after `trip_after` (or `deadline`, if shorter); released
+    /// at once if the breaker opens meanwhile.
     pub async fn call<T, E: std::fmt::Display>(
         &self,
         deadline: Duration,
@@ -314,7 +341,18 @@ impl Breaker {
     ) -> Result<T, CallError> {
         let permit = self.admit()?;
         let deadline = deadline.min(self.config.trip_after);
-        let outcome = tokio::time::timeout(deadline, call).await;
+        // Created before the call starts, so an opening at any later moment wakes it (a
+        // `Notified` receives `notify_waiters` from its creation on, polled or not).
+        let opened = self.opened_signal.notified();
+        let outcome = tokio::select! {
+            biased;
+            outcome = tokio::time::timeout(deadline, call) => outcome,
+            () = opened, if !permit.probe => {
+                // Not a failure of this call: the breaker is open already.
+                drop(permit);
+                return Err(CallError::Released(self.backend));
+            }
+        };
         match outcome {
             Ok(Ok(value)) => {
                 permit.success();
@@ -402,6 +440,40 @@ mod tests {
         let behind = b.call(Duration::from_secs(1), async { Ok::<_, String>("x") }).await;
         assert!(behind.unwrap_err().is_open(), "the calls behind it are refused at once");
         assert!(at.elapsed() < Duration::from_millis(5));
+    }
+
+    #[tokio::test]
+    async fn calls_in_flight_are_released_when_it_opens() {
+        let b = breaker();
+        let long = Duration::from_secs(10);
+        let slow = Breaker::new(
+            Role::Gateway,
+            "test",
+            "test",
+            Config { trip_after: long, ..config() },
+            None,
+        );
+        // Calls waiting on a frozen backend; another call fails: all of them are given up now.
+        for (b, open) in [(&b, 0), (&slow, 1)] {
+            let started = Instant::now();
+            let waiting = || b.call(long, std::future::pending::<Result<(), String>>());
+            let opener = async {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                if open == 0 {
+                    let _ = b.call(long, async { Err::<(), _>("refused") }).await;
+                } else {
+                    b.trip("connection lost");
+                }
+            };
+            let (first, second, ()) = tokio::join!(waiting(), waiting(), opener);
+            assert_eq!(first, Err(CallError::Released("test")));
+            assert_eq!(second, Err(CallError::Released("test")));
+            assert!(started.elapsed() < Duration::from_millis(45), "{:?}", started.elapsed());
+            assert!(b.is_open());
+        }
+        // A trip of an open breaker changes nothing; a closed one after a probe trips again.
+        slow.trip("again");
+        assert!(slow.is_open());
     }
 
     #[tokio::test]

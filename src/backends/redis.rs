@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use fred::prelude::{ClientLike, Config as FredConfig, ReconnectPolicy};
+use fred::prelude::{ClientLike, Config as FredConfig, EventInterface, ReconnectPolicy};
 use fred::types::Builder;
 use futures::future::BoxFuture;
 
@@ -104,8 +104,11 @@ pub struct Guarded {
 
 impl Guarded {
     /// `client` with a new breaker for `role`, per `config`, labelled with what the connection
-    /// is for (`user`: `rate_limits`, `revocations`, `decision_cache`); while open, the breaker
-    /// probes with `PING` in the background.
+    /// is for (`user`: `commands` for the process's one command connection); while open, the
+    /// breaker probes with `PING` in the background. A connection error fred reports (the server
+    /// closed the connection, a reconnection failed) opens the breaker at that moment, releasing
+    /// the calls in flight: a killed Redis costs no call its `trip_after`. Must be called within
+    /// a Tokio runtime (it spawns the listener).
     pub fn new(client: Client, role: Role, user: &'static str, config: &RedisConfig) -> Self {
         let pinged = client.clone();
         let probe: super::breaker::Probe = Box::new(move || {
@@ -114,11 +117,22 @@ impl Guarded {
                 client.ping::<String>(None).await.map(|_| ()).map_err(|e| e.to_string())
             })
         });
-        Guarded {
-            client,
-            breaker: Breaker::new(role, "redis", user, config.breaker.clone(), Some(probe)),
-            timeout: config.timeout,
-        }
+        let breaker = Breaker::new(role, "redis", user, config.breaker.clone(), Some(probe));
+        // A weak handle: the listener ends with the breaker (its error returned ends the task).
+        let tripped = Arc::downgrade(&breaker);
+        let _listener = client.on_error(move |(error, _server)| {
+            let breaker = tripped.upgrade();
+            async move {
+                match breaker {
+                    Some(b) => {
+                        b.trip(&format!("connection error: {error}"));
+                        Ok(())
+                    }
+                    None => Err(fred::error::Error::new_canceled()),
+                }
+            }
+        });
+        Guarded { client, breaker, timeout: config.timeout }
     }
 
     /// Runs a command (built from the client) under the breaker and the command deadline.

@@ -438,6 +438,7 @@ async fn service_tokens_by_client_credentials_are_cached_and_renewed_before_expi
         "gateway".into(),
         Secret::new("s3cret"),
         Duration::from_secs(2),
+        Role::Gateway,
     )
     .unwrap();
     let first = source.token().await.unwrap();
@@ -446,7 +447,12 @@ async fn service_tokens_by_client_credentials_are_cached_and_renewed_before_expi
     assert_eq!(idp.token_fetches(), 1);
     // 80% of 2 s: renewed after 1.6 s, before the token expires.
     tokio::time::sleep(Duration::from_millis(1700)).await;
-    let renewed = source.token().await.unwrap();
+    // The renewal runs in the background: this caller gets the current token at once.
+    assert_eq!(source.token().await.unwrap(), first);
+    let renewed = eventually(Duration::from_secs(2), "renewed", || async {
+        source.token().await.ok().filter(|t| *t != first)
+    })
+    .await;
     assert_ne!(renewed, first);
     assert_eq!(idp.token_fetches(), 2);
 
@@ -455,6 +461,7 @@ async fn service_tokens_by_client_credentials_are_cached_and_renewed_before_expi
         "gateway".into(),
         Secret::new("wrong"),
         Duration::from_secs(2),
+        Role::Gateway,
     )
     .unwrap();
     let err = wrong.token().await.unwrap_err();

@@ -124,18 +124,31 @@ async fn redis_fails_under_load(mode: &str, fault: Fault) {
         Fault::Killed => l.redis.stop(),
         Fault::Frozen => l.redis.freeze(),
     }
-    let seen = load(&l, &token, fault_at, Duration::from_millis(3000)).await;
-    // Two breakers trip in series (the gateway's, then the entitlements role's, each after at
-    // most `trip_after`, 500 ms): from 1.5 s on, no request touches Redis.
-    let settled: Vec<_> = seen.iter().filter(|(at, _, _)| *at >= 1.5).collect();
-    assert!(settled.len() >= 5, "{mode} {fault:?}: too few requests after 1.5 s: {seen:?}");
-    let statuses: Vec<u16> = settled.iter().map(|(_, s, _)| *s).collect();
+    let seen = load(&l, &token, fault_at, Duration::from_millis(2500)).await;
+    // One breaker for the process's Redis connection. A killed Redis closes the connection:
+    // the breaker opens at that moment and no request waits at all. A frozen one answers
+    // nothing: the calls in flight wait `trip_after` (500 ms), then all are released at once;
+    // from 1 s on no request touches Redis.
+    let statuses: Vec<u16> = seen.iter().map(|(_, s, _)| *s).collect();
     assert!(statuses.iter().all(|s| *s == 200), "{mode} {fault:?}: every request served: {seen:?}");
-    let slowest = settled.iter().map(|(_, _, took)| *took).fold(0.0, f64::max);
+    let settled: Vec<_> = seen.iter().filter(|(at, _, _)| *at >= 1.0).collect();
+    assert!(settled.len() >= 5, "{mode} {fault:?}: too few requests after 1 s: {seen:?}");
     // The Redis timeout is 2 s and a call is given up after `trip_after` (500 ms): no request
-    // after the breakers opened waited for either (a debug build on a shared machine takes up to
+    // after the breaker opened waited for either (a debug build on a shared machine takes up to
     // a tenth of a second per request; the figures script measures a release build).
-    assert!(slowest < 0.4, "{mode} {fault:?}: slowest request {slowest:.3} s: {seen:?}");
+    let slowest = |from: f64| {
+        seen.iter().filter(|(at, _, _)| *at >= from).map(|(_, _, took)| *took).fold(0.0, f64::max)
+    };
+    assert!(
+        slowest(1.0) < 0.4,
+        "{mode} {fault:?}: slowest after 1 s {:.3} s: {seen:?}",
+        slowest(1.0)
+    );
+    let bound = match fault {
+        Fault::Killed => 0.4,
+        Fault::Frozen => 0.9,
+    };
+    assert!(slowest(0.0) < bound, "{mode} {fault:?}: slowest {:.3} s: {seen:?}", slowest(0.0));
     // Readiness: both roles keep serving with a documented fallback, so both are ready, degraded.
     for (role, url) in [("gateway", l.gateway.url("")), ("entitlements", l.entitlements.url(""))] {
         let (status, body) = ready(&url).await;
@@ -199,9 +212,9 @@ async fn redis_fails_in_closed_mode(fault: Fault) {
         Fault::Killed => l.redis.stop(),
         Fault::Frozen => l.redis.freeze(),
     }
-    let seen = load(&l, &token, fault_at, Duration::from_millis(2500)).await;
-    let settled: Vec<_> = seen.iter().filter(|(at, _, _)| *at >= 1.5).collect();
-    assert!(settled.len() >= 5, "{fault:?}: too few requests after 1.5 s: {seen:?}");
+    let seen = load(&l, &token, fault_at, Duration::from_millis(2000)).await;
+    let settled: Vec<_> = seen.iter().filter(|(at, _, _)| *at >= 1.0).collect();
+    assert!(settled.len() >= 5, "{fault:?}: too few requests after 1 s: {seen:?}");
     assert!(settled.iter().all(|(_, s, took)| *s == 503 && *took < 0.4), "{fault:?}: {seen:?}");
     let (status, body) = ready(&l.gateway.url("")).await;
     assert_eq!((status, body["status"].as_str()), (503, Some("not_ready")), "{body}");
@@ -221,10 +234,11 @@ async fn redis_frozen_closed_mode_refuses_at_once_and_is_not_ready() {
 }
 
 /// A client-credentials token endpoint issuing tokens that live `lifetime` seconds; while down it
-/// answers 503.
+/// answers 503, while frozen it never answers.
 struct TokenEndpoint {
     url: url::Url,
     down: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
     fetches: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
@@ -233,14 +247,18 @@ impl TokenEndpoint {
         use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
         use std::sync::Arc;
         let down = Arc::new(AtomicBool::new(false));
+        let frozen = Arc::new(AtomicBool::new(false));
         let fetches = Arc::new(AtomicUsize::new(0));
-        let (d, f) = (down.clone(), fetches.clone());
+        let (d, z, f) = (down.clone(), frozen.clone(), fetches.clone());
         let app = Router::new().route(
             "/token",
             axum::routing::post(move || {
-                let (d, f) = (d.clone(), f.clone());
+                let (d, z, f) = (d.clone(), z.clone(), f.clone());
                 async move {
                     let n = f.fetch_add(1, Ordering::SeqCst);
+                    if z.load(Ordering::SeqCst) {
+                        std::future::pending::<()>().await;
+                    }
                     if d.load(Ordering::SeqCst) {
                         return (http::StatusCode::SERVICE_UNAVAILABLE, String::new());
                     }
@@ -252,42 +270,52 @@ impl TokenEndpoint {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/token", listener.local_addr().unwrap()).parse().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await });
-        TokenEndpoint { url, down, fetches }
+        TokenEndpoint { url, down, frozen, fetches }
     }
 }
 
-/// The token endpoint goes down before the renewal point (80% of a 2 s token): the current
-/// token is used until it expires, renewal is retried with backoff (not on every call), failures
-/// are counted, and once the endpoint is back a new token is fetched.
-#[tokio::test]
-async fn a_token_endpoint_down_across_the_renewal_point_keeps_the_current_token() {
+/// The token endpoint fails (`frozen`: never answers; else 503) before the renewal point (80%
+/// of a 4 s token): no caller waits, the current token is used until it expires, the renewal
+/// is retried behind the endpoint's breaker (not on every call), failures are counted, and once
+/// the endpoint is back a new token is fetched.
+async fn token_endpoint_fails_across_the_renewal_point(frozen: bool) {
     use access::auth::token_source::TokenSource;
     use std::sync::atomic::Ordering;
-    let idp = TokenEndpoint::start(2).await;
+    let idp = TokenEndpoint::start(4).await;
     let source = TokenSource::client_credentials(
         idp.url.clone(),
         "gateway".into(),
         access::config::Secret::new("s3cret"),
-        Duration::from_secs(1),
+        Duration::from_millis(300),
+        Role::Gateway,
     )
     .unwrap();
     let fetched_at = Instant::now();
     let first = source.token().await.unwrap();
-    idp.down.store(true, Ordering::SeqCst);
-    tokio::time::sleep(Duration::from_millis(1650).saturating_sub(fetched_at.elapsed())).await;
-    // Past the renewal point, the endpoint down: the current token, at once.
-    let sent = Instant::now();
-    assert_eq!(source.token().await.as_deref(), Ok(first.as_str()), "renewal due, endpoint down");
-    assert!(sent.elapsed() < Duration::from_millis(200));
-    assert_eq!(source.renewal_failures(), 1);
+    let fault = if frozen { &idp.frozen } else { &idp.down };
+    fault.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(3250).saturating_sub(fetched_at.elapsed())).await;
+    // Past the renewal point, the endpoint failing: the current token, at once.
+    for _ in 0..10 {
+        let sent = Instant::now();
+        assert_eq!(source.token().await.as_deref(), Ok(first.as_str()), "renewal due");
+        assert!(sent.elapsed() < Duration::from_millis(100), "no wait: {:?}", sent.elapsed());
+    }
+    eventually(Duration::from_secs(1), "the failed renewal is counted", || async {
+        (source.renewal_failures() == 1).then_some(())
+    })
+    .await;
     for _ in 0..10 {
         assert_eq!(source.token().await.as_deref(), Ok(first.as_str()));
     }
     assert_eq!(source.renewal_failures(), 1, "retried after a backoff, not on every call");
-    // Once it expired (less the margin), and the endpoint still down: an error.
-    tokio::time::sleep(Duration::from_millis(2000).saturating_sub(fetched_at.elapsed())).await;
+    // Once it expired (less the margin), and the endpoint still failing: an error, at once
+    // while the breaker is open.
+    tokio::time::sleep(Duration::from_millis(3650).saturating_sub(fetched_at.elapsed())).await;
+    let sent = Instant::now();
     assert!(source.token().await.is_err(), "an expired token is never used");
-    idp.down.store(false, Ordering::SeqCst);
+    assert!(sent.elapsed() < Duration::from_millis(100), "refused at once: {:?}", sent.elapsed());
+    fault.store(false, Ordering::SeqCst);
     let renewed =
         eventually(Duration::from_secs(5), "a new token once the endpoint is back", || async {
             source.token().await.ok()
@@ -295,6 +323,16 @@ async fn a_token_endpoint_down_across_the_renewal_point_keeps_the_current_token(
         .await;
     assert_ne!(renewed, first);
     assert!(idp.fetches.load(Ordering::SeqCst) >= 3);
+}
+
+#[tokio::test]
+async fn a_token_endpoint_down_across_the_renewal_point_keeps_the_current_token() {
+    token_endpoint_fails_across_the_renewal_point(false).await;
+}
+
+#[tokio::test]
+async fn a_token_endpoint_frozen_across_the_renewal_point_holds_no_caller_up() {
+    token_endpoint_fails_across_the_renewal_point(true).await;
 }
 
 /// PostgreSQL killed under API-key traffic: keys seen recently keep working from their cached
@@ -437,5 +475,65 @@ async fn a_revoked_api_key_is_not_served_from_the_cache_during_an_outage() {
     .await;
     for _ in 0..5 {
         assert_ne!(call().await, 200, "never served again from a stale record");
+    }
+}
+
+/// The SSE control relay publishes through the process's Redis connection and its breaker: with
+/// Redis killed or frozen, a relayed subscription change is refused (503
+/// `dependency_unavailable`) at once, not after the Redis command timeout (2 s); and it works
+/// again once Redis is back.
+#[tokio::test]
+async fn the_sse_relay_fails_fast_while_redis_is_down() {
+    for fault in [Fault::Killed, Fault::Frozen] {
+        let keys = DevKeys::new();
+        let mut redis = PrivateRedis::start().await;
+        let prefix = redis_prefix();
+        let stream = start(
+            Role::Stream,
+            config(&[
+                ("ACCESS_AUTH__DEV_KEY_FILE", keys.path.as_str()),
+                ("ACCESS_REDIS_URL", redis.url.as_str()),
+                ("ACCESS_REDIS__PREFIX", prefix.as_str()),
+                ("ACCESS_STREAM__RELAY_TIMEOUT", "300ms"),
+            ]),
+        )
+        .await;
+        wait_ready(&stream.url("")).await;
+        let token = keys.token("alice", "t1", &["trader"]);
+        let relay = || async {
+            let sent = Instant::now();
+            let r = http()
+                .post(stream.url("/sse/subscribe"))
+                .bearer_auth(&token)
+                .json(&serde_json::json!({"connection_id": "elsewhere-1", "topics": ["x"]}))
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let body: Value = r.json().await.unwrap();
+            (status, body["code"].as_str().unwrap_or_default().to_string(), sent.elapsed())
+        };
+        // Redis up: relayed; no replica holds it, so 404 after the relay timeout.
+        assert_eq!(relay().await.0, 404);
+        match fault {
+            Fault::Killed => redis.stop(),
+            Fault::Frozen => redis.freeze(),
+        }
+        let first = relay().await;
+        assert_eq!((first.0, first.1.as_str()), (503, "dependency_unavailable"), "{fault:?}");
+        // Killed: the connection's loss opened the breaker; frozen: the first call trips it.
+        assert!(first.2 < Duration::from_millis(900), "{fault:?}: {:?}", first.2);
+        for _ in 0..5 {
+            let (status, code, took) = relay().await;
+            assert_eq!((status, code.as_str()), (503, "dependency_unavailable"));
+            assert!(took < Duration::from_millis(200), "{fault:?}: at once, took {took:?}");
+        }
+        if let Fault::Frozen = fault {
+            redis.thaw();
+            eventually(Duration::from_secs(10), "relayed again after the thaw", || async {
+                (relay().await.0 == 404).then_some(())
+            })
+            .await;
+        }
     }
 }

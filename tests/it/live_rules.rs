@@ -411,3 +411,154 @@ async fn a_restarted_embedded_rules_store_is_followed_although_its_versions_star
     })
     .await;
 }
+
+/// A list response (`entitlement.items`) holds only the items the caller may read, on a cache
+/// miss and a hit alike (the cache keeps the whole body), and a deny reaches it within a second;
+/// an item the template cannot name reaches no one; a body that cannot be filtered is refused,
+/// never passed on; validators of the whole body are removed, and HEAD tells no size.
+#[tokio::test]
+async fn list_responses_hold_only_the_items_the_caller_may_read() {
+    let db = Db::new().await;
+    let keys = DevKeys::new();
+    let prefix = redis_prefix();
+    let common = [
+        ("ACCESS_AUTH__DEV_KEY_FILE", keys.path.as_str()),
+        ("ACCESS_REDIS_URL", REDIS_URL),
+        ("ACCESS_REDIS__PREFIX", prefix.as_str()),
+    ];
+    let mut env = common.to_vec();
+    env.push(("ACCESS_POSTGRES_DSN", db.dsn.as_str()));
+    let entitlements = start(Role::Entitlements, config(&env)).await;
+    wait_ready(&entitlements.url("")).await;
+    let admin = keys.token("root", "ops", &["admin"]);
+    for rule in [
+        json!({"name": "data", "effect": "allow", "resource": "market_data", "actions": ["read"], "roles": ["trader"], "priority": 10}),
+        json!({"name": "all", "effect": "allow", "resource": "instrument:*", "actions": ["read"], "roles": ["trader"], "priority": 10}),
+    ] {
+        create_rule(&entitlements, &admin, rule).await;
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let cacheable = |body: String| {
+            (
+                [
+                    (http::header::CACHE_CONTROL, "max-age=60"),
+                    (http::header::ETAG, "\"whole-list\""),
+                    (http::header::CONTENT_TYPE, "application/json"),
+                ],
+                body,
+            )
+        };
+        let app = axum::Router::new()
+            .route(
+                "/prices",
+                axum::routing::get(move || async move {
+                    cacheable(
+                        json!({"prices": [
+                            {"instrument_id": "NG-H27", "price": 1},
+                            {"instrument_id": "BRN-F27", "price": 2},
+                            {"price": 3},
+                            {"instrument_id": "BRN-G27", "price": 4},
+                        ], "as_of": "now"})
+                        .to_string(),
+                    )
+                }),
+            )
+            .route(
+                "/ids",
+                axum::routing::get(move || async move {
+                    cacheable(json!(["NG-H27", "BRN-F27"]).to_string())
+                }),
+            )
+            .route("/text", axum::routing::get(|| async { "NG-H27,BRN-F27" }));
+        axum::serve(listener, app).await
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let routes = dir.path().join("routes.yaml");
+    std::fs::write(
+        &routes,
+        format!(
+            r#"
+- {{ name: prices, path: /api/prices, methods: [GET, HEAD], upstreams: ["{upstream}"], strip_prefix: /api, cache: {{}}, entitlement: {{ resource: market_data, items: {{ array: prices, resource: "instrument:{{instrument_id}}" }} }} }}
+- {{ name: ids, path: /api/ids, upstreams: ["{upstream}"], strip_prefix: /api, entitlement: {{ resource: market_data, items: {{ resource: "instrument:{{.}}" }} }} }}
+- {{ name: text, path: /api/text, upstreams: ["{upstream}"], strip_prefix: /api, entitlement: {{ resource: market_data, items: {{ resource: "instrument:{{.}}" }} }} }}
+"#
+        ),
+    )
+    .unwrap();
+    let (routes, ent_url) = (routes.display().to_string(), entitlements.url(""));
+    let mut env = common.to_vec();
+    env.push(("ACCESS_GATEWAY__ROUTES_FILE", routes.as_str()));
+    env.push(("ACCESS_ENTITLEMENTS_SERVICE_URL", ent_url.as_str()));
+    let gateway = start(Role::Gateway, config(&env)).await;
+    wait_ready(&gateway.url("")).await;
+    let (alice, bob) =
+        (keys.token("alice", "t1", &["trader"]), keys.token("bob", "t1", &["trader"]));
+    let get = |path: &'static str, token: String| {
+        let url = gateway.url(path);
+        async move {
+            let r = http().get(url).bearer_auth(token).send().await.unwrap();
+            let status = r.status().as_u16();
+            let cache = r.headers().get("x-cache").map(|v| v.to_str().unwrap().to_string());
+            assert!(r.headers().get("etag").is_none(), "no validator of the whole list");
+            let body: Value = r.json().await.unwrap_or(Value::Null);
+            (status, cache, body)
+        }
+    };
+    let ids = |body: &Value| -> Vec<String> {
+        body["prices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["instrument_id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    // Everything allowed: every named item, never the one without a name.
+    let (status, cache, body) = get("/api/prices", alice.clone()).await;
+    assert_eq!((status, cache.as_deref()), (200, Some("MISS")));
+    assert_eq!(ids(&body), ["NG-H27", "BRN-F27", "BRN-G27"]);
+    assert_eq!(body["as_of"], "now", "the rest of the body is kept");
+
+    create_rule(
+        &entitlements,
+        &admin,
+        json!({"name": "alice-no-brent", "effect": "deny", "resource": "instrument:BRN-*", "actions": ["read"], "user_id": "alice", "priority": 100}),
+    )
+    .await;
+    let seen = eventually(Duration::from_secs(1), "the deny reaches the list", || async {
+        let (status, cache, body) = get("/api/prices", alice.clone()).await;
+        (status == 200 && ids(&body) == ["NG-H27"]).then_some(cache)
+    })
+    .await;
+    assert_eq!(seen.as_deref(), Some("HIT"), "filtered from the cached whole list");
+    let (_, cache, body) = get("/api/prices", bob.clone()).await;
+    assert_eq!(
+        (cache.as_deref(), ids(&body)),
+        (Some("HIT"), vec!["NG-H27".into(), "BRN-F27".into(), "BRN-G27".into()])
+    );
+    let (status, _, body) = get("/api/ids", alice.clone()).await;
+    assert_eq!((status, body), (200, json!(["NG-H27"])));
+    let (status, _, body) = get("/api/ids", bob.clone()).await;
+    assert_eq!((status, body), (200, json!(["NG-H27", "BRN-F27"])));
+    // A HEAD answer does not tell the size of the whole list.
+    let head = http().head(gateway.url("/api/prices")).bearer_auth(&alice).send().await.unwrap();
+    assert_eq!(head.status(), 200);
+    assert!(head.headers().get("content-length").is_none_or(|v| v == "0"), "{:?}", head.headers());
+    // Cannot be filtered: refused, not passed on.
+    let (status, _, body) = get("/api/text", alice.clone()).await;
+    assert_eq!(
+        (status, body["code"].as_str(), body["reason"].as_str()),
+        (502, Some("upstream_unavailable"), Some("unfilterable_response")),
+        "{body}"
+    );
+    let metrics = http().get(gateway.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    for reason in ["denied", "no_resource"] {
+        assert!(
+            metrics.lines().any(|l| l.starts_with("access_gateway_items_filtered_total")
+                && l.contains("route=\"prices\"")
+                && l.contains(&format!("reason=\"{reason}\""))),
+            "{reason}: {metrics}"
+        );
+    }
+}

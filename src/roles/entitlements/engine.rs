@@ -19,7 +19,6 @@ use uuid::Uuid;
 
 use super::eval::{CheckRequest, Reason, Snapshot};
 use super::store::{RuleStore, StoreError};
-use crate::backends::redis::Client as RedisClient;
 use crate::server::Shutdown;
 
 /// Metric names.
@@ -187,7 +186,7 @@ pub struct Engine {
     /// Serialises reloads so an older load never replaces a newer one.
     reloading: tokio::sync::Mutex<()>,
     cache: Arc<dyn DecisionCache>,
-    publisher: Option<(RedisClient, String)>,
+    publisher: Option<(crate::backends::redis::Guarded, String)>,
     ttl: Duration,
     /// The version of the snapshot served, for followers in this process (the in-process rules
     /// bus, the change feed); only moves forward.
@@ -201,7 +200,7 @@ impl Engine {
     pub async fn start(
         store: Arc<dyn RuleStore>,
         cache: Arc<dyn DecisionCache>,
-        publisher: Option<(RedisClient, String)>,
+        publisher: Option<(crate::backends::redis::Guarded, String)>,
         ttl: Duration,
     ) -> Result<Arc<Self>, StoreError> {
         let loaded = store.load().await?;
@@ -274,9 +273,13 @@ impl Engine {
     /// After a change this replica made: reload at once, and tell other roles' caches.
     pub async fn changed(&self, version: i64) {
         let _ = self.reload().await;
-        if let Some((client, channel)) = &self.publisher {
-            let published: Result<i64, _> =
-                client.publish(channel.clone(), version.to_string()).await;
+        if let Some((redis, channel)) = &self.publisher {
+            // Under the connection's breaker: with Redis down the change is not held up (the
+            // other replicas' periodic reload picks it up).
+            let channel = channel.clone();
+            let published = redis
+                .call(|c| async move { c.publish::<i64, _, _>(channel, version.to_string()).await })
+                .await;
             if let Err(e) = published {
                 tracing::warn!(role = "entitlements", error = %e, "cannot announce the rules version");
             }

@@ -170,22 +170,16 @@ pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
             (Arc::new(store::MemoryStore::new(seed)) as Arc<dyn RuleStore>, "memory")
         }
     };
-    let (cache, publisher): (Arc<dyn DecisionCache>, _) = match &config.redis_url {
-        Some(url) => {
-            let client = crate::backends::redis::connect(url, &config.redis).await?;
-            let guarded = crate::backends::redis::Guarded::new(
-                client.clone(),
-                ctx.role,
-                "decision_cache",
-                &config.redis,
-            );
+    // The process's Redis connection and its breaker (`Auth::redis`).
+    let (cache, publisher): (Arc<dyn DecisionCache>, _) = match auth.redis.clone() {
+        Some(guarded) => {
             // Without Redis decisions are computed uncached: a soft check.
             ctx.readiness.add_soft_check("redis_decision_cache", guarded.ready_check());
             let prefix = config.redis_prefix();
             (
-                Arc::new(engine::RedisCache::new(guarded, prefix.clone()))
+                Arc::new(engine::RedisCache::new(guarded.clone(), prefix.clone()))
                     as Arc<dyn DecisionCache>,
-                Some((client, format!("{prefix}rules"))),
+                Some((guarded, format!("{prefix}rules"))),
             )
         }
         None => (

@@ -13,6 +13,7 @@
 pub mod breaker;
 pub mod cache;
 mod cached;
+pub mod items;
 mod local;
 pub mod proxy;
 pub mod ratelimit;
@@ -311,18 +312,8 @@ pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
     if let Some(url) = &ctx.config.metrics_service_url {
         usage.spawn_push(url.clone(), tokens, config.usage_interval, ctx.shutdown.clone());
     }
-    let redis = match &ctx.config.redis_url {
-        Some(url) => Some((
-            crate::backends::redis::Guarded::new(
-                crate::backends::redis::connect(url, &ctx.config.redis).await?,
-                ctx.role,
-                "rate_limits",
-                &ctx.config.redis,
-            ),
-            ctx.config.redis_prefix(),
-        )),
-        None => None,
-    };
+    // The process's Redis connection (and its breaker), shared with revocations.
+    let redis = auth.redis.clone().map(|guarded| (guarded, ctx.config.redis_prefix()));
     if let Some((guarded, _)) = &redis {
         // Rate limits and the response cache have a fallback (`local` or `open` limits, the
         // upstream) unless the limits fail closed: then no request can pass without Redis.

@@ -69,6 +69,7 @@ pub mod names {
             super::super::cache::names::REVALIDATIONS,
             "Stale cache entries revalidated upstream, by route"
         );
+        super::super::items::names::describe();
         describe_counter!(
             super::super::usage::names::DROPPED,
             "Usage increments dropped (too many keys, or the metrics role unreachable)"
@@ -351,6 +352,7 @@ async fn handle(
         }
     };
     let get_like = matches!(*req.method(), Method::GET | Method::HEAD);
+    let head = req.method() == Method::HEAD;
     let client_bypass = req
         .headers()
         .get(header::CACHE_CONTROL)
@@ -415,6 +417,14 @@ async fn handle(
             handled
         }
     };
+    // A list response: each caller sees only the items it may read (after the cache, which
+    // keeps the upstream's whole body).
+    if let (Some(check), Some(identity)) = (&route.items, &handled.1) {
+        let response = std::mem::take(&mut handled.0);
+        handled.0 =
+            super::items::filter(check, &state.rules, identity, &route.spec.name, head, response)
+                .await?;
+    }
     handled.0.headers_mut().extend(limit_headers);
     if let Some(version) = rules_version {
         handled.0.headers_mut().insert(X_ENTITLEMENTS_VERSION.clone(), version.into());

@@ -38,6 +38,10 @@ pub struct EntitlementSpec {
     /// The action; by default GET/HEAD read, POST/PUT/PATCH write, DELETE delete.
     #[serde(default)]
     pub action: Option<String>,
+    /// Per-item entitlements of a list response: each caller sees only the items it may read
+    /// ([`super::items`]).
+    #[serde(default)]
+    pub items: Option<super::items::ItemsSpec>,
 }
 
 /// One route as configured.
@@ -105,6 +109,8 @@ pub struct Route {
     pub upstream_duration: metrics::Histogram,
     /// `access_gateway_cache_results_total` for this route by result, registered once.
     pub cache_results: super::cache::ResultCounters,
+    /// The per-item check of list responses, if the route has one.
+    pub items: Option<super::items::ItemCheck>,
 }
 
 impl Route {
@@ -220,6 +226,22 @@ impl Table {
                     }
                 }
             }
+            let items = match spec.entitlement.as_ref().and_then(|e| e.items.as_ref()) {
+                Some(_) if spec.auth != AuthMode::Required => {
+                    problems.push(format!(
+                        "{at}.entitlement.items: needs auth: required (an anonymous caller has no entitlements to filter by)"
+                    ));
+                    None
+                }
+                Some(items) => match super::items::ItemCheck::compile(items) {
+                    Ok(check) => Some(check),
+                    Err(e) => {
+                        problems.push(format!("{at}.entitlement.items.{e}"));
+                        None
+                    }
+                },
+                None => None,
+            };
             if let Err(e) = router.insert(spec.path.clone(), routes.len()) {
                 problems.push(format!("{at}.path: {e}"));
             }
@@ -239,6 +261,7 @@ impl Table {
                 cache,
                 upstream_duration,
                 cache_results,
+                items,
             }));
         }
         if problems.is_empty() {

@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 use super::hub::Conn;
 use super::topics::Filter;
 use super::State;
-use crate::backends::redis::{Client, SubscriberClient};
+use crate::backends::redis::{Guarded, SubscriberClient};
 use crate::error::ErrorCode;
 
 /// Subscribes `conn` to each topic it may see. Returns the topics subscribed, the failures, and
@@ -165,9 +165,11 @@ pub async fn apply(
     }
 }
 
-/// The relay between replicas.
+/// The relay between replicas. It publishes through the process's Redis connection and its
+/// breaker: with Redis down a relayed request fails at once (503 `dependency_unavailable`)
+/// instead of waiting for the command timeout.
 pub struct Relay {
-    client: Client,
+    redis: Guarded,
     channel: String,
     reply_channel: String,
     timeout: Duration,
@@ -177,9 +179,9 @@ pub struct Relay {
 
 impl Relay {
     /// A relay on `<prefix>sse-control`, replying to this replica's own channel.
-    pub fn new(client: Client, prefix: &str, replica: &str, timeout: Duration) -> Arc<Self> {
+    pub fn new(redis: Guarded, prefix: &str, replica: &str, timeout: Duration) -> Arc<Self> {
         Arc::new(Relay {
-            client,
+            redis,
             channel: format!("{prefix}sse-control"),
             reply_channel: format!("{prefix}sse-control:{replica}"),
             timeout,
@@ -197,12 +199,14 @@ impl Relay {
             .unwrap_or_else(|p| p.into_inner())
             .insert(request.request_id.clone(), tx);
         let text = serde_json::to_string(&request).map_err(|e| e.to_string())?;
-        let sent: Result<i64, _> = self.client.publish(self.channel.clone(), text).await;
+        let channel = self.channel.clone();
+        let sent =
+            self.redis.call(|c| async move { c.publish::<i64, _, _>(channel, text).await }).await;
         let answer = match sent {
             Ok(_) => tokio::time::timeout(self.timeout, rx).await.ok().and_then(Result::ok),
             Err(e) => {
                 self.forget(&request.request_id);
-                return Err(format!("redis: {e}"));
+                return Err(e.to_string());
             }
         };
         self.forget(&request.request_id);
@@ -273,7 +277,11 @@ impl Relay {
                     .await;
                     let reply = Reply { request_id: request.request_id, status, body };
                     let text = serde_json::to_string(&reply).unwrap_or_default();
-                    let sent: Result<i64, _> = relay.client.publish(request.reply_to, text).await;
+                    let to = request.reply_to;
+                    let sent = relay
+                        .redis
+                        .call(|c| async move { c.publish::<i64, _, _>(to, text).await })
+                        .await;
                     if let Err(e) = sent {
                         tracing::warn!(role = "stream", error = %e, "cannot answer a relayed sse-control request");
                     }

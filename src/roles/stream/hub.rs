@@ -486,6 +486,12 @@ impl Hub {
             return;
         }
         let gate = self.record_gate(record);
+        if gate.as_ref().is_some_and(|g| g.resource.is_none()) {
+            // The record lacks a field of its topic's `record_resource`: no one may read it.
+            drop(subs);
+            metrics::counter!(names::MESSAGES_DROPPED, "role" => "stream", "topic" => record.topic.to_string(), "reason" => "no_record_resource").increment(1);
+            return;
+        }
         let mut fanout: Option<Fanout> = None;
         let mut tally = Tally::default();
         for sub in by_conn.values() {

@@ -69,7 +69,9 @@ pub mod names {
     pub const MESSAGES_QUEUED: &str = "access_stream_messages_queued_total";
     /// Frames written to sockets, by topic and transport.
     pub const MESSAGES_DELIVERED: &str = "access_stream_messages_delivered_total";
-    /// Frames not delivered, by topic and reason (`slow_consumer`).
+    /// Records or frames not delivered, by topic and reason: `slow_consumer`, `invalid_tenant`
+    /// (a `tenant_id` that is not a string), `no_record_resource` (a record lacking a field of
+    /// its topic's `record_resource`: it reaches no subscriber).
     pub const MESSAGES_DROPPED: &str = "access_stream_messages_dropped_total";
     /// Connections closed because their queue was full.
     pub const SLOW_CONSUMER_CLOSES: &str = "access_stream_slow_consumer_closes_total";
@@ -408,15 +410,15 @@ pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
             Some(consumer),
         )
     };
-    let relay = match &ctx.config.redis_url {
-        Some(url) => {
-            let client = crate::backends::redis::connect(url, &ctx.config.redis).await?;
+    let relay = match (&ctx.config.redis_url, &auth.redis) {
+        (Some(url), Some(redis)) => {
+            let client = redis.clone();
             let subscriber = crate::backends::redis::subscriber(url, &ctx.config.redis).await?;
             let prefix = ctx.config.redis_prefix();
             let relay = control::Relay::new(client, &prefix, hub.replica(), config.relay_timeout);
             Some((relay, subscriber))
         }
-        None => None,
+        _ => None,
     };
     hub.follow_revocations(
         auth.revocations.subscribe(),

@@ -67,73 +67,7 @@ pub fn default_registry() -> Vec<TopicSpec> {
     .collect()
 }
 
-/// A record resource template: literal text and `{field}` references to the record's top-level
-/// fields (`instrument:{instrument_id}`). A field renders as its string, or its number's text;
-/// a record without it (or with another kind of value) has no resource and reaches no one.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Template {
-    parts: Vec<Part>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Part {
-    Text(String),
-    Field(String),
-}
-
-impl Template {
-    /// Parses a template; the error says what is wrong.
-    pub fn parse(text: &str) -> Result<Template, String> {
-        let mut parts = Vec::new();
-        let mut rest = text;
-        while !rest.is_empty() {
-            match rest.find(['{', '}']) {
-                None => {
-                    parts.push(Part::Text(rest.to_string()));
-                    break;
-                }
-                Some(i) if rest.as_bytes()[i] == b'}' => {
-                    return Err(format!("unmatched '}}' in {text:?}"));
-                }
-                Some(i) => {
-                    if i > 0 {
-                        parts.push(Part::Text(rest[..i].to_string()));
-                    }
-                    let after = &rest[i + 1..];
-                    let end =
-                        after.find('}').ok_or_else(|| format!("unclosed '{{' in {text:?}"))?;
-                    let field = &after[..end];
-                    if field.is_empty() || field.contains('{') {
-                        return Err(format!("a field name is needed between braces in {text:?}"));
-                    }
-                    parts.push(Part::Field(field.to_string()));
-                    rest = &after[end + 1..];
-                }
-            }
-        }
-        if parts.is_empty() {
-            return Err("must not be empty".into());
-        }
-        Ok(Template { parts })
-    }
-
-    /// The resource of `data`, or `None` when a field it names is missing or not a string or
-    /// number.
-    pub fn render(&self, data: &Value) -> Option<String> {
-        let mut out = String::new();
-        for part in &self.parts {
-            match part {
-                Part::Text(t) => out.push_str(t),
-                Part::Field(f) => match data.get(f)? {
-                    Value::String(s) => out.push_str(s),
-                    Value::Number(n) => out.push_str(&n.to_string()),
-                    _ => return None,
-                },
-            }
-        }
-        Some(out)
-    }
-}
+pub use crate::resource::Template;
 
 /// Most conditions one filter may hold, and most values one membership list may hold: bounds
 /// on the work a single subscription can add to every record's fan-out.
@@ -297,24 +231,5 @@ mod tests {
         assert_eq!(r[0].record_resource.as_deref(), Some("instrument:{instrument_id}"));
         assert_eq!(r[2].record_resource.as_deref(), Some("curve:{curve_id}"));
         assert!(r.iter().all(|t| t.record_action == "read"));
-    }
-
-    #[test]
-    fn templates_render_top_level_fields() {
-        let t = Template::parse("instrument:{instrument_id}").unwrap();
-        assert_eq!(
-            t.render(&json!({"instrument_id": "BRN-F27"})).as_deref(),
-            Some("instrument:BRN-F27")
-        );
-        assert_eq!(t.render(&json!({"instrument_id": 7})).as_deref(), Some("instrument:7"));
-        assert_eq!(t.render(&json!({"instrument_id": null})), None);
-        assert_eq!(t.render(&json!({"other": "x"})), None);
-        assert_eq!(t.render(&json!("not an object")), None);
-        let two = Template::parse("{venue}/{id}!").unwrap();
-        assert_eq!(two.render(&json!({"venue": "ICE", "id": "B"})).as_deref(), Some("ICE/B!"));
-        assert_eq!(Template::parse("fixed").unwrap().render(&json!({})).as_deref(), Some("fixed"));
-        for bad in ["", "a{", "a}", "{}", "x:{a{b}"] {
-            assert!(Template::parse(bad).is_err(), "{bad:?}");
-        }
     }
 }
