@@ -62,7 +62,7 @@ def say(*args):
     print("console:", *args, flush=True)
 
 
-def wait_for(what, check, within=10.0, every=0.1):
+def wait_for(what, check, within=15.0, every=0.1):
     deadline = time.monotonic() + within
     last = None
     while time.monotonic() < deadline:
@@ -218,10 +218,16 @@ def browser():
     return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
 
 
+def when_text(row):
+    """An API key row's "previous secret until" cell."""
+    return row.find_elements(By.TAG_NAME, "td")[6].text
+
+
 class ConsoleTest:
     def __init__(self, layer, driver, shots):
         self.l, self.d, self.shots = layer, driver, shots
-        self.wait = WebDriverWait(driver, 10)
+        # Generous: the machine that runs `make test` may be busy building.
+        self.wait = WebDriverWait(driver, 20)
 
     # --- helpers -------------------------------------------------------------------------------
 
@@ -242,6 +248,17 @@ class ConsoleTest:
             except StaleElementReferenceException:
                 time.sleep(0.1)
         raise AssertionError(f"{css} kept being replaced")
+
+    def press(self, row_css, label):
+        """Clicks the button named `label` in the row `row_css`, found afresh: tables re-render
+        after every change, so a row found a moment ago may be gone."""
+        def attempt():
+            try:
+                self.find(row_css).find_element(By.XPATH, f".//button[text()='{label}']").click()
+                return True
+            except StaleElementReferenceException:
+                return False
+        wait_for(f"{label} in {row_css}", attempt)
 
     def fill(self, css, text):
         field = self.find(css)
@@ -316,7 +333,7 @@ class ConsoleTest:
         self.no_script_ran("rules table")
         self.shot("rules")
         status = wait_for("the gateway refuses alice BRN-F27 with the new rule",
-                          lambda: (lambda s: s if s[0] == 403 else None)(call("GET", price, alice)), within=5)
+                          lambda: (lambda s: s if s[0] == 403 else None)(call("GET", price, alice)), within=10)
         say(self.l.mode, "gateway refuses with the new rule:", status[0], status[1].get("code"))
         return row.get_attribute("data-rule")
 
@@ -339,7 +356,7 @@ class ConsoleTest:
 
     def stale_edit_and_history(self, rule_id):
         self.go("rules")
-        self.find(f'tr[data-rule="{rule_id}"]').find_element(By.XPATH, ".//button[text()='Edit']").click()
+        self.press(f'tr[data-rule="{rule_id}"]', "Edit")
         self.find("#rule-form")
         # Meanwhile someone else changes the rule.
         admin = self.l.token("other-admin", "t1", "admin")
@@ -357,7 +374,7 @@ class ConsoleTest:
         assert now["description"] == "changed elsewhere", "the stale edit was not applied"
         self.shot("rules-stale")
         self.go("rules")
-        self.find(f'tr[data-rule="{rule_id}"]').find_element(By.XPATH, ".//button[text()='History']").click()
+        self.press(f'tr[data-rule="{rule_id}"]', "History")
         actors = wait_for("the history", lambda: [r.text for r in self.d.find_elements(By.CSS_SELECTOR, "#rule-history tbody tr")])
         assert any("test-operator" in a for a in actors) and any("other-admin" in a for a in actors), actors
         self.no_script_ran("history")
@@ -367,15 +384,16 @@ class ConsoleTest:
         alice = self.l.token("alice", "t1", "trader")
         price = self.l.url("gateway", "/api/v1/prices/latest/BRN-F27")
         self.go("rules")
-        self.find(f'tr[data-rule="{rule_id}"]').find_element(By.XPATH, ".//button[text()='Disable']").click()
+        self.press(f'tr[data-rule="{rule_id}"]', "Disable")
         wait_for("the rule shows disabled", lambda: "disabled" in self.find(f'tr[data-rule="{rule_id}"]').text)
-        wait_for("a disabled rule refuses nothing", lambda: call("GET", price, alice)[0] == 200, within=5)
-        self.find(f'tr[data-rule="{rule_id}"]').find_element(By.XPATH, ".//button[text()='Enable']").click()
-        wait_for("enabled again, it refuses", lambda: call("GET", price, alice)[0] == 403, within=5)
-        self.find(f'tr[data-rule="{rule_id}"]').find_element(By.XPATH, ".//button[text()='Delete']").click()
+        wait_for("a disabled rule refuses nothing", lambda: call("GET", price, alice)[0] == 200, within=10)
+        self.press(f'tr[data-rule="{rule_id}"]', "Enable")
+        wait_for("the rule shows enabled", lambda: "enabled" in self.find(f'tr[data-rule="{rule_id}"]').text)
+        wait_for("enabled again, it refuses", lambda: call("GET", price, alice)[0] == 403, within=10)
+        self.press(f'tr[data-rule="{rule_id}"]', "Delete")
         self.accept_confirm()
         wait_for("the rule's row is gone", lambda: not self.d.find_elements(By.CSS_SELECTOR, f'tr[data-rule="{rule_id}"]'))
-        wait_for("deleted, it refuses nothing", lambda: call("GET", price, alice)[0] == 200, within=5)
+        wait_for("deleted, it refuses nothing", lambda: call("GET", price, alice)[0] == 200, within=10)
         self.no_script_ran("rules after delete")
         say(self.l.mode, "disabled, enabled and deleted the rule; the gateway followed each")
 
@@ -403,14 +421,15 @@ class ConsoleTest:
             status, body, _ = call("GET", price, headers={"X-API-Key": secret})
             assert status == 200, f"within the overlap both secrets work: {status} {body}"
         self.shot("keys-rotated")
-        row = self.find(f'tr[data-key="{key_id}"]')
-        row.find_element(By.XPATH, ".//button[text()='Revoke']").click()
+        # The rotation reloads the table: wait for its new state before pressing on.
+        wait_for("the row shows the overlap", lambda: when_text(self.find(f'tr[data-key="{key_id}"]')) != "—")
+        self.press(f'tr[data-key="{key_id}"]', "Revoke")
         self.accept_confirm()
         wait_for("the key shows revoked", lambda: "revoked" in self.find(f'tr[data-key="{key_id}"]').text)
         for secret in (key, rotated):
             wait_for("the gateway refuses the revoked key",
-                     lambda: call("GET", price, headers={"X-API-Key": secret})[0] == 401, within=5)
-        self.find(f'tr[data-key="{key_id}"]').find_element(By.XPATH, ".//button[text()='Audit']").click()
+                     lambda: call("GET", price, headers={"X-API-Key": secret})[0] == 401, within=10)
+        self.press(f'tr[data-key="{key_id}"]', "Audit")
         audit = wait_for("the key's audit", lambda: self.find("#key-audit").text)
         assert all(a in audit for a in ("create", "rotate", "revoke")), audit
         self.shot("keys")
@@ -429,7 +448,7 @@ class ConsoleTest:
             self.click("#session-result button.danger")
             self.accept_confirm()
             wait_for("the console shows the stream closed", lambda: self.d.find_elements(By.CSS_SELECTOR, "#session-streams tr.closing")
-                     and not self.d.find_elements(By.CSS_SELECTOR, "#session-streams tr.open"), within=5)
+                     and not self.d.find_elements(By.CSS_SELECTOR, "#session-streams tr.open"), within=10)
             code = sub.wait(timeout=5)
             err = sub.stderr.read()
             assert code != 0 and "4003" in err, f"the WebSocket closed with 4003 (revoked): exit {code}, {err!r}"
