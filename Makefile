@@ -10,7 +10,7 @@ IMAGE ?= ghcr.io/254carbon/access:$(APP_VERSION)
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/access/target
 BIN := $(CARGO_TARGET_DIR)/debug/access
 
-.PHONY: help run test check-deploy check-image check-contracts image push manifests deploy db-backup db-restore services build lint fmt bench-auth bench-entitlements bench-metrics bench-gateway bench-gateway-instructions bench-stream
+.PHONY: help run test check-deploy check-image check-contracts check-console console-screenshot image push manifests deploy db-backup db-restore services build lint fmt bench-auth bench-entitlements bench-metrics bench-gateway bench-gateway-instructions bench-stream
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -26,7 +26,7 @@ services: ## Install and start what the tests need (tansu; check PostgreSQL and 
 
 test: services ## Run every test against the real Redis, PostgreSQL and tansu, and check the chart and image offline
 	source $(CARGO_TARGET_DIR)/test-services.env && cargo test --locked --lib --bins --tests
-	$(MAKE) --no-print-directory check-deploy check-contracts
+	$(MAKE) --no-print-directory check-deploy check-contracts check-console
 
 check-deploy: ## Offline checks of the Helm chart (render, lint, schemas, checkov, the guide's promises), the deploy script on a fake cluster, the Containerfile (hadolint), and the image's pods
 	python3 tests/chart/check.py
@@ -34,7 +34,13 @@ check-deploy: ## Offline checks of the Helm chart (render, lint, schemas, checko
 	hadolint Containerfile
 	$(MAKE) --no-print-directory check-image
 
-check-image: ## Build the image from the Containerfile (podman) and start every rendered role of dev, staging and production from it, as the kubelet would
+check-check-console: ## The operator's console in headless chromium (Selenium): on `access all`, and on the roles over Redis and PostgreSQL; screenshots in $(CARGO_TARGET_DIR)/console-screenshots/
+	python3 tests/console/console_test.py --binary "$(BIN)"
+
+console-screenshot: build ## Refresh docs/console.png (the README's screenshot) from the browser test
+	python3 tests/console/console_test.py --binary "$(BIN)" --mode embedded --readme-screenshot docs/console.png
+
+image: ## Build the image from the Containerfile (podman) and start every rendered role of dev, staging and production from it, as the kubelet would
 	python3 tests/deploy/pods.py --binary "$(BIN)"
 
 manifests: ## Regenerate deploy/k8s/<env>/ (the kubectl method's manifests) from the chart

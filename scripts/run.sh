@@ -11,6 +11,9 @@ AUTH=${ACCESS_AUTH__PORT:-8010}
 ENT=${ACCESS_ENTITLEMENTS__PORT:-8011}
 MET=${ACCESS_METRICS__PORT:-8012}
 UPSTREAM=${SAMPLE_UPSTREAM_PORT:-8100}
+# The operator's console on the auth role; its one-time sign-in code goes to this file (0600).
+export ACCESS_CONSOLE__ENABLED=${ACCESS_CONSOLE__ENABLED:-true}
+export ACCESS_CONSOLE__DEV_CODE_FILE=${ACCESS_CONSOLE__DEV_CODE_FILE:-${XDG_DATA_HOME:-$HOME/.local/share}/access/console-code}
 
 "$BIN" check-config >/dev/null
 TOKEN=$("$BIN" token --sub alice --tenant t1 --roles trader --ttl 8h)
@@ -27,7 +30,8 @@ trap '' INT
 trap 'kill -TERM $PID 2>/dev/null' TERM
 trap 'kill -TERM $PID 2>/dev/null || true' EXIT
 for _ in $(seq 1 100); do
-  curl -fs "http://localhost:$GW/ready" >/dev/null 2>&1 && curl -fs "http://localhost:$ST/ready" >/dev/null 2>&1 && break
+  curl -fs "http://localhost:$GW/ready" >/dev/null 2>&1 && curl -fs "http://localhost:$ST/ready" >/dev/null 2>&1 \
+    && curl -fs "http://localhost:$AUTH/ready" >/dev/null 2>&1 && break
   sleep 0.2
 done
 
@@ -36,6 +40,14 @@ cat <<MSG
 access $("$BIN" --version | cut -d' ' -f2) runs every role in one process: gateway :$GW, stream :$ST, auth :$AUTH,
 entitlements :$ENT, metrics :$MET, with a sample upstream on :$UPSTREAM and sample price updates every
 second (embedded backends, a local dev key, the shipped routes and seed rules).
+
+$(if [ "$ACCESS_CONSOLE__ENABLED" = true ]; then cat <<CONSOLE
+The operator's console (rules, "why?", API keys, sessions, the live layer):
+
+  http://localhost:$AUTH/console/
+  sign-in code: $(cat "$ACCESS_CONSOLE__DEV_CODE_FILE" 2>/dev/null || echo "(not written: see the log)")   (one use; the next one: cat $ACCESS_CONSOLE__DEV_CODE_FILE)
+CONSOLE
+fi)
 
 Tokens (valid 8 hours): alice, a trader of tenant t1; root, an admin.
 

@@ -287,7 +287,7 @@ pub async fn start_with(
 ) -> Result<(), RunError> {
     match role {
         Role::Auth => {
-            let state = roles::auth::build(&ctx, auth);
+            let state = roles::auth::build(&ctx, auth)?;
             roles::auth::run(listener, state, ctx).await
         }
         Role::Entitlements => {
@@ -321,6 +321,10 @@ async fn serve_all(args: &AllArgs, config: Arc<Config>) -> ExitCode {
         config.entitlements_service_url.clone().or_else(|| local(Role::Entitlements));
     config.metrics_service_url =
         config.metrics_service_url.clone().or_else(|| local(Role::Metrics));
+    // The console's relay reaches the gateway and the stream of this process.
+    config.console.gateway_url =
+        config.console.gateway_url.clone().or_else(|| local(Role::Gateway));
+    config.console.stream_url = config.console.stream_url.clone().or_else(|| local(Role::Stream));
     // The gateway's built-in upstream groups point at the sample upstream, wherever it listens.
     if config.gateway.upstreams == roles::gateway::Config::default().upstreams {
         let sample = url::Url::parse(&format!("http://127.0.0.1:{}", args.upstream_port));
@@ -399,6 +403,9 @@ async fn serve_all(args: &AllArgs, config: Arc<Config>) -> ExitCode {
         }
     }
     tracing::info!(upstream = args.upstream_port, "access all: every role is starting");
+    if config.console.enabled {
+        tracing::info!(url = %format!("http://localhost:{}/console/", ports[&Role::Auth]), "the operator's console");
+    }
     let mut code = ExitCode::SUCCESS;
     while let Some(joined) = tasks.join_next().await {
         match joined {

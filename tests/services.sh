@@ -3,6 +3,7 @@
 #   - the tansu broker (cargo install, reused when present), started on $ACCESS_TEST_KAFKA_PORT
 #     with in-memory storage;
 #   - promtool (Debian's prometheus package), which checks the exported metrics;
+#   - chromium, chromium-driver (Debian) and selenium (PyPI) for the console's browser test;
 #   - PostgreSQL and Redis: checked, and started with this machine kind's own commands if down.
 # Writes $CARGO_TARGET_DIR/test-services.env for `make test` to source. Idempotent.
 set -euo pipefail
@@ -60,6 +61,18 @@ if ! python3 -c "import helm_python, kubernetes_validate, schemathesis" 2>/dev/n
   # can fail where separate installs work.
   for tool in $PY_TOOLS; do python3 -m pip install -q "$tool" >&2; done
   hash -r
+fi
+
+# --- the console's browser test: Debian's chromium and chromedriver, Selenium from PyPI ----------
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  say "installing Debian's chromium and chromium-driver (the console's browser test)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >/dev/null
+  apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
+fi
+if ! python3 -c "import selenium" 2>/dev/null; then
+  say "installing selenium from PyPI (drives the system chromium)"
+  python3 -m pip install -q "selenium==4.*" >&2
 fi
 
 # --- PostgreSQL --------------------------------------------------------------------------------

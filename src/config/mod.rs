@@ -76,6 +76,8 @@ pub struct Config {
     pub entitlements: crate::roles::entitlements::Config,
     /// The metrics role.
     pub metrics: crate::roles::metrics::Config,
+    /// The operator's console on the auth role.
+    pub console: crate::roles::auth::console::Config,
 }
 
 impl Config {
@@ -162,6 +164,7 @@ impl Config {
         problems.extend(self.metrics.validate());
         problems.extend(self.gateway.validate());
         problems.extend(self.stream.validate());
+        problems.extend(self.console.validate());
         problems
     }
 }
@@ -466,6 +469,7 @@ fn extract_sections(figment: &Figment, problems: &mut Vec<Problem>) -> Config {
     let stream = extract_reporting(figment, "stream", d.stream, problems);
     let entitlements = extract_reporting(figment, "entitlements", d.entitlements, problems);
     let metrics = extract_reporting(figment, "metrics", d.metrics, problems);
+    let console = extract_reporting(figment, "console", d.console, problems);
     Config {
         env,
         log_level,
@@ -488,6 +492,7 @@ fn extract_sections(figment: &Figment, problems: &mut Vec<Problem>) -> Config {
         stream,
         entitlements,
         metrics,
+        console,
     }
 }
 

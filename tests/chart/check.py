@@ -357,6 +357,20 @@ def kit():
     # Staging without a service-token client: the gateway and stream would exit 1 at start.
     err = render_error({"config": {"jwksUrl": "https://idp/certs"}})
     check(err and "config.tokenUrl" in err, f"a JWKS without a service-token client is refused: {err}")
+    # The console: off by default; on, the auth role is told where the gateway and the stream
+    # are, writes its dev code under the writable /tmp, and may call every role.
+    check("ACCESS_CONSOLE__ENABLED" not in cm, "default: no console")
+    docs = rendered({"console": {"enabled": True, "oidcClientId": "access-console"}}, "the console")
+    ccm = find(docs, "ConfigMap", "access-config")["data"]
+    check(ccm.get("ACCESS_CONSOLE__ENABLED") == "true" and ccm.get("ACCESS_CONSOLE__GATEWAY_URL") == "http://gateway-service:8000"
+          and ccm.get("ACCESS_CONSOLE__STREAM_URL") == "http://streaming-service:8001" and ccm.get("ACCESS_CONSOLE__DEV_CODE_FILE") == "/tmp/console-code"
+          and ccm.get("ACCESS_CONSOLE__OIDC_CLIENT_ID") == "access-console", f"console.enabled configures the console: {ccm}")
+    for deployment in ("gateway-deployment", "streaming-deployment", "entitlements-deployment", "metrics-deployment"):
+        sources = find(docs, "NetworkPolicy", deployment)["spec"].get("ingress", [{}])[0].get("from", [])
+        check({"podSelector": {"matchLabels": {"app.kubernetes.io/name": "access", "app.kubernetes.io/component": "auth"}}} in sources,
+              f"console.enabled: the auth pods (the console's relay) may call {deployment}")
+    if docs:
+        config_accepted("console", docs)
     print("kit: the guide's values and the refusals hold")
 
 

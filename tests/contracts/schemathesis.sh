@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs schemathesis (PyPI) against each role's own OpenAPI document (/openapi.json), with a valid
-# token that has the admin, service and trader roles, on `access all` started on free ports.
+# token that has the admin, service and trader roles, on `access all` started on free ports (with
+# the operator's console on, so its sign-in endpoints are checked too).
 # Fails on any 5xx and on any response that breaks its documented schema. Run by `make test`.
 set -euo pipefail
 BIN=${1:?usage: schemathesis.sh PATH_TO_ACCESS}
@@ -11,7 +12,7 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 declare -A PORT
 for role in gateway stream auth entitlements metrics; do PORT[$role]=$(free_port); done
 UPSTREAM=$(free_port)
-export HOME=$WORK ACCESS_LOG_LEVEL=warn ACCESS_SERVER__HOST=127.0.0.1 \
+export HOME=$WORK ACCESS_LOG_LEVEL=warn ACCESS_SERVER__HOST=127.0.0.1 ACCESS_CONSOLE__ENABLED=true \
   ACCESS_GATEWAY__PORT=${PORT[gateway]} ACCESS_STREAM__PORT=${PORT[stream]} ACCESS_AUTH__PORT=${PORT[auth]} \
   ACCESS_ENTITLEMENTS__PORT=${PORT[entitlements]} ACCESS_METRICS__PORT=${PORT[metrics]}
 "$BIN" all --upstream-port "$UPSTREAM" --no-samples >"$WORK/access.log" 2>&1 &

@@ -121,6 +121,17 @@ fn make_run_exits_0_after_ctrl_c() {
         lines.by_ref().any(|l| l.contains("runs every role in one process")),
         "the script announces the running layer"
     );
+    // The operator's console: its link, and the sign-in code the layer wrote to its file.
+    let console = format!("http://localhost:{}/console/", ports[2]);
+    assert!(lines.by_ref().any(|l| l.trim() == console), "the script prints {console}");
+    let code_line = lines.by_ref().find(|l| l.contains("sign-in code:")).unwrap_or_default();
+    let code_file = dir.path().join(".local/share/access/console-code");
+    let code = std::fs::read_to_string(&code_file).unwrap_or_default();
+    assert!(
+        !code.trim().is_empty() && code_line.contains(code.trim()),
+        "the script prints the code in {}: {code_line:?}",
+        code_file.display()
+    );
     // Once every role listens (its signal handler is installed by then: a SIGINT before that
     // would end the process by default, on a loaded machine too)...
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);

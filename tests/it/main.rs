@@ -7,6 +7,7 @@ mod backends;
 mod binary;
 mod cache;
 mod consistency;
+mod console;
 mod e2e;
 mod edge;
 mod entitlements;

@@ -11,6 +11,9 @@
 //! - API keys (admin): `POST /auth/api-keys` (the key is shown once), `GET /auth/api-keys`,
 //!   `POST /auth/api-keys/{id}/rotate` (`{"overlap": "1h"}`: the old secret works that long),
 //!   `DELETE /auth/api-keys/{id}`, `GET /auth/api-keys/{id}/audit`.
+//! - [`console`]: the operator's console under `/console/` (when `console.enabled`).
+
+pub mod console;
 
 use crate::roles::Role;
 use crate::server::openapi::{self, Errors};
@@ -36,6 +39,8 @@ use crate::server::{self, Context};
 pub struct State {
     auth: Auth,
     admin_role: Arc<str>,
+    /// The console, when enabled.
+    console: Option<console::State>,
 }
 
 impl FromRef<State> for Arc<Verifier> {
@@ -44,14 +49,32 @@ impl FromRef<State> for Arc<Verifier> {
     }
 }
 
-/// Builds the state from the auth handles (built once per process by the caller).
-pub fn build(ctx: &Context, auth: Auth) -> State {
-    State { auth, admin_role: ctx.config.auth.admin_role.as_str().into() }
+/// Builds the state from the auth handles (built once per process by the caller), and the
+/// console when `console.enabled` (its dev sign-in code is written here).
+pub fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
+    let mut state =
+        State { auth, admin_role: ctx.config.auth.admin_role.as_str().into(), console: None };
+    if ctx.config.console.enabled {
+        let api = api_routes(state.clone()).split_for_parts().0;
+        let built = console::build(ctx, &state.auth, api)
+            .map_err(|e| RunError::Other(anyhow::anyhow!("console: {e}")))?;
+        state.console = Some(built);
+    }
+    Ok(state)
 }
 
-/// The role's routes.
+/// The role's routes, with the console's when it is enabled.
 pub fn router(state: State) -> Router {
-    openapi::finish(
+    let mut routes = api_routes(state.clone());
+    if let Some(console) = state.console.clone() {
+        routes = routes.merge(console::router(console, state.auth.verifier.clone()));
+    }
+    openapi::finish(routes)
+}
+
+/// The role's API (without the console).
+fn api_routes(state: State) -> OpenApiRouter {
+    {
         OpenApiRouter::with_openapi(openapi::base(Role::Auth))
             .routes(routes!(verify))
             .routes(routes!(verify_ws))
@@ -64,8 +87,8 @@ pub fn router(state: State) -> Router {
             .routes(routes!(revoke_key))
             .routes(routes!(rotate_key))
             .routes(routes!(key_audit))
-            .with_state(state),
-    )
+            .with_state(state)
+    }
 }
 
 #[utoipa::path(post, path = "/auth/verify-ws", tag = "auth", summary = "Verify a token for a WebSocket connection (as /auth/verify)", request_body = serde_json::Value, responses((status = 200, description = "OK", body = serde_json::Value), Errors))]

@@ -332,3 +332,162 @@ pub(super) async fn stats(
     }))
     .into_response())
 }
+
+/// The question of `POST /entitlements/explain`: a check, asked by an operator about anyone.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ExplainRequest {
+    /// The subject.
+    user_id: String,
+    /// The subject's tenant.
+    tenant_id: String,
+    /// The subject's roles (as its token would carry them).
+    #[serde(default)]
+    roles: Vec<String>,
+    /// The resource (`instrument:BRN-F27`).
+    resource: String,
+    /// The action (`read`).
+    action: String,
+    /// What conditions may test as `context.<path>`.
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    context: Value,
+}
+
+/// A rule as an explanation names it.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub(super) struct ExplainedRule {
+    /// The rule's id.
+    id: String,
+    /// Its name (text, never markup).
+    name: String,
+    /// `allow` or `deny`.
+    effect: String,
+    /// Its resource glob.
+    resource: String,
+    /// Its actions.
+    actions: Vec<String>,
+    /// Its priority.
+    priority: i32,
+    /// The rule's own version (its ETag).
+    version: i64,
+    /// `decided`, `lost`, `disabled`, `expired`, `other_action`, `other_tenant`, `other_user`,
+    /// `no_matching_role` or `condition_failed`.
+    standing: String,
+    /// Why, in words.
+    because: String,
+}
+
+/// The answer of `POST /entitlements/explain`.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub(super) struct Explanation {
+    /// The decision, exactly as `/entitlements/check` and the gateway make it.
+    allowed: bool,
+    /// `allowed_by_rule`, `denied_by_rule` or `default_deny`.
+    reason: String,
+    /// The rules version the decision was made at.
+    rules_version: i64,
+    /// The rule that decided, if any.
+    deciding_rule: Option<ExplainedRule>,
+    /// Rules that applied and lost, in the order they would have decided.
+    applied_and_lost: Vec<ExplainedRule>,
+    /// Rules whose resource matches but that did not apply, each with why.
+    not_applicable: Vec<ExplainedRule>,
+}
+
+fn because(c: &super::eval::Considered, outcome: &super::eval::Outcome) -> String {
+    use super::eval::Standing;
+    let r = &c.rule.input;
+    match c.standing {
+        Standing::Decided => format!(
+            "the highest-priority applicable rule ({}, priority {})",
+            if r.effect == super::rules::Effect::Deny { "deny" } else { "allow" },
+            r.priority
+        ),
+        Standing::Lost => match outcome.rule_id {
+            Some(_) => format!(
+                "applied at priority {}, but lost to the deciding rule (higher priority first, then deny over allow, then the smaller id)",
+                r.priority
+            ),
+            None => "applied but lost".into(),
+        },
+        Standing::Disabled => "the rule is disabled".into(),
+        Standing::Expired => "the rule has expired".into(),
+        Standing::OtherAction => format!("its actions ({}) do not include the action", r.actions.join(", ")),
+        Standing::OtherTenant => "it is for another tenant".into(),
+        Standing::OtherUser => "it is for another user".into(),
+        Standing::NoMatchingRole => format!("the subject has none of its roles ({})", r.roles.join(", ")),
+        Standing::ConditionFailed => {
+            let i = c.condition.unwrap_or_default();
+            match r.conditions.get(i) {
+                Some(cond) => format!(
+                    "condition {i} does not hold: {} {} {}",
+                    cond.field,
+                    serde_json::to_value(cond.operator)
+                        .ok()
+                        .and_then(|v| v.as_str().map(String::from))
+                        .unwrap_or_default(),
+                    cond.value
+                ),
+                None => "a condition does not hold".into(),
+            }
+        }
+    }
+}
+
+#[utoipa::path(post, path = "/entitlements/explain", tag = "entitlements", summary = "Why a check is decided as it is: the deciding rule, the rules that applied and lost, the rules version (admin)", request_body = ExplainRequest, security(("bearer" = [])), responses((status = 200, description = "OK", body = Explanation), Errors))]
+pub(super) async fn explain(
+    AxumState(state): AxumState<State>,
+    caller: Caller,
+    Json(body): Json<ExplainRequest>,
+) -> ApiResult<Response> {
+    require_admin(&state, &caller)?;
+    let req = CheckRequest {
+        user_id: body.user_id,
+        tenant_id: body.tenant_id,
+        roles: body.roles,
+        resource: body.resource,
+        action: body.action,
+        context: body.context,
+    };
+    let snap = state.engine.snapshot();
+    let (outcome, considered) = snap.explain(&req, chrono::Utc::now());
+    let describe = |c: &super::eval::Considered| {
+        let r = &c.rule.input;
+        ExplainedRule {
+            id: c.rule.id.to_string(),
+            name: r.name.clone(),
+            effect: if r.effect == super::rules::Effect::Deny { "deny" } else { "allow" }.into(),
+            resource: r.resource.clone(),
+            actions: r.actions.clone(),
+            priority: r.priority,
+            version: c.rule.version,
+            standing: serde_json::to_value(c.standing)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default(),
+            because: because(c, &outcome),
+        }
+    };
+    use super::eval::Standing;
+    let explanation = Explanation {
+        allowed: outcome.allowed,
+        reason: serde_json::to_value(outcome.reason)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default(),
+        rules_version: snap.version(),
+        deciding_rule: considered.iter().find(|c| c.standing == Standing::Decided).map(describe),
+        applied_and_lost: considered
+            .iter()
+            .filter(|c| c.standing == Standing::Lost)
+            .map(describe)
+            .collect(),
+        not_applicable: considered
+            .iter()
+            .filter(|c| !matches!(c.standing, Standing::Decided | Standing::Lost))
+            .map(describe)
+            .collect(),
+    };
+    Ok(axum::Json(explanation).into_response())
+}

@@ -160,6 +160,111 @@ impl Snapshot {
     }
 }
 
+/// Why a rule whose resource glob matches did or did not take part in a decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Standing {
+    /// It applied and decided.
+    Decided,
+    /// It applied and lost (lower priority, an allow beside a deny, or a larger id).
+    Lost,
+    /// Disabled.
+    Disabled,
+    /// Past its `expires_at`.
+    Expired,
+    /// Its actions do not include the action.
+    OtherAction,
+    /// It names another tenant.
+    OtherTenant,
+    /// It names another user.
+    OtherUser,
+    /// The subject has none of its roles.
+    NoMatchingRole,
+    /// A condition does not hold (the first one, by index, is named).
+    ConditionFailed,
+}
+
+/// One rule's part in an explained decision.
+#[derive(Debug, Clone)]
+pub struct Considered {
+    /// The rule.
+    pub rule: Arc<Rule>,
+    /// Its standing.
+    pub standing: Standing,
+    /// For `ConditionFailed`: the index of the first condition that does not hold.
+    pub condition: Option<usize>,
+}
+
+impl Snapshot {
+    /// Evaluates `req` as [`Snapshot::evaluate`] does, and says what every rule whose resource
+    /// glob matches (disabled ones included) did: decided, applied and lost, or why it did not
+    /// apply. The outcome is `evaluate`'s, so an explanation never disagrees with a check.
+    pub fn explain(&self, req: &CheckRequest, now: DateTime<Utc>) -> (Outcome, Vec<Considered>) {
+        let outcome = self.evaluate(req, now);
+        let mut considered: Vec<Considered> = self
+            .all
+            .iter()
+            .filter(|r| glob_matches(&r.input.resource, &req.resource))
+            .map(|rule| {
+                let (standing, condition) = standing(rule, req, now);
+                let standing = match standing {
+                    Standing::Decided if outcome.rule_id == Some(rule.id) => Standing::Decided,
+                    Standing::Decided => Standing::Lost,
+                    other => other,
+                };
+                Considered { rule: rule.clone(), standing, condition }
+            })
+            .collect();
+        // The decider first, then the losers by what would have decided next, then the rest.
+        let rank = |c: &Considered| match c.standing {
+            Standing::Decided => 0,
+            Standing::Lost => 1,
+            _ => 2,
+        };
+        considered.sort_by(|a, b| {
+            rank(a).cmp(&rank(b)).then_with(|| {
+                let key = |c: &Considered| {
+                    (
+                        std::cmp::Reverse(c.rule.input.priority),
+                        c.rule.input.effect != Effect::Deny,
+                        c.rule.id,
+                    )
+                };
+                key(a).cmp(&key(b))
+            })
+        });
+        (outcome, considered)
+    }
+}
+
+/// Whether a rule applies to `req` (`Decided`) or the first reason it does not, in the order
+/// `applies` tests them.
+fn standing(rule: &Rule, req: &CheckRequest, now: DateTime<Utc>) -> (Standing, Option<usize>) {
+    let r = &rule.input;
+    if !r.enabled {
+        return (Standing::Disabled, None);
+    }
+    if r.expires_at.is_some_and(|at| at <= now) {
+        return (Standing::Expired, None);
+    }
+    if !r.actions.iter().any(|a| a == "*" || *a == req.action) {
+        return (Standing::OtherAction, None);
+    }
+    if r.tenant_id.as_deref().is_some_and(|t| t != req.tenant_id) {
+        return (Standing::OtherTenant, None);
+    }
+    if r.user_id.as_deref().is_some_and(|u| u != req.user_id) {
+        return (Standing::OtherUser, None);
+    }
+    if !(r.roles.is_empty() || r.roles.iter().any(|role| req.roles.contains(role))) {
+        return (Standing::NoMatchingRole, None);
+    }
+    match r.conditions.iter().position(|c| !condition_holds(c.operator, &c.field, &c.value, req)) {
+        Some(i) => (Standing::ConditionFailed, Some(i)),
+        None => (Standing::Decided, None),
+    }
+}
+
 fn applies(rule: &Rule, req: &CheckRequest, now: DateTime<Utc>) -> bool {
     let r = &rule.input;
     r.enabled
@@ -274,6 +379,41 @@ mod tests {
 
     fn decide(rules: Vec<Rule>, r: &CheckRequest) -> Outcome {
         Snapshot::new(rules, 1).evaluate(r, Utc::now())
+    }
+
+    #[test]
+    fn explain_names_the_decider_the_losers_and_why_the_rest_did_not_apply() {
+        let rules = vec![
+            rule(1, json!({"resource": "instrument:*", "priority": 10})),
+            rule(2, json!({"resource": "instrument:EURUSD", "effect": "deny", "priority": 50})),
+            rule(3, json!({"resource": "instrument:*", "actions": ["write"]})),
+            rule(4, json!({"resource": "instrument:*", "tenant_id": "t2"})),
+            rule(5, json!({"resource": "instrument:*", "enabled": false})),
+            rule(6, json!({"resource": "instrument:*", "roles": ["quant"]})),
+            rule(
+                7,
+                json!({"resource": "instrument:*", "conditions": [
+                {"field": "context.desk", "operator": "equals", "value": "fx"},
+                {"field": "context.size", "operator": "greater_than", "value": 100}]}),
+            ),
+            rule(8, json!({"resource": "curve:*"})),
+        ];
+        let snap = Snapshot::new(rules, 7);
+        let r = req(json!({}));
+        let (outcome, considered) = snap.explain(&r, Utc::now());
+        assert_eq!(outcome, snap.evaluate(&r, Utc::now()));
+        assert_eq!(outcome.rule_id, Some(Uuid::from_u128(2)));
+        let standing: Vec<(u128, Standing)> =
+            considered.iter().map(|c| (c.rule.id.as_u128(), c.standing)).collect();
+        assert_eq!(standing[0], (2, Standing::Decided));
+        assert_eq!(standing[1], (1, Standing::Lost));
+        let of = |n: u128| considered.iter().find(|c| c.rule.id.as_u128() == n).unwrap();
+        assert_eq!(of(3).standing, Standing::OtherAction);
+        assert_eq!(of(4).standing, Standing::OtherTenant);
+        assert_eq!(of(5).standing, Standing::Disabled);
+        assert_eq!(of(6).standing, Standing::NoMatchingRole);
+        assert_eq!((of(7).standing, of(7).condition), (Standing::ConditionFailed, Some(1)));
+        assert!(considered.iter().all(|c| c.rule.id.as_u128() != 8), "another resource");
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! - [`eval`]: deterministic evaluation over a snapshot.
 //! - [`store`]: PostgreSQL and in-memory rule stores (audit, version, announcements).
 //! - [`engine`]: snapshot swapping, the decision cache, change handling.
-//! - `api`: the HTTP handlers.
+//! - `api`: the HTTP handlers (checks, `explain`, rules CRUD with history).
 //! - `feed`: the snapshot, version and change-feed endpoints other roles and services follow.
 //! - [`mirror`]: the gateway's and the stream's local copy of the rules, decided in-process.
 //! - [`board`]: where each replica stands (the rules version it decides at).
@@ -232,6 +232,7 @@ pub fn router(state: State) -> Router {
         OpenApiRouter::with_openapi(openapi::base(Role::Entitlements))
             .routes(routes!(api::check))
             .routes(routes!(api::check_batch))
+            .routes(routes!(api::explain))
             .routes(routes!(api::resources))
             .routes(routes!(api::list, api::create))
             .routes(routes!(api::get_rule, api::update, api::delete))

@@ -317,6 +317,7 @@ pub fn router(state: State) -> Router {
             .routes(routes!(series))
             .routes(routes!(stats))
             .routes(routes!(trends))
+            .routes(routes!(usage))
             .with_state(state),
     )
 }
@@ -527,4 +528,91 @@ async fn trends(
     let trend = registry::trend(&points);
     Ok(axum::Json(json!({ "name": name, "window_seconds": window.as_secs(), "trend": trend }))
         .into_response())
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+struct UsageQuery {
+    /// A counter of per-tenant usage; default `access_usage_requests_total`.
+    name: Option<String>,
+    /// How far back (`15m`); default 15 minutes.
+    window: Option<String>,
+    /// Bucket width (`10s`); default 10 seconds, at least 1 second, at most 1000 buckets.
+    step: Option<String>,
+}
+
+/// One tenant's usage over time.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+struct TenantUsage {
+    /// The tenant (empty for series without a `tenant_id` label).
+    tenant_id: String,
+    /// The total over the window.
+    total: f64,
+    /// `[bucket start (unix seconds), increase in the bucket]`, oldest first; empty buckets
+    /// are omitted.
+    points: Vec<(i64, f64)>,
+}
+
+/// The answer of `GET /metrics/usage`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+struct UsageReport {
+    /// The counter.
+    name: String,
+    /// The window, in seconds.
+    window_seconds: u64,
+    /// The bucket width, in seconds.
+    step_seconds: u64,
+    /// Unix seconds: the window's start.
+    since: f64,
+    /// Per tenant, the largest total first.
+    tenants: Vec<TenantUsage>,
+}
+
+fn duration_param(field: &str, value: Option<&String>, default: Duration) -> ApiResult<Duration> {
+    match value {
+        Some(text) => humantime::parse_duration(text)
+            .map_err(|e| ApiError::validation(field, format!("{text:?}: {e}"))),
+        None => Ok(default),
+    }
+}
+
+#[utoipa::path(get, path = "/metrics/usage", tag = "metrics", summary = "Per-tenant usage over time from a pushed usage counter, in buckets (admin or service)", params(UsageQuery), security(("bearer" = [])), responses((status = 200, description = "OK", body = UsageReport), Errors))]
+async fn usage(
+    AxumState(state): AxumState<State>,
+    headers: HeaderMap,
+    Query(q): Query<UsageQuery>,
+) -> ApiResult<Response> {
+    state.authorize_read(&headers).await?;
+    let window = duration_param("window", q.window.as_ref(), Duration::from_secs(900))?;
+    let step = duration_param("step", q.step.as_ref(), Duration::from_secs(10))?;
+    if step.as_secs() == 0 || window.as_secs() / step.as_secs().max(1) > 1000 {
+        return Err(ApiError::validation(
+            "step",
+            "at least 1s, and at most 1000 buckets per window",
+        ));
+    }
+    let name = q.name.unwrap_or_else(|| "access_usage_requests_total".into());
+    let since = unix_now() - window.as_secs_f64();
+    let by_tenant = state
+        .store()
+        .tracked
+        .usage_by_tenant(&name, since, step.as_secs_f64(), state.limits.history)
+        .unwrap_or_default();
+    let mut tenants: Vec<TenantUsage> = by_tenant
+        .into_iter()
+        .map(|(tenant_id, buckets)| TenantUsage {
+            tenant_id,
+            total: buckets.values().sum(),
+            points: buckets.into_iter().collect(),
+        })
+        .collect();
+    tenants.sort_by(|a, b| b.total.total_cmp(&a.total).then_with(|| a.tenant_id.cmp(&b.tenant_id)));
+    Ok(axum::Json(UsageReport {
+        name,
+        window_seconds: window.as_secs(),
+        step_seconds: step.as_secs(),
+        since,
+        tenants,
+    })
+    .into_response())
 }

@@ -462,6 +462,48 @@ impl Tracked {
     }
 }
 
+impl Tracked {
+    /// A counter family's increase per tenant (the `tenant_id` label) in `step`-second buckets
+    /// since `since`: each sample's rise over the one before it (a series' first sample counts
+    /// whole when its history was never trimmed, i.e. it holds fewer than `cap` samples). `None`
+    /// when there is no such family or it is not a counter.
+    pub fn usage_by_tenant(
+        &self,
+        name: &str,
+        since: f64,
+        step: f64,
+        cap: usize,
+    ) -> Option<BTreeMap<String, BTreeMap<i64, f64>>> {
+        let family =
+            self.families.get(name).or_else(|| self.families.get(&format!("{name}_total")))?;
+        if family.kind != Kind::Counter {
+            return None;
+        }
+        let mut out: BTreeMap<String, BTreeMap<i64, f64>> = BTreeMap::new();
+        for (labels, series) in &family.series {
+            let tenant = labels
+                .iter()
+                .find(|(k, _)| k == "tenant_id")
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default();
+            let mut previous: Option<f64> = None;
+            for (i, (t, value)) in series.history.iter().enumerate() {
+                let rise = match previous {
+                    Some(p) => (value - p).max(0.0),
+                    None if i == 0 && series.history.len() < cap => *value,
+                    None => 0.0,
+                };
+                previous = Some(*value);
+                if *t >= since {
+                    let bucket = ((t / step).floor() * step) as i64;
+                    *out.entry(tenant.clone()).or_default().entry(bucket).or_default() += rise;
+                }
+            }
+        }
+        Some(out)
+    }
+}
+
 impl Default for Tracked {
     fn default() -> Self {
         Self::new()

@@ -659,6 +659,21 @@ impl Hub {
         (points, total)
     }
 
+    /// The open connections of one user on this replica, ordered by id.
+    pub fn connections_of(&self, subject: &str) -> Vec<Arc<Conn>> {
+        let mut conns: Vec<Arc<Conn>> = self
+            .conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .all
+            .values()
+            .filter(|c| c.subject == subject)
+            .cloned()
+            .collect();
+        conns.sort_by_key(|c| c.id);
+        conns
+    }
+
     /// Open connections.
     pub fn open(&self) -> usize {
         self.open.load(Ordering::Relaxed)

@@ -17,7 +17,7 @@
 //! - [`resume`]: the records missed while away, read back from Kafka up to a bound.
 //!
 //! Endpoints: `GET /ws/stream` (and `/ws`, `/ws/`), `GET /sse/stream` (and `/sse`, `/sse/`),
-//! `POST`/`DELETE /sse/subscribe`, `GET /stats`, `POST /publish` (service or admin role).
+//! `POST`/`DELETE /sse/subscribe`, `GET /stats`, `GET /stats/users/{id}` (a user's open connections), `POST /publish` (service or admin role).
 
 pub mod conn;
 pub mod control;
@@ -458,6 +458,7 @@ pub fn router(state: State) -> Router {
             .route("/sse/stream", get(sse::connect))
             .routes(routes!(sse::add, sse::remove))
             .routes(routes!(stats))
+            .routes(routes!(user_connections))
             .routes(routes!(rules_version))
             .routes(routes!(publish))
             .with_state(state),
@@ -572,6 +573,56 @@ async fn stats(AxumState(state): AxumState<State>, caller: Caller) -> ApiResult<
             json!({"records": consumer.records(), "partitions": consumer.partitions()});
     }
     Ok(axum::Json(stats).into_response())
+}
+
+/// One open connection, as `GET /stats/users/{id}` lists it.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+struct ConnectionInfo {
+    /// The connection's id (`<replica>-<number>`).
+    id: String,
+    /// `ws` or `sse`.
+    transport: String,
+    /// The tenant its records are scoped to.
+    tenant_id: String,
+    /// Its subscribed topics.
+    topics: Vec<String>,
+    /// Frames queued for it so far.
+    delivered: u64,
+}
+
+/// The answer of `GET /stats/users/{id}`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+struct UserConnections {
+    /// The user.
+    user_id: String,
+    /// This replica's id (each replica answers for its own connections).
+    replica: String,
+    /// The user's open connections on this replica.
+    connections: Vec<ConnectionInfo>,
+}
+
+#[utoipa::path(get, path = "/stats/users/{id}", tag = "stream", summary = "A user's open WebSocket and SSE connections on this replica (admin or service role)", params(("id" = String, Path, description = "The user (token subject, or apikey:<id>)")), security(("bearer" = [])), responses((status = 200, description = "OK", body = UserConnections), Errors))]
+async fn user_connections(
+    AxumState(state): AxumState<State>,
+    caller: Caller,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> ApiResult<Response> {
+    caller.require_any_role(&[&state.admin_role, &state.service_role])?;
+    let connections = state
+        .hub
+        .connections_of(&id)
+        .iter()
+        .map(|c| ConnectionInfo {
+            id: c.public_id.clone(),
+            transport: c.transport.to_string(),
+            tenant_id: c.tenant.to_string(),
+            topics: state.hub.subscriptions(c),
+            delivered: c.delivered.load(std::sync::atomic::Ordering::Relaxed),
+        })
+        .collect();
+    let body =
+        UserConnections { user_id: id, replica: state.hub.replica().to_string(), connections };
+    Ok(axum::Json(body).into_response())
 }
 
 #[utoipa::path(get, path = "/entitlements/version", tag = "stream", summary = "The rules version this stream replica decides at", security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
