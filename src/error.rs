@@ -142,9 +142,9 @@ pub struct ApiError {
 }
 
 /// The JSON body of every error response; published in every role's API document as the
-/// `ApiError` schema.
+/// `ErrorBody` schema (the name `tests/it/all.rs` checks).
 #[derive(Serialize, utoipa::ToSchema)]
-#[schema(as = ApiError, example = json!({"code": "validation_failed", "message": "name must be 1 to 200 characters", "field": "name", "side": "client"}))]
+#[schema(example = json!({"code": "validation_failed", "message": "name must be 1 to 200 characters", "field": "name", "side": "client"}))]
 pub(crate) struct ErrorBody<'a> {
     /// The stable error code; its HTTP status is fixed (`docs/contracts.md`, Errors).
     code: ErrorCode,

@@ -114,7 +114,8 @@ mod tests {
                 "{role}: {codes}"
             );
             assert_eq!(
-                schemas["ApiError"]["properties"]["code"]["$ref"], "#/components/schemas/ErrorCode",
+                schemas["ErrorBody"]["properties"]["code"]["$ref"],
+                "#/components/schemas/ErrorCode",
                 "{role}"
             );
             for (path, item) in doc["paths"].as_object().unwrap() {
@@ -124,7 +125,7 @@ mod tests {
                             let schema = &response["content"]["application/json"]["schema"];
                             if path != "/ready" {
                                 assert_eq!(
-                                    schema["$ref"], "#/components/schemas/ApiError",
+                                    schema["$ref"], "#/components/schemas/ErrorBody",
                                     "{role} {method} {path} {status}"
                                 );
                             }

@@ -4,7 +4,7 @@
 //!
 //! Every request and response body is a Rust type deriving its schema (`utoipa::ToSchema`), next
 //! to the handler that reads or writes it, so the document says what the code sends. Shared
-//! here: the error body (`ApiError`, from `crate::error`, with its closed `code` enum), the error
+//! here: the error body (`ErrorBody`, from `crate::error`, with its closed `code` enum), the error
 //! responses every operation may give, the bearer-token security scheme, the probes every role
 //! serves, and [`undescribed_bodies`], which the tests use to keep every body described.
 
@@ -18,7 +18,7 @@ use utoipa::ToSchema;
 
 use crate::roles::Role;
 
-/// The error responses any operation may give (each with the `ApiError` body).
+/// The error responses any operation may give (each with the `ErrorBody` schema).
 pub struct Errors;
 
 impl utoipa::IntoResponses for Errors {
@@ -43,7 +43,7 @@ impl utoipa::IntoResponses for Errors {
         .into_iter()
         .map(|(status, description)| {
             let content = ContentBuilder::new()
-                .schema(Some(RefOr::Ref(utoipa::openapi::Ref::from_schema_name("ApiError"))))
+                .schema(Some(RefOr::Ref(utoipa::openapi::Ref::from_schema_name("ErrorBody"))))
                 .build();
             let response = ResponseBuilder::new()
                 .description(description)
@@ -66,12 +66,12 @@ pub fn base(role: Role) -> OpenApi {
     let mut doc = <Common as utoipa::OpenApi>::openapi();
     doc.info.title = format!("254Carbon Access Layer: {}", role.service_name());
     doc.info.description = Some(format!(
-        "The {role} role's API. Errors are JSON bodies with a stable code (see ApiError)."
+        "The {role} role's API. Errors are JSON bodies with a stable code (see ErrorBody)."
     ));
     doc.info.version = env!("CARGO_PKG_VERSION").to_string();
     let components = doc.components.get_or_insert_with(Default::default);
     let mut schemas = vec![(
-        "ApiError".to_string(),
+        "ErrorBody".to_string(),
         <crate::error::ErrorBody<'static> as utoipa::PartialSchema>::schema(),
     )];
     <crate::error::ErrorBody<'static> as ToSchema>::schemas(&mut schemas);

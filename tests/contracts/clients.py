@@ -77,7 +77,7 @@ def call_parameterless_gets(role: str, package: str, operations: list, base_url:
         parsed = response.parsed
         if parsed is None:
             raise SystemExit(f"{role}: GET {url}: 200 not parsed by the generated client")
-        if type(parsed).__name__ == "ApiError":
+        if type(parsed).__name__ == "ErrorBody":
             raise SystemExit(f"{role}: GET {url}: 200 parsed as an error body")
         called += 1
     return called

@@ -37,7 +37,7 @@ for role in auth entitlements metrics gateway stream; do
   echo "schemathesis: $role (http://127.0.0.1:${PORT[$role]}/openapi.json)"
   # Logging out would revoke the token the rest of the run uses.
   if ! st run "http://127.0.0.1:${PORT[$role]}/openapi.json" \
-      --checks not_a_server_error,response_schema_conformance \
+      --checks not_a_server_error,response_schema_conformance,status_code_conformance,content_type_conformance,response_headers_conformance \
       --header "Authorization: Bearer $TOKEN" \
       --exclude-path /auth/logout \
       --max-examples "$EXAMPLES" --generation-deterministic --request-timeout 10 \

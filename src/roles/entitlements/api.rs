@@ -89,9 +89,20 @@ pub(super) struct BatchItem {
 #[derive(ToSchema)]
 #[allow(dead_code)]
 struct Correlation {
-    /// The caller's correlation id, any JSON value, echoed in the item's result.
-    #[schema(value_type = Object)]
+    /// The caller's correlation id, echoed in the item's result.
+    #[schema(value_type = CorrelationId)]
     id: Value,
+}
+
+/// A batch item's correlation id: a string or a number (any JSON value is echoed as sent).
+#[derive(ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)]
+enum CorrelationId {
+    /// A string.
+    Text(String),
+    /// A number.
+    Number(f64),
 }
 
 impl utoipa::PartialSchema for BatchItem {
@@ -139,7 +150,7 @@ pub(super) struct Decided {
     #[serde(flatten)]
     decision: Decision,
     /// The item's correlation id.
-    #[schema(value_type = Object)]
+    #[schema(value_type = CorrelationId)]
     id: Value,
 }
 
@@ -147,7 +158,7 @@ pub(super) struct Decided {
 #[derive(Serialize, ToSchema)]
 pub(super) struct Failed {
     /// The item's correlation id (null when the item had none).
-    #[schema(value_type = Object)]
+    #[schema(value_type = Option<CorrelationId>)]
     id: Value,
     /// Why.
     error: ItemError,
@@ -231,7 +242,7 @@ pub(super) struct ResourcesRequest {
     action: String,
     /// The resources to decide.
     resources: Vec<String>,
-    /// Anything else conditions may test (`context.<path>`): free-form JSON.
+    /// Anything else conditions may test (`context.<path>`): a free-form JSON object.
     #[serde(default)]
     #[schema(value_type = Object)]
     context: Value,

@@ -35,8 +35,7 @@ pub struct CheckRequest {
     pub resource: String,
     /// The action (`read`).
     pub action: String,
-    /// Anything else conditions may test (`context.<path>`): free-form JSON, usually an
-    /// object.
+    /// Anything else conditions may test (`context.<path>`): a free-form JSON object.
     #[serde(default)]
     #[schema(value_type = Object)]
     pub context: Value,

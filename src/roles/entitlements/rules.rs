@@ -54,11 +54,41 @@ pub struct Condition {
     pub field: String,
     /// The comparison.
     pub operator: Operator,
-    /// The operand, any JSON value (default `true`). A string `"$tenant_id"` (or another field
-    /// name after `$`) refers to that field of the request.
+    /// The operand (default `true`): a string, number, boolean, or a list of them for `in` and
+    /// `not_in`. A string `"$tenant_id"` (or another field name after `$`) refers to that field
+    /// of the request.
     #[serde(default = "default_value")]
-    #[schema(value_type = Object)]
+    #[schema(value_type = Operand)]
     pub value: Value,
+}
+
+/// A condition's operand as the API documents it (the field is any JSON value; these are the
+/// ones the operators compare).
+#[derive(utoipa::ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)]
+enum Operand {
+    /// A string (or a `$field` reference).
+    Text(String),
+    /// A number.
+    Number(f64),
+    /// A boolean (`exists`).
+    Flag(bool),
+    /// A list (`in`, `not_in`).
+    List(Vec<Scalar>),
+}
+
+/// One element of a list operand.
+#[derive(utoipa::ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)]
+enum Scalar {
+    /// A string.
+    Text(String),
+    /// A number.
+    Number(f64),
+    /// A boolean.
+    Flag(bool),
 }
 
 fn default_value() -> Value {
