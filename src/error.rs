@@ -14,7 +14,7 @@ use serde::Serialize;
 
 /// Stable, documented error codes (`docs/contracts.md`). Clients branch on these, so a code is
 /// never renamed; new causes of an existing code go in `reason`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     /// 400: the request is malformed (bad JSON, missing body, bad query).
@@ -141,18 +141,47 @@ pub struct ApiError {
     source: Option<anyhow::Error>,
 }
 
-/// The JSON body of every error response.
-#[derive(Serialize)]
-struct ErrorBody<'a> {
+/// The JSON body of every error response; published in every role's API document as the
+/// `ErrorBody` schema (the name `tests/it/all.rs` checks).
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(example = json!({"code": "validation_failed", "message": "name must be 1 to 200 characters", "field": "name", "side": "client"}))]
+pub(crate) struct ErrorBody<'a> {
+    /// The stable error code; its HTTP status is fixed (`docs/contracts.md`, Errors).
     code: ErrorCode,
+    /// For a human: the given message for 4xx, a fixed one per code for 5xx.
     message: &'a str,
+    /// Why, where one code has several causes: for `unauthenticated` `expired`,
+    /// `not_yet_valid`, `bad_signature`, `unknown_key`, `wrong_issuer`, `wrong_audience`,
+    /// `algorithm_not_allowed`, `malformed`, `revoked`, `missing_tenant`; for `invalid_request`
+    /// `invalid_path`, `invalid_host`; for `rate_limited` `too_many_in_flight`,
+    /// `too_many_connections`; for `dependency_unavailable` `overloaded`; for the metrics role's
+    /// refusals the guard that refused (`invalid_name`, `series_cap`, ...).
     #[serde(skip_serializing_if = "Option::is_none")]
     reason: Option<&'a str>,
+    /// The request field at fault (`validation_failed`).
     #[serde(skip_serializing_if = "Option::is_none")]
     field: Option<&'a str>,
+    /// Seconds to wait before retrying (429, load-shed 503); also sent as `Retry-After`.
     #[serde(skip_serializing_if = "Option::is_none")]
     retry_after: Option<u64>,
+    /// Which side failed.
+    #[schema(value_type = Side)]
     side: &'static str,
+}
+
+/// Which side failed, in an error body (the schema of `ErrorCode::side`'s values).
+#[derive(utoipa::ToSchema)]
+#[schema(rename_all = "snake_case")]
+#[allow(dead_code)]
+pub(crate) enum Side {
+    /// The caller (every 4xx).
+    Client,
+    /// The gateway's upstream (502, 504, `circuit_open`).
+    Upstream,
+    /// A dependency of the role (`dependency_unavailable`).
+    Dependency,
+    /// The role itself (500).
+    Internal,
 }
 
 impl ApiError {

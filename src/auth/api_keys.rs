@@ -26,7 +26,7 @@ use super::{AuthError, Identity, IdentityKind, Reason};
 use crate::backends::postgres::describe;
 
 /// A stored key (no secret).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct ApiKey {
     /// The key id (the part after `ak_`).
     pub id: String,
@@ -52,8 +52,9 @@ pub struct ApiKey {
     previous_hash: Option<String>,
 }
 
-/// What `create` is given.
-#[derive(Debug, Clone, serde::Deserialize)]
+/// What `create` is given (the body of `POST /auth/api-keys`).
+#[derive(Debug, Clone, serde::Deserialize, utoipa::ToSchema)]
+#[schema(example = json!({"name": "pricing-batch", "tenant_id": "t1", "roles": ["trader"], "expires_at": "2027-01-01T00:00:00Z"}))]
 #[serde(deny_unknown_fields)]
 pub struct NewKey {
     /// A label.

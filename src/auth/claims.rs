@@ -29,7 +29,7 @@ pub struct ClaimRules {
 }
 
 /// The user-facing view of a token (`user_info` in the verify answer).
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
 pub struct UserInfo {
     /// `sub`.
     pub user_id: String,

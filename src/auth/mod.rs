@@ -35,7 +35,7 @@ pub use verifier::{Verified, Verifier};
 use crate::error::{ApiError, ErrorCode};
 
 /// Who is calling, once verified (`docs/contracts.md`, Identity).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Identity {
     /// `sub` for users and services; `apikey:<key id>` for API keys.
     pub subject: String,
@@ -57,7 +57,7 @@ impl Identity {
 }
 
 /// How a caller authenticated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum IdentityKind {
     /// A JWT from the IdP (or the dev key).
@@ -69,7 +69,7 @@ pub enum IdentityKind {
 }
 
 /// Why a credential was refused: the `reason` of an `unauthenticated` error.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Reason {
     /// `exp` has passed (beyond the leeway).

@@ -52,7 +52,7 @@ pub enum Revocation {
 }
 
 /// What `GET /auth/users/{id}` shows.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct UserRecord {
     /// The user.
     pub user_id: String,

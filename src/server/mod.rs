@@ -22,7 +22,6 @@ use axum::{Json, Router};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use metrics_exporter_prometheus::PrometheusHandle;
-use serde_json::json;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tower::ServiceExt;
@@ -391,45 +390,86 @@ fn canonicalize(uri: &mut http::Uri) -> Result<(), target::Invalid> {
     Ok(())
 }
 
+/// The body of `GET /health`.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct Health {
+    /// Always `ok`: the process answers.
+    #[schema(example = "ok")]
+    status: &'static str,
+    /// The role's service name (`access-gateway`, ...).
+    #[schema(example = "access-gateway")]
+    service: &'static str,
+    /// The role.
+    role: Role,
+    /// The binary's version.
+    #[schema(example = "0.1.0")]
+    version: &'static str,
+    /// Seconds since the process started.
+    uptime_seconds: u64,
+}
+
 /// Liveness: never touches a dependency.
 #[utoipa::path(get, path = "/health", tag = "probes",
-    responses((status = 200, description = "The process is alive", body = serde_json::Value)))]
-async fn health(State(ctx): State<Context>) -> Response {
-    Json(json!({
-        "status": "ok",
-        "service": ctx.role.service_name(),
-        "role": ctx.role,
-        "version": env!("CARGO_PKG_VERSION"),
-        "uptime_seconds": ctx.readiness.uptime().as_secs(),
-    }))
-    .into_response()
+    responses((status = 200, description = "The process is alive", body = Health)))]
+async fn health(State(ctx): State<Context>) -> Json<Health> {
+    Json(Health {
+        status: "ok",
+        service: ctx.role.service_name(),
+        role: ctx.role,
+        version: env!("CARGO_PKG_VERSION"),
+        uptime_seconds: ctx.readiness.uptime().as_secs(),
+    })
+}
+
+/// The body of `GET /ready`: 200 when ready or degraded, 503 (with `code` and `message`)
+/// otherwise.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ReadyBody {
+    /// `ready`, `degraded` (a soft check fails; still ready), `starting`, `draining` or
+    /// `not_ready`.
+    #[schema(value_type = readiness::Status)]
+    status: &'static str,
+    /// `dependency_unavailable` (503 only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    code: Option<ErrorCode>,
+    /// Why the role is not ready (503 only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<String>,
+    /// The names of the failing checks.
+    failing: Vec<&'static str>,
+    /// Each check's outcome.
+    checks: Vec<readiness::CheckResult>,
 }
 
 /// Readiness: 200 when the role's dependencies answer (`degraded` when only a soft one fails).
 #[utoipa::path(get, path = "/ready", tag = "probes",
-    responses((status = 200, description = "Ready (or degraded)", body = serde_json::Value),
-        (status = 503, description = "Starting, draining, or a dependency is unavailable", body = serde_json::Value)))]
+    responses((status = 200, description = "Ready (or degraded)", body = ReadyBody),
+        (status = 503, description = "Starting, draining, or a dependency is unavailable", body = ReadyBody)))]
 async fn ready(State(ctx): State<Context>) -> Response {
     let report = ctx.readiness.report().await;
     let failing: Vec<_> = report.checks.iter().filter(|c| !c.ok).map(|c| c.name).collect();
     if report.is_ready() {
-        return Json(
-            json!({ "status": report.status, "failing": failing, "checks": report.checks }),
-        )
-        .into_response();
+        let body = ReadyBody {
+            status: report.status,
+            code: None,
+            message: None,
+            failing,
+            checks: report.checks,
+        };
+        return Json(body).into_response();
     }
     let message = match report.status {
         "draining" => "shutting down".to_string(),
         "starting" => "start-up work is not done".to_string(),
         _ => format!("not ready: {} unavailable", failing.join(", ")),
     };
-    let body = json!({
-        "status": report.status,
-        "code": ErrorCode::DependencyUnavailable,
-        "message": message,
-        "failing": failing,
-        "checks": report.checks,
-    });
+    let body = ReadyBody {
+        status: report.status,
+        code: Some(ErrorCode::DependencyUnavailable),
+        message: Some(message),
+        failing,
+        checks: report.checks,
+    };
     (http::StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
 }
 

@@ -58,10 +58,28 @@ pub struct Report {
     pub checks: Vec<CheckResult>,
 }
 
+/// The values of `/ready`'s `status` (the schema of [`Report::status`]).
+#[derive(utoipa::ToSchema)]
+#[schema(as = ReadinessStatus, rename_all = "snake_case")]
+#[allow(dead_code)]
+pub enum Status {
+    /// Every check passes.
+    Ready,
+    /// A soft check fails; the role still serves.
+    Degraded,
+    /// Start-up work is not done.
+    Starting,
+    /// Shutting down.
+    Draining,
+    /// A hard check fails.
+    NotReady,
+}
+
 /// One check's outcome.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct CheckResult {
     /// The dependency (`redis`, `postgres`, `kafka`, `jwks`, ...).
+    #[schema(example = "redis")]
     pub name: &'static str,
     /// Whether it answered.
     pub ok: bool,

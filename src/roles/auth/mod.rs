@@ -24,14 +24,18 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRef, Path, State as AxumState};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use serde_json::Value;
 use tokio::net::TcpListener;
+use utoipa::ToSchema;
 
+use crate::auth::api_keys::{ApiKey, NewKey};
 use crate::auth::revocation::Revocation;
-use crate::auth::{unix_now, Auth, AuthError, Caller, Verifier};
+use crate::auth::revocation::UserRecord;
+use crate::auth::{unix_now, Auth, AuthError, Caller, Identity, Reason, UserInfo, Verifier};
 use crate::cli::RunError;
-use crate::error::{ApiError, ApiResult};
+use crate::error::{ApiError, ApiResult, ErrorCode};
 use crate::server::{self, Context};
 
 /// The auth role's state: the shared auth handles and the admin role's name.
@@ -55,7 +59,7 @@ pub fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
     let mut state =
         State { auth, admin_role: ctx.config.auth.admin_role.as_str().into(), console: None };
     if ctx.config.console.enabled {
-        let api = api_routes(state.clone()).split_for_parts().0;
+        let api = api().with_state(state.clone()).split_for_parts().0;
         let built = console::build(ctx, &state.auth, api)
             .map_err(|e| RunError::Other(anyhow::anyhow!("console: {e}")))?;
         state.console = Some(built);
@@ -65,33 +69,37 @@ pub fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
 
 /// The role's routes, with the console's when it is enabled.
 pub fn router(state: State) -> Router {
-    let mut routes = api_routes(state.clone());
+    let mut routes = api().with_state(state.clone());
     if let Some(console) = state.console.clone() {
         routes = routes.merge(console::router(console, state.auth.verifier.clone()));
     }
     openapi::finish(routes)
 }
 
-/// The role's API (without the console).
-fn api_routes(state: State) -> OpenApiRouter {
-    {
-        OpenApiRouter::with_openapi(openapi::base(Role::Auth))
-            .routes(routes!(verify))
-            .routes(routes!(verify_ws))
-            .routes(routes!(me))
-            .routes(routes!(logout))
-            .routes(routes!(user))
-            .routes(routes!(revoke_user))
-            .routes(routes!(jwks))
-            .routes(routes!(list_keys, create_key))
-            .routes(routes!(revoke_key))
-            .routes(routes!(rotate_key))
-            .routes(routes!(key_audit))
-            .with_state(state)
-    }
+/// The role's API document (`/openapi.json`), built without a state.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api().into_openapi()
 }
 
-#[utoipa::path(post, path = "/auth/verify-ws", tag = "auth", summary = "Verify a token for a WebSocket connection (as /auth/verify)", request_body = serde_json::Value, responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
+/// The role's documented routes.
+fn api() -> OpenApiRouter<State> {
+    OpenApiRouter::with_openapi(openapi::base(Role::Auth))
+        .routes(routes!(verify))
+        .routes(routes!(verify_ws))
+        .routes(routes!(me))
+        .routes(routes!(logout))
+        .routes(routes!(user))
+        .routes(routes!(revoke_user))
+        .routes(routes!(jwks))
+        .routes(routes!(list_keys, create_key))
+        .routes(routes!(revoke_key))
+        .routes(routes!(rotate_key))
+        .routes(routes!(key_audit))
+}
+
+#[utoipa::path(post, path = "/auth/verify-ws", tag = "auth", summary = "Verify a token for a WebSocket connection (as /auth/verify)",
+    request_body(content = VerifyBody, example = json!({"token": "eyJhbGciOiJFUzI1NiIsInR5cCI6IkpXVCJ9.e30.c2ln"})),
+    responses((status = 200, description = "The verdict: valid with the claims, or not valid with the reason", body = VerifyAnswer), Errors))]
 async fn verify_ws(
     state: AxumState<State>,
     body: Result<Json<VerifyBody>, JsonRejection>,
@@ -106,12 +114,54 @@ pub async fn run(listener: TcpListener, state: State, ctx: Context) -> Result<()
     server::serve(listener, app, &ctx).await.map_err(|e| RunError::Other(e.into()))
 }
 
-#[derive(Deserialize)]
+/// The body of `POST /auth/verify` and `/auth/verify-ws`.
+#[derive(Deserialize, ToSchema)]
 struct VerifyBody {
+    /// The token (a `Bearer ` prefix is fine).
     token: String,
 }
 
-#[utoipa::path(post, path = "/auth/verify", tag = "auth", summary = "Verify a token: 200 with valid true or false and the reason", request_body = serde_json::Value, responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
+/// The answer of `POST /auth/verify`: 200 whether or not the token is valid.
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+enum VerifyAnswer<'a> {
+    /// The token verifies.
+    Valid(Valid<'a>),
+    /// It does not: why.
+    Invalid(Invalid),
+}
+
+/// A token that verifies.
+#[derive(Serialize, ToSchema)]
+struct Valid<'a> {
+    /// Always `true`.
+    #[schema(value_type = bool, example = true)]
+    valid: bool,
+    /// Every claim of the token, as signed.
+    #[schema(value_type = Object)]
+    claims: &'a RawValue,
+    /// The user-facing view of the token.
+    user_info: &'a UserInfo,
+}
+
+/// A token that does not verify.
+#[derive(Serialize, ToSchema)]
+struct Invalid {
+    /// Always `false`.
+    #[schema(example = false)]
+    valid: bool,
+    /// Always `unauthenticated`.
+    #[schema(value_type = ErrorCode)]
+    code: &'static str,
+    /// Why it was refused.
+    reason: Reason,
+    /// For a human.
+    message: &'static str,
+}
+
+#[utoipa::path(post, path = "/auth/verify", tag = "auth", summary = "Verify a token: 200 with valid true or false and the reason",
+    request_body(content = VerifyBody, example = json!({"token": "Bearer eyJhbGciOiJFUzI1NiIsInR5cCI6IkpXVCJ9.e30.c2ln"})),
+    responses((status = 200, description = "The verdict: valid with the claims, or not valid with the reason", body = VerifyAnswer), Errors))]
 async fn verify(
     AxumState(state): AxumState<State>,
     body: Result<Json<VerifyBody>, JsonRejection>,
@@ -121,26 +171,45 @@ async fn verify(
     })?;
     match state.auth.verifier.verify(&body.token).await {
         Ok(v) => {
-            Ok(Json(json!({ "valid": true, "claims": v.claims, "user_info": v.info }))
-                .into_response())
+            let answer = Valid { valid: true, claims: &v.claims, user_info: &v.info };
+            Ok(Json(VerifyAnswer::Valid(answer)).into_response())
         }
-        Err(AuthError::Rejected(reason)) => Ok(Json(json!({
-            "valid": false,
-            "code": "unauthenticated",
-            "reason": reason.as_str(),
-            "message": reason.message(),
+        Err(AuthError::Rejected(reason)) => Ok(Json(VerifyAnswer::Invalid(Invalid {
+            valid: false,
+            code: ErrorCode::Unauthenticated.as_str(),
+            reason,
+            message: reason.message(),
         }))
         .into_response()),
         Err(e) => Err(e.into()),
     }
 }
 
-#[utoipa::path(get, path = "/auth/me", tag = "auth", summary = "The caller's identity and user info", security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
-async fn me(caller: Caller) -> Response {
-    Json(json!({ "identity": caller.0.identity, "user_info": caller.0.info })).into_response()
+/// The body of `GET /auth/me`.
+#[derive(Serialize, ToSchema)]
+struct Me<'a> {
+    /// Who is calling.
+    identity: &'a Identity,
+    /// The user-facing view of the credential.
+    user_info: &'a UserInfo,
 }
 
-#[utoipa::path(post, path = "/auth/logout", tag = "auth", summary = "Revoke the caller's token until it expires", security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
+#[utoipa::path(get, path = "/auth/me", tag = "auth", summary = "The caller's identity and user info", security(("bearer" = [])), responses((status = 200, description = "The caller", body = Me), Errors))]
+async fn me(caller: Caller) -> Response {
+    Json(Me { identity: &caller.0.identity, user_info: &caller.0.info }).into_response()
+}
+
+/// The body of `POST /auth/logout`.
+#[derive(Serialize, ToSchema)]
+struct LoggedOut {
+    /// Always `true`.
+    #[schema(example = true)]
+    revoked: bool,
+    /// Unix seconds until which the token stays revoked (its expiry).
+    until: u64,
+}
+
+#[utoipa::path(post, path = "/auth/logout", tag = "auth", summary = "Revoke the caller's token until it expires", security(("bearer" = [])), responses((status = 200, description = "The token is revoked", body = LoggedOut), Errors))]
 async fn logout(AxumState(state): AxumState<State>, caller: Caller) -> ApiResult<Response> {
     let until = caller.0.identity.expires_at;
     let revocation = Revocation::Token { hash: caller.0.token_hash.clone(), until };
@@ -150,10 +219,19 @@ async fn logout(AxumState(state): AxumState<State>, caller: Caller) -> ApiResult
         .await
         .map_err(|e| ApiError::dependency("redis", anyhow::anyhow!(e)))?;
     tracing::info!(subject = %caller.0.identity.subject, "token revoked by logout");
-    Ok(Json(json!({ "revoked": true, "until": until })).into_response())
+    Ok(Json(LoggedOut { revoked: true, until }).into_response())
 }
 
-#[utoipa::path(post, path = "/auth/users/{id}/revoke", tag = "auth", summary = "Revoke every token of a user issued until now (admin)", params(("id" = String, Path, description = "The id")), security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
+/// The body of `POST /auth/users/{id}/revoke`.
+#[derive(Serialize, ToSchema)]
+struct UserRevoked {
+    /// The user.
+    user_id: String,
+    /// Tokens issued at or before this (unix seconds) are revoked.
+    revoked_before: u64,
+}
+
+#[utoipa::path(post, path = "/auth/users/{id}/revoke", tag = "auth", summary = "Revoke every token of a user issued until now (admin)", params(("id" = String, Path, description = "The user's subject", example = "alice")), security(("bearer" = [])), responses((status = 200, description = "The user's tokens are revoked", body = UserRevoked), Errors))]
 async fn revoke_user(
     AxumState(state): AxumState<State>,
     caller: Caller,
@@ -168,10 +246,10 @@ async fn revoke_user(
         .await
         .map_err(|e| ApiError::dependency("redis", anyhow::anyhow!(e)))?;
     tracing::info!(admin = %caller.0.identity.subject, user = %id, "user's tokens revoked");
-    Ok(Json(json!({ "user_id": id, "revoked_before": not_before })).into_response())
+    Ok(Json(UserRevoked { user_id: id, revoked_before: not_before }).into_response())
 }
 
-#[utoipa::path(get, path = "/auth/users/{id}", tag = "auth", summary = "A user's tenant, roles, last sight and revocation (admin)", params(("id" = String, Path, description = "The id")), security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
+#[utoipa::path(get, path = "/auth/users/{id}", tag = "auth", summary = "A user's tenant, roles, last sight and revocation (admin)", params(("id" = String, Path, description = "The user's subject", example = "alice")), security(("bearer" = [])), responses((status = 200, description = "The user", body = UserRecord), Errors))]
 async fn user(
     AxumState(state): AxumState<State>,
     caller: Caller,
@@ -190,10 +268,22 @@ async fn user(
     }
 }
 
-#[utoipa::path(get, path = "/.well-known/jwks.json", tag = "auth", summary = "The dev key's public JWKS (dev mode only)", responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
+/// A JSON Web Key Set (RFC 7517).
+#[derive(Serialize, Deserialize, ToSchema)]
+struct JwkSet {
+    /// The public keys: JWKs (`kty`, `crv`, `x`, `y`, `kid`, `alg`, `use`), as RFC 7517 defines
+    /// them.
+    #[schema(value_type = Vec<Object>)]
+    keys: Vec<Value>,
+}
+
+#[utoipa::path(get, path = "/.well-known/jwks.json", tag = "auth", summary = "The dev key's public JWKS (dev mode only)", responses((status = 200, description = "The dev key's public half", body = JwkSet), Errors))]
 async fn jwks(AxumState(state): AxumState<State>) -> ApiResult<Response> {
     match &state.auth.dev_key {
-        Some(key) => Ok(Json(key.jwks()).into_response()),
+        Some(key) => {
+            let set: JwkSet = serde_json::from_value(key.jwks()).map_err(ApiError::internal)?;
+            Ok(Json(set).into_response())
+        }
         None => Err(ApiError::not_found("keys are published by the identity provider, not here")),
     }
 }
@@ -209,11 +299,33 @@ fn key_error(e: crate::auth::api_keys::KeyError) -> ApiError {
     }
 }
 
-#[utoipa::path(post, path = "/auth/api-keys", tag = "auth", summary = "Create an API key (admin); the key is shown once", request_body = serde_json::Value, security(("bearer" = [])), responses((status = 201, description = "Created", body = serde_json::Value), Errors))]
+/// A key with its secret: the answer of create and rotate, the only time the secret is shown.
+#[derive(Serialize, ToSchema)]
+struct KeyWithSecret {
+    /// The stored key.
+    #[serde(flatten)]
+    api_key: ApiKey,
+    /// The key to send as `X-API-Key`: `ak_<id>_<secret>`.
+    #[schema(
+        example = "ak_0123456789ab_0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+    )]
+    key: String,
+}
+
+/// The body of `GET /auth/api-keys`.
+#[derive(Serialize, ToSchema)]
+struct KeyList {
+    /// Every key, revoked ones too.
+    api_keys: Vec<ApiKey>,
+}
+
+#[utoipa::path(post, path = "/auth/api-keys", tag = "auth", summary = "Create an API key (admin); the key is shown once",
+    request_body(content = NewKey, example = json!({"name": "pricing-batch", "tenant_id": "t1", "roles": ["trader"]})),
+    security(("bearer" = [])), responses((status = 201, description = "Created; `key` is shown only now", body = KeyWithSecret), Errors))]
 async fn create_key(
     AxumState(state): AxumState<State>,
     caller: Caller,
-    crate::error::Json(new): crate::error::Json<crate::auth::api_keys::NewKey>,
+    crate::error::Json(new): crate::error::Json<NewKey>,
 ) -> ApiResult<Response> {
     caller.require_role(&state.admin_role)?;
     if new.name.trim().is_empty() {
@@ -225,27 +337,31 @@ async fn create_key(
     let (key, text) =
         state.auth.api_keys.create(new, &caller.0.identity.subject).await.map_err(key_error)?;
     tracing::info!(admin = %caller.0.identity.subject, key = %key.id, "API key created");
-    let mut body = serde_json::to_value(&key).unwrap_or_default();
-    body["key"] = json!(text);
+    let body = KeyWithSecret { api_key: key, key: text };
     Ok((http::StatusCode::CREATED, Json(body)).into_response())
 }
 
-#[utoipa::path(get, path = "/auth/api-keys", tag = "auth", summary = "List API keys (admin)", security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
+#[utoipa::path(get, path = "/auth/api-keys", tag = "auth", summary = "List API keys (admin)", security(("bearer" = [])), responses((status = 200, description = "Every key", body = KeyList), Errors))]
 async fn list_keys(AxumState(state): AxumState<State>, caller: Caller) -> ApiResult<Response> {
     caller.require_role(&state.admin_role)?;
     let keys = state.auth.api_keys.store().list().await.map_err(key_error)?;
-    Ok(Json(json!({ "api_keys": keys })).into_response())
+    Ok(Json(KeyList { api_keys: keys }).into_response())
 }
 
-#[derive(Deserialize)]
+/// The optional body of `POST /auth/api-keys/{id}/rotate`.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RotateBody {
     /// How long the old secret keeps working (`"1h"`); default none.
     #[serde(default, with = "humantime_serde")]
+    #[schema(value_type = Option<String>, example = "1h")]
     overlap: Option<std::time::Duration>,
 }
 
-#[utoipa::path(post, path = "/auth/api-keys/{id}/rotate", tag = "auth", summary = "Rotate an API key, the old secret working for an optional overlap (admin)", request_body = Option<serde_json::Value>, params(("id" = String, Path, description = "The id")), security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
+#[utoipa::path(post, path = "/auth/api-keys/{id}/rotate", tag = "auth", summary = "Rotate an API key, the old secret working for an optional overlap (admin)",
+    request_body(content = Option<RotateBody>, example = json!({"overlap": "1h"})),
+    params(("id" = String, Path, description = "The key id (the part after `ak_`)", example = "0123456789ab")), security(("bearer" = [])),
+    responses((status = 200, description = "Rotated; `key` is the new secret, shown only now", body = KeyWithSecret), Errors))]
 async fn rotate_key(
     AxumState(state): AxumState<State>,
     caller: Caller,
@@ -273,12 +389,10 @@ async fn rotate_key(
         .map_err(key_error)?;
     announce_key(&state, &key.id).await;
     tracing::info!(admin = %caller.0.identity.subject, key = %key.id, "API key rotated");
-    let mut body = serde_json::to_value(&key).unwrap_or_default();
-    body["key"] = json!(text);
-    Ok(Json(body).into_response())
+    Ok(Json(KeyWithSecret { api_key: key, key: text }).into_response())
 }
 
-#[utoipa::path(delete, path = "/auth/api-keys/{id}", tag = "auth", summary = "Revoke an API key (admin)", params(("id" = String, Path, description = "The id")), security(("bearer" = [])), responses((status = 204, description = "Revoked"), Errors))]
+#[utoipa::path(delete, path = "/auth/api-keys/{id}", tag = "auth", summary = "Revoke an API key (admin)", params(("id" = String, Path, description = "The key id (the part after `ak_`)", example = "0123456789ab")), security(("bearer" = [])), responses((status = 204, description = "Revoked"), Errors))]
 async fn revoke_key(
     AxumState(state): AxumState<State>,
     caller: Caller,
@@ -300,7 +414,28 @@ async fn announce_key(state: &State, id: &str) {
     }
 }
 
-#[utoipa::path(get, path = "/auth/api-keys/{id}/audit", tag = "auth", summary = "An API key's audit trail (admin)", params(("id" = String, Path, description = "The id")), security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
+/// The body of `GET /auth/api-keys/{id}/audit`.
+#[derive(Serialize, ToSchema)]
+struct KeyAudit {
+    /// The key.
+    key_id: String,
+    /// Every change, oldest first.
+    audit: Vec<KeyAuditRow>,
+}
+
+/// One change to a key.
+#[derive(Serialize, ToSchema)]
+struct KeyAuditRow {
+    /// `create`, `rotate` or `revoke`.
+    #[schema(example = "create")]
+    action: String,
+    /// Who made it (the admin's subject).
+    actor: String,
+    /// When.
+    at: chrono::DateTime<chrono::Utc>,
+}
+
+#[utoipa::path(get, path = "/auth/api-keys/{id}/audit", tag = "auth", summary = "An API key's audit trail (admin)", params(("id" = String, Path, description = "The key id (the part after `ak_`)", example = "0123456789ab")), security(("bearer" = [])), responses((status = 200, description = "The key's changes", body = KeyAudit), Errors))]
 async fn key_audit(
     AxumState(state): AxumState<State>,
     caller: Caller,
@@ -308,9 +443,7 @@ async fn key_audit(
 ) -> ApiResult<Response> {
     caller.require_role(&state.admin_role)?;
     let rows = state.auth.api_keys.store().audit(&id).await.map_err(key_error)?;
-    let rows: Vec<_> = rows
-        .into_iter()
-        .map(|(action, actor, at)| json!({"action": action, "actor": actor, "at": at}))
-        .collect();
-    Ok(Json(json!({ "key_id": id, "audit": rows })).into_response())
+    let audit =
+        rows.into_iter().map(|(action, actor, at)| KeyAuditRow { action, actor, at }).collect();
+    Ok(Json(KeyAudit { key_id: id, audit }).into_response())
 }

@@ -6,13 +6,16 @@ use crate::server::openapi::Errors;
 use axum::extract::{Path, Query, State as AxumState};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
 use uuid::Uuid;
 
+use super::board::ReplicaReport;
+use super::engine::Decision;
 use super::eval::CheckRequest;
-use super::rules::{glob_matches, RuleInput};
-use super::store::StoreError;
+use super::rules::{glob_matches, Rule, RuleInput};
+use super::store::{AuditEntry, StoreError};
 use super::State;
 use crate::auth::{Caller, IdentityKind};
 use crate::error::{ApiError, ApiResult, ErrorCode, Json};
@@ -60,7 +63,9 @@ fn require_reader(state: &State, caller: &Caller) -> Result<(), ApiError> {
     }
 }
 
-#[utoipa::path(post, path = "/entitlements/check", tag = "entitlements", summary = "Decide one check (service or admin role, or the caller for itself)", request_body = serde_json::Value, security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
+#[utoipa::path(post, path = "/entitlements/check", tag = "entitlements", summary = "Decide one check (service or admin role, or the caller for itself)",
+    request_body(content = CheckRequest, example = json!({"user_id": "schemathesis", "tenant_id": "t1", "roles": ["trader"], "resource": "instrument:NG-H27", "action": "read", "context": {}})),
+    security(("bearer" = [])), responses((status = 200, description = "The decision", body = Decision), Errors))]
 pub(super) async fn check(
     AxumState(state): AxumState<State>,
     caller: Caller,
@@ -70,6 +75,7 @@ pub(super) async fn check(
     Ok(axum::Json(state.engine.check(&req).await).into_response())
 }
 
+/// One check of a batch: a check request with the caller's correlation id.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct BatchItem {
@@ -79,13 +85,100 @@ pub(super) struct BatchItem {
     req: CheckRequest,
 }
 
-#[derive(Deserialize)]
+/// The correlation id of a batch item (the schema of [`BatchItem`]'s own part).
+#[derive(ToSchema)]
+#[allow(dead_code)]
+struct Correlation {
+    /// The caller's correlation id, echoed in the item's result.
+    #[schema(value_type = CorrelationId)]
+    id: Value,
+}
+
+/// A batch item's correlation id: a string or a number (any JSON value is echoed as sent).
+#[derive(ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)]
+enum CorrelationId {
+    /// A string.
+    Text(String),
+    /// A number.
+    Number(f64),
+}
+
+impl utoipa::PartialSchema for BatchItem {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        crate::server::openapi::flattened(
+            <CheckRequest as utoipa::PartialSchema>::schema(),
+            <Correlation as utoipa::PartialSchema>::schema(),
+        )
+    }
+}
+
+impl ToSchema for BatchItem {}
+
+/// The body of `POST /entitlements/check/batch`.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct Batch {
+    /// The checks; each is read, authorized and decided alone, so one malformed item fails by
+    /// itself.
+    #[schema(value_type = Vec<BatchItem>)]
     checks: Vec<Value>,
 }
 
-#[utoipa::path(post, path = "/entitlements/check/batch", tag = "entitlements", summary = "Decide many checks at once", request_body = serde_json::Value, security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
+/// The answer of `POST /entitlements/check/batch`.
+#[derive(Serialize, ToSchema)]
+pub(super) struct BatchResults {
+    /// One result per check, in order.
+    results: Vec<BatchResult>,
+}
+
+/// The result of one check of a batch: its decision, or why it was not decided.
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+pub(super) enum BatchResult {
+    /// Decided.
+    Decided(Decided),
+    /// Malformed or not allowed.
+    Failed(Failed),
+}
+
+/// A decided check of a batch.
+#[derive(Serialize, ToSchema)]
+pub(super) struct Decided {
+    /// The decision.
+    #[serde(flatten)]
+    decision: Decision,
+    /// The item's correlation id.
+    #[schema(value_type = CorrelationId)]
+    id: Value,
+}
+
+/// A check of a batch that was not decided.
+#[derive(Serialize, ToSchema)]
+pub(super) struct Failed {
+    /// The item's correlation id (null when the item had none).
+    #[schema(value_type = Option<CorrelationId>)]
+    id: Value,
+    /// Why.
+    error: ItemError,
+}
+
+/// Why one check of a batch was not decided.
+#[derive(Serialize, ToSchema)]
+pub(super) struct ItemError {
+    /// `validation_failed` (a malformed item) or the code of the refusal (`forbidden`).
+    code: ErrorCode,
+    /// The item at fault (`checks[3]`), for a malformed one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    field: Option<String>,
+    /// For a human.
+    message: String,
+}
+
+#[utoipa::path(post, path = "/entitlements/check/batch", tag = "entitlements", summary = "Decide many checks at once",
+    request_body(content = Batch, example = json!({"checks": [{"id": 1, "user_id": "schemathesis", "tenant_id": "t1", "roles": ["trader"], "resource": "instrument:NG-H27", "action": "read"}]})),
+    security(("bearer" = [])), responses((status = 200, description = "One result per check", body = BatchResults), Errors))]
 pub(super) async fn check_batch(
     AxumState(state): AxumState<State>,
     caller: Caller,
@@ -104,7 +197,14 @@ pub(super) async fn check_batch(
         let item: BatchItem = match serde_json::from_value(raw) {
             Ok(item) => item,
             Err(e) => {
-                results.push(json!({"id": id, "error": {"code": "validation_failed", "field": format!("checks[{i}]"), "message": e.to_string()}}));
+                results.push(BatchResult::Failed(Failed {
+                    id,
+                    error: ItemError {
+                        code: ErrorCode::ValidationFailed,
+                        field: Some(format!("checks[{i}]")),
+                        message: e.to_string(),
+                    },
+                }));
                 continue;
             }
         };
@@ -112,32 +212,56 @@ pub(super) async fn check_batch(
         match authorize(&state, &caller, &mut req) {
             Ok(()) => {
                 let decision = state.engine.check(&req).await;
-                let mut v = serde_json::to_value(decision).unwrap_or(Value::Null);
-                v["id"] = item.id;
-                results.push(v);
+                results.push(BatchResult::Decided(Decided { decision, id: item.id }));
             }
-            Err(e) => results.push(
-                json!({"id": item.id, "error": {"code": e.code(), "message": e.public_message()}}),
-            ),
+            Err(e) => results.push(BatchResult::Failed(Failed {
+                id: item.id,
+                error: ItemError {
+                    code: e.code(),
+                    field: None,
+                    message: e.public_message().to_string(),
+                },
+            })),
         }
     }
-    Ok(axum::Json(json!({ "results": results })).into_response())
+    Ok(axum::Json(BatchResults { results }).into_response())
 }
 
-#[derive(Deserialize)]
+/// The body of `POST /entitlements/resources`: one subject, one action, many resources.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct ResourcesRequest {
+    /// The subject.
     user_id: String,
+    /// The subject's tenant.
     tenant_id: String,
+    /// The subject's roles.
     #[serde(default)]
     roles: Vec<String>,
+    /// The action (`read`).
     action: String,
+    /// The resources to decide.
     resources: Vec<String>,
+    /// Anything else conditions may test (`context.<path>`): a free-form JSON object.
     #[serde(default)]
+    #[schema(value_type = Object)]
     context: Value,
 }
 
-#[utoipa::path(post, path = "/entitlements/resources", tag = "entitlements", summary = "Which of these resources the subject may act on", request_body = serde_json::Value, security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
+/// The answer of `POST /entitlements/resources`.
+#[derive(Serialize, ToSchema)]
+pub(super) struct ResourcesAnswer {
+    /// The resources the subject may act on.
+    allowed: Vec<String>,
+    /// The others.
+    denied: Vec<String>,
+    /// The rules version of the decisions (0 when no resource was asked about).
+    rules_version: i64,
+}
+
+#[utoipa::path(post, path = "/entitlements/resources", tag = "entitlements", summary = "Which of these resources the subject may act on",
+    request_body(content = ResourcesRequest, example = json!({"user_id": "schemathesis", "tenant_id": "t1", "roles": ["trader"], "action": "read", "resources": ["instrument:NG-H27", "instrument:BRN-F27"]})),
+    security(("bearer" = [])), responses((status = 200, description = "The resources split into allowed and denied", body = ResourcesAnswer), Errors))]
 pub(super) async fn resources(
     AxumState(state): AxumState<State>,
     caller: Caller,
@@ -169,22 +293,45 @@ pub(super) async fn resources(
             denied.push(resource)
         }
     }
-    Ok(axum::Json(json!({ "allowed": allowed, "denied": denied, "rules_version": version }))
-        .into_response())
+    Ok(axum::Json(ResourcesAnswer { allowed, denied, rules_version: version }).into_response())
 }
 
-#[derive(Deserialize)]
+/// The query of `GET /entitlements/rules`.
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(super) struct ListQuery {
+    /// Rules of this tenant only.
     tenant_id: Option<String>,
+    /// Rules of this user only.
     user_id: Option<String>,
     /// Rules whose resource glob matches this resource.
+    #[param(example = "instrument:NG-H27")]
     resource: Option<String>,
+    /// Rules to skip (default 0).
     #[serde(default)]
     offset: usize,
+    /// The page size, 1 to 1000 (default 100).
+    #[param(example = 100)]
     limit: Option<usize>,
 }
 
-#[utoipa::path(get, path = "/entitlements/rules", tag = "entitlements", summary = "List rules (admin)", security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
+/// The body of `GET /entitlements/rules`: one page of the matching rules.
+#[derive(Serialize, ToSchema)]
+pub(super) struct RulePage<'a> {
+    /// The page.
+    #[schema(value_type = Vec<Rule>)]
+    rules: Vec<&'a Rule>,
+    /// Every matching rule.
+    total: usize,
+    /// As asked.
+    offset: usize,
+    /// As asked (default 100).
+    limit: usize,
+    /// The rules version of the snapshot listed.
+    rules_version: i64,
+}
+
+#[utoipa::path(get, path = "/entitlements/rules", tag = "entitlements", summary = "List rules (admin)", params(ListQuery), security(("bearer" = [])), responses((status = 200, description = "One page of the matching rules", body = RulePage), Errors))]
 pub(super) async fn list(
     AxumState(state): AxumState<State>,
     caller: Caller,
@@ -204,13 +351,18 @@ pub(super) async fn list(
         .filter(|r| q.resource.as_ref().is_none_or(|res| glob_matches(&r.input.resource, res)))
         .collect();
     let page: Vec<_> = matching.iter().skip(q.offset).take(limit).map(|r| r.as_ref()).collect();
-    Ok(axum::Json(json!({
-        "rules": page, "total": matching.len(), "offset": q.offset, "limit": limit, "rules_version": snap.version(),
-    }))
-    .into_response())
+    let body = RulePage {
+        rules: page,
+        total: matching.len(),
+        offset: q.offset,
+        limit,
+        rules_version: snap.version(),
+    };
+    Ok(axum::Json(body).into_response())
 }
 
-#[utoipa::path(get, path = "/entitlements/rules/{id}", tag = "entitlements", summary = "One rule (admin)", params(("id" = String, Path, description = "The id")), security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
+#[utoipa::path(get, path = "/entitlements/rules/{id}", tag = "entitlements", summary = "One rule (admin)", params(("id" = Uuid, Path, description = "The rule's id", example = "0b5a3a32-6a1e-4a59-9a4c-1f0f6a6f2c11")), security(("bearer" = [])),
+    responses((status = 200, description = "The rule; `ETag` is its version", body = Rule, headers(("ETag" = String, description = "The rule's version, quoted"))), Errors))]
 pub(super) async fn get_rule(
     AxumState(state): AxumState<State>,
     caller: Caller,
@@ -223,7 +375,16 @@ pub(super) async fn get_rule(
         .into_response())
 }
 
-#[utoipa::path(get, path = "/entitlements/rules/{id}/history", tag = "entitlements", summary = "A rule's audit trail (admin)", params(("id" = String, Path, description = "The id")), security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
+/// The body of `GET /entitlements/rules/{id}/history`.
+#[derive(Serialize, ToSchema)]
+pub(super) struct History {
+    /// The rule.
+    rule_id: Uuid,
+    /// Every change, oldest first.
+    history: Vec<AuditEntry>,
+}
+
+#[utoipa::path(get, path = "/entitlements/rules/{id}/history", tag = "entitlements", summary = "A rule's audit trail (admin)", params(("id" = Uuid, Path, description = "The rule's id", example = "0b5a3a32-6a1e-4a59-9a4c-1f0f6a6f2c11")), security(("bearer" = [])), responses((status = 200, description = "The rule's changes", body = History), Errors))]
 pub(super) async fn history(
     AxumState(state): AxumState<State>,
     caller: Caller,
@@ -234,10 +395,12 @@ pub(super) async fn history(
     if entries.is_empty() && state.engine.snapshot().get(id).is_none() {
         return Err(ApiError::not_found("no rule with that id"));
     }
-    Ok(axum::Json(json!({ "rule_id": id, "history": entries })).into_response())
+    Ok(axum::Json(History { rule_id: id, history: entries }).into_response())
 }
 
-#[utoipa::path(post, path = "/entitlements/rules", tag = "entitlements", summary = "Create a rule (admin)", request_body = serde_json::Value, security(("bearer" = [])), responses((status = 201, description = "Created", body = serde_json::Value), Errors))]
+#[utoipa::path(post, path = "/entitlements/rules", tag = "entitlements", summary = "Create a rule (admin)",
+    request_body(content = RuleInput, example = json!({"name": "traders read NG", "effect": "allow", "resource": "instrument:NG-*", "actions": ["read"], "tenant_id": "t1", "roles": ["trader"], "priority": 10})),
+    security(("bearer" = [])), responses((status = 201, description = "Created; `ETag` is its version", body = Rule, headers(("ETag" = String, description = "The rule's version, quoted"))), Errors))]
 pub(super) async fn create(
     AxumState(state): AxumState<State>,
     caller: Caller,
@@ -270,7 +433,10 @@ fn expected_version(headers: &HeaderMap, body: Option<i64>) -> Result<Option<i64
     }
 }
 
-#[utoipa::path(put, path = "/entitlements/rules/{id}", tag = "entitlements", summary = "Replace a rule (admin)", request_body = serde_json::Value, params(("id" = String, Path, description = "The id")), security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
+#[utoipa::path(put, path = "/entitlements/rules/{id}", tag = "entitlements", summary = "Replace a rule (admin), naming the version replaced (body `version` or `If-Match`)",
+    request_body(content = RuleInput, example = json!({"name": "traders read NG", "effect": "allow", "resource": "instrument:NG-*", "actions": ["read"], "tenant_id": "t1", "roles": ["trader"], "priority": 10, "version": 1})),
+    params(("id" = Uuid, Path, description = "The rule's id", example = "0b5a3a32-6a1e-4a59-9a4c-1f0f6a6f2c11"), ("If-Match" = Option<String>, Header, description = "The version replaced (the rule's ETag)")), security(("bearer" = [])),
+    responses((status = 200, description = "Replaced; `ETag` is its new version", body = Rule, headers(("ETag" = String, description = "The rule's version, quoted"))), Errors))]
 pub(super) async fn update(
     AxumState(state): AxumState<State>,
     caller: Caller,
@@ -292,7 +458,7 @@ pub(super) async fn update(
     Ok(([(http::header::ETAG, format!("\"{}\"", rule.version))], axum::Json(rule)).into_response())
 }
 
-#[utoipa::path(delete, path = "/entitlements/rules/{id}", tag = "entitlements", summary = "Delete a rule (admin)", params(("id" = String, Path, description = "The id")), security(("bearer" = [])), responses((status = 204, description = "Deleted"), Errors))]
+#[utoipa::path(delete, path = "/entitlements/rules/{id}", tag = "entitlements", summary = "Delete a rule (admin)", params(("id" = Uuid, Path, description = "The rule's id", example = "0b5a3a32-6a1e-4a59-9a4c-1f0f6a6f2c11"), ("If-Match" = Option<String>, Header, description = "The version deleted (the rule's ETag); without it, whatever the version")), security(("bearer" = [])), responses((status = 204, description = "Deleted"), Errors))]
 pub(super) async fn delete(
     AxumState(state): AxumState<State>,
     caller: Caller,
@@ -307,7 +473,35 @@ pub(super) async fn delete(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-#[utoipa::path(get, path = "/entitlements/stats", tag = "entitlements", summary = "Rules version, snapshot age, cache statistics (admin or service role)", security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
+/// The body of `GET /entitlements/stats`.
+#[derive(Serialize, ToSchema)]
+pub(super) struct Stats {
+    /// Rules in the snapshot (disabled ones too).
+    rules: usize,
+    /// The snapshot's rules version.
+    rules_version: i64,
+    /// When the snapshot was loaded.
+    snapshot_loaded_at: chrono::DateTime<chrono::Utc>,
+    /// Its age, seconds.
+    snapshot_age_seconds: i64,
+    /// Checks decided since start.
+    checks: u64,
+    /// Of which allowed.
+    allowed: u64,
+    /// Of which denied.
+    denied: u64,
+    /// Answered from the decision cache.
+    cache_hits: u64,
+    /// Decision-cache failures.
+    cache_errors: u64,
+    /// Snapshot reloads that failed.
+    reload_errors: u64,
+    /// Where rules live: `postgres` or `memory`.
+    #[schema(example = "memory")]
+    store: &'static str,
+}
+
+#[utoipa::path(get, path = "/entitlements/stats", tag = "entitlements", summary = "Rules version, snapshot age, cache statistics (admin or service role)", security(("bearer" = [])), responses((status = 200, description = "The statistics", body = Stats), Errors))]
 pub(super) async fn stats(
     AxumState(state): AxumState<State>,
     caller: Caller,
@@ -317,19 +511,19 @@ pub(super) async fn stats(
     let snap = state.engine.snapshot();
     let s = &state.engine.stats;
     let checks = s.checks.load(Relaxed);
-    Ok(axum::Json(json!({
-        "rules": snap.rules().len(),
-        "rules_version": snap.version(),
-        "snapshot_loaded_at": snap.loaded_at(),
-        "snapshot_age_seconds": (chrono::Utc::now() - snap.loaded_at()).num_seconds(),
-        "checks": checks,
-        "allowed": s.allowed.load(Relaxed),
-        "denied": checks - s.allowed.load(Relaxed).min(checks),
-        "cache_hits": s.cache_hits.load(Relaxed),
-        "cache_errors": s.cache_errors.load(Relaxed),
-        "reload_errors": s.reload_errors.load(Relaxed),
-        "store": state.store_kind,
-    }))
+    Ok(axum::Json(Stats {
+        rules: snap.rules().len(),
+        rules_version: snap.version(),
+        snapshot_loaded_at: snap.loaded_at(),
+        snapshot_age_seconds: (chrono::Utc::now() - snap.loaded_at()).num_seconds(),
+        checks,
+        allowed: s.allowed.load(Relaxed),
+        denied: checks - s.allowed.load(Relaxed).min(checks),
+        cache_hits: s.cache_hits.load(Relaxed),
+        cache_errors: s.cache_errors.load(Relaxed),
+        reload_errors: s.reload_errors.load(Relaxed),
+        store: state.store_kind,
+    })
     .into_response())
 }
 
@@ -435,7 +629,7 @@ fn because(c: &super::eval::Considered, outcome: &super::eval::Outcome) -> Strin
     }
 }
 
-#[utoipa::path(post, path = "/entitlements/explain", tag = "entitlements", summary = "Why a check is decided as it is: the deciding rule, the rules that applied and lost, the rules version (admin)", request_body = ExplainRequest, security(("bearer" = [])), responses((status = 200, description = "OK", body = Explanation), Errors))]
+#[utoipa::path(post, path = "/entitlements/explain", tag = "entitlements", summary = "Why a check is decided as it is: the deciding rule, the rules that applied and lost, the rules version (admin)", request_body(content = ExplainRequest, example = json!({"user_id": "alice", "tenant_id": "t1", "roles": ["trader"], "resource": "instrument:BRN-F27", "action": "read"})), security(("bearer" = [])), responses((status = 200, description = "The decision, the deciding rule, the rules that applied and lost, and the rules version", body = Explanation), Errors))]
 pub(super) async fn explain(
     AxumState(state): AxumState<State>,
     caller: Caller,
@@ -490,4 +684,18 @@ pub(super) async fn explain(
             .collect(),
     };
     Ok(axum::Json(explanation).into_response())
+}
+
+/// The body of `GET /entitlements/version` on the entitlements role.
+#[derive(Serialize, ToSchema)]
+pub(super) struct Version {
+    /// Always `entitlements`.
+    #[schema(example = "entitlements")]
+    pub(super) role: &'static str,
+    /// The version this replica decides at.
+    pub(super) rules_version: i64,
+    /// When its snapshot was loaded.
+    pub(super) applied_at: chrono::DateTime<chrono::Utc>,
+    /// Where every replica of every deciding role stands.
+    pub(super) replicas: Vec<ReplicaReport>,
 }

@@ -23,6 +23,20 @@ pub const HEARTBEAT: Duration = Duration::from_secs(10);
 /// A report older than this is a replica that stopped.
 pub const STALE: Duration = Duration::from_secs(35);
 
+/// One replica's report, as kept on the board and listed by `GET /entitlements/version`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct ReplicaReport {
+    /// `entitlements`, `gateway` or `stream`.
+    #[schema(example = "gateway")]
+    pub role: String,
+    /// The replica's id.
+    pub replica: String,
+    /// The rules version it decides at (`-1`: none loaded yet).
+    pub rules_version: i64,
+    /// When it reported, unix milliseconds.
+    pub at: i64,
+}
+
 /// The board.
 #[derive(Clone)]
 pub enum Board {
@@ -66,7 +80,7 @@ impl Board {
     }
 
     /// Every replica's last report (fresh ones only), sorted by role and replica.
-    pub async fn all(&self) -> Value {
+    pub async fn all(&self) -> Vec<ReplicaReport> {
         let now = chrono::Utc::now().timestamp_millis();
         let fresh =
             |v: &Value| v["at"].as_i64().is_some_and(|at| now - at <= STALE.as_millis() as i64);
@@ -90,7 +104,7 @@ impl Board {
             Board::Local(bus) => bus.reports().into_iter().filter(|(_, v)| fresh(v)).collect(),
         };
         entries.sort_by(|a, b| a.0.cmp(&b.0));
-        Value::Array(entries.into_iter().map(|(_, v)| v).collect())
+        entries.into_iter().filter_map(|(_, v)| serde_json::from_value(v).ok()).collect()
     }
 
     /// Reports `versions` (a role's applied version) as `role`/`replica` on every change and

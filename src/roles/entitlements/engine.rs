@@ -55,11 +55,12 @@ pub mod names {
 }
 
 /// A decision, as answered.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Decision {
     /// Whether the action is allowed.
     pub allowed: bool,
     /// Why: `allowed_by_rule`, `denied_by_rule` or `default_deny`.
+    #[schema(value_type = super::eval::Reason)]
     pub reason: String,
     /// The deciding rule.
     pub rule_id: Option<Uuid>,

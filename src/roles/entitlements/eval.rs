@@ -20,8 +20,9 @@ use uuid::Uuid;
 use super::rules::{glob_matches, literal_prefix, Effect, Operator, Rule};
 
 /// "May this subject do this action on this resource?"
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"user_id": "alice", "tenant_id": "t1", "roles": ["trader"], "resource": "instrument:NG-H27", "action": "read", "context": {}}))]
 pub struct CheckRequest {
     /// The subject.
     pub user_id: String,
@@ -34,13 +35,15 @@ pub struct CheckRequest {
     pub resource: String,
     /// The action (`read`).
     pub action: String,
-    /// Anything else conditions may test (`context.<path>`).
+    /// Anything else conditions may test (`context.<path>`): a free-form JSON object.
     #[serde(default)]
+    #[schema(value_type = Object)]
     pub context: Value,
 }
 
 /// Why a decision was reached.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[schema(as = DecisionReason)]
 #[serde(rename_all = "snake_case")]
 pub enum Reason {
     /// An allow rule decided.

@@ -36,7 +36,7 @@ use crate::server::Shutdown;
 pub const RETAIN: usize = 10_000;
 
 /// One rule change.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct Change {
     /// The rules version it became visible at.
     pub rules_version: i64,
@@ -148,7 +148,11 @@ pub fn diff(old: &Snapshot, new: &Snapshot) -> Vec<Change> {
     changes
 }
 
-#[utoipa::path(get, path = "/entitlements/snapshot", tag = "entitlements", summary = "Every rule with the rules version, for the roles' rules mirrors (service or admin role)", security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
+#[utoipa::path(get, path = "/entitlements/snapshot", tag = "entitlements", summary = "Every rule with the rules version, for the roles' rules mirrors (service or admin role)",
+    params(("If-None-Match" = Option<String>, Header, description = "The ETag of the snapshot held (`\"<epoch>:<version>\"`): 304 when unchanged")),
+    security(("bearer" = [])),
+    responses((status = 200, description = "Every rule at one rules version; `ETag` names it", body = WireSnapshot, headers(("ETag" = String, description = "`\"<epoch>:<version>\"`"))),
+        (status = 304, description = "The snapshot held is current (no body)"), Errors))]
 pub(super) async fn snapshot(
     AxumState(state): AxumState<State>,
     caller: Caller,
@@ -169,18 +173,18 @@ pub(super) async fn snapshot(
     Ok(([(http::header::ETAG, etag)], axum::Json(wire)).into_response())
 }
 
-#[utoipa::path(get, path = "/entitlements/version", tag = "entitlements", summary = "The rules version this replica decides at", security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
+#[utoipa::path(get, path = "/entitlements/version", tag = "entitlements", summary = "The rules version this replica decides at, and where every deciding replica stands", security(("bearer" = [])), responses((status = 200, description = "This replica's version and every replica's report", body = super::api::Version), Errors))]
 pub(super) async fn version(
     AxumState(state): AxumState<State>,
     _caller: Caller,
 ) -> ApiResult<Response> {
     let snap = state.engine.snapshot();
-    let body = json!({
-        "role": "entitlements",
-        "rules_version": snap.version(),
-        "applied_at": snap.loaded_at(),
-        "replicas": state.board.all().await,
-    });
+    let body = super::api::Version {
+        role: "entitlements",
+        rules_version: snap.version(),
+        applied_at: snap.loaded_at(),
+        replicas: state.board.all().await,
+    };
     Ok(axum::Json(body).into_response())
 }
 

@@ -70,7 +70,7 @@ pub const CATCH_UP: Duration = Duration::from_secs(1);
 pub const FALLBACK_POLL: Duration = Duration::from_millis(250);
 
 /// One rule as `GET /entitlements/snapshot` carries it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct WireRule {
     /// The id.
     pub id: Uuid,
@@ -109,7 +109,7 @@ impl From<WireRule> for Rule {
 }
 
 /// The body of `GET /entitlements/snapshot`: every rule at one rules version.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct WireSnapshot {
     /// The store's epoch: versions of one epoch only grow (see `RuleStore::epoch`).
     #[serde(default)]
@@ -118,6 +118,24 @@ pub struct WireSnapshot {
     pub rules_version: i64,
     /// Every rule, disabled ones too.
     pub rules: Vec<WireRule>,
+}
+
+/// Where one replica of the gateway or the stream stands (`GET /entitlements/version`).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Standing {
+    /// `gateway` or `stream`.
+    #[schema(example = "gateway")]
+    pub role: &'static str,
+    /// This replica's id.
+    pub replica: String,
+    /// The version decisions are made at (`-1`: none loaded).
+    pub rules_version: i64,
+    /// The newest version announced (decisions wait for it).
+    pub announced_version: i64,
+    /// Whether a snapshot was ever loaded.
+    pub loaded: bool,
+    /// When the current snapshot was loaded.
+    pub applied_at: DateTime<Utc>,
 }
 
 /// A decision made locally.
@@ -264,15 +282,15 @@ impl Mirror {
 
     /// Where this replica stands: the body of `GET /entitlements/version` on the gateway and the
     /// stream.
-    pub fn standing(&self, role: &str, replica: &str) -> serde_json::Value {
-        serde_json::json!({
-            "role": role,
-            "replica": replica,
-            "rules_version": self.version(),
-            "announced_version": self.announced(),
-            "loaded": self.is_loaded(),
-            "applied_at": self.snapshot().loaded_at(),
-        })
+    pub fn standing(&self, role: &'static str, replica: &str) -> Standing {
+        Standing {
+            role,
+            replica: replica.to_string(),
+            rules_version: self.version(),
+            announced_version: self.announced(),
+            loaded: self.is_loaded(),
+            applied_at: self.snapshot().loaded_at(),
+        }
     }
 
     /// Whether checks pass while no snapshot was ever loaded.

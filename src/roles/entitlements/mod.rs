@@ -228,21 +228,28 @@ fn announce_in_process(engine: &Arc<Engine>, ctx: &Context) {
 
 /// The role's routes.
 pub fn router(state: State) -> Router {
-    openapi::finish(
-        OpenApiRouter::with_openapi(openapi::base(Role::Entitlements))
-            .routes(routes!(api::check))
-            .routes(routes!(api::check_batch))
-            .routes(routes!(api::explain))
-            .routes(routes!(api::resources))
-            .routes(routes!(api::list, api::create))
-            .routes(routes!(api::get_rule, api::update, api::delete))
-            .routes(routes!(api::history))
-            .routes(routes!(api::stats))
-            .routes(routes!(feed::snapshot))
-            .routes(routes!(feed::version))
-            .route("/entitlements/watch", axum::routing::get(feed::watch))
-            .with_state(state),
-    )
+    openapi::finish(api().with_state(state))
+}
+
+/// The role's API document (`/openapi.json`), built without a state.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api().into_openapi()
+}
+
+/// The role's documented routes.
+fn api() -> OpenApiRouter<State> {
+    OpenApiRouter::with_openapi(openapi::base(Role::Entitlements))
+        .routes(routes!(api::check))
+        .routes(routes!(api::check_batch))
+        .routes(routes!(api::explain))
+        .routes(routes!(api::resources))
+        .routes(routes!(api::list, api::create))
+        .routes(routes!(api::get_rule, api::update, api::delete))
+        .routes(routes!(api::history))
+        .routes(routes!(api::stats))
+        .routes(routes!(feed::snapshot))
+        .routes(routes!(feed::version))
+        .route("/entitlements/watch", axum::routing::get(feed::watch))
 }
 
 /// Serves the role until shutdown.

@@ -11,7 +11,7 @@ use crate::error::ApiError;
 pub const ACTIONS: &[&str] = &["read", "write", "delete", "admin", "subscribe"];
 
 /// Allow or deny.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Effect {
     /// Grants the action.
@@ -21,7 +21,7 @@ pub enum Effect {
 }
 
 /// Condition operators.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Operator {
     /// JSON equality.
@@ -47,17 +47,48 @@ pub enum Operator {
 }
 
 /// One condition; all of a rule's must hold.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Condition {
     /// `user_id`, `tenant_id`, `roles`, `resource`, `action` or `context.<path>`.
     pub field: String,
     /// The comparison.
     pub operator: Operator,
-    /// The operand. A string `"$tenant_id"` (or another field name after `$`) refers to that
-    /// field of the request.
+    /// The operand (default `true`): a string, number, boolean, or a list of them for `in` and
+    /// `not_in`. A string `"$tenant_id"` (or another field name after `$`) refers to that field
+    /// of the request.
     #[serde(default = "default_value")]
+    #[schema(value_type = Operand)]
     pub value: Value,
+}
+
+/// A condition's operand as the API documents it (the field is any JSON value; these are the
+/// ones the operators compare).
+#[derive(utoipa::ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)]
+enum Operand {
+    /// A string (or a `$field` reference).
+    Text(String),
+    /// A number.
+    Number(f64),
+    /// A boolean (`exists`).
+    Flag(bool),
+    /// A list (`in`, `not_in`).
+    List(Vec<Scalar>),
+}
+
+/// One element of a list operand.
+#[derive(utoipa::ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)]
+enum Scalar {
+    /// A string.
+    Text(String),
+    /// A number.
+    Number(f64),
+    /// A boolean.
+    Flag(bool),
 }
 
 fn default_value() -> Value {
@@ -65,7 +96,8 @@ fn default_value() -> Value {
 }
 
 /// What a client sends to create or replace a rule.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(example = json!({"name": "traders read NG", "effect": "allow", "resource": "instrument:NG-*", "actions": ["read"], "tenant_id": "t1", "roles": ["trader"], "priority": 10}))]
 #[serde(deny_unknown_fields)]
 pub struct RuleInput {
     /// A short name.
@@ -100,9 +132,15 @@ pub struct RuleInput {
     /// After this instant (UTC) the rule no longer applies.
     #[serde(default)]
     pub expires_at: Option<DateTime<Utc>>,
-    /// For `PUT`: the version being replaced (or `If-Match`).
-    #[serde(default, skip_serializing)]
+    /// For `PUT`: the version being replaced (or `If-Match`). Never written back.
+    #[serde(default, skip_serializing_if = "request_only")]
     pub version: Option<i64>,
+}
+
+/// `RuleInput::version` is read from requests and never written (`skip_serializing`, spelled
+/// so that the API document still lists it for `PUT`).
+fn request_only(_: &Option<i64>) -> bool {
+    true
 }
 
 fn yes() -> bool {
@@ -123,6 +161,37 @@ pub struct Rule {
     pub updated_at: DateTime<Utc>,
     /// Bumped by every change; `PUT` and `DELETE` must name the current one.
     pub version: i64,
+}
+
+/// The fields a stored rule has beside its [`RuleInput`] (the schema of [`Rule`]'s own part).
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+struct Stored {
+    /// Server-generated.
+    id: Uuid,
+    /// When created.
+    created_at: DateTime<Utc>,
+    /// When last changed.
+    updated_at: DateTime<Utc>,
+    /// Bumped by every change; `PUT` and `DELETE` must name the current one (its `ETag`).
+    version: i64,
+}
+
+impl utoipa::PartialSchema for Rule {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        crate::server::openapi::flattened(
+            <RuleInput as utoipa::PartialSchema>::schema(),
+            <Stored as utoipa::PartialSchema>::schema(),
+        )
+    }
+}
+
+impl utoipa::ToSchema for Rule {
+    fn schemas(
+        schemas: &mut Vec<(String, utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>)>,
+    ) {
+        <RuleInput as utoipa::ToSchema>::schemas(schemas);
+    }
 }
 
 impl RuleInput {

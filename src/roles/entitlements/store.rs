@@ -40,7 +40,7 @@ pub enum StoreError {
 }
 
 /// One audit row.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct AuditEntry {
     /// `create`, `update` or `delete`.
     pub change: String,
@@ -49,8 +49,10 @@ pub struct AuditEntry {
     /// When.
     pub at: DateTime<Utc>,
     /// The rule before.
+    #[schema(value_type = Option<super::rules::RuleInput>)]
     pub old: Option<Value>,
     /// The rule after.
+    #[schema(value_type = Option<super::rules::RuleInput>)]
     pub new: Option<Value>,
     /// The global rules version the change produced.
     pub rules_version: i64,

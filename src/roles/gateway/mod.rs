@@ -6,10 +6,12 @@
 //! - [`cache`]: the response cache (Redis or in-process), with revalidation and coalescing.
 //! - [`ratelimit`]: GCRA rate limits in Redis (or in-process), and the cheap per-IP limit.
 //! - [`usage`]: per-tenant usage pushed to the metrics role.
+//! - `admin`: the gateway's own endpoints and their API document.
 //!
 //! Gateway endpoints (admin role): `GET /api/v1/status`, `/api/v1/metadata/routes`,
 //! `/api/v1/circuit-breakers`. Everything else is a data route.
 
+mod admin;
 pub mod breaker;
 pub mod cache;
 mod cached;
@@ -21,29 +23,25 @@ pub mod routes;
 pub mod usage;
 
 use crate::roles::Role;
-use crate::server::openapi::{self, Errors};
+use crate::server::openapi;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
-use utoipa_axum::{router::OpenApiRouter, routes};
 
 use axum::body::Body;
-use axum::extract::{FromRef, State as AxumState};
-use axum::response::{IntoResponse, Response};
+use axum::extract::FromRef;
 use axum::Router;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use tokio::net::TcpListener;
 use url::Url;
 
-use crate::auth::{Auth, Caller, Verifier};
+use crate::auth::{Auth, Verifier};
 use crate::cli::RunError;
 use crate::config::Problem;
-use crate::error::ApiResult;
 use crate::roles::entitlements::client::Entitlements;
 use crate::server::{self, Context, Shutdown};
 use breaker::{Breaker, BreakerConfig};
@@ -375,22 +373,18 @@ pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
 pub fn router(state: State) -> Router {
     let cors = (!state.config.cors_origins.is_empty()).then(|| cors(&state.config.cors_origins));
     // The data routes are proxied (the fallback): their contracts are the upstreams'.
-    let router = openapi::finish(
-        OpenApiRouter::with_openapi(openapi::base(Role::Gateway))
-            .routes(routes!(status))
-            .routes(routes!(route_metadata))
-            .routes(routes!(circuit_breakers))
-            .routes(routes!(rate_limits))
-            .routes(routes!(cache_stats))
-            .routes(routes!(cache_purge))
-            .routes(routes!(rules_version))
-            .with_state(state.clone()),
-    )
-    .fallback_service(axum::routing::any(proxy::forward).with_state(state));
+    let router = openapi::finish(admin::api().with_state(state.clone()))
+        .fallback_service(axum::routing::any(proxy::forward).with_state(state));
     match cors {
         Some(cors) => router.layer(cors),
         None => router,
     }
+}
+
+/// The role's API document (`/openapi.json`), built without a state: the gateway's own
+/// endpoints (the data routes are the upstreams').
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    admin::api().into_openapi()
 }
 
 fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
@@ -448,150 +442,4 @@ fn spawn_reload_on_sighup(state: State, shutdown: Shutdown) {
             }
         }
     });
-}
-
-#[utoipa::path(get, path = "/api/v1/status", tag = "gateway", summary = "The gateway's view of its dependencies (admin)", security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
-async fn status(AxumState(state): AxumState<State>, caller: Caller) -> ApiResult<Response> {
-    caller.require_role(&state.admin_role)?;
-    let entitlements = reqwest::Client::new()
-        .get(
-            state
-                .entitlements
-                .url()
-                .join("ready")
-                .map_err(|e| crate::error::ApiError::internal(anyhow::anyhow!(e)))?,
-        )
-        .timeout(Duration::from_secs(2))
-        .headers(crate::telemetry::trace_headers())
-        .send()
-        .await
-        .map(|r| r.status().is_success())
-        .unwrap_or(false);
-    let now = Instant::now();
-    let breakers: Vec<_> = state
-        .breakers
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .iter()
-        .map(|(u, b)| json!({"upstream": u, "state": b.breaker.describe(now).0}))
-        .collect();
-    Ok(axum::Json(json!({
-        "routes": state.table().routes().len(),
-        "dependencies": {
-            "entitlements": {"url": state.entitlements.url().as_str(), "ready": entitlements},
-            "jwks": {"loaded": state.verifier.jwks().is_loaded()},
-        },
-        "circuit_breakers": breakers,
-    }))
-    .into_response())
-}
-
-#[utoipa::path(get, path = "/entitlements/version", tag = "gateway", summary = "The rules version this gateway replica decides at", security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
-async fn rules_version(AxumState(state): AxumState<State>, _caller: Caller) -> ApiResult<Response> {
-    Ok(axum::Json(state.rules.standing("gateway", &state.replica)).into_response())
-}
-
-#[utoipa::path(get, path = "/api/v1/metadata/routes", tag = "gateway", summary = "The route table (admin)", security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
-async fn route_metadata(AxumState(state): AxumState<State>, caller: Caller) -> ApiResult<Response> {
-    caller.require_role(&state.admin_role)?;
-    let table = state.table();
-    let routes: Vec<_> = table
-        .routes()
-        .iter()
-        .map(|r| {
-            json!({
-                "name": r.spec.name, "path": r.spec.path, "methods": r.spec.methods, "auth": r.spec.auth,
-                "entitlement": r.spec.entitlement, "upstreams": r.upstreams, "timeout_seconds": r.timeout.as_secs_f64(),
-                "retries": r.retries, "strip_prefix": r.spec.strip_prefix, "rate_limits": r.spec.rate_limits,
-            })
-        })
-        .collect();
-    Ok(axum::Json(json!({ "routes": routes })).into_response())
-}
-
-#[utoipa::path(get, path = "/api/v1/circuit-breakers", tag = "gateway", summary = "Circuit breaker per upstream (admin)", security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
-async fn circuit_breakers(
-    AxumState(state): AxumState<State>,
-    caller: Caller,
-) -> ApiResult<Response> {
-    caller.require_role(&state.admin_role)?;
-    let now = Instant::now();
-    let list: Vec<_> = state
-        .breakers
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .iter()
-        .map(|(u, b)| {
-            let (s, opened) = b.breaker.describe(now);
-            json!({"upstream": u, "state": s, "times_opened": opened})
-        })
-        .collect();
-    Ok(axum::Json(json!({ "circuit_breakers": list })).into_response())
-}
-
-#[utoipa::path(get, path = "/api/v1/rate-limits", tag = "gateway", summary = "Rate-limit policies and decision counts (admin)", security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
-async fn rate_limits(AxumState(state): AxumState<State>, caller: Caller) -> ApiResult<Response> {
-    use std::sync::atomic::Ordering::Relaxed;
-    caller.require_role(&state.admin_role)?;
-    let counts = state.limiter.counts();
-    let policies: Vec<_> = state
-        .limiter
-        .policies()
-        .iter()
-        .map(|(name, p)| {
-            // A policy added by a reload has no counters until its first decision.
-            let load = |field: fn(&ratelimit::Counts) -> &std::sync::atomic::AtomicU64| {
-                counts.get(name).map_or(0, |c| field(c).load(Relaxed))
-            };
-            json!({
-                "name": name, "rate": p.rate, "period_seconds": p.period.as_secs_f64(), "burst": p.burst,
-                "allowed": load(|c| &c.allowed), "limited": load(|c| &c.limited),
-                "shadow_limited": load(|c| &c.shadow_limited), "store_errors": load(|c| &c.store_errors),
-            })
-        })
-        .collect();
-    Ok(axum::Json(json!({
-        "policies": policies,
-        "shadow": state.limiter.shadow(),
-        "on_store_error": state.config.rate_limit_on_store_error,
-        "ip_limit": state.config.ip_limit,
-    }))
-    .into_response())
-}
-
-#[utoipa::path(get, path = "/api/v1/cache/stats", tag = "gateway", summary = "Response cache statistics (admin)", security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
-async fn cache_stats(AxumState(state): AxumState<State>, caller: Caller) -> ApiResult<Response> {
-    use std::sync::atomic::Ordering::Relaxed;
-    caller.require_role(&state.admin_role)?;
-    let s = &state.cache.stats;
-    Ok(axum::Json(json!({
-        "hits": s.hits.load(Relaxed), "misses": s.misses.load(Relaxed), "stale": s.stale.load(Relaxed),
-        "bypass": s.bypass.load(Relaxed), "revalidations": s.revalidations.load(Relaxed),
-        "coalesced": s.coalesced.load(Relaxed), "errors": s.errors.load(Relaxed),
-    }))
-    .into_response())
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Purge {
-    /// A route name, or a prefix of route names.
-    route: String,
-}
-
-#[utoipa::path(post, path = "/api/v1/cache/purge", tag = "gateway", summary = "Purge cached responses by route or prefix (admin)", request_body = serde_json::Value, security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
-async fn cache_purge(
-    AxumState(state): AxumState<State>,
-    caller: Caller,
-    crate::error::Json(purge): crate::error::Json<Purge>,
-) -> ApiResult<Response> {
-    caller.require_role(&state.admin_role)?;
-    let purged = state
-        .cache
-        .store
-        .purge(&purge.route)
-        .await
-        .map_err(|e| crate::error::ApiError::dependency("redis", anyhow::anyhow!(e)))?;
-    tracing::info!(role = "gateway", admin = %caller.0.identity.subject, route = %purge.route, purged, "cache purged");
-    Ok(axum::Json(json!({ "purged": purged })).into_response())
 }

@@ -17,7 +17,7 @@ use url::Url;
 pub const DEFAULT_ROUTES: &str = include_str!("../../../config/routes.yaml");
 
 /// Whether a route needs a caller identity.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum AuthMode {
     /// 401 without valid credentials.
@@ -30,7 +30,7 @@ pub enum AuthMode {
 }
 
 /// The entitlement a route needs: `resource` may name path parameters (`instrument:{id}`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EntitlementSpec {
     /// Resource template.

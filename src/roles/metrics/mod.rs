@@ -24,8 +24,9 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::net::TcpListener;
+use utoipa::ToSchema;
 
 use crate::auth::{Auth, AuthError, Reason, Verifier};
 use crate::cli::RunError;
@@ -305,21 +306,28 @@ pub fn build(ctx: &Context, auth: Auth) -> State {
 
 /// The role's routes (`GET /metrics` is the shared one, with the ingested series appended).
 pub fn router(state: State) -> Router {
-    openapi::finish(
-        OpenApiRouter::with_openapi(openapi::base(Role::Metrics))
-            .routes(routes!(track))
-            .routes(routes!(track_batch))
-            // Pushgateway-compatible: Prometheus text, not JSON; described in the README, not here.
-            .route(
-                "/metrics/job/{*group}",
-                axum::routing::put(push_replace).post(push_merge).delete(push_delete),
-            )
-            .routes(routes!(series))
-            .routes(routes!(stats))
-            .routes(routes!(trends))
-            .routes(routes!(usage))
-            .with_state(state),
-    )
+    openapi::finish(api().with_state(state))
+}
+
+/// The role's API document (`/openapi.json`), built without a state.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api().into_openapi()
+}
+
+/// The role's documented routes.
+fn api() -> OpenApiRouter<State> {
+    OpenApiRouter::with_openapi(openapi::base(Role::Metrics))
+        .routes(routes!(track))
+        .routes(routes!(track_batch))
+        // Pushgateway-compatible: Prometheus text, not JSON; described in the README, not here.
+        .route(
+            "/metrics/job/{*group}",
+            axum::routing::put(push_replace).post(push_merge).delete(push_delete),
+        )
+        .routes(routes!(series))
+        .routes(routes!(stats))
+        .routes(routes!(trends))
+        .routes(routes!(usage))
 }
 
 /// Serves the role until shutdown.
@@ -329,7 +337,20 @@ pub async fn run(listener: TcpListener, state: State, ctx: Context) -> Result<()
     server::serve(listener, app, &ctx).await.map_err(|e| RunError::Other(e.into()))
 }
 
-#[utoipa::path(post, path = "/metrics/track", tag = "metrics", summary = "Ingest one point (service token, unless open ingest)", request_body = serde_json::Value, security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
+/// The answer of `POST /metrics/track`.
+#[derive(Serialize, ToSchema)]
+struct TrackAnswer {
+    /// Always `true` (a refused point is an error).
+    #[schema(example = true)]
+    accepted: bool,
+    /// Whether the point went into its metric's `overflow="true"` series
+    /// (`metrics.max_series_per_metric` reached).
+    overflowed: bool,
+}
+
+#[utoipa::path(post, path = "/metrics/track", tag = "metrics", summary = "Ingest one point (service token, unless open ingest)",
+    request_body(content = registry::Point, example = json!({"name": "jobs_processed", "value": 3, "type": "counter", "labels": {"queue": "pricing"}, "service": "pricing-batch", "tenant_id": "t1"})),
+    security(("bearer" = [])), responses((status = 200, description = "Accepted", body = TrackAnswer), Errors))]
 async fn track(
     AxumState(state): AxumState<State>,
     headers: HeaderMap,
@@ -337,9 +358,10 @@ async fn track(
 ) -> ApiResult<Response> {
     state.authorize_ingest(&headers).await?;
     match state.track(&point) {
-        Ok(accepted) => Ok(axum::Json(
-            json!({ "accepted": true, "overflowed": accepted == Accepted::Overflowed }),
-        )
+        Ok(accepted) => Ok(axum::Json(TrackAnswer {
+            accepted: true,
+            overflowed: accepted == Accepted::Overflowed,
+        })
         .into_response()),
         Err(reason) => {
             Err(rejection_error(reason, format!("{} refused: {}", point.name, reason.as_str())))
@@ -347,7 +369,39 @@ async fn track(
     }
 }
 
-#[utoipa::path(post, path = "/metrics/track/batch", tag = "metrics", summary = "Ingest points; each succeeds or fails alone", request_body = serde_json::Value, security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
+/// The answer of `POST /metrics/track/batch`.
+#[derive(Serialize, ToSchema)]
+struct BatchTracked {
+    /// Points accepted.
+    accepted: usize,
+    /// Points refused.
+    rejected: usize,
+    /// One result per point, in order.
+    results: Vec<PointResult>,
+}
+
+/// What became of one point of a batch.
+#[derive(Serialize, ToSchema)]
+struct PointResult {
+    /// The point's position in the batch.
+    index: usize,
+    /// Whether it was accepted.
+    ok: bool,
+    /// Accepted: whether it went into the overflow series.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    overflowed: Option<bool>,
+    /// Refused: the guard that refused it (`invalid_point` for a malformed one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(example = "invalid_name")]
+    reason: Option<&'static str>,
+    /// Refused: for a human.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<String>,
+}
+
+#[utoipa::path(post, path = "/metrics/track/batch", tag = "metrics", summary = "Ingest points; each succeeds or fails alone",
+    request_body(content = Vec<registry::Point>, example = json!([{"name": "jobs_processed", "value": 3, "type": "counter"}, {"name": "queue_depth", "value": 12, "type": "gauge", "labels": {"queue": "pricing"}}])),
+    security(("bearer" = [])), responses((status = 200, description = "One result per point", body = BatchTracked), Errors))]
 async fn track_batch(
     AxumState(state): AxumState<State>,
     headers: HeaderMap,
@@ -361,7 +415,7 @@ async fn track_batch(
         ));
     }
     let (mut accepted, mut rejected) = (0, 0);
-    let results: Vec<Value> = points
+    let results: Vec<PointResult> = points
         .into_iter()
         .enumerate()
         .map(|(index, raw)| {
@@ -375,17 +429,16 @@ async fn track_batch(
             match outcome {
                 Ok(a) => {
                     accepted += 1;
-                    json!({"index": index, "ok": true, "overflowed": a == Accepted::Overflowed})
+                    PointResult { index, ok: true, overflowed: Some(a == Accepted::Overflowed), reason: None, message: None }
                 }
                 Err((reason, message)) => {
                     rejected += 1;
-                    json!({"index": index, "ok": false, "reason": reason, "message": message})
+                    PointResult { index, ok: false, overflowed: None, reason: Some(reason), message: Some(message) }
                 }
             }
         })
         .collect();
-    Ok(axum::Json(json!({ "accepted": accepted, "rejected": rejected, "results": results }))
-        .into_response())
+    Ok(axum::Json(BatchTracked { accepted, rejected, results }).into_response())
 }
 
 async fn push(
@@ -459,14 +512,29 @@ async fn push_delete(
     Ok(StatusCode::ACCEPTED.into_response())
 }
 
-#[derive(Deserialize)]
+/// The query of `GET /metrics/series`.
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct SeriesQuery {
+    /// This metric only (a counter with or without `_total`).
+    #[param(example = "jobs_processed")]
     name: Option<String>,
+    /// Series of this `service` label only.
     service: Option<String>,
+    /// Series of this `tenant_id` label only.
     tenant_id: Option<String>,
 }
 
-#[utoipa::path(get, path = "/metrics/series", tag = "metrics", summary = "Every ingested series with its value and last push (admin or service)", params(("name" = Option<String>, Query, description = "metric name"), ("service" = Option<String>, Query, description = "service label"), ("tenant_id" = Option<String>, Query, description = "tenant")), security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
+/// The body of `GET /metrics/series`.
+#[derive(Serialize, ToSchema)]
+struct SeriesList {
+    /// The matching series.
+    series: Vec<registry::SeriesInfo>,
+    /// How many.
+    count: usize,
+}
+
+#[utoipa::path(get, path = "/metrics/series", tag = "metrics", summary = "Every ingested series with its value and last push (admin or service)", params(SeriesQuery), security(("bearer" = [])), responses((status = 200, description = "The matching series", body = SeriesList), Errors))]
 async fn series(
     AxumState(state): AxumState<State>,
     headers: HeaderMap,
@@ -483,31 +551,63 @@ async fn series(
         .filter(|s| q.service.as_ref().is_none_or(|v| s.labels.get("service") == Some(v)))
         .filter(|s| q.tenant_id.as_ref().is_none_or(|v| s.labels.get("tenant_id") == Some(v)))
         .collect();
-    Ok(axum::Json(json!({ "series": list, "count": list.len() })).into_response())
+    Ok(axum::Json(SeriesList { count: list.len(), series: list }).into_response())
 }
 
-#[utoipa::path(get, path = "/metrics/stats", tag = "metrics", summary = "Series counts and limits (admin or service)", security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
+/// The body of `GET /metrics/stats`.
+#[derive(Serialize, ToSchema)]
+struct Stats {
+    /// Series held, tracked and pushed.
+    series: usize,
+    /// Series from `POST /metrics/track`.
+    tracked_series: usize,
+    /// Series from the Pushgateway endpoints.
+    pushed_series: usize,
+    /// `metrics.max_series`.
+    max_series: usize,
+    /// `metrics.max_series_per_metric`.
+    max_series_per_metric: usize,
+    /// `metrics.series_ttl`, seconds.
+    series_ttl_seconds: u64,
+}
+
+#[utoipa::path(get, path = "/metrics/stats", tag = "metrics", summary = "Series counts and limits (admin or service)", security(("bearer" = [])), responses((status = 200, description = "Counts and limits", body = Stats), Errors))]
 async fn stats(AxumState(state): AxumState<State>, headers: HeaderMap) -> ApiResult<Response> {
     state.authorize_read(&headers).await?;
     let store = state.store();
     let (tracked, pushed) = (store.tracked.series_count(), store.groups.series_count());
-    Ok(axum::Json(json!({
-        "series": tracked + pushed,
-        "tracked_series": tracked,
-        "pushed_series": pushed,
-        "max_series": state.limits.max_series,
-        "max_series_per_metric": state.limits.max_series_per_metric,
-        "series_ttl_seconds": state.ttl.as_secs(),
-    }))
+    Ok(axum::Json(Stats {
+        series: tracked + pushed,
+        tracked_series: tracked,
+        pushed_series: pushed,
+        max_series: state.limits.max_series,
+        max_series_per_metric: state.limits.max_series_per_metric,
+        series_ttl_seconds: state.ttl.as_secs(),
+    })
     .into_response())
 }
 
-#[derive(Deserialize)]
+/// The query of `GET /metrics/trends/{name}`.
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct TrendQuery {
+    /// The window (default `5m`).
+    #[param(example = "5m")]
     window: Option<String>,
 }
 
-#[utoipa::path(get, path = "/metrics/trends/{name}", tag = "metrics", summary = "Min, max, average and direction of a metric over a window", params(("name" = String, Path, description = "metric name"), ("window" = Option<String>, Query, description = "e.g. 5m")), security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
+/// The body of `GET /metrics/trends/{name}`.
+#[derive(Serialize, ToSchema)]
+struct TrendAnswer {
+    /// The metric.
+    name: String,
+    /// The window, seconds.
+    window_seconds: u64,
+    /// Its trend over the window.
+    trend: registry::Trend,
+}
+
+#[utoipa::path(get, path = "/metrics/trends/{name}", tag = "metrics", summary = "Min, max, average and direction of a metric over a window", params(("name" = String, Path, description = "A tracked metric's name", example = "jobs_processed"), TrendQuery), security(("bearer" = [])), responses((status = 200, description = "The metric's trend", body = TrendAnswer), Errors))]
 async fn trends(
     AxumState(state): AxumState<State>,
     headers: HeaderMap,
@@ -526,8 +626,7 @@ async fn trends(
         .history(&name, unix_now() - window.as_secs_f64())
         .ok_or_else(|| ApiError::not_found(format!("no tracked metric {name:?}")))?;
     let trend = registry::trend(&points);
-    Ok(axum::Json(json!({ "name": name, "window_seconds": window.as_secs(), "trend": trend }))
-        .into_response())
+    Ok(axum::Json(TrendAnswer { name, window_seconds: window.as_secs(), trend }).into_response())
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]

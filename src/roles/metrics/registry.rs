@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 pub type Labels = Vec<(String, String)>;
 
 /// Metric types that can be tracked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Kind {
     /// Monotonic: a push adds.
@@ -36,8 +36,9 @@ impl Kind {
 }
 
 /// One tracked point, as pushed.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"name": "jobs_processed", "value": 3, "type": "counter", "labels": {"queue": "pricing"}, "service": "pricing-batch", "tenant_id": "t1"}))]
 pub struct Point {
     /// Metric name (Prometheus rules; counters get `_total` appended when missing).
     pub name: String,
@@ -196,12 +197,13 @@ fn overflow_labels() -> Labels {
 }
 
 /// A series as listed by `GET /metrics/series`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct SeriesInfo {
     /// The exported family name.
     pub name: String,
-    /// Its type.
+    /// Its type (`counter`, `gauge`, `histogram`, or a pushed family's own type).
     #[serde(rename = "type")]
+    #[schema(example = "counter")]
     pub kind: &'static str,
     /// Its labels.
     pub labels: BTreeMap<String, String>,
@@ -554,7 +556,7 @@ pub fn escape_help(v: &str) -> String {
 }
 
 /// min, max, average and direction of samples.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Trend {
     /// Samples in the window.
     pub samples: usize,
@@ -565,6 +567,7 @@ pub struct Trend {
     /// Mean.
     pub average: Option<f64>,
     /// `up`, `down` or `flat`: the later half's mean against the earlier half's.
+    #[schema(example = "up")]
     pub direction: &'static str,
 }
 

@@ -7,7 +7,7 @@
 //! closed with `slow_consumer` and the record counted as dropped for it: a slow client never
 //! slows the others, and memory never grows with its backlog. Dispatch never waits.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -34,6 +34,43 @@ type TenantTopic = (Arc<str>, Arc<str>);
 
 use super::conn::Sink;
 pub use super::conn::{Closer, Conn, Credential, Delivery, Record, Scope};
+
+/// The hub's counters and subscriptions (`GET /stats`).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct HubStats {
+    /// Open connections on this replica.
+    pub connections: usize,
+    /// Users with an open connection.
+    pub users: usize,
+    /// Tenants with an open connection.
+    pub tenants: usize,
+    /// Subscriptions per registry topic.
+    pub subscriptions: BTreeMap<String, usize>,
+    /// Frames queued to connections since start.
+    pub messages_queued: u64,
+    /// Frames dropped (not entitled, filtered out of a closed connection, ...).
+    pub messages_dropped: u64,
+    /// Connections closed as slow consumers.
+    pub slow_consumer_closes: u64,
+    /// The limits in force.
+    pub limits: LimitsInForce,
+}
+
+/// The hub's limits as `GET /stats` shows them: [`Limits`] field for field (a config type
+/// whose every field has a default, which API documents cannot carry for an object field).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct LimitsInForce {
+    /// Open connections on this replica.
+    pub max_connections: usize,
+    /// Open connections of one user on this replica.
+    pub max_connections_per_user: usize,
+    /// Open connections of one tenant on this replica.
+    pub max_connections_per_tenant: usize,
+    /// New connections accepted by this replica (a GCRA policy).
+    pub connect_rate: Policy,
+    /// Frames waiting per connection before it is closed as a slow consumer.
+    pub send_queue: usize,
+}
 
 /// The hub's limits.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
@@ -680,28 +717,34 @@ impl Hub {
     }
 
     /// The counters and subscriptions of `GET /stats`.
-    pub fn stats(&self) -> Value {
-        let per_topic: serde_json::Map<String, Value> = {
+    pub fn stats(&self) -> HubStats {
+        let per_topic: BTreeMap<String, usize> = {
             let subs = self.subs.read().unwrap_or_else(|p| p.into_inner());
             self.order
                 .iter()
-                .map(|t| (t.clone(), json!(subs.get(t.as_str()).map_or(0, HashMap::len))))
+                .map(|t| (t.clone(), subs.get(t.as_str()).map_or(0, HashMap::len)))
                 .collect()
         };
         let (users, tenants) = {
             let reg = self.conns.lock().unwrap_or_else(|p| p.into_inner());
             (reg.per_user.len(), reg.per_tenant.len())
         };
-        json!({
-            "connections": self.open(),
-            "users": users,
-            "tenants": tenants,
-            "subscriptions": per_topic,
-            "messages_queued": self.delivered.load(Ordering::Relaxed),
-            "messages_dropped": self.dropped.load(Ordering::Relaxed),
-            "slow_consumer_closes": self.slow_closes.load(Ordering::Relaxed),
-            "limits": self.limits,
-        })
+        HubStats {
+            connections: self.open(),
+            users,
+            tenants,
+            subscriptions: per_topic,
+            messages_queued: self.delivered.load(Ordering::Relaxed),
+            messages_dropped: self.dropped.load(Ordering::Relaxed),
+            slow_consumer_closes: self.slow_closes.load(Ordering::Relaxed),
+            limits: LimitsInForce {
+                max_connections: self.limits.max_connections,
+                max_connections_per_user: self.limits.max_connections_per_user,
+                max_connections_per_tenant: self.limits.max_connections_per_tenant,
+                connect_rate: self.limits.connect_rate.clone(),
+                send_queue: self.limits.send_queue,
+            },
+        }
     }
 }
 

@@ -89,8 +89,21 @@ async fn within<T, E: std::fmt::Display>(
     }
 }
 
+/// One partition as `GET /stats` lists it.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct PartitionStats {
+    /// The topic.
+    pub topic: String,
+    /// The partition.
+    pub partition: i32,
+    /// Records behind the high watermark (unknown before the first fetch).
+    pub lag: Option<i64>,
+    /// Its progress.
+    pub state: PartitionState,
+}
+
 /// One partition's progress, for `/stats`.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
 pub struct PartitionState {
     /// The next offset to deliver.
     pub next_offset: Option<i64>,
@@ -116,13 +129,18 @@ pub struct Consumer {
 
 impl Consumer {
     /// Every partition's progress.
-    pub fn partitions(&self) -> Vec<Value> {
+    pub fn partitions(&self) -> Vec<PartitionStats> {
         let partitions = self.partitions.lock().unwrap_or_else(|p| p.into_inner());
         partitions
             .iter()
             .map(|((topic, partition), s)| {
                 let lag = s.high_watermark.zip(s.next_offset).map(|(hw, next)| (hw - next).max(0));
-                serde_json::json!({"topic": topic, "partition": partition, "lag": lag, "state": s})
+                PartitionStats {
+                    topic: topic.clone(),
+                    partition: *partition,
+                    lag,
+                    state: s.clone(),
+                }
             })
             .collect()
     }

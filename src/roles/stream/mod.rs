@@ -44,7 +44,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::net::TcpListener;
 
 use crate::auth::{Auth, Caller, Verifier};
@@ -448,21 +448,28 @@ pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
 pub fn router(state: State) -> Router {
     // The WebSocket and SSE streams are described in docs/stream-protocol.md; OpenAPI covers the
     // JSON endpoints.
-    openapi::finish(
-        OpenApiRouter::with_openapi(openapi::base(Role::Stream))
-            .route("/ws", get(ws::upgrade))
-            .route("/ws/", get(ws::upgrade))
-            .route("/ws/stream", get(ws::upgrade))
-            .route("/sse", get(sse::connect))
-            .route("/sse/", get(sse::connect))
-            .route("/sse/stream", get(sse::connect))
-            .routes(routes!(sse::add, sse::remove))
-            .routes(routes!(stats))
-            .routes(routes!(user_connections))
-            .routes(routes!(rules_version))
-            .routes(routes!(publish))
-            .with_state(state),
-    )
+    openapi::finish(api().with_state(state))
+}
+
+/// The role's API document (`/openapi.json`), built without a state.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api().into_openapi()
+}
+
+/// The role's documented routes.
+fn api() -> OpenApiRouter<State> {
+    OpenApiRouter::with_openapi(openapi::base(Role::Stream))
+        .route("/ws", get(ws::upgrade))
+        .route("/ws/", get(ws::upgrade))
+        .route("/ws/stream", get(ws::upgrade))
+        .route("/sse", get(sse::connect))
+        .route("/sse/", get(sse::connect))
+        .route("/sse/stream", get(sse::connect))
+        .routes(routes!(sse::add, sse::remove))
+        .routes(routes!(stats))
+        .routes(routes!(user_connections))
+        .routes(routes!(rules_version))
+        .routes(routes!(publish))
 }
 
 /// Serves the role until shutdown; open streams get a "going away" close, and the role waits
@@ -563,15 +570,40 @@ fn admit(
     })
 }
 
-#[utoipa::path(get, path = "/stats", tag = "stream", summary = "Connections, subscriptions, queues, Kafka partitions and lag (admin or service role)", security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
+/// The body of `GET /stats`.
+#[derive(Serialize, utoipa::ToSchema)]
+struct Stats {
+    /// The hub's counters and subscriptions.
+    #[serde(flatten)]
+    hub: hub::HubStats,
+    /// Where records come from: `kafka` or `memory` (the in-process bus).
+    #[schema(example = "kafka")]
+    source: &'static str,
+    /// The Kafka consumer (absent without Kafka).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kafka: Option<KafkaStats>,
+}
+
+/// The Kafka consumer's progress.
+#[derive(Serialize, utoipa::ToSchema)]
+struct KafkaStats {
+    /// Records read since start.
+    records: u64,
+    /// Every partition's progress.
+    partitions: Vec<kafka::PartitionStats>,
+}
+
+#[utoipa::path(get, path = "/stats", tag = "stream", summary = "Connections, subscriptions, queues, Kafka partitions and lag (admin or service role)", security(("bearer" = [])), responses((status = 200, description = "The replica's counters", body = Stats), Errors))]
 async fn stats(AxumState(state): AxumState<State>, caller: Caller) -> ApiResult<Response> {
     caller.require_any_role(&[&state.admin_role, &state.service_role])?;
-    let mut stats = state.hub.stats();
-    stats["source"] = json!(state.publisher.kind());
-    if let Some(consumer) = &state.consumer {
-        stats["kafka"] =
-            json!({"records": consumer.records(), "partitions": consumer.partitions()});
-    }
+    let stats = Stats {
+        hub: state.hub.stats(),
+        source: state.publisher.kind(),
+        kafka: state.consumer.as_ref().map(|consumer| KafkaStats {
+            records: consumer.records(),
+            partitions: consumer.partitions(),
+        }),
+    };
     Ok(axum::Json(stats).into_response())
 }
 
@@ -625,22 +657,29 @@ async fn user_connections(
     Ok(axum::Json(body).into_response())
 }
 
-#[utoipa::path(get, path = "/entitlements/version", tag = "stream", summary = "The rules version this stream replica decides at", security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
+#[utoipa::path(get, path = "/entitlements/version", tag = "stream", summary = "The rules version this stream replica decides at", security(("bearer" = [])), responses((status = 200, description = "Where this replica stands", body = crate::roles::entitlements::mirror::Standing), Errors))]
 async fn rules_version(AxumState(state): AxumState<State>, _caller: Caller) -> ApiResult<Response> {
     Ok(axum::Json(state.rules.standing("stream", state.hub.replica())).into_response())
 }
 
 /// The body of `POST /publish`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct PublishRequest {
+    /// A registry topic.
+    #[schema(example = "served.market.latest_prices.v1")]
     topic: String,
+    /// The record key (the instrument or entity id).
     #[serde(default)]
     key: Option<String>,
+    /// The record: a JSON object, free-form; a `tenant_id` field restricts it to that tenant.
+    #[schema(value_type = Object)]
     data: Value,
 }
 
-#[utoipa::path(post, path = "/publish", tag = "stream", summary = "Publish a JSON record to a registry topic (service or admin role)", request_body = serde_json::Value, security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
+#[utoipa::path(post, path = "/publish", tag = "stream", summary = "Publish a JSON record to a registry topic (service or admin role)",
+    request_body(content = PublishRequest, example = json!({"topic": "served.market.latest_prices.v1", "key": "NG-H27", "data": {"instrument_id": "NG-H27", "price": 71.5}})),
+    security(("bearer" = [])), responses((status = 200, description = "Where the record landed", body = source::Position), Errors))]
 async fn publish(
     AxumState(state): AxumState<State>,
     caller: Caller,

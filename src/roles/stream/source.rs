@@ -12,7 +12,7 @@ use serde_json::Value;
 use super::hub::{Hub, Record};
 
 /// Where a published record landed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Position {
     /// The topic.
     pub topic: String,

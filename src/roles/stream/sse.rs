@@ -184,17 +184,50 @@ async fn run(
 }
 
 /// The body of `POST`/`DELETE /sse/subscribe`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ControlBody {
+    /// The stream's `connection_id` (its `connection_established` event).
     connection_id: String,
+    /// Topics to add or remove.
     topics: Vec<String>,
+    /// Filters by topic (subscribe), as `docs/stream-protocol.md` describes them: per field, a
+    /// value, a list of values, or a range `{"gte", "lte", ...}`.
     #[serde(default)]
+    #[schema(value_type = BTreeMap<String, Object>)]
     filters: BTreeMap<String, Value>,
 }
 
+/// The answer of `POST`/`DELETE /sse/subscribe`. The replica holding the stream builds it
+/// (`control::apply`, possibly relayed over Redis); this type is its description.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct ControlAnswer {
+    /// The stream.
+    connection_id: String,
+    /// The topics subscribed (`POST`) or removed (`DELETE`).
+    topics: Vec<String>,
+    /// `POST` only: the topics that could not be subscribed, and why.
+    failed: Option<Vec<TopicFailure>>,
+}
+
+/// A topic that could not be subscribed.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct TopicFailure {
+    /// The topic.
+    topic: String,
+    /// `unknown_topic`, `invalid_filter`, `forbidden` or `dependency_unavailable`.
+    #[schema(example = "unknown_topic")]
+    code: String,
+    /// For a human.
+    message: String,
+}
+
 /// `POST /sse/subscribe`: add topics to an open stream (the caller's own).
-#[utoipa::path(post, path = "/sse/subscribe", tag = "stream", summary = "Add topics to an open SSE stream of the caller's (any replica)", request_body = serde_json::Value, security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
+#[utoipa::path(post, path = "/sse/subscribe", tag = "stream", summary = "Add topics to an open SSE stream of the caller's (any replica)",
+    request_body(content = ControlBody, example = json!({"connection_id": "a1b2c3d4-1-0123456789abcdef0123456789abcdef", "topics": ["served.market.latest_prices.v1"], "filters": {"served.market.latest_prices.v1": {"instrument_id": ["NG-H27"]}}})),
+    security(("bearer" = [])), responses((status = 200, description = "The topics subscribed and those that failed", body = ControlAnswer), Errors))]
 pub async fn add(
     state: AxumState<State>,
     caller: Caller,
@@ -204,7 +237,9 @@ pub async fn add(
 }
 
 /// `DELETE /sse/subscribe`: remove topics from an open stream.
-#[utoipa::path(delete, path = "/sse/subscribe", tag = "stream", summary = "Remove topics from an open SSE stream of the caller's (any replica)", request_body = serde_json::Value, security(("bearer" = [])), responses((status = 200, description = "OK", body = serde_json::Value), Errors))]
+#[utoipa::path(delete, path = "/sse/subscribe", tag = "stream", summary = "Remove topics from an open SSE stream of the caller's (any replica)",
+    request_body(content = ControlBody, example = json!({"connection_id": "a1b2c3d4-1-0123456789abcdef0123456789abcdef", "topics": ["served.market.latest_prices.v1"]})),
+    security(("bearer" = [])), responses((status = 200, description = "The topics removed", body = ControlAnswer), Errors))]
 pub async fn remove(
     state: AxumState<State>,
     caller: Caller,

@@ -33,13 +33,14 @@ pub mod names {
 }
 
 /// A policy.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Policy {
     /// Requests per period.
     pub rate: u64,
-    /// The period.
+    /// The period (`1m`, `1s`).
     #[serde(with = "humantime_serde")]
+    #[schema(value_type = String, example = "1m")]
     pub period: Duration,
     /// Requests allowed at once.
     pub burst: u64,
@@ -71,7 +72,7 @@ pub fn default_policies() -> BTreeMap<String, Policy> {
 }
 
 /// What the limiter does when Redis cannot answer.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum OnStoreError {
     /// Use the in-process limiter (per replica).
