@@ -49,7 +49,7 @@ fn default_max_bytes() -> usize {
 }
 
 /// `entitlement.items` of a route, as configured.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ItemsSpec {
     /// The top-level field of the response object that holds the list; absent: the response
