@@ -3,6 +3,7 @@
 #   - the tansu broker (cargo install, reused when present), started on $ACCESS_TEST_KAFKA_PORT
 #     with in-memory storage;
 #   - promtool (Debian's prometheus package), which checks the exported metrics;
+#   - nginx and openssl (Debian), for the HTTPS and mTLS upstreams the TLS tests start;
 #   - PostgreSQL and Redis: checked, and started with this machine kind's own commands if down.
 # Writes $CARGO_TARGET_DIR/test-services.env for `make test` to source. Idempotent.
 set -euo pipefail
@@ -50,6 +51,16 @@ if ! command -v promtool >/dev/null; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq >/dev/null
   apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
+
+# --- nginx and openssl (Debian): the HTTPS and mTLS upstreams of the upstream TLS tests -------
+if ! command -v nginx >/dev/null || ! command -v openssl >/dev/null; then
+  say "installing Debian's nginx and openssl (TLS upstreams in the tests; nginx is not started)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >/dev/null
+  apt-get install -y -qq --no-install-recommends nginx openssl >/dev/null
+  # Debian's package may start a system nginx on port 80; the tests start their own.
+  if command -v service >/dev/null; then service nginx stop >/dev/null 2>&1 || true; fi
 fi
 
 # --- offline deployment checks (PyPI): Helm's Go library, Kubernetes schemas, checkov, hadolint --

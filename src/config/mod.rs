@@ -322,7 +322,7 @@ fn file_format(path: &Path) -> Result<FileFormat, Problem> {
 }
 
 /// Keys whose values are open maps (user-chosen names), not checked key by key.
-const OPEN_MAPS: &[&str] = &["gateway.rate_limits", "gateway.upstreams"];
+const OPEN_MAPS: &[&str] = &["gateway.rate_limits", "gateway.upstreams", "gateway.upstream_tls"];
 
 fn unknown_keys(given: &Dict, known: &Dict, prefix: &str, problems: &mut Vec<Problem>) {
     for (key, value) in given {

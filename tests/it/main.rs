@@ -22,3 +22,4 @@ mod sse;
 mod stream;
 mod support;
 mod telemetry;
+mod upstream_tls;

@@ -531,8 +531,11 @@ pub(super) async fn upstream(
         }
         crate::telemetry::inject_trace_context(upstream.headers_mut());
         let sent = Instant::now();
-        let outcome =
-            tokio::time::timeout(route.timeout, state.client.get().request(upstream)).await;
+        let outcome = tokio::time::timeout(
+            route.timeout,
+            state.clients.request(route.spec.upstream.as_deref(), upstream),
+        )
+        .await;
         route.upstream_duration.record(sent.elapsed().as_secs_f64());
         match outcome {
             Ok(Ok(response)) => {
@@ -547,10 +550,7 @@ pub(super) async fn upstream(
                 breaker.record(false, Instant::now());
                 guard.publish();
                 tracing::warn!(role = "gateway", route = %route.spec.name, upstream = %base, attempt, error = %e, "upstream request failed");
-                last_error = Some(
-                    ApiError::new(ErrorCode::UpstreamUnavailable, e.to_string())
-                        .with_source(anyhow::anyhow!("{e:?}")),
-                );
+                last_error = Some(super::upstream_tls::upstream_error(&e));
                 if !e.is_connect() {
                     break;
                 }
