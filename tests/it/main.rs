@@ -17,6 +17,7 @@ mod idp;
 mod live_rules;
 mod metrics;
 mod ratelimit;
+mod redis_ha;
 mod runtime;
 mod sse;
 mod stream;
