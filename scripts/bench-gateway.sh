@@ -6,13 +6,15 @@
 #   (d) the gateway on a cache hit,
 #   (e) as (c) to an HTTPS upstream (the same nginx answer behind TLS, certificate made here by
 #       openssl, verified against its CA), HTTP/2 by ALPN, and (f) the same in HTTP/1.1.
-# Prints requests/s and p50/p99 per case. Needs nginx and wrk (Debian), Redis on 6379.
+# Prints requests/s and p50/p99 per case. Needs nginx, wrk and openssl (Debian), Redis on 6379.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/access/target}
 DURATION=${DURATION:-10s}
 CONNECTIONS=${CONNECTIONS:-64}
 THREADS=${THREADS:-2}
+# REDIS_URL=<url>: the gateway's Redis (a redis-sentinel:// URL measures a Sentinel set's primary).
+REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
 # The gateway's I/O threads (server.io_threads; 0: the shared multi-threaded runtime).
 IO_THREADS=${IO_THREADS:-$(nproc)}
 for tool in nginx wrk redis-cli openssl; do
@@ -113,7 +115,7 @@ export ACCESS_SERVER__MAX_CONCURRENCY=100000
 export ACCESS_SERVER__MAX_IN_FLIGHT_PER_CLIENT=$((CONNECTIONS * 4)) ACCESS_SERVER__MAX_CONNECTIONS_PER_CLIENT=$((CONNECTIONS * 4))
 export ACCESS_GATEWAY__MAX_IN_FLIGHT_PER_IDENTITY=$((CONNECTIONS * 4))
 ACCESS_ENTITLEMENTS__SEED_FILE=$WORK/seed.yaml "$BIN" entitlements --port $ENT 2>"$WORK/ent.log" & PIDS+=($!)
-ACCESS_REDIS_URL=redis://127.0.0.1:6379 ACCESS_REDIS__PREFIX="bench:$$:" ACCESS_GATEWAY__ROUTES_FILE=$WORK/routes.yaml \
+ACCESS_REDIS_URL=$REDIS_URL ACCESS_REDIS__PREFIX="bench:$$:" ACCESS_GATEWAY__ROUTES_FILE=$WORK/routes.yaml \
   ACCESS_ENTITLEMENTS_SERVICE_URL=http://127.0.0.1:$ENT ACCESS_SERVER__IO_THREADS=$IO_THREADS "$BIN" --config "$WORK/gateway.toml" gateway --port $GW 2>"$WORK/gw.log" & PIDS+=($!)
 for port in $ENT $GW; do
   for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$port/ready" >/dev/null && break; sleep 0.1; done

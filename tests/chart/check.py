@@ -310,7 +310,10 @@ def kit():
     check(render_error({"gateway": {"replicas": 5}}) is not None, "the schema refuses a misspelt key in the guide's form too")
     # TLS from Secrets: the gateway mounts each upstream group's Secret and names its files;
     # every role mounts the backends' CA bundles; the binary accepts what it reads.
-    tls_values = {"config": {"extra": {"ACCESS_GATEWAY__UPSTREAMS__MARKET_DATA": '["https://market-data.internal:8443"]'}},
+    # (Groups given in the environment replace the built-in ones: the routes' three are named.)
+    tls_values = {"config": {"extra": {"ACCESS_GATEWAY__UPSTREAMS__MARKET_DATA": '["https://market-data.internal:8443"]',
+                                       "ACCESS_GATEWAY__UPSTREAMS__CURVES": '["http://curves:8080"]',
+                                       "ACCESS_GATEWAY__UPSTREAMS__PROJECTIONS": '["http://projections:8080"]'}},
                   "tls": {"upstreams": {"market_data": {"secretName": "md-mtls", "clientCertificate": True, "serverName": "market-data.internal", "http2": False}},
                           "backends": {"redis": {"caSecret": "redis-ca"}, "postgres": {"caSecret": "pg-ca"}, "kafka": {"caSecret": ""}}}}
     docs = rendered(tls_values, "upstream and backend TLS from Secrets")
@@ -405,7 +408,8 @@ def tls_standins(directory):
     openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "1", "-subj", "/CN=chart check ca",
             "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign")
     openssl("req", *ec, "-keyout", "tls.key", "-out", "tls.csr", "-subj", "/CN=chart check client")
-    openssl("x509", "-req", "-in", "tls.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-days", "1", "-out", "tls.crt")
+    (directory / "tls.ext").write_text("basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n")
+    openssl("x509", "-req", "-in", "tls.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-days", "1", "-out", "tls.crt", "-extfile", "tls.ext")
 
 
 def config_accepted(env, docs):

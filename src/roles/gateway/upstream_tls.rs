@@ -150,8 +150,11 @@ fn client_config(
         .map_err(|e| vec![("", e.to_string())])?
         .with_root_certificates(roots);
     match identity {
-        Some((chain, key)) => builder.with_client_auth_cert(chain, key).map_err(|e| {
-            vec![(".client_key_file", format!("the key does not fit the certificate: {e}"))]
+        Some((chain, key)) => builder.with_client_auth_cert(chain, key).map_err(|e| match e {
+            rustls::Error::InconsistentKeys(_) => {
+                vec![(".client_key_file", format!("the key does not fit the certificate: {e}"))]
+            }
+            e => vec![(".client_cert_file", format!("the certificate is not usable: {e}"))],
         }),
         None => Ok(builder.with_no_client_auth()),
     }
