@@ -325,6 +325,24 @@ fn rustls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rust
     e.source().and_then(rustls_error)
 }
 
+/// Whether a failed call was refused by an HTTP/2 upstream before it processed it: a stream
+/// above the last one a graceful `GOAWAY` accepts (nginx sends one after `keepalive_requests`
+/// on a connection), or `REFUSED_STREAM`. Such a request may be sent again on a new connection,
+/// and says nothing about the upstream's health.
+pub fn unprocessed(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(e) = next {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return (h2.is_go_away()
+                && h2.is_remote()
+                && h2.reason() == Some(h2::Reason::NO_ERROR))
+                || h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        next = e.source();
+    }
+    false
+}
+
 /// The 502 for a failed upstream call: `upstream_unavailable`, with reason `upstream_tls` and the
 /// certificate problem when the TLS handshake failed. The message and the cause are logged.
 pub fn upstream_error(e: &hyper_util::client::legacy::Error) -> ApiError {
