@@ -18,20 +18,24 @@ use crate::support::{
 pub struct RedisNode {
     child: std::process::Child,
     pub port: u16,
+    /// Its working directory (a replica writes the primary's snapshot there).
+    _dir: tempfile::TempDir,
 }
 
 impl RedisNode {
     /// `redis-server` with `args` after its port and the test defaults.
     pub async fn start(args: &[&str]) -> RedisNode {
         let port = closed_port().await;
+        let dir = tempfile::tempdir().unwrap();
         let child = std::process::Command::new("redis-server")
+            .current_dir(dir.path())
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
             .args(["--appendonly", "no"])
             .args(args)
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("redis-server is installed");
-        Self::up(child, port).await
+        Self::up(child, port, dir).await
     }
 
     /// A sentinel watching `primary` as `service` (quorum 1), its config file in `dir`.
@@ -50,16 +54,17 @@ impl RedisNode {
         )
         .unwrap();
         let child = std::process::Command::new("redis-server")
+            .current_dir(dir)
             .arg(&conf)
             .arg("--sentinel")
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("redis-server is installed");
-        Self::up(child, port).await
+        Self::up(child, port, tempfile::tempdir().unwrap()).await
     }
 
-    async fn up(child: std::process::Child, port: u16) -> RedisNode {
-        let node = RedisNode { child, port };
+    async fn up(child: std::process::Child, port: u16, dir: tempfile::TempDir) -> RedisNode {
+        let node = RedisNode { child, port, _dir: dir };
         eventually(Duration::from_secs(5), "redis up", || async {
             (node.cli(&["ping"]) == "PONG").then_some(())
         })
