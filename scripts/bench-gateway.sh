@@ -3,17 +3,21 @@
 #   (a) the upstream directly (nginx answering a small JSON body),
 #   (b) nginx as a plain keep-alive reverse proxy to it,
 #   (c) the gateway with JWT, rate limit (GCRA in Redis) and entitlement, on a cache miss,
-#   (d) the gateway on a cache hit.
-# Prints requests/s and p50/p99 per case. Needs nginx and wrk (Debian), Redis on 6379.
+#   (d) the gateway on a cache hit,
+#   (e) as (c) to an HTTPS upstream (the same nginx answer behind TLS, certificate made here by
+#       openssl, verified against its CA), HTTP/2 by ALPN, and (f) the same in HTTP/1.1.
+# Prints requests/s and p50/p99 per case. Needs nginx, wrk and openssl (Debian), Redis on 6379.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/access/target}
 DURATION=${DURATION:-10s}
 CONNECTIONS=${CONNECTIONS:-64}
 THREADS=${THREADS:-2}
+# REDIS_URL=<url>: the gateway's Redis (a redis-sentinel:// URL measures a Sentinel set's primary).
+REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
 # The gateway's I/O threads (server.io_threads; 0: the shared multi-threaded runtime).
 IO_THREADS=${IO_THREADS:-$(nproc)}
-for tool in nginx wrk redis-cli; do
+for tool in nginx wrk redis-cli openssl; do
   command -v "$tool" >/dev/null || { echo "bench: $tool is missing (apt-get install nginx wrk)" >&2; exit 1; }
 done
 # BIN=<path>: measure that binary (say, one built from another commit) instead of building.
@@ -31,8 +35,16 @@ cleanup() {
 }
 trap cleanup EXIT
 
-UP=18181; PROXY=18182; ENT=18183; GW=18184
+UP=18181; PROXY=18182; ENT=18183; GW=18184; UPS=18185
 mkdir -p "$WORK/nginx"
+# A CA and a certificate for localhost signed by it, for the HTTPS upstream.
+EC=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes)
+openssl req -x509 "${EC[@]}" -keyout "$WORK/ca.key" -out "$WORK/ca.crt" -days 1 -subj "/CN=bench ca" \
+  -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign 2>/dev/null
+openssl req "${EC[@]}" -keyout "$WORK/up.key" -out "$WORK/up.csr" -subj "/CN=localhost" 2>/dev/null
+printf "basicConstraints=CA:FALSE\nsubjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth\n" >"$WORK/up.ext"
+openssl x509 -req -in "$WORK/up.csr" -CA "$WORK/ca.crt" -CAkey "$WORK/ca.key" -CAcreateserial -days 1 \
+  -out "$WORK/up.crt" -extfile "$WORK/up.ext" 2>/dev/null
 cat >"$WORK/nginx.conf" <<NGINX
 worker_processes 1;
 pid $WORK/nginx.pid;
@@ -45,6 +57,15 @@ http {
   upstream app { server 127.0.0.1:$UP; keepalive 128; }
   server {
     listen 127.0.0.1:$UP;
+    location / {
+      default_type application/json;
+      add_header Cache-Control "max-age=300";
+      return 200 '{"instrument":"EURUSD","bid":1.0841,"ask":1.0843,"ts":1795600000}';
+    }
+  }
+  server {
+    listen 127.0.0.1:$UPS ssl http2;
+    ssl_certificate $WORK/up.crt; ssl_certificate_key $WORK/up.key;
     location / {
       default_type application/json;
       add_header Cache-Control "max-age=300";
@@ -65,6 +86,8 @@ SEED
 cat >"$WORK/routes.yaml" <<ROUTES
 - { name: miss, path: "/api/v1/miss/{instrument_id}", upstreams: ["http://127.0.0.1:$UP"], strip_prefix: /api/v1/miss, rate_limits: [bench], entitlement: { resource: "instrument:{instrument_id}" } }
 - { name: hit, path: "/api/v1/hit/{instrument_id}", upstreams: ["http://127.0.0.1:$UP"], strip_prefix: /api/v1/hit, rate_limits: [bench], entitlement: { resource: "instrument:{instrument_id}" }, cache: {} }
+- { name: tls, path: "/api/v1/tls/{instrument_id}", upstream: tls, strip_prefix: /api/v1/tls, rate_limits: [bench], entitlement: { resource: "instrument:{instrument_id}" } }
+- { name: tls_h1, path: "/api/v1/tls_h1/{instrument_id}", upstream: tls_h1, strip_prefix: /api/v1/tls_h1, rate_limits: [bench], entitlement: { resource: "instrument:{instrument_id}" } }
 ROUTES
 cat >"$WORK/gateway.toml" <<TOML
 log_level = "warn"
@@ -76,6 +99,14 @@ burst = 100000000
 rate = 100000000
 period = "1s"
 burst = 100000000
+[gateway.upstreams]
+tls = ["https://localhost:$UPS"]
+tls_h1 = ["https://localhost:$UPS"]
+[gateway.upstream_tls.tls]
+ca_file = "$WORK/ca.crt"
+[gateway.upstream_tls.tls_h1]
+ca_file = "$WORK/ca.crt"
+http2 = false
 TOML
 export ACCESS_AUTH__DEV_KEY_FILE=$WORK/dev-key.json ACCESS_LOG_LEVEL=warn ACCESS_SERVER__HOST=127.0.0.1
 export ACCESS_SERVER__MAX_CONCURRENCY=100000
@@ -84,7 +115,7 @@ export ACCESS_SERVER__MAX_CONCURRENCY=100000
 export ACCESS_SERVER__MAX_IN_FLIGHT_PER_CLIENT=$((CONNECTIONS * 4)) ACCESS_SERVER__MAX_CONNECTIONS_PER_CLIENT=$((CONNECTIONS * 4))
 export ACCESS_GATEWAY__MAX_IN_FLIGHT_PER_IDENTITY=$((CONNECTIONS * 4))
 ACCESS_ENTITLEMENTS__SEED_FILE=$WORK/seed.yaml "$BIN" entitlements --port $ENT 2>"$WORK/ent.log" & PIDS+=($!)
-ACCESS_REDIS_URL=redis://127.0.0.1:6379 ACCESS_REDIS__PREFIX="bench:$$:" ACCESS_GATEWAY__ROUTES_FILE=$WORK/routes.yaml \
+ACCESS_REDIS_URL=$REDIS_URL ACCESS_REDIS__PREFIX="bench:$$:" ACCESS_GATEWAY__ROUTES_FILE=$WORK/routes.yaml \
   ACCESS_ENTITLEMENTS_SERVICE_URL=http://127.0.0.1:$ENT ACCESS_SERVER__IO_THREADS=$IO_THREADS "$BIN" --config "$WORK/gateway.toml" gateway --port $GW 2>"$WORK/gw.log" & PIDS+=($!)
 for port in $ENT $GW; do
   for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$port/ready" >/dev/null && break; sleep 0.1; done
@@ -93,6 +124,7 @@ TOKEN=$("$BIN" token --sub bench --tenant t1 --roles trader --ttl 1h)
 AUTH="Authorization: Bearer $TOKEN"
 curl -sf -H "$AUTH" "http://127.0.0.1:$GW/api/v1/miss/EURUSD" >/dev/null || { echo "bench: the gateway does not answer" >&2; tail "$WORK/gw.log" >&2; exit 1; }
 curl -sf -H "$AUTH" "http://127.0.0.1:$GW/api/v1/hit/EURUSD" >/dev/null
+curl -sf -H "$AUTH" "http://127.0.0.1:$GW/api/v1/tls/EURUSD" >/dev/null || { echo "bench: the HTTPS upstream does not answer through the gateway" >&2; tail "$WORK/gw.log" >&2; exit 1; }
 
 GW_PID=${PIDS[1]}
 NGINX_WORKER=$(pgrep -P "$(cat "$WORK/nginx.pid")" | head -1)
@@ -127,6 +159,8 @@ profile c
 run "(c) gateway: JWT + rate limit + entitlement, miss" "$GW_PID" "http://127.0.0.1:$GW/api/v1/miss/EURUSD" "$AUTH"
 profile d
 run "(d) gateway: JWT + rate limit + entitlement, hit" "$GW_PID" "http://127.0.0.1:$GW/api/v1/hit/EURUSD" "$AUTH"
+run "(e) as (c), HTTPS upstream, HTTP/2 (ALPN)" "$GW_PID" "http://127.0.0.1:$GW/api/v1/tls/EURUSD" "$AUTH"
+run "(f) as (c), HTTPS upstream, HTTP/1.1" "$GW_PID" "http://127.0.0.1:$GW/api/v1/tls_h1/EURUSD" "$AUTH"
 # How well concurrent checks shared Redis script calls, over (c) and (d) together.
 curl -s "http://127.0.0.1:$GW/metrics" | awk '
   /^access_gateway_rate_limit_batch_size_sum/ { sum = $2 }

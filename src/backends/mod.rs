@@ -6,6 +6,7 @@ pub mod breaker;
 pub mod kafka;
 pub mod postgres;
 pub mod redis;
+pub mod sentinel;
 
 /// A backend could not be reached or configured. The target is redacted (no password).
 #[derive(Debug, Clone, thiserror::Error)]

@@ -1,4 +1,6 @@
-//! Redis through fred: `redis://` and `rediss://` (TLS via native-tls), password in the URL.
+//! Redis through fred: `redis://` and `rediss://` (TLS via native-tls), password in the URL, or
+//! a primary found through Sentinel (`redis-sentinel://`, `rediss-sentinel://`): fred asks the
+//! sentinels for the primary on every (re)connection, so a failover is followed without a restart.
 
 use std::sync::Arc;
 
@@ -20,7 +22,7 @@ pub type SubscriberClient = fred::clients::SubscriberClient;
 fn builder(url: &SecretUrl, config: &RedisConfig) -> Result<Builder, BackendError> {
     let err = |m: &dyn std::fmt::Display| BackendError::new("redis", url.redacted(), m);
     let mut fred_config = FredConfig::from_url(url.expose().as_str()).map_err(|e| err(&e))?;
-    if let (Some(path), "rediss") = (&config.ca_file, url.expose().scheme()) {
+    if let (Some(path), "rediss" | "rediss-sentinel") = (&config.ca_file, url.expose().scheme()) {
         // The system's roots plus the configured CA.
         let pem = std::fs::read(path).map_err(|e| err(&format!("{}: {e}", path.display())))?;
         let ca = native_tls::Certificate::from_pem(&pem).map_err(|e| err(&e))?;
@@ -59,14 +61,17 @@ pub async fn subscriber(
     init(client, url, config).await
 }
 
-async fn init<C: ClientLike>(
+async fn init<C: ClientLike + Clone + Send + Sync + 'static>(
     client: C,
     url: &SecretUrl,
     config: &RedisConfig,
 ) -> Result<C, BackendError> {
     let err = |m: &dyn std::fmt::Display| BackendError::new("redis", url.redacted(), m);
     match tokio::time::timeout(config.timeout, client.init()).await {
-        Ok(Ok(_task)) => Ok(client),
+        Ok(Ok(_task)) => {
+            super::sentinel::follow(&client, url.expose(), config.timeout);
+            Ok(client)
+        }
         Ok(Err(e)) => {
             let _ = client.quit().await;
             Err(err(&e))

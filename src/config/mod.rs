@@ -118,9 +118,7 @@ impl Config {
             }
         }
         if let Some(url) = &self.redis_url {
-            if !matches!(url.expose().scheme(), "redis" | "rediss") {
-                problems.push(Problem::new("redis_url", "scheme must be redis:// or rediss://"));
-            }
+            problems.extend(redis_url_problems(url.expose()));
         }
         if let Some(dsn) = &self.postgres_dsn {
             if let Err(e) = dsn.expose().parse::<tokio_postgres::Config>() {
@@ -166,6 +164,30 @@ impl Config {
         problems.extend(self.stream.validate());
         problems.extend(self.console.validate());
         problems
+    }
+}
+
+/// A Redis URL names one server (`redis://`, `rediss://`) or a primary found through Sentinel
+/// (`redis-sentinel://`, `rediss-sentinel://`, which must name the primary's service).
+fn redis_url_problems(url: &Url) -> Vec<Problem> {
+    let service = url.query_pairs().any(|(k, v)| k == "sentinelServiceName" && !v.is_empty());
+    match url.scheme() {
+        "redis" | "rediss" => Vec::new(),
+        "redis-sentinel" | "rediss-sentinel" if service => Vec::new(),
+        "redis-sentinel" | "rediss-sentinel" => vec![Problem::new(
+            "redis_url",
+            "a Sentinel URL names the primary's service: \
+             redis-sentinel://<sentinel>:26379?sentinelServiceName=<name>[&node=<sentinel>:26379]",
+        )],
+        "redis-cluster" | "rediss-cluster" => vec![Problem::new(
+            "redis_url",
+            "Redis Cluster is not supported yet (a rate-limit script's keys would span slots); \
+             use one primary, or a primary found through Sentinel (redis-sentinel://)",
+        )],
+        _ => vec![Problem::new(
+            "redis_url",
+            "scheme must be redis://, rediss://, redis-sentinel:// or rediss-sentinel://",
+        )],
     }
 }
 
@@ -325,7 +347,7 @@ fn file_format(path: &Path) -> Result<FileFormat, Problem> {
 }
 
 /// Keys whose values are open maps (user-chosen names), not checked key by key.
-const OPEN_MAPS: &[&str] = &["gateway.rate_limits", "gateway.upstreams"];
+const OPEN_MAPS: &[&str] = &["gateway.rate_limits", "gateway.upstreams", "gateway.upstream_tls"];
 
 fn unknown_keys(given: &Dict, known: &Dict, prefix: &str, problems: &mut Vec<Problem>) {
     for (key, value) in given {

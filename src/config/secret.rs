@@ -99,12 +99,27 @@ impl<'de> Deserialize<'de> for SecretUrl {
 
 /// A URL with any password replaced by `***`.
 pub fn redact_url(url: &Url) -> String {
-    if url.password().is_none() {
+    // A Redis Sentinel URL carries the sentinels' password in its query.
+    let query_secret = |key: &str| key.eq_ignore_ascii_case("sentinelpassword");
+    let secret_query = url.query_pairs().any(|(k, _)| query_secret(&k));
+    if url.password().is_none() && !secret_query {
         return url.to_string();
     }
     let mut shown = url.clone();
-    // Only fails for cannot-be-a-base URLs, which have no password to hide.
-    let _ = shown.set_password(Some(REDACTED));
+    if url.password().is_some() {
+        // Only fails for cannot-be-a-base URLs, which have no password to hide.
+        let _ = shown.set_password(Some(REDACTED));
+    }
+    if secret_query {
+        let pairs: Vec<(String, String)> = url
+            .query_pairs()
+            .map(|(k, v)| {
+                let v = if query_secret(&k) { REDACTED.to_string() } else { v.into_owned() };
+                (k.into_owned(), v)
+            })
+            .collect();
+        shown.query_pairs_mut().clear().extend_pairs(pairs);
+    }
     shown.to_string()
 }
 
@@ -144,6 +159,13 @@ mod tests {
             assert!(shown.contains("cache:6379"), "{shown}");
         }
         assert_eq!(u.expose().password(), Some("hunter2"));
+        let sentinel: SecretUrl = serde_json::from_str(
+            "\"redis-sentinel://:hunter2@s1:26379?sentinelServiceName=main&sentinelPassword=hunter3&node=s2:26379\"",
+        )
+        .unwrap();
+        let shown = sentinel.redacted();
+        assert!(!shown.contains("hunter2") && !shown.contains("hunter3"), "{shown}");
+        assert!(shown.contains("sentinelServiceName=main") && shown.contains("node=s2"), "{shown}");
     }
 
     #[test]

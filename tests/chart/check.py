@@ -12,6 +12,7 @@ deployment guide's promises. Also: a typo in values fails the schema. Run by `ma
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import tempfile
@@ -307,6 +308,33 @@ def kit():
         mem = find(docs, "Deployment", "metrics-deployment")["spec"]["template"]["spec"]["containers"][0]["resources"]
         check(mem["limits"] == {"cpu": "1000m", "memory": "2Gi"}, f"metrics.resources of the guide merges key by key: {mem}")
     check(render_error({"gateway": {"replicas": 5}}) is not None, "the schema refuses a misspelt key in the guide's form too")
+    # TLS from Secrets: the gateway mounts each upstream group's Secret and names its files;
+    # every role mounts the backends' CA bundles; the binary accepts what it reads.
+    # (Groups given in the environment replace the built-in ones: the routes' three are named.)
+    tls_values = {"config": {"extra": {"ACCESS_GATEWAY__UPSTREAMS__MARKET_DATA": '["https://market-data.internal:8443"]',
+                                       "ACCESS_GATEWAY__UPSTREAMS__CURVES": '["http://curves:8080"]',
+                                       "ACCESS_GATEWAY__UPSTREAMS__PROJECTIONS": '["http://projections:8080"]'}},
+                  "tls": {"upstreams": {"market_data": {"secretName": "md-mtls", "clientCertificate": True, "serverName": "market-data.internal", "http2": False}},
+                          "backends": {"redis": {"caSecret": "redis-ca"}, "postgres": {"caSecret": "pg-ca"}, "kafka": {"caSecret": ""}}}}
+    docs = rendered(tls_values, "upstream and backend TLS from Secrets")
+    if docs:
+        pod = find(docs, "Deployment", "gateway-deployment")["spec"]["template"]["spec"]
+        env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
+        var = "ACCESS_GATEWAY__UPSTREAM_TLS__MARKET_DATA__"
+        check(env.get(var + "CA_FILE") == "/var/run/secrets/access-tls/upstream-market_data/ca.crt"
+              and env.get(var + "CLIENT_KEY_FILE", "").endswith("/tls.key") and env.get(var + "SERVER_NAME") == "market-data.internal"
+              and env.get(var + "HTTP2") == "false" and env.get("ACCESS_REDIS__CA_FILE") and env.get("ACCESS_POSTGRES__CA_FILE") and "ACCESS_KAFKA__CA_FILE" not in env,
+              f"tls: the gateway's TLS variables: {env}")
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        check(volumes.get("upstream-tls-market-data", {}).get("secret", {}).get("secretName") == "md-mtls" and "redis-ca" in volumes,
+              f"tls: the gateway mounts the Secrets: {sorted(volumes)}")
+        stream = find(docs, "Deployment", "streaming-deployment")["spec"]["template"]["spec"]
+        stream_env = {e["name"] for e in stream["containers"][0]["env"]}
+        check("ACCESS_REDIS__CA_FILE" in stream_env and not any(n.startswith(var) for n in stream_env)
+              and "upstream-tls-market-data" not in {v["name"] for v in stream["volumes"]},
+              "tls: the backends' CA reaches every role, the upstream certificates only the gateway")
+        config_accepted("upstream and backend TLS", docs)
+    check(render_error({"tls": {"upstreams": {"Market-Data": {"secretName": "x"}}}}) is not None, "tls: an upstream group name the environment cannot carry is refused")
     # The guide's env files: environment and logLevel under config; production logs at warn.
     prod = rendered(values_for("prod"), "prod")
     pcm = find(prod, "ConfigMap", "access-config")["data"]
@@ -384,6 +412,20 @@ SECRET_STANDINS = {
 }
 
 
+def tls_standins(directory):
+    """A CA (ca.crt) and a client certificate signed by it (tls.crt, tls.key) made by openssl:
+    what a TLS Secret mounted under /var/run/secrets/access-tls/<name>/ holds."""
+    directory.mkdir(parents=True, exist_ok=True)
+    def openssl(*args):
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "1", "-subj", "/CN=chart check ca",
+            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign")
+    openssl("req", *ec, "-keyout", "tls.key", "-out", "tls.csr", "-subj", "/CN=chart check client")
+    (directory / "tls.ext").write_text("basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n")
+    openssl("x509", "-req", "-in", "tls.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-days", "1", "-out", "tls.crt", "-extfile", "tls.ext")
+
+
 def config_accepted(env, docs):
     """Every role's rendered configuration passes `access check-config` (the strict loader)."""
     target = os.environ.get("CARGO_TARGET_DIR") or str(pathlib.Path.home() / ".cache/access/target")
@@ -397,12 +439,15 @@ def config_accepted(env, docs):
         (work / name).write_text(text.replace("/etc/access", str(work)))
     for name, value in SECRET_STANDINS.items():
         (work / name).write_text(value)
+    tls_dir = work / "tls"
+    tls_standins(tls_dir)
     base = dict(by(docs, "ConfigMap", "access-config")["data"])
     for role, (deployment, *_rest) in ROLES.items():
         container = by(docs, "Deployment", deployment)["spec"]["template"]["spec"]["containers"][0]
         env_vars = dict(base)
         for e in container.get("env", []):
             value = e["value"]
+            value = re.sub(r"/var/run/secrets/access-tls/[^/]+/", f"{tls_dir}/", value)
             for mount in ("/var/run/secrets/access-dev-key", "/var/run/secrets/access", "/var/run/secrets/postgres"):
                 value = value.replace(mount, str(work))
             env_vars[e["name"]] = value

@@ -3,6 +3,7 @@
 //! - [`routes`]: the route table (file or built-in), compiled and swapped whole on SIGHUP.
 //! - [`proxy`]: the request path: route, authenticate, entitle, breaker, forward.
 //! - [`breaker`]: a circuit breaker per upstream.
+//! - [`upstream_tls`]: the upstream clients: plain HTTP, TLS and mTLS per upstream group, HTTP/2.
 //! - [`cache`]: the response cache (Redis or in-process), with revalidation and coalescing.
 //! - [`ratelimit`]: GCRA rate limits in Redis (or in-process), and the cheap per-IP limit.
 //! - [`usage`]: per-tenant usage pushed to the metrics role.
@@ -20,6 +21,7 @@ mod local;
 pub mod proxy;
 pub mod ratelimit;
 pub mod routes;
+pub mod upstream_tls;
 pub mod usage;
 
 use crate::roles::Role;
@@ -29,12 +31,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use axum::body::Body;
 use axum::extract::FromRef;
 use axum::Router;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use url::Url;
@@ -55,8 +53,12 @@ pub struct Config {
     pub port: u16,
     /// The route table (YAML); unset uses the built-in `config/routes.yaml`. Reloaded on SIGHUP.
     pub routes_file: Option<PathBuf>,
-    /// Upstream groups routes refer to by name.
+    /// Upstream groups routes refer to by name (`http://` or `https://` URLs).
     pub upstreams: BTreeMap<String, Vec<Url>>,
+    /// TLS to the `https://` upstreams of a group, by group name: a CA file instead of the
+    /// system's roots, a client certificate, the server name, HTTP/2. Groups without an entry
+    /// (and routes that list their own URLs) use the system's roots and offer HTTP/2.
+    pub upstream_tls: BTreeMap<String, upstream_tls::UpstreamTls>,
     /// Default upstream deadline for a response head.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
@@ -105,6 +107,7 @@ impl Default for Config {
                 .iter()
                 .map(|g| (g.to_string(), vec![local.clone()]))
                 .collect(),
+            upstream_tls: BTreeMap::new(),
             timeout: Duration::from_secs(10),
             retries: 1,
             trusted_proxies: Vec::new(),
@@ -141,6 +144,7 @@ impl Config {
         if !(0.0..=1.0).contains(&self.breaker.error_rate) {
             problems.push(Problem::new("gateway.breaker.error_rate", "must be between 0 and 1"));
         }
+        problems.extend(upstream_tls::validate(&self.upstreams, &self.upstream_tls));
         problems
     }
 
@@ -202,8 +206,8 @@ pub struct Shared {
     replica: String,
     /// Breakers by upstream base URL, created on first use.
     breakers: RwLock<HashMap<String, Arc<Guard>>>,
-    /// The upstream connection pool: one per I/O thread (see [`local`]).
-    client: local::PerThread<Client<HttpConnector, Body>>,
+    /// The upstream connection pools: one per TLS profile and I/O thread (see [`local`]).
+    clients: upstream_tls::Clients,
     usage: Arc<usage::Usage>,
     limiter: ratelimit::Limiter,
     ip_limit: Arc<ratelimit::IpLimit>,
@@ -334,14 +338,8 @@ pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
         config.rate_limit_on_store_error,
         config.rate_limit_shadow,
     );
-    let client = || {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(2)));
-        Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build(connector)
-    };
+    let clients = upstream_tls::Clients::new(&config.upstream_tls)
+        .map_err(|e| anyhow::anyhow!("gateway.upstream_tls.{e}"))?;
     Ok(State(Arc::new(Shared {
         table: RwLock::new(Arc::new(table)),
         verifier: auth.verifier,
@@ -350,7 +348,7 @@ pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
         rules,
         replica,
         breakers: RwLock::default(),
-        client: local::PerThread::new(client(), client),
+        clients,
         usage,
         ip_limit: ratelimit::IpLimit::new(config.ip_limit.clone()),
         limiter,

@@ -585,8 +585,11 @@ pub(super) async fn upstream(
         }
         crate::telemetry::inject_trace_context(upstream.headers_mut());
         let sent = Instant::now();
-        let outcome =
-            tokio::time::timeout(route.timeout, state.client.get().request(upstream)).await;
+        let outcome = tokio::time::timeout(
+            route.timeout,
+            state.clients.request(route.spec.upstream.as_deref(), upstream),
+        )
+        .await;
         route.upstream_duration.record(sent.elapsed().as_secs_f64());
         match outcome {
             Ok(Ok(response)) => {
@@ -598,14 +601,15 @@ pub(super) async fn upstream(
                 return Ok((Response::from_parts(parts, Body::new(body)), identity, bytes_in));
             }
             Ok(Err(e)) => {
-                breaker.record(false, Instant::now());
+                // A request an HTTP/2 upstream refused unprocessed (a graceful GOAWAY) is no
+                // failure of the upstream (it answered; a half-open probe closes the breaker),
+                // and is retried like a failed connection.
+                let unprocessed = super::upstream_tls::unprocessed(&e);
+                breaker.record(unprocessed, Instant::now());
                 guard.publish();
                 tracing::warn!(role = "gateway", route = %route.spec.name, upstream = %base, attempt, error = %e, "upstream request failed");
-                last_error = Some(
-                    ApiError::new(ErrorCode::UpstreamUnavailable, e.to_string())
-                        .with_source(anyhow::anyhow!("{e:?}")),
-                );
-                if !e.is_connect() {
+                last_error = Some(super::upstream_tls::upstream_error(&e));
+                if !e.is_connect() && !unprocessed {
                     break;
                 }
             }

@@ -199,8 +199,10 @@ impl Table {
                 }
             };
             for u in &upstreams {
-                if u.scheme() != "http" {
-                    problems.push(format!("{at}.upstreams: {u} must be http:// (TLS to upstreams is not supported yet)"));
+                if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
+                    problems.push(format!(
+                        "{at}.upstreams: {u} must be an http:// or https:// URL with a host"
+                    ));
                 }
             }
             if let Some(prefix) = &spec.strip_prefix {
@@ -396,7 +398,7 @@ mod tests {
             r#"
 - { name: a, path: no-slash, upstream: market_data }
 - { name: a, path: "/b/{id}", upstream: nowhere, entitlement: { resource: "x:{other}", action: fly } }
-- { name: c, path: /c, upstreams: ["https://secure:443"], methods: [GE T] }
+- { name: c, path: /c, upstreams: ["ftp://secure:443"], methods: [GE T] }
 - { name: d, path: /d, upstream: market_data, strip_prefix: /e }
 "#,
         )
