@@ -34,13 +34,13 @@ check-deploy: ## Offline checks of the Helm chart (render, lint, schemas, checko
 	hadolint Containerfile
 	$(MAKE) --no-print-directory check-image
 
-check-check-console: ## The operator's console in headless chromium (Selenium): on `access all`, and on the roles over Redis and PostgreSQL; screenshots in $(CARGO_TARGET_DIR)/console-screenshots/
+check-console: ## The operator's console in headless chromium (Selenium): on `access all`, and on the roles over Redis and PostgreSQL; screenshots in $(CARGO_TARGET_DIR)/console-screenshots/
 	python3 tests/console/console_test.py --binary "$(BIN)"
 
 console-screenshot: build ## Refresh docs/console.png (the README's screenshot) from the browser test
 	python3 tests/console/console_test.py --binary "$(BIN)" --mode embedded --readme-screenshot docs/console.png
 
-image: ## Build the image from the Containerfile (podman) and start every rendered role of dev, staging and production from it, as the kubelet would
+check-image: ## Build the image from the Containerfile (podman) and start every rendered role of dev, staging and production from it, as the kubelet would
 	python3 tests/deploy/pods.py --binary "$(BIN)"
 
 manifests: ## Regenerate deploy/k8s/<env>/ (the kubectl method's manifests) from the chart
