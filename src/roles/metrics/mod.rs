@@ -648,7 +648,9 @@ struct TenantUsage {
     /// The total over the window.
     total: f64,
     /// `[bucket start (unix seconds), increase in the bucket]`, oldest first; empty buckets
-    /// are omitted.
+    /// are omitted. (Documented as pairs of numbers: a tuple's schema is one that client
+    /// generators refuse.)
+    #[schema(value_type = Vec<Vec<f64>>)]
     points: Vec<(i64, f64)>,
 }
 
