@@ -568,8 +568,9 @@ def readme_shot(layer, driver, path):
             sub.wait()
 
 
-class FakeIdp:
-    """An identity provider for the OIDC sign-in: a discovery document, a JWKS, an authorization
+class LocalIdp:
+    """A real OIDC identity provider over HTTP for the sign-in (no Keycloak runs here, so the test
+    serves the protocol itself, as the JWKS tests serve generated keys): a discovery document, a JWKS, an authorization
     endpoint that sends the browser straight back with a code (remembering its PKCE challenge),
     and a token endpoint that redeems the code only with the matching verifier. Its tokens are
     signed by a key of its own, minted with `access token` (issuer and audience set to its)."""
@@ -646,7 +647,7 @@ class FakeIdp:
 def run_oidc(binary, shots):
     """Sign-in through the IdP: authorization code with PKCE, in the browser."""
     with tempfile.TemporaryDirectory(prefix="console-oidc-") as work:
-        idp = FakeIdp(binary, work)
+        idp = LocalIdp(binary, work)
         port = free_port()
         env = {"PATH": os.environ.get("PATH", ""), "HOME": work, "ACCESS_LOG_LEVEL": "warn",
                "ACCESS_SERVER__HOST": "127.0.0.1", "ACCESS_JWKS_URL": idp.url + "/certs",

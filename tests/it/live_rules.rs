@@ -31,29 +31,20 @@ struct Layer {
 /// The base rules: traders may subscribe to market data and read the instruments in `instruments`
 /// (a glob).
 async fn layer(instruments: &str, toml: &str) -> Layer {
-    let db = Db::new().await;
-    let keys = DevKeys::new();
-    let prefix = redis_prefix();
     let prices = format!("prices-{}", uuid::Uuid::new_v4().simple());
     let bootstrap = kafka_bootstrap();
     let kafka = kafka_client(&bootstrap).await;
     create_topic(&kafka, &prices).await;
+    let Rules { db, keys, prefix, entitlements } = Rules::start(&[
+        json!({"name": "stream", "effect": "allow", "resource": "market_data", "actions": ["subscribe"], "roles": ["trader"], "priority": 10}),
+        json!({"name": "instruments", "effect": "allow", "resource": instruments, "actions": ["read"], "roles": ["trader"], "priority": 10}),
+    ])
+    .await;
     let common = [
         ("ACCESS_AUTH__DEV_KEY_FILE", keys.path.as_str()),
         ("ACCESS_REDIS_URL", REDIS_URL),
         ("ACCESS_REDIS__PREFIX", prefix.as_str()),
     ];
-    let mut env = common.to_vec();
-    env.push(("ACCESS_POSTGRES_DSN", db.dsn.as_str()));
-    let entitlements = start(Role::Entitlements, config(&env)).await;
-    wait_ready(&entitlements.url("")).await;
-    let admin = keys.token("root", "ops", &["admin"]);
-    for rule in [
-        json!({"name": "stream", "effect": "allow", "resource": "market_data", "actions": ["subscribe"], "roles": ["trader"], "priority": 10}),
-        json!({"name": "instruments", "effect": "allow", "resource": instruments, "actions": ["read"], "roles": ["trader"], "priority": 10}),
-    ] {
-        create_rule(&entitlements, &admin, rule).await;
-    }
     let ent_url = entitlements.url("");
     let mut env = common.to_vec();
     env.push(("ACCESS_ENTITLEMENTS_SERVICE_URL", &ent_url));
@@ -75,6 +66,36 @@ record_resource = "instrument:{{instrument_id}}"
     wait_ready(&a.url("")).await;
     wait_ready(&b.url("")).await;
     Layer { _db: db, keys, entitlements, replicas: [a, b], prices, kafka }
+}
+
+/// The entitlements role on a PostgreSQL database and a Redis prefix of its own, with `rules`
+/// created through its API by an admin.
+struct Rules {
+    db: Db,
+    keys: DevKeys,
+    prefix: String,
+    entitlements: Running,
+}
+
+impl Rules {
+    async fn start(rules: &[Value]) -> Rules {
+        let db = Db::new().await;
+        let keys = DevKeys::new();
+        let prefix = redis_prefix();
+        let env = [
+            ("ACCESS_AUTH__DEV_KEY_FILE", keys.path.as_str()),
+            ("ACCESS_REDIS_URL", REDIS_URL),
+            ("ACCESS_REDIS__PREFIX", prefix.as_str()),
+            ("ACCESS_POSTGRES_DSN", db.dsn.as_str()),
+        ];
+        let entitlements = start(Role::Entitlements, config(&env)).await;
+        wait_ready(&entitlements.url("")).await;
+        let admin = keys.token("root", "ops", &["admin"]);
+        for rule in rules {
+            create_rule(&entitlements, &admin, rule.clone()).await;
+        }
+        Rules { db, keys, prefix, entitlements }
+    }
 }
 
 async fn create_rule(entitlements: &Running, admin: &str, rule: Value) -> i64 {
@@ -435,25 +456,17 @@ async fn a_restarted_embedded_rules_store_is_followed_although_its_versions_star
 /// never passed on; validators of the whole body are removed, and HEAD tells no size.
 #[tokio::test]
 async fn list_responses_hold_only_the_items_the_caller_may_read() {
-    let db = Db::new().await;
-    let keys = DevKeys::new();
-    let prefix = redis_prefix();
+    let Rules { db: _db, keys, prefix, entitlements } = Rules::start(&[
+        json!({"name": "data", "effect": "allow", "resource": "market_data", "actions": ["read"], "roles": ["trader"], "priority": 10}),
+        json!({"name": "all", "effect": "allow", "resource": "instrument:*", "actions": ["read"], "roles": ["trader"], "priority": 10}),
+    ])
+    .await;
+    let admin = keys.token("root", "ops", &["admin"]);
     let common = [
         ("ACCESS_AUTH__DEV_KEY_FILE", keys.path.as_str()),
         ("ACCESS_REDIS_URL", REDIS_URL),
         ("ACCESS_REDIS__PREFIX", prefix.as_str()),
     ];
-    let mut env = common.to_vec();
-    env.push(("ACCESS_POSTGRES_DSN", db.dsn.as_str()));
-    let entitlements = start(Role::Entitlements, config(&env)).await;
-    wait_ready(&entitlements.url("")).await;
-    let admin = keys.token("root", "ops", &["admin"]);
-    for rule in [
-        json!({"name": "data", "effect": "allow", "resource": "market_data", "actions": ["read"], "roles": ["trader"], "priority": 10}),
-        json!({"name": "all", "effect": "allow", "resource": "instrument:*", "actions": ["read"], "roles": ["trader"], "priority": 10}),
-    ] {
-        create_rule(&entitlements, &admin, rule).await;
-    }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let upstream = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move {
