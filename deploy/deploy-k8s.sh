@@ -154,7 +154,7 @@ if grep -qx VerticalPodAutoscaler <<<"$KINDS"; then need_crd verticalpodautoscal
 if grep -qx ServiceMonitor <<<"$KINDS"; then need_crd servicemonitors.monitoring.coreos.com "the Prometheus operator"; fi
 if grep -qx PrometheusRule <<<"$KINDS"; then need_crd prometheusrules.monitoring.coreos.com "the Prometheus operator"; fi
 if grep -q 'cert-manager.io/cluster-issuer' <<<"$RENDERED"; then need_crd clusterissuers.cert-manager.io "cert-manager, for ingress.clusterIssuer"; fi
-[ ${#missing[@]} -eq 0 ] || die 4 "the cluster lacks resource definitions the $ENVIRONMENT manifests use: ${missing[*]}; install them first (README, Prerequisites)"
+[ ${#missing[@]} -eq 0 ] || die 4 "the cluster lacks resource definitions the $ENVIRONMENT manifests use: ${missing[*]}; install them first (docs/operations.md, Prerequisites)"
 
 # --- namespace and secrets ----------------------------------------------------------------------
 kubectl get namespace "$NAMESPACE" >/dev/null 2>&1 || kubectl create namespace "$NAMESPACE"

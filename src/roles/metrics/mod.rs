@@ -5,7 +5,7 @@
 //! - [`registry`]: tracked points (counter / gauge / histogram), guards, exposition, trends.
 //! - [`pushgateway`]: the Pushgateway-compatible path and its text-format parser.
 //!
-//! State is per replica: run one, or route each job to one replica (see the README).
+//! State is per replica: run one, or route each job to one replica (docs/roles.md, the metrics role).
 
 pub mod pushgateway;
 pub mod registry;
@@ -319,7 +319,7 @@ fn api() -> OpenApiRouter<State> {
     OpenApiRouter::with_openapi(openapi::base(Role::Metrics))
         .routes(routes!(track))
         .routes(routes!(track_batch))
-        // Pushgateway-compatible: Prometheus text, not JSON; described in the README, not here.
+        // Pushgateway-compatible: Prometheus text, not JSON; described in docs/roles.md, not here.
         .route(
             "/metrics/job/{*group}",
             axum::routing::put(push_replace).post(push_merge).delete(push_delete),
