@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use access::auth::jwks::{Jwks, KeySet};
 use access::auth::revocation::MemoryStore;
 use access::auth::{unix_now, ClaimRules, Verifier};
-use access::roles::Role;
+use access::role::Role;
 use josekit::jwk::KeyPair;
 use josekit::jws::{JwsHeader, JwsSigner, ES256, RS256};
 use josekit::jwt::{self, JwtPayload};

@@ -9,8 +9,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use access::config::{self, Sources};
-use access::roles::Role;
+use access::config::Sources;
+use access::role::Role;
 use access::server::{Context, Shutdown};
 use serde_json::json;
 
@@ -37,11 +37,13 @@ fn seed_file(dir: &std::path::Path) -> String {
 }
 
 async fn start(env: Vec<(String, String)>) -> String {
-    let config = config::load(&Sources::from_env(env)).unwrap_or_else(|e| panic!("{e}"));
-    let ctx = Context::new(Role::Entitlements, Arc::new(config), Shutdown::new());
+    let config = access::roles::load(&Sources::from_env(env)).unwrap_or_else(|e| panic!("{e}"));
+    let ctx = Context::new(Role::Entitlements, Arc::new(config.shared.clone()), Shutdown::new());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { access::cli::start(Role::Entitlements, listener, ctx).await });
+    tokio::spawn(
+        async move { access::roles::start(Role::Entitlements, listener, ctx, &config).await },
+    );
     let client = reqwest::Client::new();
     for _ in 0..200 {
         if client.get(format!("{url}/ready")).send().await.is_ok_and(|r| r.status() == 200) {
@@ -96,14 +98,14 @@ async fn measure(url: &str, token: &str, warm: bool) -> (f64, f64, f64) {
 /// request, building the request from the identity) on a rotating set of resources, timed one by
 /// one.
 fn in_process(seed: &str) {
-    use access::roles::entitlements::mirror::Mirror;
+    use access::policy::mirror::Mirror;
     let inputs =
         access::roles::entitlements::load_seed(Some(&std::path::PathBuf::from(seed))).unwrap();
     let now = chrono::Utc::now();
     let rules: Vec<_> = inputs
         .into_iter()
         .enumerate()
-        .map(|(i, input)| access::roles::entitlements::rules::Rule {
+        .map(|(i, input)| access::policy::rules::Rule {
             id: uuid::Uuid::from_u128(i as u128 + 1),
             input,
             created_at: now,

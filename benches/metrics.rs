@@ -5,8 +5,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use access::config::{self, Sources};
-use access::roles::Role;
+use access::config::Sources;
+use access::role::Role;
 use access::server::{Context, Shutdown};
 use serde_json::json;
 
@@ -30,11 +30,11 @@ async fn start() -> String {
         ("ACCESS_SERVER__MAX_BODY_BYTES".to_string(), "16777216".to_string()),
         ("ACCESS_LOG_LEVEL".to_string(), "warn".to_string()),
     ];
-    let config = config::load(&Sources::from_env(env)).unwrap_or_else(|e| panic!("{e}"));
-    let ctx = Context::new(Role::Metrics, Arc::new(config), Shutdown::new());
+    let config = access::roles::load(&Sources::from_env(env)).unwrap_or_else(|e| panic!("{e}"));
+    let ctx = Context::new(Role::Metrics, Arc::new(config.shared.clone()), Shutdown::new());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { access::cli::start(Role::Metrics, listener, ctx).await });
+    tokio::spawn(async move { access::roles::start(Role::Metrics, listener, ctx, &config).await });
     for _ in 0..200 {
         if reqwest::get(format!("{url}/ready")).await.is_ok_and(|r| r.status() == 200) {
             return url;

@@ -9,8 +9,9 @@ use std::sync::Arc;
 use clap::{Args, Parser, Subcommand};
 use tokio::net::TcpListener;
 
-use crate::config::{self, Config, Sources};
-use crate::roles::{self, Role};
+use crate::config::Sources;
+use crate::role::Role;
+use crate::roles::{self, Deps, RunError, Settings};
 use crate::server::{Context, Shutdown};
 use crate::telemetry;
 
@@ -146,7 +147,7 @@ fn port_key(role: Role) -> &'static str {
 /// Runs the parsed command with this environment; the exit code says how it ended.
 pub async fn run(cli: Cli, env: BTreeMap<String, String>) -> ExitCode {
     let sources = cli.sources(env);
-    let loaded = config::load(&sources);
+    let loaded = roles::load(&sources);
     match (&cli.command, loaded) {
         (Command::CheckConfig, Ok(_)) => {
             println!("configuration is valid");
@@ -202,7 +203,7 @@ pub async fn run(cli: Cli, env: BTreeMap<String, String>) -> ExitCode {
     }
 }
 
-fn print_token(args: &TokenArgs, config: &Config) -> ExitCode {
+fn print_token(args: &TokenArgs, config: &Settings) -> ExitCode {
     if config.jwks_url.is_some() || config.env == crate::config::Environment::Production {
         eprintln!("error: `access token` works in dev mode only (no ACCESS_JWKS_URL, ACCESS_ENV not production); get tokens from the identity provider");
         return ExitCode::from(EXIT_CONFIG);
@@ -231,7 +232,7 @@ fn print_token(args: &TokenArgs, config: &Config) -> ExitCode {
 }
 
 /// Binds the role's port, starts the shutdown sequence on signals, and runs the role.
-async fn serve_role(role: Role, config: Arc<Config>) -> ExitCode {
+async fn serve_role(role: Role, config: Arc<Settings>) -> ExitCode {
     let shutdown = Shutdown::new();
     tokio::spawn(shutdown.clone().on_signal(config.server.grace_period));
     let addr = (config.server.host, config.port(role));
@@ -242,8 +243,8 @@ async fn serve_role(role: Role, config: Arc<Config>) -> ExitCode {
             return ExitCode::from(EXIT_UNAVAILABLE);
         }
     };
-    let ctx = Context::new(role, config, shutdown);
-    match start(role, listener, ctx).await {
+    let ctx = Context::new(role, Arc::new(config.shared.clone()), shutdown);
+    match roles::start(role, listener, ctx, &config).await {
         Ok(()) => {
             tracing::info!(role = %role, "stopped");
             ExitCode::SUCCESS
@@ -259,59 +260,9 @@ async fn serve_role(role: Role, config: Arc<Config>) -> ExitCode {
     }
 }
 
-/// Why a role stopped other than by shutdown.
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    /// A backend or the IdP could not be reached at start-up.
-    #[error(transparent)]
-    Unavailable(#[from] crate::backends::BackendError),
-    /// Anything else.
-    #[error(transparent)]
-    Other(#[from] anyhow::Error),
-}
-
-/// Builds the auth handles for the role's context, then [`start_with`].
-pub async fn start(role: Role, listener: TcpListener, ctx: Context) -> Result<(), RunError> {
-    let auth = crate::auth::Auth::build(&ctx).await?;
-    start_with(role, listener, ctx, auth).await
-}
-
-/// The one dispatch from a role to its module: build the role's state (I/O, no binding), then run
-/// it on the listener. `auth` may be shared (`access all` gives every role the same one, so the
-/// embedded revocations and API keys are one set).
-pub async fn start_with(
-    role: Role,
-    listener: TcpListener,
-    ctx: Context,
-    auth: crate::auth::Auth,
-) -> Result<(), RunError> {
-    match role {
-        Role::Auth => {
-            let state = roles::auth::build(&ctx, auth)?;
-            roles::auth::run(listener, state, ctx).await
-        }
-        Role::Entitlements => {
-            let state = roles::entitlements::build(&ctx, auth).await?;
-            roles::entitlements::run(listener, state, ctx).await
-        }
-        Role::Metrics => {
-            let state = roles::metrics::build(&ctx, auth);
-            roles::metrics::run(listener, state, ctx).await
-        }
-        Role::Gateway => {
-            let state = roles::gateway::build(&ctx, auth).await?;
-            roles::gateway::run(listener, state, ctx).await
-        }
-        Role::Stream => {
-            let state = roles::stream::build(&ctx, auth).await?;
-            roles::stream::run(listener, state, ctx).await
-        }
-    }
-}
-
 /// `access all`: binds every role's port (and the sample upstream's), then runs the roles in this
 /// process with one auth, one shutdown and the other roles' URLs pointing here.
-async fn serve_all(args: &AllArgs, config: Arc<Config>) -> ExitCode {
+async fn serve_all(args: &AllArgs, config: Arc<Settings>) -> ExitCode {
     let ports: std::collections::HashMap<Role, u16> =
         Role::ALL.iter().map(|r| (*r, config.port(*r))).collect();
     let local = |role: Role| url::Url::parse(&format!("http://127.0.0.1:{}", ports[&role])).ok();
@@ -359,27 +310,30 @@ async fn serve_all(args: &AllArgs, config: Arc<Config>) -> ExitCode {
             .with_graceful_shutdown(async move { stopping.stopping().await })
             .await;
     });
-    let mut auth_ctx = Context::new(Role::Auth, config.clone(), shutdown.clone());
+    let shared = Arc::new(config.shared.clone());
+    let mut auth_ctx = Context::new(Role::Auth, shared.clone(), shutdown.clone());
     // One bus of rules versions for every role of the process: a rule change reaches the
     // gateway's and the stream's rules without Redis.
     let rules_bus = crate::server::rules_bus::RulesBus::default();
     auth_ctx.rules_bus = rules_bus.clone();
     let auth = match crate::auth::Auth::build(&auth_ctx).await {
         Ok(a) => a,
-        Err(e) => return exit_for(Role::Auth, e),
+        Err(e) => return exit_for(Role::Auth, e.into()),
     };
     let mut tasks = tokio::task::JoinSet::new();
     for (role, listener) in listeners {
         let ctx = if role == Role::Auth {
             auth_ctx.clone()
         } else {
-            let mut ctx = Context::new(role, config.clone(), shutdown.clone());
+            let mut ctx = Context::new(role, shared.clone(), shutdown.clone());
             ctx.rules_bus = rules_bus.clone();
             auth.add_checks(&ctx);
             ctx
         };
-        let auth = auth.clone();
-        tasks.spawn(async move { (role, start_with(role, listener, ctx, auth).await) });
+        let deps = Deps { ctx, auth: auth.clone() };
+        let settings = config.clone();
+        tasks
+            .spawn(async move { (role, roles::start_with(role, listener, deps, &settings).await) });
     }
     if !args.no_samples {
         match crate::auth::token_source::for_role(&auth_ctx, &auth) {

@@ -8,8 +8,12 @@
 //!   common layers.
 //! - [`backends`]: Redis, PostgreSQL and Kafka connections with readiness checks.
 //! - [`auth`]: in-process JWT verification, revocation, dev key, service tokens.
+//! - [`role`]: the roles by name (labels, ports, service names).
+//! - [`policy`]: the entitlement model every role decides with (rules, evaluation, mirror).
+//! - [`ratelimit`]: GCRA rate-limit policies and limiters, in Redis or in-process.
 //! - [`resource`]: resource templates (`instrument:{instrument_id}`) rendered from data.
 //! - [`roles`]: the roles, each `Config -> build -> State -> router -> run`.
+//! - [`usage`]: usage counts pushed to the metrics role (by the gateway and the stream).
 //! - [`sample`]: the sample upstream and update publisher of `access all`.
 
 pub mod auth;
@@ -17,8 +21,12 @@ pub mod backends;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod policy;
+pub mod ratelimit;
 pub mod resource;
+pub mod role;
 pub mod roles;
 pub mod sample;
 pub mod server;
 pub mod telemetry;
+pub mod usage;

@@ -16,7 +16,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{Config, LogFormat};
-use crate::roles::Role;
+use crate::role::Role;
 
 /// Metric names shared across modules, so a rename is one edit (and dashboards can be checked
 /// against this list).
@@ -195,7 +195,8 @@ pub fn record_build_info(role: Role) {
         .set(1.0);
 }
 
-fn describe() {
+/// Describes the metrics of this module (the other modules describe their own: `roles::describe_metrics`).
+pub fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(
         names::HTTP_REQUESTS,
@@ -217,14 +218,4 @@ fn describe() {
     );
     describe_gauge!(names::BUILD_INFO, "Build information; the value is always 1");
     describe_counter!(names::BACKEND_ERRORS, "Backend operations that failed, by backend");
-    crate::backends::breaker::names::describe();
-    crate::auth::token_source::names::describe();
-    crate::auth::jwks::names::describe();
-    crate::auth::verifier::names::describe();
-    crate::roles::entitlements::engine::names::describe();
-    crate::roles::entitlements::client::names::describe();
-    crate::roles::entitlements::mirror::names::describe();
-    crate::roles::metrics::names::describe();
-    crate::roles::gateway::proxy::names::describe();
-    crate::roles::stream::names::describe();
 }

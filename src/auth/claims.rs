@@ -28,6 +28,18 @@ pub struct ClaimRules {
     pub service_role: String,
 }
 
+impl From<&crate::config::AuthConfig> for ClaimRules {
+    fn from(auth: &crate::config::AuthConfig) -> Self {
+        ClaimRules {
+            issuer: auth.issuer.clone(),
+            audience: auth.audience.clone(),
+            leeway: auth.leeway.as_secs(),
+            default_tenant: auth.default_tenant.clone(),
+            service_role: auth.service_role.clone(),
+        }
+    }
+}
+
 /// The user-facing view of a token (`user_info` in the verify answer).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
 pub struct UserInfo {

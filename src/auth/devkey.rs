@@ -50,6 +50,18 @@ fn pem_key(pem: &[u8]) -> Result<Jwk, String> {
     Ok(jwk)
 }
 
+/// The configuration problem of `auth.dev_key_file`, if the file exists and is not a dev key
+/// (`access check-config` reports it with the other problems).
+pub fn config_problems(auth: &crate::config::AuthConfig) -> Vec<crate::config::Problem> {
+    match &auth.dev_key_file {
+        Some(path) if path.exists() => match DevKey::load_or_create(path) {
+            Ok(_) => Vec::new(),
+            Err(e) => vec![crate::config::Problem::new("auth.dev_key_file", e)],
+        },
+        _ => Vec::new(),
+    }
+}
+
 impl DevKey {
     /// Reads the key at `path`, creating it first if there is none.
     pub fn load_or_create(path: &Path) -> Result<DevKey, String> {

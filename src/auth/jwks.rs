@@ -15,7 +15,7 @@ use josekit::jws::JwsVerifier;
 use tracing::Instrument as _;
 use url::Url;
 
-use crate::roles::Role;
+use crate::role::Role;
 use crate::server::Shutdown;
 
 /// Metric names of the key store.

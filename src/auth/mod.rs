@@ -248,7 +248,7 @@ impl Auth {
     /// Builds the auth handles from the configuration: keys (JWKS or the dev key), the revocation
     /// store (Redis or memory), the verifier and its background tasks. Registers the `jwks` (and
     /// `redis`) readiness checks on `ctx`.
-    pub async fn build(ctx: &crate::server::Context) -> Result<Auth, crate::cli::RunError> {
+    pub async fn build(ctx: &crate::server::Context) -> Result<Auth, crate::server::StartError> {
         use crate::config::Environment;
         let config = &ctx.config;
         let auth = &config.auth;
@@ -262,7 +262,7 @@ impl Auth {
                         auth.jwks_timeout,
                         auth.jwks_cooldown,
                     )
-                    .map_err(|e| anyhow::anyhow!(e))?,
+                    .map_err(|e| crate::server::StartError::Invalid(e.to_string()))?,
                 );
                 // A failed first fetch is not fatal: the role stays not-ready and keeps trying.
                 if let Err(e) = jwks.refresh("startup").await {
@@ -273,14 +273,14 @@ impl Auth {
             }
             None => {
                 if config.env == Environment::Production {
-                    return Err(anyhow::anyhow!(
+                    return Err(crate::server::StartError::Invalid(
                         "dev mode (no ACCESS_JWKS_URL) is refused when ACCESS_ENV=production"
-                    )
-                    .into());
+                            .into(),
+                    ));
                 }
                 let path = auth.dev_key_path();
                 let key = devkey::DevKey::load_or_create(&path)
-                    .map_err(|e| anyhow::anyhow!("dev key: {e}"))?;
+                    .map_err(|e| crate::server::StartError::Invalid(format!("dev key: {e}")))?;
                 tracing::warn!(role = %ctx.role, key = %path.display(),
                     "DEV MODE: tokens are verified against a local dev key, not an identity provider; never use this in production");
                 (Arc::new(jwks::Jwks::fixed(ctx.role, key.key_set())), Some(Arc::new(key)))
@@ -315,7 +315,7 @@ impl Auth {
         let verifier = Arc::new(Verifier::new(
             ctx.role,
             jwks.clone(),
-            auth.claim_rules(),
+            claims::ClaimRules::from(auth),
             auth.algorithms.clone(),
             revocations.clone(),
             auth.cache_capacity,

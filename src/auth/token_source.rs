@@ -146,7 +146,7 @@ impl TokenSource {
         client_id: String,
         secret: Secret,
         timeout: Duration,
-        role: crate::roles::Role,
+        role: crate::role::Role,
     ) -> Result<Self, String> {
         let http =
             reqwest::Client::builder().timeout(timeout).build().map_err(|e| e.to_string())?;
@@ -159,7 +159,7 @@ impl TokenSource {
     }
 
     /// Labels the failure metric with the role that uses this source (dev mode).
-    pub fn for_role_label(self, role: crate::roles::Role) -> Self {
+    pub fn for_role_label(self, role: crate::role::Role) -> Self {
         match Arc::try_unwrap(self.inner) {
             Ok(mut inner) => {
                 inner.role = role.as_str();
@@ -300,7 +300,7 @@ enum Fetch {
 pub fn for_role(
     ctx: &crate::server::Context,
     auth: &super::Auth,
-) -> Result<Arc<TokenSource>, crate::cli::RunError> {
+) -> Result<Arc<TokenSource>, crate::server::StartError> {
     let a = &ctx.config.auth;
     match (&a.token_url, &a.client_id, &a.client_secret, &auth.dev_key) {
         (Some(url), Some(id), Some(secret), _) => Ok(Arc::new(
@@ -311,7 +311,7 @@ pub fn for_role(
                 a.jwks_timeout,
                 ctx.role,
             )
-            .map_err(|e| anyhow::anyhow!(e))?,
+            .map_err(|e| crate::server::StartError::Invalid(e.to_string()))?,
         )),
         (_, _, _, Some(key)) => Ok(Arc::new(TokenSource::dev(
             key.clone(),
@@ -322,6 +322,6 @@ pub fn for_role(
             a.audience.clone(),
         )
         .for_role_label(ctx.role))),
-        _ => Err(anyhow::anyhow!("service tokens need auth.token_url, auth.client_id and auth.client_secret (or dev mode)").into()),
+        _ => Err(crate::server::StartError::Invalid("service tokens need auth.token_url, auth.client_id and auth.client_secret (or dev mode)".into())),
     }
 }

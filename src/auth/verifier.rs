@@ -19,7 +19,7 @@ use super::claims::{self, ClaimRules, Claims, UserInfo};
 use super::jwks::Jwks;
 use super::revocation::{Revocation, RevocationStore, SeenSampler};
 use super::{strip_bearer, unix_now, AuthError, Identity, Reason};
-use crate::roles::Role;
+use crate::role::Role;
 use crate::server::Shutdown;
 
 /// Metric names of the verifier.

@@ -23,9 +23,8 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
-use serde::{Deserialize, Serialize};
 
-use crate::roles::Role;
+use crate::role::Role;
 
 /// A background probe: `Ok` when the backend answers.
 pub type Probe = Box<dyn Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync>;
@@ -50,51 +49,8 @@ pub mod names {
     }
 }
 
-/// When a breaker opens and for how long.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Config {
-    /// A call still unanswered after this fails and opens the breaker. Well above a healthy
-    /// round trip, well below the command timeout.
-    #[serde(with = "humantime_serde")]
-    pub trip_after: Duration,
-    /// How long the breaker stays open before the first probe.
-    #[serde(with = "humantime_serde")]
-    pub open_min: Duration,
-    /// The longest it stays open (the interval doubles after each failed probe).
-    #[serde(with = "humantime_serde")]
-    pub open_max: Duration,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            trip_after: Duration::from_millis(500),
-            open_min: Duration::from_millis(200),
-            open_max: Duration::from_secs(5),
-        }
-    }
-}
-
-impl Config {
-    /// Problems with the values, by key under `section` (e.g. `redis.breaker`).
-    pub fn validate(&self, section: &str) -> Vec<crate::config::Problem> {
-        let mut problems = Vec::new();
-        if self.trip_after.is_zero() {
-            problems.push(crate::config::Problem::new(
-                format!("{section}.trip_after"),
-                "must be greater than 0",
-            ));
-        }
-        if self.open_min.is_zero() || self.open_max < self.open_min {
-            problems.push(crate::config::Problem::new(
-                format!("{section}.open_min"),
-                "must be greater than 0 and at most open_max",
-            ));
-        }
-        problems
-    }
-}
+/// When a breaker opens and for how long (`redis.breaker`, `postgres.breaker`).
+pub use crate::config::BreakerConfig as Config;
 
 /// Why a guarded call did not succeed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -11,7 +11,7 @@ use futures::future::BoxFuture;
 use super::breaker::Breaker;
 use super::BackendError;
 use crate::config::{RedisConfig, SecretUrl};
-use crate::roles::Role;
+use crate::role::Role;
 
 /// A connected client. fred multiplexes commands over one connection and reconnects by itself.
 pub type Client = fred::clients::Client;

@@ -27,9 +27,9 @@ use url::Url;
 pub use secret::{Secret, SecretUrl};
 pub use sections::*;
 
-use crate::roles::Role;
-
-/// The whole configuration of one `access` process. Every role reads the sections it needs.
+/// The configuration every role shares: backends, identity, the server's limits, telemetry. The
+/// roles' own sections are added by `roles::Settings` ([`Sections`]), which this module does
+/// not know.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Config {
     /// Deployment environment; `production` forbids the embedded backends and dev keys.
@@ -68,30 +68,50 @@ pub struct Config {
     pub kafka: KafkaConfig,
     /// The `auth` section every role reads, and the auth role's port.
     pub auth: AuthConfig,
-    /// The gateway role.
-    pub gateway: crate::roles::gateway::Config,
-    /// The stream role.
-    pub stream: crate::roles::stream::Config,
-    /// The entitlements role.
-    pub entitlements: crate::roles::entitlements::Config,
-    /// The metrics role.
-    pub metrics: crate::roles::metrics::Config,
-    /// The operator's console on the auth role.
-    pub console: crate::roles::auth::console::Config,
+}
+
+/// A whole configuration: the shared [`Config`] and the sections a program adds to it, loaded
+/// and checked together by [`load`]. `Config` alone is one (no sections of its own).
+pub trait Sections: Serialize + Sized {
+    /// Every key at its default (what `load` knows as keys, and what stands in for a bad value).
+    fn defaults() -> Self;
+    /// The whole configuration from the shared part and the sections taken from `from`.
+    fn extract(shared: Config, from: &mut Extract<'_>) -> Self;
+    /// Semantic checks of everything, the shared part included; every problem names its key.
+    fn validate(&self) -> Vec<Problem>;
+    /// Keys whose values are open maps (user-chosen names), not checked key by key.
+    fn open_maps() -> &'static [&'static str] {
+        &[]
+    }
+}
+
+impl Sections for Config {
+    fn defaults() -> Self {
+        Config::default()
+    }
+    fn extract(shared: Config, _: &mut Extract<'_>) -> Self {
+        shared
+    }
+    fn validate(&self) -> Vec<Problem> {
+        Config::validate(self)
+    }
+}
+
+/// Takes sections out of the loaded layers, reporting each value of the wrong type (its default
+/// then stands in).
+pub struct Extract<'a> {
+    figment: &'a Figment,
+    problems: &'a mut Vec<Problem>,
+}
+
+impl Extract<'_> {
+    /// The section (or top-level key) `key`, or `default` where it is missing or wrong.
+    pub fn section<T: for<'de> Deserialize<'de>>(&mut self, key: &str, default: T) -> T {
+        extract_reporting(self.figment, key, default, self.problems)
+    }
 }
 
 impl Config {
-    /// The port a role listens on.
-    pub fn port(&self, role: Role) -> u16 {
-        match role {
-            Role::Gateway => self.gateway.port,
-            Role::Stream => self.stream.port,
-            Role::Auth => self.auth.port,
-            Role::Entitlements => self.entitlements.port,
-            Role::Metrics => self.metrics.port,
-        }
-    }
-
     /// The Redis key prefix: `access:<env>:` (`docs/contracts.md`) unless `redis.prefix` is set.
     pub fn redis_prefix(&self) -> String {
         self.redis.prefix.clone().unwrap_or_else(|| format!("access:{}:", self.env.as_str()))
@@ -158,11 +178,6 @@ impl Config {
         problems.extend(self.postgres.validate());
         problems.extend(self.redis.validate());
         problems.extend(self.auth.validate(self.env));
-        problems.extend(self.entitlements.validate());
-        problems.extend(self.metrics.validate());
-        problems.extend(self.gateway.validate());
-        problems.extend(self.stream.validate());
-        problems.extend(self.console.validate());
         problems
     }
 }
@@ -263,8 +278,9 @@ impl Sources {
     }
 }
 
-/// Loads, type-checks and validates the configuration, or returns every problem found.
-pub fn load(sources: &Sources) -> Result<Config, ConfigErrors> {
+/// Loads, type-checks and validates the shared configuration and the sections of `S`, or returns
+/// every problem found.
+pub fn load<S: Sections>(sources: &Sources) -> Result<S, ConfigErrors> {
     let mut problems = Vec::new();
     let mut figment = Figment::new();
     if let Some(path) = &sources.file {
@@ -284,13 +300,13 @@ pub fn load(sources: &Sources) -> Result<Config, ConfigErrors> {
     // Unknown keys: everything provided must be a key the defaults know.
     match figment.data() {
         Ok(data) => {
-            let known = Figment::from(Serialized::defaults(Config::default()))
+            let known = Figment::from(Serialized::defaults(S::defaults()))
                 .data()
                 .ok()
                 .and_then(|mut d| d.remove(&figment::Profile::Default))
                 .unwrap_or_default();
             for data in data.values() {
-                unknown_keys(data, &known, "", &mut problems);
+                unknown_keys(data, &known, "", S::open_maps(), &mut problems);
             }
         }
         Err(e) => problems.extend(figment_problems(e, "")),
@@ -298,10 +314,11 @@ pub fn load(sources: &Sources) -> Result<Config, ConfigErrors> {
 
     // Types: every value of the wrong type is reported and replaced by its default, so the
     // semantic checks still run on the rest.
-    let mut config = extract_sections(&figment, &mut problems);
-    if config.auth.dev_key_file.is_none() {
-        config.auth.dev_key_file = default_dev_key_file(&sources.env);
+    let mut shared = extract_sections(&figment, &mut problems);
+    if shared.auth.dev_key_file.is_none() {
+        shared.auth.dev_key_file = default_dev_key_file(&sources.env);
     }
+    let config = S::extract(shared, &mut Extract { figment: &figment, problems: &mut problems });
     // A semantic check of a key already reported would only judge the default standing in for it.
     let reported: Vec<String> = problems.iter().map(|p| p.key.clone()).collect();
     let covered = |key: &str| {
@@ -346,17 +363,20 @@ fn file_format(path: &Path) -> Result<FileFormat, Problem> {
     }
 }
 
-/// Keys whose values are open maps (user-chosen names), not checked key by key.
-const OPEN_MAPS: &[&str] = &["gateway.rate_limits", "gateway.upstreams", "gateway.upstream_tls"];
-
-fn unknown_keys(given: &Dict, known: &Dict, prefix: &str, problems: &mut Vec<Problem>) {
+fn unknown_keys(
+    given: &Dict,
+    known: &Dict,
+    prefix: &str,
+    open_maps: &[&str],
+    problems: &mut Vec<Problem>,
+) {
     for (key, value) in given {
         let path = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
         match known.get(key) {
             None => problems.push(Problem::new(path, "unknown key")),
-            Some(Value::Dict(_, known_inner)) if !OPEN_MAPS.contains(&path.as_str()) => {
+            Some(Value::Dict(_, known_inner)) if !open_maps.contains(&path.as_str()) => {
                 if let Value::Dict(_, inner) = value {
-                    unknown_keys(inner, known_inner, &path, problems);
+                    unknown_keys(inner, known_inner, &path, open_maps, problems);
                 }
             }
             Some(_) => {}
@@ -457,9 +477,9 @@ fn remove_path(value: &mut Value, path: &[String]) -> bool {
     }
 }
 
-/// Extracts each top-level key and section on its own, so that one bad value does not hide the
-/// problems of the others: every value of the wrong type is in `problems`, its default in the
-/// result.
+/// Extracts each shared top-level key and section on its own, so that one bad value does not
+/// hide the problems of the others: every value of the wrong type is in `problems`, its default
+/// in the result.
 fn extract_sections(figment: &Figment, problems: &mut Vec<Problem>) -> Config {
     let d = Config::default();
     let env = extract_reporting(figment, "env", d.env, problems);
@@ -487,11 +507,6 @@ fn extract_sections(figment: &Figment, problems: &mut Vec<Problem>) -> Config {
     let redis = extract_reporting(figment, "redis", d.redis, problems);
     let kafka = extract_reporting(figment, "kafka", d.kafka, problems);
     let auth = extract_reporting(figment, "auth", d.auth, problems);
-    let gateway = extract_reporting(figment, "gateway", d.gateway, problems);
-    let stream = extract_reporting(figment, "stream", d.stream, problems);
-    let entitlements = extract_reporting(figment, "entitlements", d.entitlements, problems);
-    let metrics = extract_reporting(figment, "metrics", d.metrics, problems);
-    let console = extract_reporting(figment, "console", d.console, problems);
     Config {
         env,
         log_level,
@@ -510,13 +525,5 @@ fn extract_sections(figment: &Figment, problems: &mut Vec<Problem>) -> Config {
         redis,
         kafka,
         auth,
-        gateway,
-        stream,
-        entitlements,
-        metrics,
-        console,
     }
 }
-
-#[cfg(test)]
-mod tests;

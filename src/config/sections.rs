@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use super::{Problem, Secret};
-use crate::roles::Role;
+use crate::role::Role;
 
 /// The deployment environment.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -190,7 +190,7 @@ pub struct PostgresConfig {
     pub ca_file: Option<PathBuf>,
     /// The breaker in front of PostgreSQL reads that have a fallback (API-key records): when it
     /// opens, those reads fail at once and the fallback answers.
-    pub breaker: crate::backends::breaker::Config,
+    pub breaker: BreakerConfig,
 }
 
 impl Default for PostgresConfig {
@@ -199,7 +199,7 @@ impl Default for PostgresConfig {
             pool_size: 16,
             connect_timeout: Duration::from_secs(5),
             ca_file: None,
-            breaker: crate::backends::breaker::Config::default(),
+            breaker: BreakerConfig::default(),
         }
     }
 }
@@ -228,7 +228,7 @@ pub struct RedisConfig {
     pub ca_file: Option<PathBuf>,
     /// The breaker of each Redis connection: when it opens, calls fail at once and callers use
     /// their fallback instead of waiting for `timeout`.
-    pub breaker: crate::backends::breaker::Config,
+    pub breaker: BreakerConfig,
 }
 
 impl Default for RedisConfig {
@@ -237,7 +237,7 @@ impl Default for RedisConfig {
             timeout: Duration::from_secs(2),
             prefix: None,
             ca_file: None,
-            breaker: crate::backends::breaker::Config::default(),
+            breaker: BreakerConfig::default(),
         }
     }
 }
@@ -391,17 +391,6 @@ pub const SUPPORTED_ALGORITHMS: &[&str] =
     &["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA"];
 
 impl AuthConfig {
-    /// The claim rules verifiers apply.
-    pub fn claim_rules(&self) -> crate::auth::ClaimRules {
-        crate::auth::ClaimRules {
-            issuer: self.issuer.clone(),
-            audience: self.audience.clone(),
-            leeway: self.leeway.as_secs(),
-            default_tenant: self.default_tenant.clone(),
-            service_role: self.service_role.clone(),
-        }
-    }
-
     /// The dev key file: the configured one, else under the user's data directory (filled in by
     /// the loader from `XDG_DATA_HOME` or `HOME`), else the system's temporary directory.
     pub fn dev_key_path(&self) -> PathBuf {
@@ -434,13 +423,6 @@ impl AuthConfig {
         if self.cache_capacity == 0 {
             problems.push(Problem::new("auth.cache_capacity", "must be greater than 0"));
         }
-        if let Some(path) = &self.dev_key_file {
-            if path.exists() {
-                if let Err(e) = crate::auth::devkey::DevKey::load_or_create(path) {
-                    problems.push(Problem::new("auth.dev_key_file", e));
-                }
-            }
-        }
         if self.token_url.is_some() && (self.client_id.is_none() || self.client_secret.is_none()) {
             problems.push(Problem::new(
                 "auth.client_id",
@@ -460,5 +442,48 @@ fn check_file(key: &str, path: Option<&PathBuf>) -> Vec<Problem> {
             Err(e) => vec![Problem::new(key, format!("{}: {e}", p.display()))],
         },
         None => Vec::new(),
+    }
+}
+
+/// When a backend's breaker opens and for how long (`backends::breaker`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BreakerConfig {
+    /// A call still unanswered after this fails and opens the breaker. Well above a healthy
+    /// round trip, well below the command timeout.
+    #[serde(with = "humantime_serde")]
+    pub trip_after: Duration,
+    /// How long the breaker stays open before the first probe.
+    #[serde(with = "humantime_serde")]
+    pub open_min: Duration,
+    /// The longest it stays open (the interval doubles after each failed probe).
+    #[serde(with = "humantime_serde")]
+    pub open_max: Duration,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        BreakerConfig {
+            trip_after: Duration::from_millis(500),
+            open_min: Duration::from_millis(200),
+            open_max: Duration::from_secs(5),
+        }
+    }
+}
+
+impl BreakerConfig {
+    /// Problems with the values, by key under `section` (e.g. `redis.breaker`).
+    pub fn validate(&self, section: &str) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        if self.trip_after.is_zero() {
+            problems.push(Problem::new(format!("{section}.trip_after"), "must be greater than 0"));
+        }
+        if self.open_min.is_zero() || self.open_max < self.open_min {
+            problems.push(Problem::new(
+                format!("{section}.open_min"),
+                "must be greater than 0 and at most open_max",
+            ));
+        }
+        problems
     }
 }

@@ -34,7 +34,7 @@ use tracing::Instrument;
 use super::client::{client_addr, ClientAddr, PerKey};
 use crate::config::ServerConfig;
 use crate::error::{ApiError, ErrorCode};
-use crate::roles::Role;
+use crate::role::Role;
 use crate::telemetry::names;
 
 /// `X-Request-Id`: generated when absent, echoed on the response, passed upstream.

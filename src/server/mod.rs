@@ -6,6 +6,7 @@
 
 pub mod client;
 pub mod layers;
+pub mod local;
 pub mod openapi;
 mod readiness;
 pub mod rules_bus;
@@ -31,7 +32,7 @@ pub use shutdown::Shutdown;
 
 use crate::config::Config;
 use crate::error::{ApiError, ErrorCode};
-use crate::roles::Role;
+use crate::role::Role;
 use crate::telemetry;
 
 /// What a role is given besides its own config: shared config, shutdown, readiness, metrics.
@@ -51,6 +52,18 @@ pub struct Context {
     pub rules_bus: rules_bus::RulesBus,
     /// More exposition text appended by `/metrics` (the metrics role's ingested series).
     exposition: Arc<std::sync::RwLock<Vec<Exposition>>>,
+}
+
+/// Why a shared piece of a role (its auth, the rules mirror, a client of another role) could not
+/// be made at start-up; the roles turn it into their `RunError`.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A backend or the IdP could not be reached.
+    #[error(transparent)]
+    Unavailable(#[from] crate::backends::BackendError),
+    /// The configuration asks for what cannot be (dev mode in production, an unreadable key).
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// Writes Prometheus text for `/metrics` after the process's own metrics.
@@ -113,12 +126,10 @@ fn with_shared(ctx: &Context, role_router: Router) -> Router {
         .layer(shared)
 }
 
-/// The proxies whose `X-Forwarded-For` is believed: `server.trusted_proxies`, and the older
-/// `gateway.trusted_proxies` (still honoured, the same list).
+/// The proxies whose `X-Forwarded-For` is believed: `server.trusted_proxies` (the older
+/// `gateway.trusted_proxies` is added to it at load, `roles::Settings`).
 pub fn trusted_proxies(config: &Config) -> Vec<ipnet::IpNet> {
-    let mut all = config.server.trusted_proxies.clone();
-    all.extend(config.gateway.trusted_proxies.iter().copied());
-    all
+    config.server.trusted_proxies.clone()
 }
 
 /// Serves `app` on `listener` until the context's shutdown stops it, then drains in-flight

@@ -16,7 +16,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, OpenApi, RefOr, Response, ResponseBuilder};
 use utoipa::ToSchema;
 
-use crate::roles::Role;
+use crate::role::Role;
 
 /// The error responses any operation may give (each with the `ErrorBody` schema).
 pub struct Errors;

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use access::roles::Role;
+use access::role::Role;
 use serde_json::{json, Value};
 
 use crate::idp::{claims, now, Idp, Key, AUDIENCE, ISSUER};

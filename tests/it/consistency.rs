@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use access::roles::Role;
+use access::role::Role;
 use axum::routing::get;
 use axum::Router;
 use futures::StreamExt;

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use access::roles::Role;
+use access::role::Role;
 use serde_json::{json, Value};
 
 use crate::stream::{close_code, next_json};

@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use access::roles::Role;
+use access::role::Role;
 use axum::extract::Request;
 use axum::routing::any;
 use axum::Router;

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use access::roles::Role;
+use access::role::Role;
 use serde_json::{json, Value};
 
 use crate::support::{
@@ -509,7 +509,7 @@ async fn a_check_the_server_dropped_unanswered_is_retried_once() {
     use access::auth::devkey::DevKey;
     use access::auth::token_source::TokenSource;
     use access::auth::{Identity, IdentityKind};
-    use access::roles::entitlements::client::Entitlements;
+    use access::policy::client::Entitlements;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

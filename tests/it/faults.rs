@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use access::roles::Role;
+use access::role::Role;
 use axum::routing::get;
 use axum::Router;
 use serde_json::Value;

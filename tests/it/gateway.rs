@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use access::roles::Role;
+use access::role::Role;
 use axum::extract::{Path, Request};
 use axum::routing::get;
 use axum::{Json, Router};

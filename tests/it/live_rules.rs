@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use access::roles::Role;
+use access::role::Role;
 use futures::StreamExt;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
@@ -438,12 +438,15 @@ async fn a_restarted_embedded_rules_store_is_followed_although_its_versions_star
         tokio::net::TcpListener::bind(addr).await.ok()
     })
     .await;
+    let settings = config(&env);
     let ctx = access::server::Context::new(
         Role::Entitlements,
-        std::sync::Arc::new(config(&env)),
+        std::sync::Arc::new(settings.shared.clone()),
         access::server::Shutdown::new(),
     );
-    tokio::spawn(access::cli::start(Role::Entitlements, listener, ctx));
+    tokio::spawn(async move {
+        access::roles::start(Role::Entitlements, listener, ctx, &settings).await
+    });
     eventually(Duration::from_secs(5), "the gateway follows the restarted store", || async {
         (status().await == 200).then_some(())
     })

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use access::roles::Role;
+use access::role::Role;
 use serde_json::{json, Value};
 
 use crate::support::{config, eventually, http, start, wait_ready, DevKeys, Running};

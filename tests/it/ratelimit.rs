@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use access::roles::Role;
+use access::role::Role;
 use axum::routing::get;
 use axum::Router;
 use serde_json::Value;
@@ -342,7 +342,7 @@ async fn redis_client(url: &str, timeout: Option<Duration>) -> access::backends:
 /// exists, an explicit "none" when it does not, and the verdicts are the same as without it.
 #[tokio::test]
 async fn the_limit_script_reads_the_cache_entry_in_the_same_round_trip() {
-    use access::roles::gateway::ratelimit::{Limiter, OnStoreError, Policy};
+    use access::ratelimit::{Limiter, OnStoreError, Policy};
     use fred::prelude::KeysInterface;
     let guarded = redis_client(REDIS_URL, None).await;
     let client = guarded.client.clone();
@@ -376,7 +376,7 @@ async fn the_limit_script_reads_the_cache_entry_in_the_same_round_trip() {
 /// against a burst of 100, exactly 100 pass, in fewer calls than requests.
 #[tokio::test]
 async fn concurrent_checks_share_script_calls_and_stay_exact() {
-    use access::roles::gateway::ratelimit::{Limiter, OnStoreError, Policy};
+    use access::ratelimit::{Limiter, OnStoreError, Policy};
     let guarded = redis_client(REDIS_URL, None).await;
     let client = guarded.client.clone();
     let prefix = format!("it:{}:", uuid::Uuid::new_v4().simple());
@@ -429,7 +429,7 @@ async fn concurrent_checks_share_script_calls_and_stay_exact() {
 /// timeouts (2,000 checks are 32 calls of 64, two at a time).
 #[tokio::test]
 async fn a_hanging_redis_costs_each_check_one_timeout_not_a_queue_of_them() {
-    use access::roles::gateway::ratelimit::{Limiter, OnStoreError, Policy};
+    use access::ratelimit::{Limiter, OnStoreError, Policy};
     let redis = PrivateRedis::start().await;
     let client = redis_client(&redis.url, Some(Duration::from_millis(300))).await;
     let policy = Policy { rate: 1000, period: Duration::from_secs(1), burst: 1000 };

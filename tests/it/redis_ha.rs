@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use access::roles::Role;
+use access::role::Role;
 
 use crate::support::{
     closed_port, config_with_file, eventually, http, redis_prefix, start, wait_ready, DevKeys,

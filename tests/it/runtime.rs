@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use access::roles::Role;
+use access::role::Role;
 use axum::routing::{get, post};
 use axum::Router;
 use futures::future::BoxFuture;

@@ -5,7 +5,7 @@
 use std::pin::Pin;
 use std::time::Duration;
 
-use access::roles::Role;
+use access::role::Role;
 use futures::{SinkExt, Stream, StreamExt};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;

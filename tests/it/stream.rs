@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use access::roles::Role;
+use access::role::Role;
 use futures::{SinkExt, StreamExt};
 use rskafka::client::partition::{Compression, UnknownTopicHandling};
 use rskafka::client::{Client, ClientBuilder};
@@ -30,7 +30,7 @@ pub struct Layer {
     pub keys: DevKeys,
     pub stream: Running,
     /// The stream's configuration, to start another replica like it.
-    pub stream_config: access::config::Config,
+    pub stream_config: access::roles::Settings,
     pub auth: Running,
     _entitlements: Running,
     /// Registry topic for `market_data` (traders may subscribe).

@@ -6,8 +6,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use access::config::{self, Config, Sources};
-use access::roles::Role;
+use access::config::Sources;
+use access::role::Role;
+use access::roles::{self, Settings};
 use access::server::{self, Context, Shutdown};
 use axum::Router;
 use tokio::net::TcpListener;
@@ -31,14 +32,14 @@ impl Running {
 }
 
 /// A validated config from `ACCESS_*` pairs (never the process environment).
-pub fn config(pairs: &[(&str, &str)]) -> Config {
+pub fn config(pairs: &[(&str, &str)]) -> Settings {
     let sources = Sources::from_env(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    config::load(&sources).unwrap_or_else(|e| panic!("test config is invalid:\n{e}"))
+    roles::load(&sources).unwrap_or_else(|e| panic!("test config is invalid:\n{e}"))
 }
 
 /// Serves `router` wrapped by the shared machinery, as role `role`, on 127.0.0.1:0.
-pub async fn serve(role: Role, config: Config, router: Router) -> Running {
-    let ctx = Context::new(role, Arc::new(config), Shutdown::new());
+pub async fn serve(role: Role, config: Settings, router: Router) -> Running {
+    let ctx = Context::new(role, Arc::new(config.shared), Shutdown::new());
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let app = server::app(&ctx, router);
@@ -86,14 +87,14 @@ pub async fn closed_port() -> u16 {
     l.local_addr().unwrap().port()
 }
 
-/// Starts `role` through the binary's own dispatch (`cli::start`) on 127.0.0.1:0.
-pub async fn start(role: Role, config: Config) -> Running {
-    let ctx = Context::new(role, Arc::new(config), Shutdown::new());
+/// Starts `role` through the binary's own dispatch (`roles::start`) on 127.0.0.1:0.
+pub async fn start(role: Role, config: Settings) -> Running {
+    let ctx = Context::new(role, Arc::new(config.shared.clone()), Shutdown::new());
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let run_ctx = ctx.clone();
     let handle = tokio::spawn(async move {
-        access::cli::start(role, listener, run_ctx)
+        roles::start(role, listener, run_ctx, &config)
             .await
             .map_err(|e| std::io::Error::other(e.to_string()))
     });
@@ -366,12 +367,12 @@ impl Drop for PrivatePostgres {
 }
 
 /// A validated config from a TOML file's text and `ACCESS_*` pairs.
-pub fn config_with_file(toml: &str, pairs: &[(&str, &str)]) -> Config {
+pub fn config_with_file(toml: &str, pairs: &[(&str, &str)]) -> Settings {
     let mut file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
     std::io::Write::write_all(&mut file, toml.as_bytes()).unwrap();
     let mut sources = Sources::from_env(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     sources.file = Some(file.path().to_path_buf());
-    config::load(&sources).unwrap_or_else(|e| panic!("test config is invalid:\n{e}"))
+    roles::load(&sources).unwrap_or_else(|e| panic!("test config is invalid:\n{e}"))
 }
 
 /// A private redis-server on a free port, killed when dropped.

@@ -6,8 +6,8 @@
 
 use std::time::Duration;
 
-use access::config::{self, Sources};
-use access::roles::Role;
+use access::config::Sources;
+use access::role::Role;
 use serde_json::Value;
 
 use crate::support::{closed_port, config_with_file, eventually, http, start, wait_ready, DevKeys};
@@ -372,7 +372,7 @@ fn load_problems(toml: &str) -> Vec<(String, String, String)> {
     let file = write_toml(toml);
     let sources = Sources { file: Some(file.path().to_path_buf()), ..Sources::default() };
     // The built-in routes name groups these files leave out; only TLS problems are of interest.
-    match config::load(&sources) {
+    match access::roles::load(&sources) {
         Ok(_) => panic!("loaded:\n{toml}"),
         Err(e) => {
             e.0.iter()

@@ -15,7 +15,7 @@
 
 pub mod console;
 
-use crate::roles::Role;
+use crate::role::Role;
 use crate::server::openapi::{self, Errors};
 use std::sync::Arc;
 use utoipa_axum::{router::OpenApiRouter, routes};
@@ -27,16 +27,15 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::Value;
-use tokio::net::TcpListener;
 use utoipa::ToSchema;
 
+use super::common::{Deps, RunError, Service};
 use crate::auth::api_keys::{ApiKey, NewKey};
 use crate::auth::revocation::Revocation;
 use crate::auth::revocation::UserRecord;
 use crate::auth::{unix_now, Auth, AuthError, Caller, Identity, Reason, UserInfo, Verifier};
-use crate::cli::RunError;
 use crate::error::{ApiError, ApiResult, ErrorCode};
-use crate::server::{self, Context};
+use crate::server::Context;
 
 /// The auth role's state: the shared auth handles and the admin role's name.
 #[derive(Clone)]
@@ -53,14 +52,19 @@ impl FromRef<State> for Arc<Verifier> {
     }
 }
 
+/// The auth role's own section: the operator's console (its port is the shared `auth.port`).
+pub use console::Config;
+
 /// Builds the state from the auth handles (built once per process by the caller), and the
 /// console when `console.enabled` (its dev sign-in code is written here).
-pub fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
+pub async fn build(config: &Config, deps: &Deps) -> Result<State, RunError> {
+    let ctx = &deps.ctx;
+    let auth = deps.auth.clone();
     let mut state =
         State { auth, admin_role: ctx.config.auth.admin_role.as_str().into(), console: None };
-    if ctx.config.console.enabled {
+    if config.enabled {
         let api = api().with_state(state.clone()).split_for_parts().0;
-        let built = console::build(ctx, &state.auth, api)
+        let built = console::build(config, ctx, &state.auth, api)
             .map_err(|e| RunError::Other(anyhow::anyhow!("console: {e}")))?;
         state.console = Some(built);
     }
@@ -107,11 +111,9 @@ async fn verify_ws(
     verify(state, body).await
 }
 
-/// Serves the role on `listener` until shutdown.
-pub async fn run(listener: TcpListener, state: State, ctx: Context) -> Result<(), RunError> {
-    ctx.readiness.mark_started();
-    let app = server::app(&ctx, router(state));
-    server::serve(listener, app, &ctx).await.map_err(|e| RunError::Other(e.into()))
+/// What `common::run` serves.
+pub fn service(state: State, _ctx: &Context) -> Service {
+    Service::new(router(state))
 }
 
 /// The body of `POST /auth/verify` and `/auth/verify-ws`.

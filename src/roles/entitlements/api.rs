@@ -11,14 +11,14 @@ use serde_json::Value;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::board::ReplicaReport;
 use super::engine::Decision;
-use super::eval::CheckRequest;
-use super::rules::{glob_matches, Rule, RuleInput};
 use super::store::{AuditEntry, StoreError};
 use super::State;
 use crate::auth::{Caller, IdentityKind};
 use crate::error::{ApiError, ApiResult, ErrorCode, Json};
+use crate::policy::board::ReplicaReport;
+use crate::policy::eval::CheckRequest;
+use crate::policy::rules::{glob_matches, Rule, RuleInput};
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
@@ -589,13 +589,13 @@ pub(super) struct Explanation {
     not_applicable: Vec<ExplainedRule>,
 }
 
-fn because(c: &super::eval::Considered, outcome: &super::eval::Outcome) -> String {
-    use super::eval::Standing;
+fn because(c: &crate::policy::eval::Considered, outcome: &crate::policy::eval::Outcome) -> String {
+    use crate::policy::eval::Standing;
     let r = &c.rule.input;
     match c.standing {
         Standing::Decided => format!(
             "the highest-priority applicable rule ({}, priority {})",
-            if r.effect == super::rules::Effect::Deny { "deny" } else { "allow" },
+            if r.effect == crate::policy::rules::Effect::Deny { "deny" } else { "allow" },
             r.priority
         ),
         Standing::Lost => match outcome.rule_id {
@@ -646,12 +646,13 @@ pub(super) async fn explain(
     };
     let snap = state.engine.snapshot();
     let (outcome, considered) = snap.explain(&req, chrono::Utc::now());
-    let describe = |c: &super::eval::Considered| {
+    let describe = |c: &crate::policy::eval::Considered| {
         let r = &c.rule.input;
         ExplainedRule {
             id: c.rule.id.to_string(),
             name: r.name.clone(),
-            effect: if r.effect == super::rules::Effect::Deny { "deny" } else { "allow" }.into(),
+            effect: if r.effect == crate::policy::rules::Effect::Deny { "deny" } else { "allow" }
+                .into(),
             resource: r.resource.clone(),
             actions: r.actions.clone(),
             priority: r.priority,
@@ -663,7 +664,7 @@ pub(super) async fn explain(
             because: because(c, &outcome),
         }
     };
-    use super::eval::Standing;
+    use crate::policy::eval::Standing;
     let explanation = Explanation {
         allowed: outcome.allowed,
         reason: serde_json::to_value(outcome.reason)

@@ -17,8 +17,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use super::eval::{CheckRequest, Reason, Snapshot};
 use super::store::{RuleStore, StoreError};
+use crate::policy::eval::{CheckRequest, Reason, Snapshot};
 use crate::server::Shutdown;
 
 /// Metric names.
@@ -60,7 +60,7 @@ pub struct Decision {
     /// Whether the action is allowed.
     pub allowed: bool,
     /// Why: `allowed_by_rule`, `denied_by_rule` or `default_deny`.
-    #[schema(value_type = super::eval::Reason)]
+    #[schema(value_type = crate::policy::eval::Reason)]
     pub reason: String,
     /// The deciding rule.
     pub rule_id: Option<Uuid>,

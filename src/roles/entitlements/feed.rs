@@ -24,11 +24,11 @@ use tokio::sync::broadcast;
 use uuid::Uuid;
 
 use super::engine::Engine;
-use super::eval::Snapshot;
-use super::mirror::{WireRule, WireSnapshot};
 use super::State;
 use crate::auth::Caller;
 use crate::error::ApiResult;
+use crate::policy::eval::Snapshot;
+use crate::policy::mirror::{WireRule, WireSnapshot};
 use crate::server::openapi::Errors;
 use crate::server::Shutdown;
 

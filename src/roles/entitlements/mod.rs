@@ -12,13 +12,9 @@
 //! - [`client`]: the HTTP client of `/entitlements/check`.
 
 mod api;
-pub mod board;
-pub mod client;
 pub mod engine;
-pub mod eval;
+pub use engine::names;
 mod feed;
-pub mod mirror;
-pub mod rules;
 pub mod store;
 
 use crate::server::openapi;
@@ -27,18 +23,18 @@ use std::sync::Arc;
 use std::time::Duration;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-use crate::roles::Role;
+use crate::role::Role;
 use axum::extract::FromRef;
 use axum::Router;
 use serde::{Deserialize, Serialize};
-use tokio::net::TcpListener;
 
-use crate::auth::{Auth, Verifier};
-use crate::cli::RunError;
+use super::common::{Deps, RunError, Service};
+use crate::auth::Verifier;
 use crate::config::Problem;
-use crate::server::{self, Context};
+use crate::policy::board;
+use crate::policy::rules::RuleInput;
+use crate::server::Context;
 use engine::{DecisionCache, Engine};
-use rules::RuleInput;
 use store::RuleStore;
 
 /// The built-in seed rules (`config/seed-rules.yaml`).
@@ -67,7 +63,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            port: crate::roles::Role::Entitlements.default_port(),
+            port: crate::role::Role::Entitlements.default_port(),
             seed_file: None,
             decision_ttl: Duration::from_secs(30),
             cache_capacity: 100_000,
@@ -139,9 +135,9 @@ impl State {
 
 /// Connects the store (migrating PostgreSQL under its advisory lock) and the cache, loads the
 /// first snapshot, and starts the refresh task.
-pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
+pub async fn build(section: &Config, deps: &Deps) -> Result<State, RunError> {
+    let (ctx, auth) = (&deps.ctx, deps.auth.clone());
     let config = &ctx.config;
-    let section = &config.entitlements;
     let (store, store_kind): (Arc<dyn RuleStore>, _) = match &config.postgres_dsn {
         Some(dsn) => {
             let pool = match &auth.postgres {
@@ -252,9 +248,7 @@ fn api() -> OpenApiRouter<State> {
         .route("/entitlements/watch", axum::routing::get(feed::watch))
 }
 
-/// Serves the role until shutdown.
-pub async fn run(listener: TcpListener, state: State, ctx: Context) -> Result<(), RunError> {
-    ctx.readiness.mark_started();
-    let app = server::app(&ctx, router(state));
-    server::serve(listener, app, &ctx).await.map_err(|e| RunError::Other(e.into()))
+/// What `common::run` serves.
+pub fn service(state: State, _ctx: &Context) -> Service {
+    Service::new(router(state))
 }

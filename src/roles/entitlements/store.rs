@@ -13,8 +13,8 @@ use serde_json::Value;
 use tokio::sync::broadcast;
 use uuid::Uuid;
 
-use super::rules::{Rule, RuleInput};
 use crate::backends::postgres::describe;
+use crate::policy::rules::{Rule, RuleInput};
 use crate::server::Shutdown;
 
 /// The PostgreSQL channel rule changes are announced on.
@@ -49,10 +49,10 @@ pub struct AuditEntry {
     /// When.
     pub at: DateTime<Utc>,
     /// The rule before.
-    #[schema(value_type = Option<super::rules::RuleInput>)]
+    #[schema(value_type = Option<crate::policy::rules::RuleInput>)]
     pub old: Option<Value>,
     /// The rule after.
-    #[schema(value_type = Option<super::rules::RuleInput>)]
+    #[schema(value_type = Option<crate::policy::rules::RuleInput>)]
     pub new: Option<Value>,
     /// The global rules version the change produced.
     pub rules_version: i64,

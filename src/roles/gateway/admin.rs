@@ -12,13 +12,13 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-use super::ratelimit::{self, OnStoreError, Policy};
 use super::routes::{AuthMode, EntitlementSpec};
 use super::State;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
-use crate::roles::entitlements::mirror::Standing;
-use crate::roles::Role;
+use crate::policy::mirror::Standing;
+use crate::ratelimit::{self, OnStoreError, Policy};
+use crate::role::Role;
 use crate::server::openapi::{self, Errors};
 
 /// The gateway's documented routes (the data routes are the router's fallback).

@@ -27,8 +27,8 @@ use serde_json::Value;
 
 use crate::auth::Identity;
 use crate::error::{ApiError, ErrorCode};
+use crate::policy::mirror::{self, Mirror};
 use crate::resource::Template;
-use crate::roles::entitlements::mirror::{self, Mirror};
 
 /// Metric names.
 pub mod names {
@@ -81,7 +81,7 @@ impl ItemCheck {
     pub fn compile(spec: &ItemsSpec) -> Result<ItemCheck, String> {
         let template = Template::parse(&spec.resource).map_err(|e| format!("resource: {e}"))?;
         let action = spec.action.clone().unwrap_or_else(|| "read".into());
-        if !crate::roles::entitlements::rules::ACTIONS.contains(&action.as_str()) {
+        if !crate::policy::rules::ACTIONS.contains(&action.as_str()) {
             return Err(format!("action: unknown action {action:?}"));
         }
         if spec.array.as_deref() == Some("") {

@@ -17,14 +17,13 @@ pub mod breaker;
 pub mod cache;
 mod cached;
 pub mod items;
-mod local;
 pub mod proxy;
-pub mod ratelimit;
+pub use proxy::names;
 pub mod routes;
 pub mod upstream_tls;
 pub mod usage;
 
-use crate::roles::Role;
+use crate::role::Role;
 use crate::server::openapi;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -34,14 +33,14 @@ use std::time::{Duration, Instant};
 use axum::extract::FromRef;
 use axum::Router;
 use serde::{Deserialize, Serialize};
-use tokio::net::TcpListener;
 use url::Url;
 
-use crate::auth::{Auth, Verifier};
-use crate::cli::RunError;
+use super::common::{Deps, RunError, Service};
+use crate::auth::Verifier;
 use crate::config::Problem;
-use crate::roles::entitlements::client::Entitlements;
-use crate::server::{self, Context, Shutdown};
+use crate::policy::client::Entitlements;
+use crate::ratelimit;
+use crate::server::{Context, Shutdown};
 use breaker::{Breaker, BreakerConfig};
 use routes::Table;
 
@@ -101,7 +100,7 @@ impl Default for Config {
     fn default() -> Self {
         let local = Url::parse("http://127.0.0.1:8100").expect("a valid URL");
         Config {
-            port: crate::roles::Role::Gateway.default_port(),
+            port: crate::role::Role::Gateway.default_port(),
             routes_file: None,
             upstreams: ["market_data", "curves", "projections"]
                 .iter()
@@ -201,7 +200,7 @@ pub struct Shared {
     api_keys: Arc<crate::auth::api_keys::ApiKeys>,
     entitlements: Arc<Entitlements>,
     /// The rules every route's entitlement is decided by, in-process.
-    rules: Arc<crate::roles::entitlements::mirror::Mirror>,
+    rules: Arc<crate::policy::mirror::Mirror>,
     /// This replica's id on the replica board.
     replica: String,
     /// Breakers by upstream base URL, created on first use.
@@ -285,8 +284,9 @@ impl Guard {
 }
 
 /// Builds the state: the route table, the upstream client, entitlements and usage.
-pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
-    let config = ctx.config.gateway.clone();
+pub async fn build(config: &Config, deps: &Deps) -> Result<State, RunError> {
+    let (ctx, auth) = (&deps.ctx, deps.auth.clone());
+    let config = config.clone();
     let (table, policies) = config.table().map_err(|e| anyhow::anyhow!("routes: {e}"))?;
     let tokens = crate::auth::token_source::for_role(ctx, &auth)?;
     let entitlements = Entitlements::for_role(
@@ -296,7 +296,7 @@ pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
         config.entitlements_fail_open,
     )
     .await?;
-    let rules = crate::roles::entitlements::mirror::Mirror::for_role(
+    let rules = crate::policy::mirror::Mirror::for_role(
         ctx,
         tokens.clone(),
         config.entitlements_fail_open,
@@ -304,7 +304,7 @@ pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
     )
     .await?;
     let replica = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
-    crate::roles::entitlements::board::Board::for_context(ctx).await.map(Arc::new)?.spawn_reporter(
+    crate::policy::board::Board::for_context(ctx).await.map(Arc::new)?.spawn_reporter(
         "gateway",
         replica.clone(),
         rules.applied(),
@@ -410,13 +410,11 @@ fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
         .max_age(Duration::from_secs(600))
 }
 
-/// Serves the role until shutdown, reloading routes on SIGHUP.
-pub async fn run(listener: TcpListener, state: State, ctx: Context) -> Result<(), RunError> {
+/// What `common::run` serves: the routes, reloaded on SIGHUP until shutdown.
+pub fn service(state: State, ctx: &Context) -> Service {
     spawn_reload_on_sighup(state.clone(), ctx.shutdown.clone());
-    ctx.readiness.mark_started();
     // The data routes are the router's fallback, so the shared 404 must not replace it.
-    let app = server::app_with_fallback(&ctx, router(state));
-    server::serve(listener, app, &ctx).await.map_err(|e| RunError::Other(e.into()))
+    Service { own_fallback: true, ..Service::new(router(state)) }
 }
 
 fn spawn_reload_on_sighup(state: State, shutdown: Shutdown) {

@@ -54,11 +54,11 @@ pub mod names {
             "Circuit breaker state per upstream: 0 closed, 1 half-open, 2 open"
         );
         describe_counter!(
-            super::super::ratelimit::names::DECISIONS,
+            crate::ratelimit::names::DECISIONS,
             "Rate-limit decisions by policy and outcome (allowed, limited, shadow_limited, store_error)"
         );
         describe_histogram!(
-            super::super::ratelimit::names::BATCH_SIZE,
+            crate::ratelimit::names::BATCH_SIZE,
             "Requests decided per Redis rate-limit script call"
         );
         describe_counter!(
@@ -289,7 +289,7 @@ async fn authenticate(
 pub(super) type Handled = (Response, Option<Identity>, u64);
 
 /// `RateLimit-Limit` (the burst), `-Remaining`, `-Reset` (seconds) of the tightest policy.
-fn rate_limit_headers(outcome: &super::ratelimit::Outcome) -> Vec<(HeaderName, HeaderValue)> {
+fn rate_limit_headers(outcome: &crate::ratelimit::Outcome) -> Vec<(HeaderName, HeaderValue)> {
     let Some((_, policy, verdict)) = &outcome.tightest else { return Vec::new() };
     vec![
         (HeaderName::from_static("ratelimit-limit"), HeaderValue::from(policy.burst)),

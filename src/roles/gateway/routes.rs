@@ -222,7 +222,7 @@ impl Table {
                     }
                 }
                 if let Some(action) = &e.action {
-                    if !crate::roles::entitlements::rules::ACTIONS.contains(&action.as_str()) {
+                    if !crate::policy::rules::ACTIONS.contains(&action.as_str()) {
                         problems
                             .push(format!("{at}.entitlement.action: unknown action {action:?}"));
                     }
@@ -299,7 +299,7 @@ pub struct RouteFile {
     /// The routes.
     pub routes: Vec<RouteSpec>,
     /// Policies defined (or redefined) by the file, over `gateway.rate_limits`.
-    pub rate_limits: BTreeMap<String, super::ratelimit::Policy>,
+    pub rate_limits: BTreeMap<String, crate::ratelimit::Policy>,
 }
 
 #[derive(Deserialize)]
@@ -307,7 +307,7 @@ pub struct RouteFile {
 struct FullFile {
     routes: Vec<RouteSpec>,
     #[serde(default)]
-    rate_limits: BTreeMap<String, super::ratelimit::Policy>,
+    rate_limits: BTreeMap<String, crate::ratelimit::Policy>,
 }
 
 /// Reads a route file (or the built-in table).

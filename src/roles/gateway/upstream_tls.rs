@@ -3,7 +3,7 @@
 //! and HTTP/2 when the upstream offers it by ALPN.
 //!
 //! Each TLS profile (one per group in `gateway.upstream_tls`, and the default one for every other
-//! upstream) has its own connection pool, kept per I/O thread as before ([`super::local`]): a
+//! upstream) has its own connection pool, kept per I/O thread as before ([`crate::server::local`]): a
 //! pool's connections carry one profile's identity (its client certificate) and trust, so two
 //! groups naming the same host never share a connection made for the other.
 //!
@@ -27,9 +27,9 @@ use rustls::{CertificateError, ClientConfig, RootCertStore};
 use serde::{Deserialize, Serialize};
 use url::Url;
 
-use super::local::PerThread;
 use crate::config::Problem;
 use crate::error::{ApiError, ErrorCode};
+use crate::server::local::PerThread;
 
 /// TLS to the upstreams of one group (`gateway.upstream_tls.<group>`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -76,8 +76,8 @@ impl Usage {
         shutdown: Shutdown,
     ) {
         let usage = self.clone();
-        crate::roles::metrics::push::spawn(
-            crate::roles::Role::Gateway,
+        crate::usage::spawn(
+            crate::role::Role::Gateway,
             url,
             tokens,
             every,

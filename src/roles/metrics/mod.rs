@@ -10,14 +10,12 @@
 pub mod pushgateway;
 pub mod registry;
 
-pub mod push;
-
 use crate::server::openapi::{self, Errors};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-use crate::roles::Role;
+use crate::role::Role;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State as AxumState};
 use axum::http::{HeaderMap, StatusCode};
@@ -25,14 +23,13 @@ use axum::response::{IntoResponse, Response};
 use axum::Router;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tokio::net::TcpListener;
 use utoipa::ToSchema;
 
-use crate::auth::{Auth, AuthError, Reason, Verifier};
-use crate::cli::RunError;
+use super::common::{Deps, RunError, Service};
+use crate::auth::{AuthError, Reason, Verifier};
 use crate::config::Problem;
 use crate::error::{ApiError, ApiResult, ErrorCode, Json};
-use crate::server::{self, Context};
+use crate::server::Context;
 use registry::{Accepted, Limits, Point, Rejection, Tracked};
 
 /// Metric names of the role itself.
@@ -94,7 +91,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            port: crate::roles::Role::Metrics.default_port(),
+            port: crate::role::Role::Metrics.default_port(),
             open_ingest: false,
             max_labels: 16,
             max_label_value_length: 256,
@@ -269,12 +266,12 @@ fn rejection_error(reason: Rejection, message: impl Into<String>) -> ApiError {
 }
 
 /// Builds the state, registers the exposition of ingested series and starts the TTL sweeper.
-pub fn build(ctx: &Context, auth: Auth) -> State {
-    let config = &ctx.config.metrics;
+pub async fn build(config: &Config, deps: &Deps) -> Result<State, RunError> {
+    let ctx = &deps.ctx;
     let state = State {
         store: Arc::default(),
         limits: Arc::new(config.limits()),
-        verifier: auth.verifier,
+        verifier: deps.auth.verifier.clone(),
         open_ingest: config.open_ingest,
         service_role: ctx.config.auth.service_role.as_str().into(),
         admin_role: ctx.config.auth.admin_role.as_str().into(),
@@ -301,7 +298,7 @@ pub fn build(ctx: &Context, auth: Auth) -> State {
             }
         }
     });
-    state
+    Ok(state)
 }
 
 /// The role's routes (`GET /metrics` is the shared one, with the ingested series appended).
@@ -330,11 +327,9 @@ fn api() -> OpenApiRouter<State> {
         .routes(routes!(usage))
 }
 
-/// Serves the role until shutdown.
-pub async fn run(listener: TcpListener, state: State, ctx: Context) -> Result<(), RunError> {
-    ctx.readiness.mark_started();
-    let app = server::app(&ctx, router(state));
-    server::serve(listener, app, &ctx).await.map_err(|e| RunError::Other(e.into()))
+/// What `common::run` serves.
+pub fn service(state: State, _ctx: &Context) -> Service {
+    Service::new(router(state))
 }
 
 /// The answer of `POST /metrics/track`.

@@ -2,7 +2,7 @@
 //! entitlement to its resource (the topic's `record_resource` rendered from the record), and
 //! every open subscription is checked again whenever the rules change.
 //!
-//! Decisions are made in-process by the rules mirror ([`crate::roles::entitlements::mirror`]),
+//! Decisions are made in-process by the rules mirror ([`crate::policy::mirror`]),
 //! the entitlements role's own evaluator over the same snapshot. A connection remembers its
 //! decisions for the snapshot (rules version) they were made at ([`Memo`]): a record of an instrument the
 //! connection has seen before costs one map lookup, and the first record after a new version is
@@ -19,8 +19,8 @@ use super::conn::{Conn, Delivery, Sink};
 use super::outbox::Push;
 use super::protocol::Close;
 use super::topics::{Template, TopicSpec};
-use crate::roles::entitlements::eval::Snapshot;
-use crate::roles::entitlements::mirror::{self, Mirror};
+use crate::policy::eval::Snapshot;
+use crate::policy::mirror::{self, Mirror};
 
 /// The most decisions one connection remembers.
 pub const MEMO_CAP: usize = 4096;

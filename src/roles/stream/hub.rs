@@ -22,8 +22,8 @@ use super::protocol::Close;
 use super::topics::{Filter, TopicSpec};
 use crate::auth::revocation::Revocation;
 use crate::auth::{AuthError, Verifier};
-use crate::roles::entitlements::mirror::Mirror;
-use crate::roles::gateway::ratelimit::{LocalGcra, Policy};
+use crate::policy::mirror::Mirror;
+use crate::ratelimit::{LocalGcra, Policy};
 use crate::server::Shutdown;
 
 /// A connection's number on this replica.
@@ -751,7 +751,7 @@ impl Hub {
 /// One record's entitlement check: its resource and the snapshot it is decided at.
 struct RecordGate<'a> {
     rules: &'a Mirror,
-    snapshot: Arc<crate::roles::entitlements::eval::Snapshot>,
+    snapshot: Arc<crate::policy::eval::Snapshot>,
     /// `None`: the record lacks a field of the template and reaches no one.
     resource: Option<String>,
     action: &'a str,

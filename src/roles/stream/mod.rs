@@ -45,15 +45,14 @@ use axum::routing::get;
 use axum::Router;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tokio::net::TcpListener;
 
-use crate::auth::{Auth, Caller, Verifier};
-use crate::cli::RunError;
+use super::common::{Deps, RunError, Service};
+use crate::auth::{Caller, Verifier};
 use crate::config::Problem;
 use crate::error::{ApiError, ApiResult, ErrorCode};
-use crate::roles::entitlements::mirror::Mirror;
-use crate::roles::Role;
-use crate::server::{self, Context, Shutdown};
+use crate::policy::mirror::Mirror;
+use crate::role::Role;
+use crate::server::{Context, Shutdown};
 use hub::{Credential, Hub, Limits, Refusal, Registration};
 use kafka::Consumer;
 use source::{History, Publisher};
@@ -245,7 +244,7 @@ impl Config {
             if !seen.insert(&t.name) {
                 problems.push(Problem::new(&at, format!("{} is listed twice", t.name)));
             }
-            if !crate::roles::entitlements::rules::ACTIONS.contains(&t.action.as_str()) {
+            if !crate::policy::rules::ACTIONS.contains(&t.action.as_str()) {
                 problems.push(Problem::new(
                     format!("{at}.action"),
                     format!("unknown action {:?}", t.action),
@@ -254,7 +253,7 @@ impl Config {
             if let Some(Err(e)) = t.record_resource.as_deref().map(topics::Template::parse) {
                 problems.push(Problem::new(format!("{at}.record_resource"), e));
             }
-            if !crate::roles::entitlements::rules::ACTIONS.contains(&t.record_action.as_str()) {
+            if !crate::policy::rules::ACTIONS.contains(&t.record_action.as_str()) {
                 problems.push(Problem::new(
                     format!("{at}.record_action"),
                     format!("unknown action {:?}", t.record_action),
@@ -351,13 +350,14 @@ impl axum::extract::FromRef<State> for Arc<Verifier> {
 
 /// Builds the state: the hub, the rules mirror, and Kafka (consumer and publisher) or
 /// the in-process bus.
-pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
-    let config = Arc::new(ctx.config.stream.clone());
+pub async fn build(config: &Config, deps: &Deps) -> Result<State, RunError> {
+    let (ctx, auth) = (&deps.ctx, deps.auth.clone());
+    let config = Arc::new(config.clone());
     let hub = Hub::new(&config.topics, config.limits.clone());
     let tokens = crate::auth::token_source::for_role(ctx, &auth)?;
     if let Some(url) = &ctx.config.metrics_service_url {
         let hub = hub.clone();
-        crate::roles::metrics::push::spawn(
+        crate::usage::spawn(
             Role::Stream,
             url.clone(),
             tokens.clone(),
@@ -372,7 +372,7 @@ pub async fn build(ctx: &Context, auth: Auth) -> Result<State, RunError> {
             .await?;
     hub.set_rules(rules.clone());
     hub.follow_rules(ctx.shutdown.clone());
-    crate::roles::entitlements::board::Board::for_context(ctx).await.map(Arc::new)?.spawn_reporter(
+    crate::policy::board::Board::for_context(ctx).await.map(Arc::new)?.spawn_reporter(
         "stream",
         hub.replica().to_string(),
         rules.applied(),
@@ -472,24 +472,11 @@ fn api() -> OpenApiRouter<State> {
         .routes(routes!(publish))
 }
 
-/// Serves the role until shutdown; open streams get a "going away" close, and the role waits
-/// (up to `server.drain_timeout`) for them to end.
-pub async fn run(listener: TcpListener, state: State, ctx: Context) -> Result<(), RunError> {
-    ctx.readiness.mark_started();
+/// What `common::run` serves: at shutdown open streams get a "going away" close, and the drain
+/// waits (up to `server.drain_timeout`) for them to end.
+pub fn service(state: State, _ctx: &Context) -> Service {
     let hub = state.hub.clone();
-    let app = server::app(&ctx, router(state));
-    let streams = hub.clone();
-    server::serve_until(listener, app, &ctx, move || streams.open() == 0)
-        .await
-        .map_err(|e| RunError::Other(e.into()))?;
-    if hub.open() > 0 {
-        tracing::warn!(
-            role = "stream",
-            open = hub.open(),
-            "streams still open at the drain deadline"
-        );
-    }
-    Ok(())
+    Service { drained: Some(Arc::new(move || hub.open())), ..Service::new(router(state)) }
 }
 
 /// Refuses a browser origin that is not on the allow-list.
@@ -657,7 +644,7 @@ async fn user_connections(
     Ok(axum::Json(body).into_response())
 }
 
-#[utoipa::path(get, path = "/entitlements/version", tag = "stream", summary = "The rules version this stream replica decides at", security(("bearer" = [])), responses((status = 200, description = "Where this replica stands", body = crate::roles::entitlements::mirror::Standing), Errors))]
+#[utoipa::path(get, path = "/entitlements/version", tag = "stream", summary = "The rules version this stream replica decides at", security(("bearer" = [])), responses((status = 200, description = "Where this replica stands", body = crate::policy::mirror::Standing), Errors))]
 async fn rules_version(AxumState(state): AxumState<State>, _caller: Caller) -> ApiResult<Response> {
     Ok(axum::Json(state.rules.standing("stream", state.hub.replica())).into_response())
 }

@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use url::Url;
 
 use crate::config::Problem;
-use crate::roles::gateway::ratelimit::{LocalGcra, Policy};
+use crate::ratelimit::{LocalGcra, Policy};
 
 /// The `console` config section.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -146,9 +146,7 @@ pub(crate) struct Limits {
 
 impl Limits {
     /// Refuses with 429 (and `Retry-After`) when `verdict` is a refusal.
-    pub(crate) fn refusal(
-        verdict: &crate::roles::gateway::ratelimit::Verdict,
-    ) -> Option<crate::error::ApiError> {
+    pub(crate) fn refusal(verdict: &crate::ratelimit::Verdict) -> Option<crate::error::ApiError> {
         (!verdict.allowed).then(|| {
             crate::error::ApiError::new(
                 crate::error::ErrorCode::RateLimited,
@@ -162,14 +160,14 @@ impl Limits {
 /// Builds the console for the auth role: the sign-in mode (dev code written now) and the relay.
 /// `api` is the auth role's own API, which the relay calls in-process for `auth` paths.
 pub fn build(
+    section: &Config,
     ctx: &crate::server::Context,
     auth: &crate::auth::Auth,
     api: Router,
 ) -> Result<State, String> {
-    let section = &ctx.config.console;
     Ok(State {
-        signin: Arc::new(signin::SignIn::new(ctx, auth)?),
-        relay: Arc::new(relay::Relay::new(&ctx.config, api)?),
+        signin: Arc::new(signin::SignIn::new(section, ctx, auth)?),
+        relay: Arc::new(relay::Relay::new(section, &ctx.config, api)?),
         limits: Arc::new(Limits {
             calls: LocalGcra::new(),
             call_policy: section.rate_limit.clone(),

@@ -95,8 +95,11 @@ pub struct Relay {
 
 impl Relay {
     /// The relay for this configuration.
-    pub fn new(config: &crate::config::Config, auth_api: Router) -> Result<Relay, String> {
-        let console = &config.console;
+    pub fn new(
+        console: &super::Config,
+        config: &crate::config::Config,
+        auth_api: Router,
+    ) -> Result<Relay, String> {
         Ok(Relay {
             targets: vec![
                 ("gateway", console.gateway_url.clone()),

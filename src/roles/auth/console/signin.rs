@@ -72,9 +72,12 @@ struct Oidc {
 
 impl SignIn {
     /// Decides the mode; in dev mode, writes the first sign-in code.
-    pub fn new(ctx: &crate::server::Context, auth: &crate::auth::Auth) -> Result<SignIn, String> {
+    pub fn new(
+        section: &super::Config,
+        ctx: &crate::server::Context,
+        auth: &crate::auth::Auth,
+    ) -> Result<SignIn, String> {
         let config = &ctx.config;
-        let section = &config.console;
         let admin_role = config.auth.admin_role.clone();
         let dev_allowed = config.jwks_url.is_none() && config.env != Environment::Production;
         let mode = match (&auth.dev_key, dev_allowed) {

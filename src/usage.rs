@@ -10,7 +10,7 @@ use tracing::Instrument as _;
 use url::Url;
 
 use crate::auth::token_source::TokenSource;
-use crate::roles::Role;
+use crate::role::Role;
 use crate::server::Shutdown;
 
 /// What to push: the points, and how many events they stand for (counted as dropped if the push

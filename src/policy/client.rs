@@ -16,7 +16,7 @@ use url::Url;
 
 use crate::auth::token_source::TokenSource;
 use crate::auth::Identity;
-use crate::roles::Role;
+use crate::role::Role;
 use crate::server::Shutdown;
 
 /// Metric names.
@@ -117,14 +117,14 @@ impl Entitlements {
         tokens: Arc<TokenSource>,
         ttl: Duration,
         fail_open: bool,
-    ) -> Result<Arc<Self>, crate::cli::RunError> {
+    ) -> Result<Arc<Self>, crate::server::StartError> {
         let url = ctx.config.entitlements_service_url.clone().unwrap_or_else(|| {
             tracing::warn!(role = %ctx.role, "ACCESS_ENTITLEMENTS_SERVICE_URL is not set; using http://127.0.0.1:8011");
             Url::parse("http://127.0.0.1:8011").expect("a valid URL")
         });
         let client =
             Entitlements::new(ctx.role, url, tokens, ttl, fail_open, Duration::from_secs(2))
-                .map_err(|e| anyhow::anyhow!(e))?;
+                .map_err(|e| crate::server::StartError::Invalid(e.to_string()))?;
         let client = Arc::new(client);
         if let Some(redis) = &ctx.config.redis_url {
             let subscriber = crate::backends::redis::subscriber(redis, &ctx.config.redis).await?;

@@ -53,7 +53,9 @@ pub enum Board {
 
 impl Board {
     /// The board of a role's context: Redis when configured, else the process's bus.
-    pub async fn for_context(ctx: &crate::server::Context) -> Result<Board, crate::cli::RunError> {
+    pub async fn for_context(
+        ctx: &crate::server::Context,
+    ) -> Result<Board, crate::server::StartError> {
         Ok(match &ctx.config.redis_url {
             Some(url) => Board::Redis {
                 client: crate::backends::redis::connect(url, &ctx.config.redis).await?,

@@ -1,8 +1,10 @@
-//! Layering, validation and redaction of the configuration loader.
+//! Layering, validation and redaction of the configuration loader, on the whole configuration
+//! (the shared sections and every role's).
 
 use std::io::Write;
 
-use super::*;
+use super::{load, Role};
+use crate::config::*;
 
 fn env(pairs: &[(&str, &str)]) -> Sources {
     Sources::from_env(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())))
@@ -83,14 +85,14 @@ fn flat_operator_names_keep_working() {
     ]))
     .unwrap();
     assert_eq!(c.env, Environment::Staging);
-    assert_eq!(c.redis_url.unwrap().expose().host_str(), Some("cache"));
-    assert_eq!(c.postgres_dsn.unwrap().expose(), "postgres://access:pw@db/access");
+    assert_eq!(c.redis_url.as_ref().unwrap().expose().host_str(), Some("cache"));
+    assert_eq!(c.postgres_dsn.as_ref().unwrap().expose(), "postgres://access:pw@db/access");
     assert_eq!(c.kafka_bootstrap, vec!["k1:9092", "k2:9092"]);
-    assert_eq!(c.jwks_url.unwrap().host_str(), Some("idp"));
-    assert_eq!(c.auth_service_url.unwrap().port(), Some(8010));
+    assert_eq!(c.jwks_url.as_ref().unwrap().host_str(), Some("idp"));
+    assert_eq!(c.auth_service_url.as_ref().unwrap().port(), Some(8010));
     assert!(c.entitlements_service_url.is_some() && c.metrics_service_url.is_some());
     assert!(c.enable_tracing);
-    assert_eq!(c.otel_exporter.unwrap().path(), "/v1/traces");
+    assert_eq!(c.otel_exporter.as_ref().unwrap().path(), "/v1/traces");
 }
 
 #[test]

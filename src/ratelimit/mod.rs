@@ -18,9 +18,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use super::local::PerThread;
 use crate::backends::breaker::Breaker;
 use crate::backends::redis::Guarded;
+use crate::server::local::PerThread;
 
 mod redis;
 

@@ -31,7 +31,7 @@ use super::eval::{CheckRequest, Snapshot};
 use super::rules::{Rule, RuleInput};
 use crate::auth::token_source::TokenSource;
 use crate::auth::Identity;
-use crate::roles::Role;
+use crate::role::Role;
 use crate::server::Shutdown;
 
 /// Metric names.
@@ -242,14 +242,14 @@ impl Mirror {
         tokens: Arc<TokenSource>,
         fail_open: bool,
         refresh_interval: Duration,
-    ) -> Result<Arc<Self>, crate::cli::RunError> {
+    ) -> Result<Arc<Self>, crate::server::StartError> {
         let url = ctx
             .config
             .entitlements_service_url
             .clone()
             .unwrap_or_else(|| Url::parse("http://127.0.0.1:8011").expect("a valid URL"));
         let mirror = Mirror::new(ctx.role, url, tokens, fail_open, Duration::from_secs(5))
-            .map_err(|e| anyhow::anyhow!(e))?;
+            .map_err(|e| crate::server::StartError::Invalid(e.to_string()))?;
         if let Some(redis) = &ctx.config.redis_url {
             let subscriber = crate::backends::redis::subscriber(redis, &ctx.config.redis).await?;
             let channel = format!("{}rules", ctx.config.redis_prefix());

@@ -352,7 +352,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::roles::entitlements::rules::RuleInput;
+    use crate::policy::rules::RuleInput;
 
     fn rule(n: u128, body: Value) -> Rule {
         let mut input =
