@@ -288,14 +288,11 @@ async fn websocket_messages_too_big_or_not_utf8_get_their_close_codes() {
 }
 
 /// A resume asked while the broker is silent answers `recovered: false` within the relay timeout
-/// (before, it got no answer until the broker returned).
-///
-/// Ignored: on the machine of 2026-12-01 (a fresh tansu 0.6.0 build) the resume's history read
-/// succeeds although the proxy silences the stream's connections (`recovered: true` within a
-/// second), at this commit and at `a8bfed8` alike, so the read is not going through the silenced
-/// proxy there; until that is understood this test does not test what it says. Open in #21.
+/// (before, it got no answer until the broker returned). The subscription's position names the
+/// partition: the stream is ready only once every partition of its topics is read (before, a
+/// subscription made in the first moments got the empty position `v1`, and a resume from it
+/// answered `recovered: true` with nothing read).
 #[tokio::test]
-#[ignore = "the history read bypasses the silenced proxy with this tansu build; see the comment"]
 async fn a_resume_while_the_broker_is_silent_answers_in_time() {
     use crate::stream::{layer, next_json, produce};
     use serde_json::json;
@@ -309,6 +306,7 @@ async fn a_resume_while_the_broker_is_silent_answers_in_time() {
     let token = l.keys.token("alice", "t1", &["trader"]);
     let (mut ws, answer) = l.subscribed(&token, &[&l.prices], json!({})).await;
     let position = answer["position"].as_str().unwrap().to_string();
+    assert_ne!(position, "v1", "the position names the partition: {answer}");
     let kafka = broker.producer().await;
     produce(&kafka, &l.prices, &[json!({"instrument_id": "A"}), json!({"instrument_id": "B"})])
         .await;

@@ -347,6 +347,16 @@ impl Hub {
             .insert((topic.into(), partition), next);
     }
 
+    /// Whether a partition's head is known (its consumer has started): a subscription made
+    /// before would get a position without the partition, from which no resume could tell what
+    /// it missed.
+    pub fn has_head(&self, topic: &str, partition: i32) -> bool {
+        self.heads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&(Arc::<str>::from(topic), partition))
+    }
+
     /// Subscribes `conn` to a registry topic (replacing its filter if already subscribed).
     /// Returns the topic's partitions and where live delivery starts on each: a new
     /// subscription's position starts there.

@@ -233,15 +233,40 @@ impl Metadata {
         .await
     }
 
-    /// A readiness check: the broker answers a metadata request within the deadline.
+    /// A readiness check: the broker answers a metadata request within the deadline, and, at
+    /// start-up, every partition it lists of `topics` is being read (its head is known to
+    /// `hub`): until then a subscription would be answered with a position that lacks the
+    /// partition, and a resume from it could not tell what was missed. Once they all were, that
+    /// part is not asked again (a topic created later must not take every replica out of
+    /// service while its partitions start).
     pub fn ready_check(
         self: &Arc<Self>,
+        topics: Vec<String>,
+        hub: Arc<Hub>,
     ) -> impl Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync {
         let this = self.clone();
+        let topics: Arc<[String]> = topics.into();
+        let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
         move || {
-            let this = this.clone();
+            let (this, topics, hub) = (this.clone(), topics.clone(), hub.clone());
+            let started = started.clone();
             Box::pin(async move {
-                this.list_topics().await.map(|_| ()).map_err(|e| format!("kafka: {e}"))
+                let listed = this.list_topics().await.map_err(|e| format!("kafka: {e}"))?;
+                if started.load(Ordering::Relaxed) {
+                    return Ok(());
+                }
+                let unread: Vec<String> = listed
+                    .iter()
+                    .filter(|t| topics.iter().any(|name| *name == *t.name))
+                    .flat_map(|t| t.partitions.iter().map(move |p| (t.name.clone(), *p)))
+                    .filter(|(topic, partition)| !hub.has_head(topic, *partition))
+                    .map(|(topic, partition)| format!("{topic}/{partition}"))
+                    .collect();
+                if !unread.is_empty() {
+                    return Err(format!("kafka: partitions not read yet: {}", unread.join(", ")));
+                }
+                started.store(true, Ordering::Relaxed);
+                Ok(())
             })
         }
     }

@@ -397,13 +397,18 @@ pub async fn build(config: &Config, deps: &Deps) -> Result<State, RunError> {
             request_margin: config.kafka_request_margin,
             delay_notice: config.delay_notice,
         };
-        let topics = config.topics.iter().map(|t| t.name.clone()).collect();
-        let (metadata, consumer) =
-            kafka::start_consumer(settings.clone(), topics, hub.clone(), ctx.shutdown.clone())
-                .await?;
+        let topics: Vec<String> = config.topics.iter().map(|t| t.name.clone()).collect();
+        let (metadata, consumer) = kafka::start_consumer(
+            settings.clone(),
+            topics.clone(),
+            hub.clone(),
+            ctx.shutdown.clone(),
+        )
+        .await?;
         // Hard: without the broker no record reaches any client. The check has the request
-        // deadline, so readiness follows a silent broker and comes back when it heals.
-        ctx.readiness.add_check("kafka", metadata.ready_check());
+        // deadline, so readiness follows a silent broker and comes back when it heals; and it
+        // waits for every existing partition of the topics to be read.
+        ctx.readiness.add_check("kafka", metadata.ready_check(topics, hub.clone()));
         (
             kafka::KafkaPublisher::connect(&settings).await?,
             kafka::KafkaHistory::connect(&settings).await?,
