@@ -234,6 +234,9 @@ pub struct Auth {
     /// the response cache, the decision cache, the SSE relay), so that one breaker decides for
     /// all of them and a Redis failure is noticed once, not once per use.
     pub redis: Option<crate::backends::redis::Guarded>,
+    /// The process's one subscriber connection for control channels (revocations, rules
+    /// versions), when `redis_url` is set.
+    pub channels: Option<crate::backends::redis::Channels>,
 }
 
 impl Auth {
@@ -286,11 +289,17 @@ impl Auth {
                 (Arc::new(jwks::Jwks::fixed(ctx.role, key.key_set())), Some(Arc::new(key)))
             }
         };
-        let mut redis = None;
+        let (mut redis, mut channels) = (None, None);
         let revocations: Arc<dyn revocation::RevocationStore> = match &config.redis_url {
             Some(url) => {
                 let client = crate::backends::redis::connect(url, &config.redis).await?;
-                let subscriber = crate::backends::redis::subscriber(url, &config.redis).await?;
+                let subscriber = crate::backends::redis::Channels::connect(
+                    url,
+                    &config.redis,
+                    ctx.shutdown.clone(),
+                )
+                .await?;
+                channels = Some(subscriber.clone());
                 // The process's one command connection, with its one breaker: revocations here,
                 // and every role of the process that uses Redis (`Auth::redis`).
                 let guarded = crate::backends::redis::Guarded::new(
@@ -353,6 +362,7 @@ impl Auth {
             }),
             postgres,
             redis,
+            channels,
         };
         auth.api_keys.follow_announcements(auth.revocations.subscribe(), ctx.shutdown.clone());
         auth.add_checks(ctx);

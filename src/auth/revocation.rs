@@ -11,15 +11,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use fred::prelude::{
-    ClientLike, EventInterface, Expiration, HashesInterface, KeysInterface, PubsubInterface,
-};
+use fred::prelude::{Expiration, HashesInterface, KeysInterface, PubsubInterface};
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use super::{unix_now, Identity};
-use crate::backends::redis::{Client, Guarded, SubscriberClient};
+use crate::backends::redis::{Client, Guarded};
 use crate::server::Shutdown;
 
 /// A revocation, as stored and announced.
@@ -206,26 +204,25 @@ pub struct RedisStore {
 
 impl RedisStore {
     /// A store over `client` with key prefix `prefix` (`access:<env>:`); announcements arrive
-    /// through `subscriber` until shutdown.
+    /// through `channels` until shutdown.
     pub async fn start(
         redis: Guarded,
-        subscriber: SubscriberClient,
+        channels: crate::backends::redis::Channels,
         prefix: String,
         user_ttl: Duration,
         shutdown: Shutdown,
     ) -> Result<Arc<Self>, String> {
         let channel = format!("{prefix}revocations");
         let (tx, _) = broadcast::channel(ANNOUNCE_CAPACITY);
-        subscriber.subscribe(channel.clone()).await.map_err(|e| format!("redis subscribe: {e}"))?;
-        // Re-subscribes after a reconnect.
-        let _resubscribe = subscriber.manage_subscriptions();
-        let mut messages = subscriber.message_rx();
-        let mut reconnects = subscriber.reconnect_rx();
+        let mut listener = channels
+            .listen(vec![channel.clone()])
+            .await
+            .map_err(|e| format!("redis subscribe: {e}"))?;
         let forward = tx.clone();
         tokio::spawn(async move {
             loop {
                 tokio::select! {
-                    message = messages.recv() => match message {
+                    message = listener.messages.recv() => match message {
                         Ok(message) => {
                             let text = message.value.as_string().unwrap_or_default();
                             match serde_json::from_str::<Revocation>(&text) {
@@ -236,11 +233,8 @@ impl RedisStore {
                         Err(broadcast::error::RecvError::Lagged(_)) => { let _ = forward.send(Revocation::Resync); }
                         Err(broadcast::error::RecvError::Closed) => return,
                     },
-                    Ok(_) = reconnects.recv() => { let _ = forward.send(Revocation::Resync); }
-                    _ = shutdown.stopping() => {
-                        let _ = subscriber.quit().await;
-                        return;
-                    }
+                    Ok(_) = listener.reconnects.recv() => { let _ = forward.send(Revocation::Resync); }
+                    _ = shutdown.stopping() => return,
                 }
             }
         });

@@ -95,6 +95,80 @@ pub fn ready_check(
     }
 }
 
+/// The process's one subscriber connection for the layer's control channels (revocations, rules
+/// versions): every listener subscribes its channels on it and receives only their messages.
+/// Made once per process with the command connection (`Auth::channels`). The stream's SSE relay,
+/// whose traffic grows with its clients, keeps a connection of its own so that a burst there never
+/// delays (or makes lag) a revocation.
+#[derive(Clone)]
+pub struct Channels {
+    client: SubscriberClient,
+}
+
+impl Channels {
+    /// Connects the subscriber (waiting at most `config.timeout`); it re-subscribes every
+    /// channel after a reconnect, and closes at `shutdown`.
+    pub async fn connect(
+        url: &SecretUrl,
+        config: &RedisConfig,
+        shutdown: crate::server::Shutdown,
+    ) -> Result<Channels, BackendError> {
+        let client = subscriber(url, config).await?;
+        let _resubscribe = client.manage_subscriptions();
+        let closing = client.clone();
+        tokio::spawn(async move {
+            shutdown.stopping().await;
+            let _ = closing.quit().await;
+        });
+        Ok(Channels { client })
+    }
+
+    /// Subscribes `channels` and returns what arrives on them (and only on them).
+    pub async fn listen(&self, channels: Vec<String>) -> Result<Listener, fred::error::Error> {
+        use fred::prelude::PubsubInterface;
+        // Receivers first: nothing published after the subscription is missed.
+        let listener = Listener {
+            messages: Messages { rx: self.client.message_rx(), channels: channels.clone() },
+            reconnects: self.client.reconnect_rx(),
+            errors: self.client.error_rx(),
+        };
+        self.client.subscribe(channels).await?;
+        Ok(listener)
+    }
+}
+
+/// The messages of some channels of [`Channels`], and the connection's events.
+pub struct Listener {
+    /// The messages of the listener's channels.
+    pub messages: Messages,
+    /// Each reconnection (messages published meanwhile were lost: catch up).
+    pub reconnects: tokio::sync::broadcast::Receiver<fred::types::config::Server>,
+    /// Each connection error.
+    pub errors:
+        tokio::sync::broadcast::Receiver<(fred::error::Error, Option<fred::types::config::Server>)>,
+}
+
+/// The messages of some channels (the others of the shared connection are skipped).
+pub struct Messages {
+    rx: tokio::sync::broadcast::Receiver<fred::types::Message>,
+    channels: Vec<String>,
+}
+
+impl Messages {
+    /// The next message on one of the channels. `Lagged` means messages were lost (catch up);
+    /// `Closed` that the connection was closed for good.
+    pub async fn recv(
+        &mut self,
+    ) -> Result<fred::types::Message, tokio::sync::broadcast::error::RecvError> {
+        loop {
+            let message = self.rx.recv().await?;
+            if self.channels.iter().any(|c| *c == *message.channel) {
+                return Ok(message);
+            }
+        }
+    }
+}
+
 /// A Redis connection with its breaker: every call through [`Guarded::call`] fails at once while
 /// the breaker is open, so a dead or frozen Redis costs callers with a fallback nothing.
 #[derive(Clone)]

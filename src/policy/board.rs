@@ -52,17 +52,19 @@ pub enum Board {
 }
 
 impl Board {
-    /// The board of a role's context: Redis when configured, else the process's bus.
-    pub async fn for_context(
+    /// The board of a role's context: on the process's Redis command connection when Redis is
+    /// configured, else the process's bus.
+    pub fn for_context(
         ctx: &crate::server::Context,
-    ) -> Result<Board, crate::server::StartError> {
-        Ok(match &ctx.config.redis_url {
-            Some(url) => Board::Redis {
-                client: crate::backends::redis::connect(url, &ctx.config.redis).await?,
+        redis: Option<&crate::backends::redis::Guarded>,
+    ) -> Board {
+        match redis {
+            Some(redis) => Board::Redis {
+                client: redis.client.clone(),
                 key: format!("{}rules:replicas", ctx.config.redis_prefix()),
             },
             None => Board::Local(ctx.rules_bus.clone()),
-        })
+        }
     }
 
     async fn report(&self, role: &str, replica: &str, version: i64) {

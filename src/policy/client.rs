@@ -9,7 +9,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use fred::prelude::{ClientLike, EventInterface, PubsubInterface};
 use serde_json::json;
 use tracing::Instrument as _;
 use url::Url;
@@ -117,6 +116,7 @@ impl Entitlements {
         tokens: Arc<TokenSource>,
         ttl: Duration,
         fail_open: bool,
+        channels: Option<&crate::backends::redis::Channels>,
     ) -> Result<Arc<Self>, crate::server::StartError> {
         let url = ctx.config.entitlements_service_url.clone().unwrap_or_else(|| {
             tracing::warn!(role = %ctx.role, "ACCESS_ENTITLEMENTS_SERVICE_URL is not set; using http://127.0.0.1:8011");
@@ -126,10 +126,9 @@ impl Entitlements {
             Entitlements::new(ctx.role, url, tokens, ttl, fail_open, Duration::from_secs(2))
                 .map_err(|e| crate::server::StartError::Invalid(e.to_string()))?;
         let client = Arc::new(client);
-        if let Some(redis) = &ctx.config.redis_url {
-            let subscriber = crate::backends::redis::subscriber(redis, &ctx.config.redis).await?;
+        if let Some(channels) = channels {
             let channel = format!("{}rules", ctx.config.redis_prefix());
-            client.follow_rules(subscriber, channel, ctx.shutdown.clone());
+            client.follow_rules(channels, channel, ctx.shutdown.clone());
         }
         Ok(client)
     }
@@ -243,30 +242,28 @@ impl Entitlements {
     /// (and after a reconnect, when one may have been missed), until shutdown.
     pub fn follow_rules(
         self: &Arc<Self>,
-        subscriber: crate::backends::redis::SubscriberClient,
+        channels: &crate::backends::redis::Channels,
         channel: String,
         shutdown: Shutdown,
     ) {
         let this = self.clone();
+        let channels = channels.clone();
         tokio::spawn(async move {
-            if let Err(e) = subscriber.subscribe(channel).await {
-                tracing::warn!(role = %this.role, error = %e, "cannot follow rules versions; decisions expire by TTL only");
-                return;
-            }
-            let _resubscribe = subscriber.manage_subscriptions();
-            let mut messages = subscriber.message_rx();
-            let mut reconnects = subscriber.reconnect_rx();
+            let mut listener = match channels.listen(vec![channel]).await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(role = %this.role, error = %e, "cannot follow rules versions; decisions expire by TTL only");
+                    return;
+                }
+            };
             loop {
                 tokio::select! {
-                    m = messages.recv() => match m {
+                    m = listener.messages.recv() => match m {
                         Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => this.clear(),
                         Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                     },
-                    Ok(_) = reconnects.recv() => this.clear(),
-                    _ = shutdown.stopping() => {
-                        let _ = subscriber.quit().await;
-                        return;
-                    }
+                    Ok(_) = listener.reconnects.recv() => this.clear(),
+                    _ = shutdown.stopping() => return,
                 }
             }
         });

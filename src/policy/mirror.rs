@@ -19,7 +19,6 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use fred::prelude::{ClientLike, EventInterface, PubsubInterface};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Notify};
 use tracing::Instrument as _;
@@ -242,6 +241,7 @@ impl Mirror {
         tokens: Arc<TokenSource>,
         fail_open: bool,
         refresh_interval: Duration,
+        channels: Option<&crate::backends::redis::Channels>,
     ) -> Result<Arc<Self>, crate::server::StartError> {
         let url = ctx
             .config
@@ -250,10 +250,9 @@ impl Mirror {
             .unwrap_or_else(|| Url::parse("http://127.0.0.1:8011").expect("a valid URL"));
         let mirror = Mirror::new(ctx.role, url, tokens, fail_open, Duration::from_secs(5))
             .map_err(|e| crate::server::StartError::Invalid(e.to_string()))?;
-        if let Some(redis) = &ctx.config.redis_url {
-            let subscriber = crate::backends::redis::subscriber(redis, &ctx.config.redis).await?;
+        if let Some(channels) = channels {
             let channel = format!("{}rules", ctx.config.redis_prefix());
-            mirror.follow_redis(subscriber, channel, ctx.shutdown.clone());
+            mirror.follow_redis(channels, channel, ctx.shutdown.clone());
         }
         mirror.follow_bus(ctx.rules_bus.subscribe(), ctx.shutdown.clone());
         if let Err(e) = tokio::time::timeout(Duration::from_secs(2), mirror.fetch())
@@ -527,25 +526,25 @@ impl Mirror {
     /// reconnect, when one may have been missed, fetches anyway.
     pub fn follow_redis(
         self: &Arc<Self>,
-        subscriber: crate::backends::redis::SubscriberClient,
+        channels: &crate::backends::redis::Channels,
         channel: String,
         shutdown: Shutdown,
     ) {
         let mirror = self.clone();
+        let channels = channels.clone();
         tokio::spawn(async move {
-            if let Err(e) = subscriber.subscribe(channel).await {
-                tracing::warn!(role = %mirror.role, error = %e, "cannot follow rules versions on Redis; refreshing on the interval only");
-                return;
-            }
-            let _resubscribe = subscriber.manage_subscriptions();
-            let mut messages = subscriber.message_rx();
-            let mut reconnects = subscriber.reconnect_rx();
+            let mut listener = match channels.listen(vec![channel]).await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(role = %mirror.role, error = %e, "cannot follow rules versions on Redis; refreshing on the interval only");
+                    return;
+                }
+            };
             // A lost connection wakes the refresher at once (then it polls); after a reconnect
             // one fetch catches up with what was missed.
-            let mut errors = subscriber.error_rx();
             loop {
                 tokio::select! {
-                    m = messages.recv() => match m {
+                    m = listener.messages.recv() => match m {
                         Ok(m) => match m.value.as_string().and_then(|v| v.trim().parse::<i64>().ok()) {
                             Some(v) => mirror.announce(v),
                             None => mirror.wake.notify_one(),
@@ -553,12 +552,9 @@ impl Mirror {
                         Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => mirror.wake.notify_one(),
                         Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                     },
-                    Ok(_) = reconnects.recv() => mirror.wake.notify_one(),
-                    Ok(_) = errors.recv() => mirror.wake.notify_one(),
-                    _ = shutdown.stopping() => {
-                        let _ = subscriber.quit().await;
-                        return;
-                    }
+                    Ok(_) = listener.reconnects.recv() => mirror.wake.notify_one(),
+                    Ok(_) = listener.errors.recv() => mirror.wake.notify_one(),
+                    _ = shutdown.stopping() => return,
                 }
             }
         });

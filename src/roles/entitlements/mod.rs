@@ -138,30 +138,23 @@ impl State {
 pub async fn build(section: &Config, deps: &Deps) -> Result<State, RunError> {
     let (ctx, auth) = (&deps.ctx, deps.auth.clone());
     let config = &ctx.config;
-    let (store, store_kind): (Arc<dyn RuleStore>, _) = match &config.postgres_dsn {
-        Some(dsn) => {
-            let pool = match &auth.postgres {
-                Some(pool) => pool.clone(),
-                None => {
-                    crate::backends::postgres::connect_and_migrate(dsn, &config.postgres).await?
-                }
-            };
-            // Reads keep working from the snapshot while PostgreSQL is down: a soft check, which
-            // the auth module registers for the pool it made (`Auth::add_checks`); a pool made
-            // here (no auth pool) gets its own.
-            if auth.postgres.is_none() {
-                ctx.readiness.add_soft_check(
-                    "postgres",
-                    crate::backends::postgres::ready_check(pool.clone()),
-                );
-            }
+    // The process's PostgreSQL pool (`Auth::postgres`, made and migrated once per process; its
+    // soft readiness check is the auth module's: reads keep working from the snapshot while
+    // PostgreSQL is down).
+    let (store, store_kind): (Arc<dyn RuleStore>, _) = match (&config.postgres_dsn, &auth.postgres)
+    {
+        (Some(dsn), Some(pool)) => {
             let settings = crate::backends::postgres::settings(dsn, &config.postgres)?;
             (
-                store::PgStore::start(pool, settings, ctx.shutdown.clone()) as Arc<dyn RuleStore>,
+                store::PgStore::start(pool.clone(), settings, ctx.shutdown.clone())
+                    as Arc<dyn RuleStore>,
                 "postgres",
             )
         }
-        None => {
+        (Some(_), None) => {
+            return Err(anyhow::anyhow!("postgres_dsn is set but the process made no pool").into())
+        }
+        (None, _) => {
             let seed = load_seed(section.seed_file.as_ref()).map_err(|e| anyhow::anyhow!(e))?;
             (Arc::new(store::MemoryStore::new(seed)) as Arc<dyn RuleStore>, "memory")
         }
@@ -188,7 +181,7 @@ pub async fn build(section: &Config, deps: &Deps) -> Result<State, RunError> {
         .map_err(|e| anyhow::anyhow!("loading rules: {e}"))?;
     engine.spawn_refresh(section.reload_interval, ctx.shutdown.clone());
     announce_in_process(&engine, ctx);
-    let board = Arc::new(board::Board::for_context(ctx).await?);
+    let board = Arc::new(board::Board::for_context(ctx, auth.redis.as_ref()));
     let replica = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
     board.spawn_reporter("entitlements", replica, engine.versions(), ctx.shutdown.clone());
     let feed = feed::Feed::start(engine.clone(), ctx.shutdown.clone());

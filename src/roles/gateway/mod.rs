@@ -294,6 +294,7 @@ pub async fn build(config: &Config, deps: &Deps) -> Result<State, RunError> {
         tokens.clone(),
         config.decision_cache_ttl,
         config.entitlements_fail_open,
+        auth.channels.as_ref(),
     )
     .await?;
     let rules = crate::policy::mirror::Mirror::for_role(
@@ -301,10 +302,11 @@ pub async fn build(config: &Config, deps: &Deps) -> Result<State, RunError> {
         tokens.clone(),
         config.entitlements_fail_open,
         config.decision_cache_ttl,
+        auth.channels.as_ref(),
     )
     .await?;
     let replica = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
-    crate::policy::board::Board::for_context(ctx).await.map(Arc::new)?.spawn_reporter(
+    Arc::new(crate::policy::board::Board::for_context(ctx, auth.redis.as_ref())).spawn_reporter(
         "gateway",
         replica.clone(),
         rules.applied(),

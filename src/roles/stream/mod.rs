@@ -367,12 +367,17 @@ pub async fn build(config: &Config, deps: &Deps) -> Result<State, RunError> {
             move || hub.take_usage(),
         );
     }
-    let rules =
-        Mirror::for_role(ctx, tokens, config.entitlements_fail_open, config.decision_cache_ttl)
-            .await?;
+    let rules = Mirror::for_role(
+        ctx,
+        tokens,
+        config.entitlements_fail_open,
+        config.decision_cache_ttl,
+        auth.channels.as_ref(),
+    )
+    .await?;
     hub.set_rules(rules.clone());
     hub.follow_rules(ctx.shutdown.clone());
-    crate::policy::board::Board::for_context(ctx).await.map(Arc::new)?.spawn_reporter(
+    Arc::new(crate::policy::board::Board::for_context(ctx, auth.redis.as_ref())).spawn_reporter(
         "stream",
         hub.replica().to_string(),
         rules.applied(),
