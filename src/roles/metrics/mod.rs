@@ -22,7 +22,6 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use utoipa::ToSchema;
 
 use super::common::{Deps, RunError, Service};
@@ -209,32 +208,67 @@ impl State {
     }
 
     /// Applies one point, counting the outcome.
-    fn track(&self, point: &Point) -> Result<Accepted, Rejection> {
+    fn track(&self, point: &mut Point) -> Result<Accepted, Rejection> {
+        let mut outcome = None;
+        self.track_all(std::iter::once(Ok::<_, String>(point)), |_, r| {
+            outcome = Some(r.map_err(|(r, _)| r))
+        });
+        outcome.unwrap_or(Err(Rejection::InvalidValue))
+    }
+
+    /// Applies points in order under one lock of the store, handing each outcome to `each` (the
+    /// point's index, and `Err((rejection, message))` for a refused or malformed one), and
+    /// counts the outcomes once for them all.
+    fn track_all<'p>(
+        &self,
+        points: impl Iterator<Item = Result<&'p mut Point, String>>,
+        mut each: impl FnMut(usize, Result<Accepted, (Rejection, String)>),
+    ) {
         let now = unix_now();
-        let outcome = {
+        let (mut stored, mut overflowed, mut malformed) = (0u64, 0u64, 0u64);
+        let mut rejected: Vec<(Rejection, u64)> = Vec::new();
+        let series = {
             let mut store = self.store();
             let Store { tracked, groups } = &mut *store;
-            let result = tracked.ingest(point, now, &self.limits, groups.series_count(), |name| {
-                groups.claims(name)
-            });
-            metrics::gauge!(names::SERIES, "role" => "metrics")
-                .set((tracked.series_count() + groups.series_count()) as f64);
-            result
-        };
-        match outcome {
-            Ok(accepted) => {
-                metrics::counter!(names::POINTS, "role" => "metrics", "kind" => "tracked")
-                    .increment(1);
-                if accepted == Accepted::Overflowed {
-                    metrics::counter!(names::OVERFLOWED, "role" => "metrics").increment(1);
+            let other = groups.series_count();
+            for (index, point) in points.enumerate() {
+                let outcome = match point {
+                    Ok(point) => tracked
+                        .ingest(point, now, &self.limits, other, |name| groups.claims(name))
+                        .map_err(|r| (r, format!("{}: {}", point.name, r.as_str()))),
+                    Err(message) => {
+                        malformed += 1;
+                        each(index, Err((Rejection::InvalidPoint, message)));
+                        continue;
+                    }
+                };
+                match &outcome {
+                    Ok(Accepted::Stored) => stored += 1,
+                    Ok(Accepted::Overflowed) => overflowed += 1,
+                    Err((r, _)) => match rejected.iter_mut().find(|(k, _)| k == r) {
+                        Some((_, n)) => *n += 1,
+                        None => rejected.push((*r, 1)),
+                    },
                 }
+                each(index, outcome);
             }
-            Err(reason) => {
-                metrics::counter!(names::REJECTED, "role" => "metrics", "reason" => reason.as_str())
-                    .increment(1)
-            }
+            tracked.series_count() + other
+        };
+        metrics::gauge!(names::SERIES, "role" => "metrics").set(series as f64);
+        if stored + overflowed > 0 {
+            metrics::counter!(names::POINTS, "role" => "metrics", "kind" => "tracked")
+                .increment(stored + overflowed);
         }
-        outcome
+        if overflowed > 0 {
+            metrics::counter!(names::OVERFLOWED, "role" => "metrics").increment(overflowed);
+        }
+        if malformed > 0 {
+            rejected.push((Rejection::InvalidPoint, malformed));
+        }
+        for (reason, n) in rejected {
+            metrics::counter!(names::REJECTED, "role" => "metrics", "reason" => reason.as_str())
+                .increment(n);
+        }
     }
 
     /// Drops series past their TTL.
@@ -349,10 +383,10 @@ struct TrackAnswer {
 async fn track(
     AxumState(state): AxumState<State>,
     headers: HeaderMap,
-    Json(point): Json<Point>,
+    Json(mut point): Json<Point>,
 ) -> ApiResult<Response> {
     state.authorize_ingest(&headers).await?;
-    match state.track(&point) {
+    match state.track(&mut point) {
         Ok(accepted) => Ok(axum::Json(TrackAnswer {
             accepted: true,
             overflowed: accepted == Accepted::Overflowed,
@@ -400,7 +434,7 @@ struct PointResult {
 async fn track_batch(
     AxumState(state): AxumState<State>,
     headers: HeaderMap,
-    Json(points): Json<Vec<Value>>,
+    Json(points): Json<Vec<Box<serde_json::value::RawValue>>>,
 ) -> ApiResult<Response> {
     state.authorize_ingest(&headers).await?;
     if points.len() > state.max_batch {
@@ -409,30 +443,40 @@ async fn track_batch(
             format!("at most {} points per batch", state.max_batch),
         ));
     }
+    // Each point is parsed from its own text once, and fails alone.
+    let mut parsed: Vec<Result<Point, String>> = points
+        .iter()
+        .map(|raw| serde_json::from_str::<Point>(raw.get()).map_err(|e| e.to_string()))
+        .collect();
     let (mut accepted, mut rejected) = (0, 0);
-    let results: Vec<PointResult> = points
-        .into_iter()
-        .enumerate()
-        .map(|(index, raw)| {
-            let outcome = match serde_json::from_value::<Point>(raw) {
-                Ok(point) => state.track(&point).map_err(|r| (r.as_str(), format!("{}: {}", point.name, r.as_str()))),
-                Err(e) => {
-                    metrics::counter!(names::REJECTED, "role" => "metrics", "reason" => "invalid_point").increment(1);
-                    Err(("invalid_point", e.to_string()))
-                }
-            };
-            match outcome {
+    let mut results = Vec::with_capacity(parsed.len());
+    state.track_all(
+        parsed.iter_mut().map(|p| p.as_mut().map_err(|e| e.clone())),
+        |index, outcome| {
+            results.push(match outcome {
                 Ok(a) => {
                     accepted += 1;
-                    PointResult { index, ok: true, overflowed: Some(a == Accepted::Overflowed), reason: None, message: None }
+                    PointResult {
+                        index,
+                        ok: true,
+                        overflowed: Some(a == Accepted::Overflowed),
+                        reason: None,
+                        message: None,
+                    }
                 }
                 Err((reason, message)) => {
                     rejected += 1;
-                    PointResult { index, ok: false, overflowed: None, reason: Some(reason), message: Some(message) }
+                    PointResult {
+                        index,
+                        ok: false,
+                        overflowed: None,
+                        reason: Some(reason.as_str()),
+                        message: Some(message),
+                    }
                 }
-            }
-        })
-        .collect();
+            })
+        },
+    );
     Ok(axum::Json(BatchTracked { accepted, rejected, results }).into_response())
 }
 

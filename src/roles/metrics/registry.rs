@@ -81,6 +81,8 @@ pub enum Rejection {
     TypeConflict,
     /// `metrics.max_series` reached.
     SeriesCap,
+    /// A batch element that is not a point object.
+    InvalidPoint,
 }
 
 impl Rejection {
@@ -95,6 +97,7 @@ impl Rejection {
             Rejection::InvalidValue => "invalid_value",
             Rejection::TypeConflict => "type_conflict",
             Rejection::SeriesCap => "series_cap",
+            Rejection::InvalidPoint => "invalid_point",
         }
     }
 }
@@ -282,7 +285,7 @@ impl Tracked {
     /// groups) against the total cap; `taken` says whether a name is used by pushed groups.
     pub fn ingest(
         &mut self,
-        point: &Point,
+        point: &mut Point,
         now: f64,
         limits: &Limits,
         other_series: usize,
@@ -298,7 +301,8 @@ impl Tracked {
         if !point.value.is_finite() || (point.kind == Kind::Counter && point.value < 0.0) {
             return Err(Rejection::InvalidValue);
         }
-        let mut labels: Labels = point.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        // The point's own labels, moved (not copied) into the series key.
+        let mut labels: Labels = std::mem::take(&mut point.labels).into_iter().collect();
         for (key, value) in [("service", &point.service), ("tenant_id", &point.tenant_id)] {
             if let Some(value) = value {
                 labels.retain(|(k, _)| k != key);
@@ -308,27 +312,31 @@ impl Tracked {
         labels.sort();
         check_labels(&labels, limits)?;
         // One name, one type: every name this point's family would occupy must be free or its
-        // own (see `claimed`), here and in the pushed groups.
-        if let Some(family) = self.families.get(&name) {
-            if family.kind != point.kind {
-                return Err(Rejection::TypeConflict);
-            }
-        }
-        for occupied in claimed(point.kind, &name) {
-            if taken(&occupied) || self.owner(&occupied).is_some_and(|owner| owner != name) {
-                return Err(Rejection::TypeConflict);
+        // own (see `claimed`), here and in the pushed groups. A family that exists already holds
+        // its names (pushed groups check `claims` before taking one), so only its type is checked.
+        match self.families.get(&name) {
+            Some(family) if family.kind != point.kind => return Err(Rejection::TypeConflict),
+            Some(_) => {}
+            None => {
+                for occupied in claimed(point.kind, &name) {
+                    if taken(&occupied) || self.owner(&occupied).is_some_and(|owner| owner != name)
+                    {
+                        return Err(Rejection::TypeConflict);
+                    }
+                }
             }
         }
         let total = self.series + other_series;
-        let family = self.families.entry(name.clone()).or_insert_with(|| Family {
-            kind: point.kind,
-            help: point
+        if !self.families.contains_key(&name) {
+            let help = point
                 .help
                 .clone()
                 .filter(|h| !h.is_empty())
-                .unwrap_or_else(|| format!("Tracked metric {name}")),
-            series: BTreeMap::new(),
-        });
+                .unwrap_or_else(|| format!("Tracked metric {name}"));
+            self.families
+                .insert(name.clone(), Family { kind: point.kind, help, series: BTreeMap::new() });
+        }
+        let family = self.families.get_mut(&name).expect("inserted above");
         let mut accepted = Accepted::Stored;
         let key = if family.series.contains_key(&labels) {
             labels
@@ -631,6 +639,7 @@ mod tests {
     }
 
     fn ingest(t: &mut Tracked, p: &Point) -> Result<Accepted, Rejection> {
+        let p = &mut p.clone();
         t.ingest(p, 100.0, &limits(), 0, |_| false)
     }
 
@@ -683,7 +692,7 @@ mod tests {
             Err(Rejection::TypeConflict)
         );
         assert_eq!(
-            t.ingest(&point("y", Kind::Gauge, 1.0, &[]), 1.0, &limits(), 0, |n| n == "y"),
+            t.ingest(&mut point("y", Kind::Gauge, 1.0, &[]), 1.0, &limits(), 0, |n| n == "y"),
             Err(Rejection::TypeConflict)
         );
         assert!(
@@ -735,7 +744,7 @@ mod tests {
         assert!(out.contains("jobs_total 3\n"), "{out}");
         // A pushed group's names count too.
         assert_eq!(
-            t.ingest(&point("z", Kind::Counter, 1.0, &[]), 1.0, &limits(), 0, |n| n == "z"),
+            t.ingest(&mut point("z", Kind::Counter, 1.0, &[]), 1.0, &limits(), 0, |n| n == "z"),
             Err(Rejection::TypeConflict)
         );
     }
@@ -772,8 +781,8 @@ mod tests {
     #[test]
     fn series_expire_after_their_ttl() {
         let mut t = Tracked::new();
-        t.ingest(&point("old", Kind::Gauge, 1.0, &[]), 10.0, &limits(), 0, |_| false).unwrap();
-        t.ingest(&point("new", Kind::Gauge, 1.0, &[]), 100.0, &limits(), 0, |_| false).unwrap();
+        t.ingest(&mut point("old", Kind::Gauge, 1.0, &[]), 10.0, &limits(), 0, |_| false).unwrap();
+        t.ingest(&mut point("new", Kind::Gauge, 1.0, &[]), 100.0, &limits(), 0, |_| false).unwrap();
         assert_eq!(t.expire(50.0), 1);
         assert!(!t.has_family("old") && t.has_family("new"));
         assert_eq!(t.series_count(), 1);
