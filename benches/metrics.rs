@@ -1,5 +1,7 @@
-//! The metrics role's ingest: points per second over HTTP, one point per request and in batches of
-//! 1000, and the memory each series costs (resident-set growth over 100,000 new series).
+//! The metrics role's ingest: points per second over HTTP, one point per request, in batches of
+//! 1000, and the same series pushed as Prometheus text (the Pushgateway path), each with the CPU
+//! the whole process spent per point (server and in-process client: an upper bound of the
+//! server's cost); and the memory each series costs (resident-set growth over 100,000 new series).
 //! `cargo bench --bench metrics` (`make bench-metrics`); not part of `make test`.
 
 use std::sync::Arc;
@@ -12,6 +14,17 @@ use serde_json::json;
 
 const CONNECTIONS: usize = 8;
 const RUN: Duration = Duration::from_secs(4);
+
+/// CPU seconds (user + system) this process has used.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime is the 14th, stime the 15th.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    // The kernel's USER_HZ is 100 on Linux.
+    (ticks(11) + ticks(12)) / 100.0
+}
 
 fn rss_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
@@ -44,28 +57,65 @@ async fn start() -> String {
     panic!("not ready");
 }
 
-/// Points per second for `CONNECTIONS` clients, `batch` points per request, existing series.
-async fn ingest_rate(url: &str, batch: usize) -> f64 {
+/// How a case sends its points.
+#[derive(Clone, Copy)]
+enum Case {
+    /// `POST /metrics/track`, one point per request.
+    Single,
+    /// `POST /metrics/track/batch`, this many points per request.
+    Batch(usize),
+    /// `PUT /metrics/job/<job>`, the same series as Prometheus text, this many per request.
+    Text(usize),
+}
+
+/// Points per second and CPU seconds per million points for `CONNECTIONS` clients sending the
+/// same bodies (made once, so the client's own cost is mostly HTTP), to existing series.
+async fn ingest_rate(url: &str, case: Case) -> (f64, f64) {
     let started = Instant::now();
+    let cpu_before = cpu_seconds();
     let tasks: Vec<_> = (0..CONNECTIONS)
         .map(|c| {
             let url = url.to_string();
             tokio::spawn(async move {
                 let client = reqwest::Client::new();
+                let (target, body, per_request, put) = match case {
+                    Case::Single => (
+                        format!("{url}/metrics/track"),
+                        json!({"name": "bench_requests", "type": "counter", "value": 1, "labels": {"client": c.to_string()}}).to_string(),
+                        1,
+                        false,
+                    ),
+                    Case::Batch(n) => (
+                        format!("{url}/metrics/track/batch"),
+                        serde_json::Value::Array(
+                            (0..n)
+                                .map(|i| json!({"name": "bench_gauge", "type": "gauge", "value": i, "labels": {"client": c.to_string(), "slot": (i % 50).to_string()}}))
+                                .collect(),
+                        )
+                        .to_string(),
+                        n,
+                        false,
+                    ),
+                    Case::Text(n) => {
+                        let mut text = String::from("# TYPE bench_text gauge\n");
+                        for i in 0..n {
+                            text.push_str(&format!("bench_text{{slot=\"{}\"}} {i}\n", i % 1000));
+                        }
+                        (format!("{url}/metrics/job/bench{c}"), text, n, true)
+                    }
+                };
+                let body = bytes::Bytes::from(body);
                 let mut points = 0usize;
                 while started.elapsed() < RUN {
-                    if batch == 1 {
-                        let body = json!({"name": "bench_requests", "type": "counter", "value": 1, "labels": {"client": c.to_string()}});
-                        let r = client.post(format!("{url}/metrics/track")).json(&body).send().await.unwrap();
-                        assert_eq!(r.status(), 200);
-                    } else {
-                        let body: Vec<_> = (0..batch)
-                            .map(|i| json!({"name": "bench_gauge", "type": "gauge", "value": i, "labels": {"client": c.to_string(), "slot": (i % 50).to_string()}}))
-                            .collect();
-                        let r = client.post(format!("{url}/metrics/track/batch")).json(&body).send().await.unwrap();
-                        assert_eq!(r.status(), 200);
-                    }
-                    points += batch;
+                    let request = if put { client.put(&target) } else { client.post(&target) };
+                    let r = request
+                        .header("content-type", if put { "text/plain" } else { "application/json" })
+                        .body(body.clone())
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(r.status(), 200);
+                    points += per_request;
                 }
                 points
             })
@@ -75,15 +125,17 @@ async fn ingest_rate(url: &str, batch: usize) -> f64 {
     for t in tasks {
         total += t.await.unwrap();
     }
-    total as f64 / started.elapsed().as_secs_f64()
+    let cpu = cpu_seconds() - cpu_before;
+    (total as f64 / started.elapsed().as_secs_f64(), cpu / total as f64 * 1e6)
 }
 
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     runtime.block_on(async {
         let url = start().await;
-        let single = ingest_rate(&url, 1).await;
-        let batched = ingest_rate(&url, 1000).await;
+        let single = ingest_rate(&url, Case::Single).await;
+        let batched = ingest_rate(&url, Case::Batch(1000)).await;
+        let text = ingest_rate(&url, Case::Text(1000)).await;
         // Memory per series: 100,000 new series (each a gauge with two labels), in batches.
         let client = reqwest::Client::new();
         let before = rss_bytes();
@@ -98,9 +150,15 @@ fn main() {
         let after = rss_bytes();
         println!();
         println!("metrics ingest over HTTP, {CONNECTIONS} connections, {RUN:?} each, client in-process");
-        println!("{:<38} {:>14}", "case", "points/s");
-        println!("{:<38} {:>14.0}", "one point per request", single);
-        println!("{:<38} {:>14.0}", "batches of 1000 points", batched);
+        println!("{:<44} {:>12} {:>22}", "case", "points/s", "CPU s per 1M points");
+        for (case, (rate, cpu)) in [
+            ("one point per request (JSON)", single),
+            ("batches of 1000 points (JSON)", batched),
+            ("1000 samples per push (Pushgateway text)", text),
+        ] {
+            println!("{case:<44} {rate:>12.0} {cpu:>22.2}");
+        }
+        println!("(CPU: the whole process, server and client; 1M points/s per core is 1.0 s per 1M)");
         println!(
             "memory per series: {:.0} bytes (RSS {} MiB -> {} MiB over {SERIES} new series, labels instrument and venue)",
             (after.saturating_sub(before)) as f64 / SERIES as f64,
