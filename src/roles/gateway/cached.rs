@@ -20,6 +20,7 @@ use super::routes::Route;
 use super::State;
 use crate::auth::Identity;
 use crate::error::ApiError;
+use crate::ratelimit::CacheRead;
 
 /// The cache key of a request on `route`: per tenant, and per user when the policy says so.
 pub fn key(
@@ -40,8 +41,8 @@ pub struct Lookup<'a> {
     pub policy: &'a CachePolicy,
     /// From [`key`].
     pub key: String,
-    /// `Some` when the entry was read with the rate limit (`Some(None)`: there is none).
-    pub fetched: Option<Option<bytes::Bytes>>,
+    /// What the rate-limit round trip read for the key.
+    pub cached: CacheRead,
 }
 
 /// Serves a cacheable request.
@@ -54,14 +55,15 @@ pub async fn serve(
     identity: Option<Identity>,
     mut req: Request,
 ) -> Result<Handled, ApiError> {
-    let Lookup { policy, key, fetched } = wanted;
+    let Lookup { policy, key, cached } = wanted;
     let if_none_match =
         req.headers().get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()).map(String::from);
     let head = req.method() == Method::HEAD;
 
-    let first = match fetched {
-        Some(raw) => raw.as_ref().and_then(Entry::decode),
-        None => lookup(state, &key).await,
+    let first = match cached {
+        CacheRead::Hit(raw) => Entry::decode(&raw),
+        CacheRead::Miss => None,
+        CacheRead::NotAsked => lookup(state, &key).await,
     };
     if let Some(entry) = first {
         let (age, now) = (entry.age(cache::now_ms()), cache::now_ms());

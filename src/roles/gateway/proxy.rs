@@ -372,8 +372,8 @@ async fn handle(
     // The cache entry is read by the rate-limit script (one round trip), and used only after the
     // limit and the entitlement allow the request.
     let also_get = cache.as_ref().and_then(|(_, key)| state.cache.store.shared_key(key));
-    let mut limit = state.limiter.check(policies, subject, also_get).await;
-    let fetched = limit.fetched.take();
+    let crate::ratelimit::LimitAndLookup { outcome: limit, cached } =
+        state.limiter.check(policies, subject, also_get).await;
     let limit_headers = rate_limit_headers(&limit);
     if limit.store_unavailable {
         return Err(ApiError::dependency(
@@ -412,7 +412,7 @@ async fn handle(
     }
     let mut handled = match cache {
         Some((policy, key)) => {
-            let lookup = super::cached::Lookup { policy, key, fetched };
+            let lookup = super::cached::Lookup { policy, key, cached };
             super::cached::serve(state, route, lookup, peer, client, identity, req).await?
         }
         None => {
