@@ -130,8 +130,8 @@ impl Config {
     /// Checks the section, compiling the route table.
     pub fn validate(&self) -> Vec<Problem> {
         let mut problems = Vec::new();
-        if let Err(e) = self.table() {
-            problems.extend(e.split("; ").map(|p| Problem::new("gateway.routes_file", p)));
+        if let Err(RouteProblems(table)) = self.table() {
+            problems.extend(table);
         }
         let ip = &self.ip_limit;
         if ip.rate == 0 || ip.burst == 0 || ip.period.is_zero() {
@@ -149,37 +149,47 @@ impl Config {
 
     /// The route table and the rate-limit policies (config, then the route file's), checked
     /// together: every policy a route names must exist.
-    fn table(&self) -> Result<(Table, BTreeMap<String, ratelimit::Policy>), String> {
-        let file = routes::load_file(self.routes_file.as_deref())?;
+    fn table(&self) -> Result<(Table, BTreeMap<String, ratelimit::Policy>), RouteProblems> {
+        let problem = |message: String| Problem::new("gateway.routes_file", message);
+        let file = routes::load_file(self.routes_file.as_deref())
+            .map_err(|e| RouteProblems(vec![problem(e)]))?;
         let mut policies = self.rate_limits.clone();
         policies.extend(file.rate_limits);
         let mut problems = Vec::new();
         for spec in &file.routes {
             for policy in spec.rate_limits.iter().filter(|p| !policies.contains_key(*p)) {
-                problems.push(format!(
+                problems.push(problem(format!(
                     "route {} names an unknown rate-limit policy {policy:?}",
                     spec.name
-                ));
+                )));
             }
         }
         for (name, p) in &policies {
             if p.rate == 0 || p.burst == 0 || p.period.is_zero() {
-                problems.push(format!(
+                problems.push(problem(format!(
                     "rate limit {name}: rate, burst and period must be greater than 0"
-                ));
+                )));
             }
         }
         let table = Table::compile(file.routes, &self.upstreams, self.timeout, self.retries);
         match table {
             Ok(table) if problems.is_empty() => Ok((table, policies)),
-            Ok(_) => Err(problems.join("; ")),
-            Err(mut p) => {
-                p.extend(problems);
-                Err(p.join("; "))
+            Ok(_) => Err(RouteProblems(problems)),
+            Err(compiled) => {
+                let mut all: Vec<Problem> = compiled.into_iter().map(problem).collect();
+                all.extend(problems);
+                Err(RouteProblems(all))
             }
         }
     }
 }
+
+/// Why a route table (with its rate-limit policies) was refused: every problem, each under the
+/// key `gateway.routes_file` and naming its route and field. Shown as one line, the messages
+/// joined by `; ` (the reload log, the start-up error); `check-config` lists them one by one.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{}", .0.iter().map(|p| p.message.as_str()).collect::<Vec<_>>().join("; "))]
+pub struct RouteProblems(pub Vec<Problem>);
 
 /// The role's state: one `Arc`, because axum clones it for every request and extractor.
 #[derive(Clone)]
@@ -247,7 +257,7 @@ impl Shared {
 
     /// Re-reads the route table and its rate-limit policies; a bad file is refused and the
     /// current ones kept.
-    pub fn reload(&self) -> Result<usize, String> {
+    pub fn reload(&self) -> Result<usize, RouteProblems> {
         let (table, policies) = self.config.table()?;
         let n = table.routes().len();
         *self.table.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);
