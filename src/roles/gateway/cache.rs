@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use bytes::Bytes;
@@ -19,6 +19,7 @@ use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::backends::breaker::CallError;
 use crate::backends::redis::{Client as RedisClient, Guarded};
 
 /// A route's cache policy (`cache:` in the route table).
@@ -125,6 +126,11 @@ impl Entry {
     pub fn age(&self, now: u64) -> u64 {
         now.saturating_sub(self.stored_at) / 1000
     }
+
+    /// What the entry costs a [`MemoryStore`], bytes: its body and headers.
+    fn weight(&self) -> usize {
+        self.body.len() + self.headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+    }
 }
 
 /// What `Cache-Control` allows.
@@ -187,40 +193,6 @@ pub fn key(
     format!("cache:{route}:{}", hex::encode(Sha256::digest(material.as_bytes())))
 }
 
-/// Where entries live.
-pub trait Store: Send + Sync {
-    /// An entry.
-    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Entry>, String>>;
-    /// Stores an entry for `ttl`.
-    fn put<'a>(
-        &'a self,
-        key: &'a str,
-        entry: &'a Entry,
-        ttl: Duration,
-    ) -> BoxFuture<'a, Result<(), String>>;
-    /// Deletes every entry whose route name starts with `route_prefix`; returns how many.
-    fn purge<'a>(&'a self, route_prefix: &'a str) -> BoxFuture<'a, Result<u64, String>>;
-    /// The Redis key of `key`, when entries live in the same Redis as the rate limits: the
-    /// limiter's script then reads the entry in the same round trip.
-    fn shared_key(&self, _key: &str) -> Option<String> {
-        None
-    }
-}
-
-/// In-process entries with expiry, bounded by total body bytes.
-pub struct MemoryStore {
-    /// Entries by key with their expiry (unix ms); a std mutex held for one map operation.
-    entries: Mutex<HashMap<String, (Entry, u64)>>,
-    max_bytes: usize,
-}
-
-impl MemoryStore {
-    /// A store of at most `max_bytes` of bodies.
-    pub fn new(max_bytes: usize) -> Self {
-        MemoryStore { entries: Mutex::default(), max_bytes }
-    }
-}
-
 /// Unix ms now.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -229,15 +201,96 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Why a store could not answer. Callers on the request path count it and go on without the
+/// cache (a read is a miss, a write is skipped); the purge endpoint answers 503.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A command through Redis's breaker failed: the breaker is open, Redis did not answer in
+    /// time, or it answered with an error.
+    #[error(transparent)]
+    Redis(#[from] CallError),
+    /// A purge's `SCAN` or `DEL` failed (an admin operation, not under the breaker).
+    #[error("redis: {0}")]
+    Purge(#[from] fred::error::Error),
+}
+
+/// Where entries live.
+pub trait Store: Send + Sync {
+    /// An entry.
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Entry>, StoreError>>;
+    /// Stores an entry for `ttl`.
+    fn put<'a>(
+        &'a self,
+        key: &'a str,
+        entry: &'a Entry,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+    /// Deletes every entry whose route name starts with `route_prefix`; returns how many.
+    fn purge<'a>(&'a self, route_prefix: &'a str) -> BoxFuture<'a, Result<u64, StoreError>>;
+    /// The Redis key of `key`, when entries live in the same Redis as the rate limits: the
+    /// limiter's script then reads the entry in the same round trip.
+    fn shared_key(&self, _key: &str) -> Option<String> {
+        None
+    }
+}
+
+/// An entry in a [`MemoryStore`] with its time to live (the entry is shared, not copied, by the
+/// cache's internal bookkeeping).
+#[derive(Clone)]
+struct Kept {
+    entry: Arc<Entry>,
+    ttl: Duration,
+}
+
+/// Each entry expires after its own time to live (from `Cache-Control`), counted from its last
+/// write; reads do not extend it.
+struct PerEntryTtl;
+
+impl moka::Expiry<String, Kept> for PerEntryTtl {
+    fn expire_after_create(&self, _: &String, kept: &Kept, _: Instant) -> Option<Duration> {
+        Some(kept.ttl)
+    }
+
+    fn expire_after_update(
+        &self,
+        _: &String,
+        kept: &Kept,
+        _: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(kept.ttl)
+    }
+}
+
+/// In-process entries, bounded by their bytes (keys, bodies, headers: `gateway.cache_max_bytes`):
+/// a `moka` cache that, when full, evicts the least recently used entries, one by one, and
+/// expires each entry after its own time to live. Never emptied to make room.
+pub struct MemoryStore {
+    /// moka's cache is concurrent (no lock of ours); its eviction and expiry run on later calls.
+    entries: moka::sync::Cache<String, Kept>,
+}
+
+impl MemoryStore {
+    /// A store of at most `max_bytes` of entries.
+    pub fn new(max_bytes: usize) -> Self {
+        let entries = moka::sync::Cache::builder()
+            .max_capacity(max_bytes as u64)
+            .weigher(|key: &String, kept: &Kept| {
+                u32::try_from(key.len() + kept.entry.weight()).unwrap_or(u32::MAX)
+            })
+            .expire_after(PerEntryTtl)
+            // Recency, not popularity: a new entry (a new instrument, a new curve date) is the
+            // likeliest to be asked again, and TinyLFU's admission would refuse it while old
+            // ones are hot.
+            .eviction_policy(moka::policy::EvictionPolicy::lru())
+            .build();
+        MemoryStore { entries }
+    }
+}
+
 impl Store for MemoryStore {
-    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Entry>, String>> {
-        let hit = self
-            .entries
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(key)
-            .filter(|(_, until)| *until > now_ms())
-            .map(|(e, _)| e.clone());
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Entry>, StoreError>> {
+        let hit = self.entries.get(key).map(|kept| Entry::clone(&kept.entry));
         Box::pin(async move { Ok(hit) })
     }
     fn put<'a>(
@@ -245,28 +298,15 @@ impl Store for MemoryStore {
         key: &'a str,
         entry: &'a Entry,
         ttl: Duration,
-    ) -> BoxFuture<'a, Result<(), String>> {
-        {
-            let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-            let now = now_ms();
-            let used: usize = entries.values().map(|(e, _)| e.body.len()).sum();
-            if used + entry.body.len() > self.max_bytes {
-                entries.retain(|_, (_, until)| *until > now);
-                let used: usize = entries.values().map(|(e, _)| e.body.len()).sum();
-                if used + entry.body.len() > self.max_bytes {
-                    entries.clear();
-                }
-            }
-            entries.insert(key.to_string(), (entry.clone(), now + ttl.as_millis() as u64));
-        }
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.entries.insert(key.to_string(), Kept { entry: Arc::new(entry.clone()), ttl });
         Box::pin(async { Ok(()) })
     }
-    fn purge<'a>(&'a self, route_prefix: &'a str) -> BoxFuture<'a, Result<u64, String>> {
-        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        let before = entries.len();
+    fn purge<'a>(&'a self, route_prefix: &'a str) -> BoxFuture<'a, Result<u64, StoreError>> {
         let lead = format!("cache:{route_prefix}");
-        entries.retain(|k, _| !k.starts_with(&lead));
-        let n = (before - entries.len()) as u64;
+        let keys: Vec<Arc<String>> =
+            self.entries.iter().map(|(k, _)| k).filter(|k| k.starts_with(&lead)).collect();
+        let n = keys.iter().filter(|k| self.entries.remove(k.as_str()).is_some()).count() as u64;
         Box::pin(async move { Ok(n) })
     }
 }
@@ -292,14 +332,10 @@ impl RedisStore {
 }
 
 impl Store for RedisStore {
-    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Entry>, String>> {
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Entry>, StoreError>> {
         let key = self.full_key(key);
         Box::pin(async move {
-            let raw: Option<Bytes> = self
-                .redis
-                .call(|c| async move { c.get(&key).await })
-                .await
-                .map_err(|e| e.to_string())?;
+            let raw: Option<Bytes> = self.redis.call(|c| async move { c.get(&key).await }).await?;
             Ok(raw.as_ref().and_then(Entry::decode))
         })
     }
@@ -308,7 +344,7 @@ impl Store for RedisStore {
         key: &'a str,
         entry: &'a Entry,
         ttl: Duration,
-    ) -> BoxFuture<'a, Result<(), String>> {
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
         let key = self.full_key(key);
         Box::pin(async move {
             let px = fred::types::Expiration::PX(ttl.as_millis().clamp(1, i64::MAX as u128) as i64);
@@ -317,11 +353,11 @@ impl Store for RedisStore {
                 .call(
                     |c| async move { c.set::<(), _, _>(&key, value, Some(px), None, false).await },
                 )
-                .await
-                .map_err(|e| e.to_string())
+                .await?;
+            Ok(())
         })
     }
-    fn purge<'a>(&'a self, route_prefix: &'a str) -> BoxFuture<'a, Result<u64, String>> {
+    fn purge<'a>(&'a self, route_prefix: &'a str) -> BoxFuture<'a, Result<u64, StoreError>> {
         Box::pin(async move {
             use fred::prelude::ClientLike;
             use futures::TryStreamExt;
@@ -331,19 +367,15 @@ impl Store for RedisStore {
             let mut pages = self.client.scan_buffered(pattern, Some(500), None);
             let mut deleted = 0u64;
             let mut batch = Vec::new();
-            while let Some(key) = pages.try_next().await.map_err(|e| e.to_string())? {
+            while let Some(key) = pages.try_next().await? {
                 batch.push(key);
                 if batch.len() >= 500 {
-                    let n: u64 = self
-                        .client
-                        .del(std::mem::take(&mut batch))
-                        .await
-                        .map_err(|e| e.to_string())?;
+                    let n: u64 = self.client.del(std::mem::take(&mut batch)).await?;
                     deleted += n;
                 }
             }
             if !batch.is_empty() {
-                let n: u64 = self.client.del(batch).await.map_err(|e| e.to_string())?;
+                let n: u64 = self.client.del(batch).await?;
                 deleted += n;
             }
             let _ = self.client.is_connected();
@@ -604,5 +636,60 @@ mod tests {
         assert!(etag_matches("W/\"abc\", \"x\"", "\"abc\""));
         assert!(etag_matches("*", "\"abc\""));
         assert!(!etag_matches("\"abd\"", "\"abc\""));
+    }
+
+    fn entry(body: usize) -> Entry {
+        Entry {
+            status: 200,
+            headers: Vec::new(),
+            body: Bytes::from(vec![b'x'; body]),
+            stored_at: now_ms(),
+            max_age: 60,
+            swr: 0,
+        }
+    }
+
+    fn block_on<T>(future: impl std::future::Future<Output = T>) -> T {
+        futures::executor::block_on(future)
+    }
+
+    /// Filled far past its size, the memory store evicts the least recently used entries, one
+    /// by one, and keeps the recent ones (the hand-written map it replaced emptied itself).
+    #[test]
+    fn a_full_memory_store_evicts_the_least_recent_entries_and_keeps_the_recent_ones() {
+        // Room for ten entries of 1,000 bytes under 12-byte keys, not eleven.
+        let store = MemoryStore::new(10 * 1100);
+        let ttl = Duration::from_secs(60);
+        let key = |i: usize| format!("cache:r:{i:04}");
+        let kept = |range: std::ops::Range<usize>| -> Vec<usize> {
+            range.filter(|i| block_on(store.get(&key(*i))).unwrap().is_some()).collect()
+        };
+        let put = |i: usize| {
+            block_on(store.put(&key(i), &entry(1000), ttl)).unwrap();
+            store.entries.run_pending_tasks();
+        };
+        (0..10).for_each(put);
+        assert_eq!(kept(0..1), [0], "entry 0 is read: now the most recently used");
+        store.entries.run_pending_tasks();
+        (10..13).for_each(put);
+        assert_eq!(kept(0..13), [0, 4, 5, 6, 7, 8, 9, 10, 11, 12], "1, 2 and 3 made room");
+        store.entries.run_pending_tasks();
+        (13..100).for_each(put);
+        assert!(store.entries.weighted_size() <= 10 * 1100, "bounded by its bytes");
+        assert_eq!(kept(0..100), (90..100).collect::<Vec<_>>(), "full of the newest entries");
+    }
+
+    #[test]
+    fn memory_entries_expire_after_their_own_ttl_and_purge_by_route() {
+        let store = MemoryStore::new(1 << 20);
+        block_on(store.put("cache:prices:1", &entry(10), Duration::from_millis(30))).unwrap();
+        block_on(store.put("cache:prices:2", &entry(10), Duration::from_secs(60))).unwrap();
+        block_on(store.put("cache:curves:1", &entry(10), Duration::from_secs(60))).unwrap();
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(block_on(store.get("cache:prices:1")).unwrap().is_none(), "expired");
+        assert!(block_on(store.get("cache:prices:2")).unwrap().is_some(), "its own TTL");
+        assert_eq!(block_on(store.purge("pri")).unwrap(), 1, "the live entry of the route");
+        assert!(block_on(store.get("cache:prices:2")).unwrap().is_none());
+        assert!(block_on(store.get("cache:curves:1")).unwrap().is_some(), "other routes stay");
     }
 }

@@ -92,7 +92,8 @@ pub struct Config {
     /// The cheap per-address limit applied before any token is verified. Behind a load balancer,
     /// set `trusted_proxies`, or every client shares the balancer's address.
     pub ip_limit: ratelimit::Policy,
-    /// Bodies kept by the in-process cache (no Redis), bytes.
+    /// Bytes of entries (bodies, headers and keys) kept by the in-process cache (no Redis); when
+    /// full, the least recently used entries make room.
     pub cache_max_bytes: usize,
 }
 
