@@ -1,11 +1,19 @@
 //! The gateway role (port 8000): the platform's REST front door.
 //!
 //! - [`routes`]: the route table (file or built-in), compiled and swapped whole on SIGHUP.
-//! - [`proxy`]: the request path: route, authenticate, entitle, breaker, forward.
+//! - [`proxy`]: the request path, a pipeline read top to bottom: one [`proxy::Exchange`] per
+//!   request carried through ordered steps (canonical target, route, per-client limit, identity,
+//!   the identity's share, cache key, rate limit, entitlement, cache lookup, body, breaker and
+//!   upstream, cache store, list items, response headers, metrics and usage). Adding a step is
+//!   one function and one line in [`proxy::forward`].
+//! - [`upstream`]: the call to a route's upstreams ([`upstream::Call`]): headers rewritten,
+//!   round-robin, breaker, timeout, retries.
 //! - [`breaker`]: a circuit breaker per upstream.
 //! - [`upstream_tls`]: the upstream clients: plain HTTP, TLS and mTLS per upstream group, HTTP/2.
-//! - [`cache`]: the response cache (Redis or in-process), with revalidation and coalescing.
+//! - [`cache`]: the response cache: [`cache::store`] (Redis or in-process), [`cache::policy`]
+//!   (the HTTP caching rules), [`cache::serve`] (lookup, coalescing, fill, revalidation).
 //! - [`ratelimit`]: GCRA rate limits in Redis (or in-process), and the cheap per-IP limit.
+//! - [`items`]: per-item entitlements of list responses.
 //! - [`usage`]: per-tenant usage pushed to the metrics role.
 //! - `admin`: the gateway's own endpoints and their API document.
 //!
@@ -15,11 +23,11 @@
 mod admin;
 pub mod breaker;
 pub mod cache;
-mod cached;
 pub mod items;
 pub mod proxy;
 pub use proxy::names;
 pub mod routes;
+pub mod upstream;
 pub mod upstream_tls;
 pub mod usage;
 

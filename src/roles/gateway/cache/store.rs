@@ -1,42 +1,16 @@
-//! The response cache for GET and HEAD: Redis (shared) or in-process (the embedded default).
-//!
-//! Keys cover the method, the route, the path, the sorted query and the tenant (and the user when
-//! the route says `vary_user`), so no tenant ever sees another's data:
-//! `<prefix>cache:<route>:<sha256>`. Upstream `Cache-Control` decides: `no-store` and `private`
-//! are never stored, `s-maxage` beats `max-age`, nothing without either is stored, and
-//! `stale-while-revalidate` lets a stale entry be served while one revalidation (with
-//! `If-None-Match`) goes upstream. Entries over the route's size cap are not stored.
+//! Where cached responses live: the [`Store`] seam, [`RedisStore`] (shared by every replica) and
+//! [`MemoryStore`] (in-process, the embedded default), and the stored form of a response,
+//! [`Entry`].
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use base64::Engine;
 use bytes::Bytes;
 use fred::prelude::KeysInterface;
 use futures::future::BoxFuture;
-use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::backends::breaker::CallError;
 use crate::backends::redis::{Client as RedisClient, Guarded};
-
-/// A route's cache policy (`cache:` in the route table).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CachePolicy {
-    /// Key on the user as well as the tenant.
-    #[serde(default)]
-    pub vary_user: bool,
-    /// Largest body stored, bytes.
-    #[serde(default = "default_max_entry")]
-    pub max_entry_bytes: usize,
-}
-
-fn default_max_entry() -> usize {
-    1024 * 1024
-}
 
 /// A stored response.
 #[derive(Debug, Clone, PartialEq)]
@@ -131,66 +105,6 @@ impl Entry {
     fn weight(&self) -> usize {
         self.body.len() + self.headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
     }
-}
-
-/// What `Cache-Control` allows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Directives {
-    /// `no-store` or `private`: never stored here.
-    pub uncacheable: bool,
-    /// `s-maxage`, else `max-age`.
-    pub max_age: Option<u64>,
-    /// `stale-while-revalidate`.
-    pub swr: u64,
-}
-
-/// Parses a `Cache-Control` value.
-pub fn directives(value: Option<&str>) -> Directives {
-    let mut d = Directives::default();
-    let (mut max_age, mut s_maxage) = (None, None);
-    for part in value.unwrap_or_default().split(',') {
-        let part = part.trim().to_ascii_lowercase();
-        let (name, arg) = part
-            .split_once('=')
-            .map(|(n, a)| (n.trim().to_string(), Some(a.trim().trim_matches('"').to_string())))
-            .unwrap_or((part.clone(), None));
-        let secs = arg.as_deref().and_then(|a| a.parse::<u64>().ok());
-        match name.as_str() {
-            "no-store" | "private" | "no-cache" => d.uncacheable = true,
-            "max-age" => max_age = secs,
-            "s-maxage" => s_maxage = secs,
-            "stale-while-revalidate" => d.swr = secs.unwrap_or(0),
-            _ => {}
-        }
-    }
-    d.max_age = s_maxage.or(max_age);
-    d
-}
-
-/// The cache key of a request.
-pub fn key(
-    method: &str,
-    route: &str,
-    path: &str,
-    query: Option<&str>,
-    tenant: &str,
-    user: Option<&str>,
-) -> String {
-    // The query as forwarded (canonical: `server::target`), its parameters ordered by name with
-    // a stable sort: distinct names in any order share an entry, but repeated names keep their
-    // order (`limit=2&limit=1` is not `limit=1&limit=2` to an upstream that takes the first)
-    // and `a` stays distinct from `a=`.
-    let query = match query.unwrap_or_default() {
-        "" => String::new(),
-        query => {
-            let mut params: Vec<&str> = query.split('&').collect();
-            params.sort_by_key(|p| p.split('=').next().unwrap_or_default());
-            params.join("&")
-        }
-    };
-    let material =
-        format!("{method}\n{route}\n{path}\n{query}\n{tenant}\n{}", user.unwrap_or_default());
-    format!("cache:{route}:{}", hex::encode(Sha256::digest(material.as_bytes())))
 }
 
 /// Unix ms now.
@@ -387,184 +301,9 @@ impl Store for RedisStore {
     }
 }
 
-/// Counters for `GET /api/v1/cache/stats`.
-#[derive(Debug, Default)]
-pub struct Stats {
-    /// Served fresh from the cache.
-    pub hits: AtomicU64,
-    /// Went upstream.
-    pub misses: AtomicU64,
-    /// Served stale while revalidating.
-    pub stale: AtomicU64,
-    /// Not cacheable.
-    pub bypass: AtomicU64,
-    /// Revalidations sent upstream.
-    pub revalidations: AtomicU64,
-    /// Requests that waited for another request's upstream fetch.
-    pub coalesced: AtomicU64,
-    /// Store failures (the request went upstream).
-    pub errors: AtomicU64,
-}
-
-/// Metric names.
-pub mod names {
-    /// Cache results by route and result.
-    pub const RESULTS: &str = "access_gateway_cache_results_total";
-    /// Revalidations by route.
-    pub const REVALIDATIONS: &str = "access_gateway_cache_revalidations_total";
-}
-
-/// The cache: a store, single-flight per key, and counters.
-pub struct Cache {
-    /// The store.
-    pub store: Arc<dyn Store>,
-    /// In-flight fetches by key: later requests wait for the first (one upstream hit per key per
-    /// replica). A std mutex held to look up or insert a sender.
-    inflight: Mutex<HashMap<String, tokio::sync::watch::Sender<bool>>>,
-    /// Counters.
-    pub stats: Stats,
-}
-
-/// Who fetches a key.
-pub enum Flight {
-    /// This request fetches; finishing (or dropping) the guard wakes the others.
-    Leader(FlightGuard),
-    /// Another request is fetching; wait, then look again.
-    Follower(tokio::sync::watch::Receiver<bool>),
-}
-
-/// Held by the fetching request.
-pub struct FlightGuard {
-    cache: Arc<Cache>,
-    key: String,
-}
-
-impl Drop for FlightGuard {
-    fn drop(&mut self) {
-        if let Some(tx) =
-            self.cache.inflight.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.key)
-        {
-            let _ = tx.send(true);
-        }
-    }
-}
-
-impl Cache {
-    /// A cache over `store`.
-    pub fn new(store: Arc<dyn Store>) -> Arc<Self> {
-        Arc::new(Cache { store, inflight: Mutex::default(), stats: Stats::default() })
-    }
-
-    /// Joins or leads the fetch of `key`.
-    pub fn flight(self: &Arc<Self>, key: &str) -> Flight {
-        let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
-        match inflight.get(key) {
-            Some(tx) => Flight::Follower(tx.subscribe()),
-            None => {
-                inflight.insert(key.to_string(), tokio::sync::watch::channel(false).0);
-                Flight::Leader(FlightGuard { cache: self.clone(), key: key.to_string() })
-            }
-        }
-    }
-
-    /// Counts a result for `route`.
-    pub fn count(&self, route: &super::routes::Route, result: Outcome) {
-        let field = match result {
-            Outcome::Hit => &self.stats.hits,
-            Outcome::Miss => &self.stats.misses,
-            Outcome::Stale => &self.stats.stale,
-            Outcome::Bypass => &self.stats.bypass,
-        };
-        field.fetch_add(1, Ordering::Relaxed);
-        route.cache_results.0[result as usize].increment(1);
-    }
-}
-
-/// How the cache treated a request: the `result` label, and the `X-Cache` header.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// Served fresh from the cache.
-    Hit = 0,
-    /// Fetched upstream.
-    Miss = 1,
-    /// Served stale while one revalidation goes upstream.
-    Stale = 2,
-    /// Not cacheable (route, method or the client's `Cache-Control`).
-    Bypass = 3,
-}
-
-impl Outcome {
-    /// Every outcome, in discriminant order.
-    pub const ALL: [Outcome; 4] = [Outcome::Hit, Outcome::Miss, Outcome::Stale, Outcome::Bypass];
-
-    /// The metric label.
-    pub fn label(self) -> &'static str {
-        match self {
-            Outcome::Hit => "hit",
-            Outcome::Miss => "miss",
-            Outcome::Stale => "stale",
-            Outcome::Bypass => "bypass",
-        }
-    }
-
-    /// The `X-Cache` value.
-    pub fn header(self) -> http::HeaderValue {
-        http::HeaderValue::from_static(match self {
-            Outcome::Hit => "HIT",
-            Outcome::Miss => "MISS",
-            Outcome::Stale => "STALE",
-            Outcome::Bypass => "BYPASS",
-        })
-    }
-}
-
-/// A route's `access_gateway_cache_results_total` counters, by [`Outcome`], registered once.
-pub struct ResultCounters([metrics::Counter; 4]);
-
-impl std::fmt::Debug for ResultCounters {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ResultCounters")
-    }
-}
-
-impl ResultCounters {
-    /// For the route named `route`.
-    pub fn new(route: &str) -> Self {
-        ResultCounters(Outcome::ALL.map(|result| {
-            metrics::counter!(names::RESULTS, "role" => "gateway", "route" => route.to_string(), "result" => result.label())
-        }))
-    }
-}
-
-/// Headers kept with an entry.
-pub const KEPT: &[&str] =
-    &["content-type", "etag", "cache-control", "last-modified", "content-encoding", "vary"];
-
-/// Whether an `If-None-Match` value matches `etag`.
-pub fn etag_matches(if_none_match: &str, etag: &str) -> bool {
-    let bare = |t: &str| t.trim().trim_start_matches("W/").to_string();
-    if_none_match.trim() == "*" || if_none_match.split(',').any(|t| bare(t) == bare(etag))
-}
-
-/// A stable ETag for a body when the upstream gives none.
-pub fn weak_etag(body: &[u8]) -> String {
-    format!(
-        "W/\"{}\"",
-        &base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(Sha256::digest(body))[..22]
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn outcomes_index_their_counters_and_name_their_header() {
-        for (i, outcome) in Outcome::ALL.into_iter().enumerate() {
-            assert_eq!(outcome as usize, i, "ALL is in discriminant order");
-            assert_eq!(outcome.header(), outcome.label().to_ascii_uppercase().as_str());
-        }
-    }
 
     #[test]
     fn entries_round_trip_and_anything_else_is_refused() {
@@ -593,49 +332,6 @@ mod tests {
         other[3] = b'2';
         assert_eq!(Entry::decode(&Bytes::from(other)), None, "another version");
         assert_eq!(Entry::decode(&Bytes::from_static(b"{\"status\":200}")), None, "the old JSON");
-    }
-
-    #[test]
-    fn cache_control_is_read_as_documented() {
-        assert_eq!(
-            directives(Some("max-age=60")),
-            Directives { uncacheable: false, max_age: Some(60), swr: 0 }
-        );
-        assert_eq!(
-            directives(Some("public, max-age=60, s-maxage=10, stale-while-revalidate=30")).max_age,
-            Some(10)
-        );
-        assert_eq!(directives(Some("max-age=60, stale-while-revalidate=30")).swr, 30);
-        assert!(directives(Some("no-store")).uncacheable);
-        assert!(directives(Some("private, max-age=60")).uncacheable);
-        assert_eq!(directives(None).max_age, None);
-    }
-
-    #[test]
-    fn keys_separate_tenants_and_users_and_ignore_query_order() {
-        let a = key("GET", "prices", "/p", Some("a=1&b=2"), "t1", None);
-        assert_eq!(a, key("GET", "prices", "/p", Some("b=2&a=1"), "t1", None));
-        assert_ne!(a, key("GET", "prices", "/p", Some("a=1&b=2"), "t2", None));
-        assert_ne!(a, key("HEAD", "prices", "/p", Some("a=1&b=2"), "t1", None));
-        assert_ne!(
-            key("GET", "r", "/p", None, "t1", Some("u1")),
-            key("GET", "r", "/p", None, "t1", Some("u2"))
-        );
-        assert!(a.starts_with("cache:prices:"));
-        // What an upstream may read differently never shares an entry.
-        let k = |q: &str| key("GET", "r", "/p", Some(q), "t1", None);
-        assert_ne!(k("limit=2&limit=1"), k("limit=1&limit=2"), "repeated names keep their order");
-        assert_eq!(k("b=1&limit=2&limit=1"), k("limit=2&b=1&limit=1"));
-        assert_ne!(k("a"), k("a="));
-        assert_ne!(k("a=x+y"), k("a=x%20y"));
-    }
-
-    #[test]
-    fn etags_match_weak_and_lists() {
-        assert!(etag_matches("\"abc\"", "\"abc\""));
-        assert!(etag_matches("W/\"abc\", \"x\"", "\"abc\""));
-        assert!(etag_matches("*", "\"abc\""));
-        assert!(!etag_matches("\"abd\"", "\"abc\""));
     }
 
     fn entry(body: usize) -> Entry {
