@@ -106,9 +106,42 @@ pub struct Outcome {
     pub tightest: Option<(String, Policy, Verdict)>,
     /// The store failed and `on_store_error` is `closed`.
     pub store_unavailable: bool,
-    /// What the script read for the key passed to [`Limiter::check`] as `also_get`: `None` when
-    /// it did not run (no Redis, or Redis failed), else the value, if the key exists.
-    pub fetched: Option<Option<Bytes>>,
+}
+
+impl Outcome {
+    /// Allowed without a verdict: no policy applies, or the store failed and the limiter fails
+    /// open.
+    fn open() -> Self {
+        Outcome { allowed: true, tightest: None, store_unavailable: false }
+    }
+}
+
+/// What the limiter's script read, in the same round trip, for the key [`Limiter::check`] was
+/// asked to read (the request's response-cache entry).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CacheRead {
+    /// Nothing was read: none asked, no Redis, or Redis failed (the caller reads it itself).
+    NotAsked,
+    /// The script looked and the key does not exist.
+    Miss,
+    /// The key's value.
+    Hit(Bytes),
+}
+
+/// The answer of one [`Limiter::check`]: the rate-limit outcome and, from the same Redis round
+/// trip, the cache read it was asked for. A limited request still gets its read (it is not used).
+#[derive(Debug, Clone)]
+pub struct LimitAndLookup {
+    /// Whether the request may proceed, and the tightest policy.
+    pub outcome: Outcome,
+    /// The cache read.
+    pub cached: CacheRead,
+}
+
+impl From<Outcome> for LimitAndLookup {
+    fn from(outcome: Outcome) -> Self {
+        LimitAndLookup { outcome, cached: CacheRead::NotAsked }
+    }
 }
 
 /// The in-process GCRA: theoretical arrival times by key (a string, or a client address for the
@@ -307,13 +340,13 @@ impl Limiter {
     }
 
     /// Checks the named policies for `subject` (a user, `apikey:<id>` or `ip:<addr>`). With Redis,
-    /// `also_get` (a full key) is read in the same script; see [`Outcome::fetched`].
+    /// `also_get` (a full key) is read in the same script: see [`LimitAndLookup::cached`].
     pub async fn check(
         &self,
         policy_names: &[String],
         subject: &str,
         also_get: Option<String>,
-    ) -> Outcome {
+    ) -> LimitAndLookup {
         let policies = self.policies();
         // Full keys (with the Redis prefix); the in-process GCRA uses the same ones.
         let prefix = self.redis.as_ref().map_or("", |(_, prefix)| prefix.as_str());
@@ -323,19 +356,14 @@ impl Limiter {
             .map(|(name, p)| (format!("{prefix}rl:{name}:{subject}"), p, name.as_str()))
             .collect();
         if items.is_empty() {
-            return Outcome {
-                allowed: true,
-                tightest: None,
-                store_unavailable: false,
-                fetched: None,
-            };
+            return Outcome::open().into();
         }
         let local = |items: &[(String, &Policy, &str)]| {
             let pairs: Vec<(String, &Policy)> =
                 items.iter().map(|(k, p, _)| (k.clone(), *p)).collect();
             self.local.check(&pairs)
         };
-        let mut fetched = None;
+        let mut cached = CacheRead::NotAsked;
         let verdicts = match &self.redis {
             None => local(&items),
             Some((batcher, _)) => {
@@ -348,7 +376,9 @@ impl Limiter {
                 };
                 match answer {
                     Ok((verdicts, read)) => {
-                        fetched = reads.then_some(read);
+                        if reads {
+                            cached = read.map_or(CacheRead::Miss, CacheRead::Hit);
+                        }
                         verdicts
                     }
                     Err(error) => {
@@ -359,21 +389,14 @@ impl Limiter {
                         tracing::debug!(role = "gateway", error = %error, mode = ?self.on_error, "rate-limit store unavailable");
                         match self.on_error {
                             OnStoreError::Local => local(&items),
-                            OnStoreError::Open => {
-                                return Outcome {
-                                    allowed: true,
-                                    tightest: None,
-                                    store_unavailable: false,
-                                    fetched: None,
-                                }
-                            }
+                            OnStoreError::Open => return Outcome::open().into(),
                             OnStoreError::Closed => {
                                 return Outcome {
                                     allowed: false,
                                     tightest: None,
                                     store_unavailable: true,
-                                    fetched: None,
                                 }
+                                .into()
                             }
                         }
                     }
@@ -394,7 +417,9 @@ impl Limiter {
             .zip(&verdicts)
             .min_by_key(|(_, v)| (v.allowed, v.remaining))
             .map(|((_, p, name), v)| (name.to_string(), (*p).clone(), *v));
-        Outcome { allowed: allowed || self.shadow, tightest, store_unavailable: false, fetched }
+        let outcome =
+            Outcome { allowed: allowed || self.shadow, tightest, store_unavailable: false };
+        LimitAndLookup { outcome, cached }
     }
 
     fn count(&self, policy: &str, decision: Decision) {

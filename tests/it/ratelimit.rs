@@ -342,7 +342,7 @@ async fn redis_client(url: &str, timeout: Option<Duration>) -> access::backends:
 /// exists, an explicit "none" when it does not, and the verdicts are the same as without it.
 #[tokio::test]
 async fn the_limit_script_reads_the_cache_entry_in_the_same_round_trip() {
-    use access::ratelimit::{Limiter, OnStoreError, Policy};
+    use access::ratelimit::{CacheRead, Limiter, OnStoreError, Policy};
     use fred::prelude::KeysInterface;
     let guarded = redis_client(REDIS_URL, None).await;
     let client = guarded.client.clone();
@@ -358,17 +358,21 @@ async fn the_limit_script_reads_the_cache_entry_in_the_same_round_trip() {
     let _: () = client.set(&entry, "{\"stored\":1}", None, None, false).await.unwrap();
     let names = ["p".to_string()];
     let first = limiter.check(&names, "u", Some(entry.clone())).await;
-    assert!(first.allowed);
-    assert_eq!(first.fetched, Some(Some(bytes::Bytes::from_static(b"{\"stored\":1}"))));
+    assert!(first.outcome.allowed);
+    assert_eq!(first.cached, CacheRead::Hit(bytes::Bytes::from_static(b"{\"stored\":1}")));
     let second = limiter.check(&names, "u", Some(format!("{prefix}cache:r:absent"))).await;
-    assert!(second.allowed);
-    assert_eq!(second.fetched, Some(None), "a missing entry is read as none, not skipped");
+    assert!(second.outcome.allowed);
+    assert_eq!(second.cached, CacheRead::Miss, "a missing entry is read as none, not skipped");
     let third = limiter.check(&names, "u", Some(entry.clone())).await;
-    assert!(!third.allowed, "the burst of 2 is spent whether or not an entry is read");
-    assert!(third.fetched.is_some(), "a limited request still gets the script's answer");
+    assert!(!third.outcome.allowed, "the burst of 2 is spent whether or not an entry is read");
+    assert_ne!(
+        third.cached,
+        CacheRead::NotAsked,
+        "a limited request still gets the script's answer"
+    );
     let without = limiter.check(&names, "u", None).await;
-    assert!(!without.allowed);
-    assert_eq!(without.fetched, None, "nothing asked, nothing read");
+    assert!(!without.outcome.allowed);
+    assert_eq!(without.cached, CacheRead::NotAsked, "nothing asked, nothing read");
     let _: i64 = client.del(vec![entry, format!("{prefix}rl:p:u")]).await.unwrap();
 }
 
@@ -394,7 +398,9 @@ async fn concurrent_checks_share_script_calls_and_stay_exact() {
     let checks = (0..300).map(|i| {
         let (limiter, names) = (limiter.clone(), names.clone());
         // Two subjects: each has its own bucket of 100.
-        tokio::spawn(async move { limiter.check(&names, &format!("u{}", i % 2), None).await })
+        tokio::spawn(
+            async move { limiter.check(&names, &format!("u{}", i % 2), None).await.outcome },
+        )
     });
     let outcomes = futures::future::join_all(checks).await;
     let mut allowed = [0, 0];
@@ -412,7 +418,7 @@ async fn concurrent_checks_share_script_calls_and_stay_exact() {
     assert_eq!(counts["p"].allowed.load(std::sync::atomic::Ordering::Relaxed), 200);
     assert_eq!(counts["p"].limited.load(std::sync::atomic::Ordering::Relaxed), 100);
     for subject in ["u0", "u1"] {
-        let wide_only = limiter.check(&["wide".to_string()], subject, None).await;
+        let wide_only = limiter.check(&["wide".to_string()], subject, None).await.outcome;
         let (_, _, verdict) = wide_only.tightest.expect("a verdict");
         assert!(wide_only.allowed);
         assert_eq!(verdict.remaining, 150 - 100 - 1, "only the 100 allowed checks consumed it");
@@ -440,12 +446,15 @@ async fn a_hanging_redis_costs_each_check_one_timeout_not_a_queue_of_them() {
         false,
     ));
     let names = ["p".to_string()];
-    assert!(limiter.check(&names, "warm", None).await.allowed, "Redis answers before the hang");
+    assert!(
+        limiter.check(&names, "warm", None).await.outcome.allowed,
+        "Redis answers before the hang"
+    );
     redis.freeze();
     let started = std::time::Instant::now();
     let checks = (0..2000).map(|i| {
         let (limiter, names) = (limiter.clone(), names.clone());
-        tokio::spawn(async move { limiter.check(&names, &format!("u{i}"), None).await })
+        tokio::spawn(async move { limiter.check(&names, &format!("u{i}"), None).await.outcome })
     });
     for outcome in futures::future::join_all(checks).await {
         let outcome = outcome.unwrap();

@@ -1,11 +1,19 @@
 //! The gateway role (port 8000): the platform's REST front door.
 //!
 //! - [`routes`]: the route table (file or built-in), compiled and swapped whole on SIGHUP.
-//! - [`proxy`]: the request path: route, authenticate, entitle, breaker, forward.
+//! - [`proxy`]: the request path, a pipeline read top to bottom: one [`proxy::Exchange`] per
+//!   request carried through ordered steps (canonical target, route, per-client limit, identity,
+//!   the identity's share, cache key, rate limit, entitlement, cache lookup, body, breaker and
+//!   upstream, cache store, list items, response headers, metrics and usage). Adding a step is
+//!   one function and one line in [`proxy::forward`].
+//! - [`upstream`]: the call to a route's upstreams ([`upstream::Call`]): headers rewritten,
+//!   round-robin, breaker, timeout, retries.
 //! - [`breaker`]: a circuit breaker per upstream.
 //! - [`upstream_tls`]: the upstream clients: plain HTTP, TLS and mTLS per upstream group, HTTP/2.
-//! - [`cache`]: the response cache (Redis or in-process), with revalidation and coalescing.
+//! - [`cache`]: the response cache: [`cache::store`] (Redis or in-process), [`cache::policy`]
+//!   (the HTTP caching rules), [`cache::serve`] (lookup, coalescing, fill, revalidation).
 //! - [`ratelimit`]: GCRA rate limits in Redis (or in-process), and the cheap per-IP limit.
+//! - [`items`]: per-item entitlements of list responses.
 //! - [`usage`]: per-tenant usage pushed to the metrics role.
 //! - `admin`: the gateway's own endpoints and their API document.
 //!
@@ -15,11 +23,11 @@
 mod admin;
 pub mod breaker;
 pub mod cache;
-mod cached;
 pub mod items;
 pub mod proxy;
 pub use proxy::names;
 pub mod routes;
+pub mod upstream;
 pub mod upstream_tls;
 pub mod usage;
 
@@ -92,7 +100,8 @@ pub struct Config {
     /// The cheap per-address limit applied before any token is verified. Behind a load balancer,
     /// set `trusted_proxies`, or every client shares the balancer's address.
     pub ip_limit: ratelimit::Policy,
-    /// Bodies kept by the in-process cache (no Redis), bytes.
+    /// Bytes of entries (bodies, headers and keys) kept by the in-process cache (no Redis); when
+    /// full, the least recently used entries make room.
     pub cache_max_bytes: usize,
 }
 
@@ -130,8 +139,8 @@ impl Config {
     /// Checks the section, compiling the route table.
     pub fn validate(&self) -> Vec<Problem> {
         let mut problems = Vec::new();
-        if let Err(e) = self.table() {
-            problems.extend(e.split("; ").map(|p| Problem::new("gateway.routes_file", p)));
+        if let Err(RouteProblems(table)) = self.table() {
+            problems.extend(table);
         }
         let ip = &self.ip_limit;
         if ip.rate == 0 || ip.burst == 0 || ip.period.is_zero() {
@@ -149,37 +158,47 @@ impl Config {
 
     /// The route table and the rate-limit policies (config, then the route file's), checked
     /// together: every policy a route names must exist.
-    fn table(&self) -> Result<(Table, BTreeMap<String, ratelimit::Policy>), String> {
-        let file = routes::load_file(self.routes_file.as_deref())?;
+    fn table(&self) -> Result<(Table, BTreeMap<String, ratelimit::Policy>), RouteProblems> {
+        let problem = |message: String| Problem::new("gateway.routes_file", message);
+        let file = routes::load_file(self.routes_file.as_deref())
+            .map_err(|e| RouteProblems(vec![problem(e)]))?;
         let mut policies = self.rate_limits.clone();
         policies.extend(file.rate_limits);
         let mut problems = Vec::new();
         for spec in &file.routes {
             for policy in spec.rate_limits.iter().filter(|p| !policies.contains_key(*p)) {
-                problems.push(format!(
+                problems.push(problem(format!(
                     "route {} names an unknown rate-limit policy {policy:?}",
                     spec.name
-                ));
+                )));
             }
         }
         for (name, p) in &policies {
             if p.rate == 0 || p.burst == 0 || p.period.is_zero() {
-                problems.push(format!(
+                problems.push(problem(format!(
                     "rate limit {name}: rate, burst and period must be greater than 0"
-                ));
+                )));
             }
         }
         let table = Table::compile(file.routes, &self.upstreams, self.timeout, self.retries);
         match table {
             Ok(table) if problems.is_empty() => Ok((table, policies)),
-            Ok(_) => Err(problems.join("; ")),
-            Err(mut p) => {
-                p.extend(problems);
-                Err(p.join("; "))
+            Ok(_) => Err(RouteProblems(problems)),
+            Err(compiled) => {
+                let mut all: Vec<Problem> = compiled.into_iter().map(problem).collect();
+                all.extend(problems);
+                Err(RouteProblems(all))
             }
         }
     }
 }
+
+/// Why a route table (with its rate-limit policies) was refused: every problem, each under the
+/// key `gateway.routes_file` and naming its route and field. Shown as one line, the messages
+/// joined by `; ` (the reload log, the start-up error); `check-config` lists them one by one.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{}", .0.iter().map(|p| p.message.as_str()).collect::<Vec<_>>().join("; "))]
+pub struct RouteProblems(pub Vec<Problem>);
 
 /// The role's state: one `Arc`, because axum clones it for every request and extractor.
 #[derive(Clone)]
@@ -247,7 +266,7 @@ impl Shared {
 
     /// Re-reads the route table and its rate-limit policies; a bad file is refused and the
     /// current ones kept.
-    pub fn reload(&self) -> Result<usize, String> {
+    pub fn reload(&self) -> Result<usize, RouteProblems> {
         let (table, policies) = self.config.table()?;
         let n = table.routes().len();
         *self.table.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);

@@ -1,27 +1,51 @@
-//! The request path for data routes (`docs/contracts.md`): route match on the canonical target
-//! (404/405) -> per-address limit (429) -> authenticate (401) -> the identity's share of requests
-//! in flight (429) -> rate limit (429) -> entitlement (403) -> cache -> the body read in full
-//! (413/408) -> circuit breaker (503) -> upstream with timeout and retries (502/504) -> response.
-//! CORS preflights are answered by the CORS layer before this, and the target was made canonical
-//! (or refused) before any route was matched ([`crate::server::target`]).
+//! The request path for data routes: one [`Exchange`] per request, carried through the steps of
+//! [`forward`] in order, top to bottom (`docs/contracts.md`, "The request path through the
+//! gateway"):
+//!
+//! 1. `Exchange::new`: the canonical target (400 `invalid_path`) and the route (404, 405);
+//! 2. `per_client_limit`: the cheap per-address limit (429), before any signature is checked;
+//! 3. `identify`: authenticate, JWT or API key (401);
+//! 4. `identity_share`: the identity's share of the requests in flight (429);
+//! 5. `cache_key`: whether the request may be served from the cache, and under which key;
+//! 6. `rate_limit`: GCRA by subject (429), reading the cache entry in the same round trip;
+//! 7. `entitle`: the route's entitlement (403), decided in-process;
+//! 8. `cache_lookup`: a `HIT` or `STALE` answer here skips the body read and the upstream;
+//! 9. `read_body`: the body read in full (413, 408);
+//! 10. `upstream`: circuit breaker (503) and upstream with timeout and retries (502, 504);
+//! 11. `cache_store`: the answer stored when this request fetched for its key; `X-Cache`;
+//! 12. `filter_items`: a list response keeps only the items the caller may read;
+//! 13. `response_headers`: private `Cache-Control` for identified callers, `RateLimit-*`,
+//!     `X-Entitlements-Version`;
+//! 14. `metrics_and_usage`: the route's request metrics and the tenant's usage.
+//!
+//! A step is `async fn step(x: &mut Exchange, state: &State) -> Result<(), Stop>`: it reads and
+//! fills the exchange, and ends the request early with [`Stop`]. Adding a step is one function
+//! here and one line in [`forward`] (and its place in the docs).
+//!
+//! Before this, the target was made canonical (or refused) before any route was matched
+//! ([`crate::server::target`]); the shared layer gave the request its id and took its client's
+//! share of the request slots, load shedding and size limits ([`crate::server::layers`]); and
+//! CORS preflights were answered by the gateway router's CORS layer.
 
 use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Instant;
 
-use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State as AxumState};
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Uri};
+use http::Method;
 
-use super::breaker::Admission;
-use super::routes::{render_resource, AuthMode};
+use super::cache::serve::{self as cache, Lookup};
+use super::routes::{render_resource, AuthMode, Route};
+use super::upstream::{self as up, Call};
 use super::State;
 use crate::auth::{AuthError, Identity, Reason};
 use crate::error::{ApiError, ErrorCode};
-use crate::server::client::ClientAddr;
+use crate::ratelimit::LimitAndLookup;
+use crate::server::client::{ClientAddr, Slot};
 use crate::server::layers::{method_label, status_class};
 use crate::server::target;
 
@@ -77,179 +101,157 @@ pub mod names {
     }
 }
 
-/// Says how the response cache treated a response: `HIT`, `MISS`, `STALE` or `BYPASS`.
-pub static X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 /// The rules version a data response's entitlement was decided at.
 pub static X_ENTITLEMENTS_VERSION: HeaderName = HeaderName::from_static("x-entitlements-version");
 
 /// The API-key header (never forwarded).
 pub static API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
-/// Identity headers the gateway sets for upstreams; copies sent by clients are removed.
-pub static IDENTITY_HEADERS: [HeaderName; 3] = [
-    HeaderName::from_static("x-user-id"),
-    HeaderName::from_static("x-tenant-id"),
-    HeaderName::from_static("x-user-roles"),
-];
-
-/// Client headers whose names, normalised (lower case, `_` read as `-`, since WSGI/CGI servers
-/// read `X_User_Id` as `X-User-Id`), are one of these are never forwarded: identity and
-/// credentials the gateway owns, forwarding information only trusted proxies may set, and the
-/// path and method overrides some frameworks obey (a different target than the one checked).
-const RESERVED_HEADERS: &[&str] = &[
-    "forwarded",
-    "x-forwarded",
-    "x-original-forwarded-for",
-    "x-user",
-    "x-userid",
-    "x-tenant",
-    "tenant-id",
-    "x-roles",
-    "x-groups",
-    "x-email",
-    "x-auth",
-    "x-authenticated-user",
-    "x-authenticated-userid",
-    "x-scope-orgid",
-    "x-org-id",
-    "x-account-id",
-    "x-webauth-user",
-    "x-access-token",
-    "x-id-token",
-    "x-token",
-    "x-real-ip",
-    "x-client-ip",
-    "true-client-ip",
-    "cf-connecting-ip",
-    "x-cluster-client-ip",
-    "x-original-url",
-    "x-original-uri",
-    "x-original-method",
-    "x-rewrite-url",
-    "x-http-method-override",
-    "x-http-method",
-    "x-method-override",
-    "remote-user",
-    "x-remote-user",
-    "x-remote-addr",
-];
-
-/// Name prefixes reserved the same way: ours (`X-User-*`, `X-Tenant-*`), forwarding
-/// (`X-Forwarded-*`), and the identity and client-certificate headers other proxies and
-/// platforms set (Kong's `X-Consumer-*`, Kubernetes' `Impersonate-*`, AWS ALB's
-/// `X-Amzn-Oidc-*`, IAP's `X-Goog-Authenticated-*`, Azure's `X-MS-Client-Principal*`, TLS
-/// terminators' `X-SSL-Client-*` / `X-Client-Cert*`), which an upstream may believe.
-const RESERVED_PREFIXES: &[&str] = &[
-    "x-forwarded-",
-    "x-user-",
-    "x-tenant-",
-    "x-auth-",
-    "x-authenticated-",
-    "x-consumer-",
-    "impersonate-",
-    "x-amzn-oidc-",
-    "x-goog-authenticated-",
-    "x-ms-client-principal",
-    "x-ssl-client",
-    "ssl-client",
-    "x-client-cert",
-    "x-client-ssl",
-];
-
-/// Whether a client header must not reach an upstream: see [`RESERVED_HEADERS`]. The caller's
-/// credentials (`Authorization`, `X-API-Key`) pass only on routes with `forward_authorization`;
-/// their underscore twins never do (they are not what the gateway verified).
-pub fn is_reserved(name: &HeaderName, forward_authorization: bool) -> bool {
-    let raw = name.as_str();
-    if raw == "authorization" || raw == "x-api-key" {
-        return !forward_authorization;
-    }
-    let name: Cow<str> =
-        if raw.contains('_') { Cow::Owned(raw.replace('_', "-")) } else { Cow::Borrowed(raw) };
-    if name == "authorization" || name == "x-api-key" {
-        return true;
-    }
-    RESERVED_HEADERS.contains(&name.as_ref())
-        || RESERVED_PREFIXES.iter().any(|p| name.starts_with(p))
+/// One proxied request on its way through the steps of [`forward`]: what it asked, what each
+/// step found, and the answer once there is one.
+pub struct Exchange {
+    /// When the gateway's handler took the request (`access_gateway_request_duration_seconds`).
+    started: Instant,
+    /// The request's method (the request itself goes upstream).
+    method: Method,
+    /// The client's request, canonical target included; taken by the upstream step.
+    request: Request,
+    /// The connection's peer.
+    peer: SocketAddr,
+    /// The client's address: the peer, or what a trusted proxy says ([`ClientAddr`]).
+    client: IpAddr,
+    /// The matched route.
+    route: Arc<Route>,
+    /// The route's path parameters, percent-decoded.
+    params: Vec<(String, String)>,
+    /// The verified caller; `None` for anonymous callers.
+    identity: Option<Identity>,
+    /// The identity's slot among its requests in flight, given back when the exchange ends.
+    in_flight: Option<Slot<String>>,
+    /// `RateLimit-*` of the tightest policy, for the answer.
+    limit_headers: Vec<(HeaderName, HeaderValue)>,
+    /// The rules version the entitlement was decided at (`X-Entitlements-Version`).
+    rules_version: Option<i64>,
+    /// Where the request stands with the response cache.
+    cache: Lookup,
+    /// The request body, read in full.
+    body: Bytes,
+    /// The body's size (usage).
+    bytes_in: u64,
+    /// The answer, from the cache or the upstream, as the steps after them shape it.
+    response: Option<Response>,
 }
 
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
+/// How a step ends the request before the last step.
+#[derive(Debug)]
+pub enum Stop {
+    /// Refused: the error is the answer; no step adds to it and it is not counted as usage.
+    Refused(ApiError),
+    /// Answered early (a rate-limit refusal): [`Exchange`]'s response is final, and counted as
+    /// usage.
+    Answered,
+}
 
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let listed: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in HOP_BY_HOP.iter().chain(listed.iter()) {
-        headers.remove(name);
+impl From<ApiError> for Stop {
+    fn from(e: ApiError) -> Self {
+        Stop::Refused(e)
     }
 }
 
-/// The fallback handler: every request that is not a gateway endpoint.
+/// The fallback handler: every request that is not a gateway endpoint, through the steps in order.
 pub async fn forward(
     AxumState(state): AxumState<State>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     req: Request,
 ) -> Response {
-    let started = Instant::now();
-    let table = state.table();
-    let method = req.method().clone();
-    // `serve` made the target canonical before routing; a router used without it must not
-    // match (and check) one spelling and forward another.
-    if !matches!(target::canonical_path(req.uri().path()), Ok(Cow::Borrowed(_))) {
-        return ApiError::new(ErrorCode::InvalidRequest, "the request target is not canonical")
-            .with_reason("invalid_path")
-            .into_response();
-    }
-    let Some(matched) = table.find(req.uri().path()) else {
-        return ApiError::not_found("no route for this path").into_response();
+    // An unrouted request has no exchange, and no metrics (their labels are route names).
+    let mut x = match Exchange::new(&state, peer, req) {
+        Ok(x) => x,
+        Err(unrouted) => return unrouted.into_response(),
     };
-    let (route, params) = (matched.route, matched.params);
-    if !route.allows(&method) {
-        return ApiError::new(ErrorCode::MethodNotAllowed, "method not allowed on this route")
-            .into_response();
+    let end = async {
+        per_client_limit(&mut x, &state)?;
+        identify(&mut x, &state).await?;
+        identity_share(&mut x, &state)?;
+        cache_key(&mut x, &state)?;
+        rate_limit(&mut x, &state).await?;
+        entitle(&mut x, &state).await?;
+        cache_lookup(&mut x, &state).await?;
+        read_body(&mut x, &state).await?;
+        upstream(&mut x, &state).await?;
+        cache_store(&mut x, &state).await?;
+        filter_items(&mut x, &state).await?;
+        response_headers(&mut x, &state)
     }
-    let route_name = route.spec.name.as_str();
-    let response = match handle(&state, &route, &params, peer, req).await {
-        Ok((response, identity, bytes_in)) => {
-            if let Some(identity) = &identity {
-                let bytes_out = response
-                    .headers()
-                    .get(header::CONTENT_LENGTH)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0);
-                state.usage.record(
-                    &identity.tenant,
-                    route_name,
-                    status_class(response.status().as_u16()),
-                    bytes_in,
-                    bytes_out,
-                );
-            }
-            response
+    .await;
+    metrics_and_usage(x, &state, end)
+}
+
+impl Exchange {
+    /// Steps 1 and 2: the target must be canonical, and a route must take it (404) with its
+    /// method (405). A list route's request loses its conditional headers here: a caller's copy
+    /// of a filtered list is not the upstream's body, so validators and ranges of the whole
+    /// body mean nothing for it (and a 304 would confirm a copy made at an older rules version).
+    fn new(state: &State, peer: SocketAddr, mut request: Request) -> Result<Exchange, ApiError> {
+        let started = Instant::now();
+        // `serve` made the target canonical before routing; a router used without it must not
+        // match (and check) one spelling and forward another.
+        if !matches!(target::canonical_path(request.uri().path()), Ok(Cow::Borrowed(_))) {
+            return Err(ApiError::new(
+                ErrorCode::InvalidRequest,
+                "the request target is not canonical",
+            )
+            .with_reason("invalid_path"));
         }
-        Err(e) => e.into_response(),
-    };
-    state.metrics.record(
-        route_name,
-        method_label(&method),
-        response.status().as_u16(),
-        started.elapsed().as_secs_f64(),
-    );
-    response
+        let Some(matched) = state.table().find(request.uri().path()) else {
+            return Err(ApiError::not_found("no route for this path"));
+        };
+        let method = request.method().clone();
+        if !matched.route.allows(&method) {
+            return Err(ApiError::new(
+                ErrorCode::MethodNotAllowed,
+                "method not allowed on this route",
+            ));
+        }
+        if matched.route.items.is_some() {
+            super::items::strip_conditionals(request.headers_mut());
+        }
+        let client = request.extensions().get::<ClientAddr>().map_or(peer.ip(), |c| c.0);
+        Ok(Exchange {
+            started,
+            method,
+            request,
+            peer,
+            client,
+            route: matched.route,
+            params: matched.params,
+            identity: None,
+            in_flight: None,
+            limit_headers: Vec::new(),
+            rules_version: None,
+            cache: Lookup::Bypass,
+            body: Bytes::new(),
+            bytes_in: 0,
+            response: None,
+        })
+    }
+}
+
+/// The cheap per-address limit (429), before any signature is checked: floods of bad tokens cost
+/// no verification.
+fn per_client_limit(x: &mut Exchange, state: &State) -> Result<(), Stop> {
+    if let Err(retry_after) = state.ip_limit.check(x.client) {
+        return Err(ApiError::new(ErrorCode::RateLimited, "too many requests from this address")
+            .with_retry_after(retry_after)
+            .into());
+    }
+    Ok(())
+}
+
+/// Authenticates the caller as the route asks: a bearer JWT or an API key (401 with a reason).
+async fn identify(x: &mut Exchange, state: &State) -> Result<(), Stop> {
+    x.identity = authenticate(state, x.route.spec.auth, x.request.headers()).await?;
+    Ok(())
 }
 
 async fn authenticate(
@@ -286,7 +288,95 @@ async fn authenticate(
     })
 }
 
-pub(super) type Handled = (Response, Option<Identity>, u64);
+/// One identity's share of the requests in flight (429 `too_many_in_flight`): a client that
+/// holds requests open (slow upstream calls, slow bodies) cannot take the slots every other
+/// identity needs. The slot is held until the exchange ends.
+fn identity_share(x: &mut Exchange, state: &State) -> Result<(), Stop> {
+    let Some(identity) = x.identity.as_ref().filter(|_| state.per_identity.enabled()) else {
+        return Ok(());
+    };
+    match state.per_identity.try_acquire(identity.subject.clone()) {
+        Some(slot) => {
+            x.in_flight = slot;
+            Ok(())
+        }
+        None => {
+            metrics::counter!(crate::telemetry::names::HTTP_REFUSED, "role" => "gateway",
+                "reason" => "too_many_in_flight")
+            .increment(1);
+            Err(ApiError::new(
+                ErrorCode::RateLimited,
+                "too many requests in flight for this identity",
+            )
+            .with_reason("too_many_in_flight")
+            .with_retry_after(1)
+            .into())
+        }
+    }
+}
+
+/// Whether the response cache may answer the request, and under which key (the tenant's, and
+/// the user's with `vary_user`): known before the rate limit, whose round trip reads the entry.
+fn cache_key(x: &mut Exchange, _state: &State) -> Result<(), Stop> {
+    x.cache = match super::cache::policy::cache_key(&x.route, x.identity.as_ref(), &x.request) {
+        Some(key) => Lookup::Wanted { key, read: crate::ratelimit::CacheRead::NotAsked },
+        None => Lookup::Bypass,
+    };
+    Ok(())
+}
+
+/// The route's rate-limit policies (else `authenticated` or `public`) for the caller's subject,
+/// or `ip:<address>` for anonymous callers (429, with `Retry-After`). The limiter's script also
+/// reads the request's cache entry in the same round trip; it is used only after the limit and
+/// the entitlement allow the request. A refusal is an answer (`RateLimit-*` on it), not an error.
+async fn rate_limit(x: &mut Exchange, state: &State) -> Result<(), Stop> {
+    let route = &x.route;
+    let tier;
+    let policies: &[String] = if route.spec.rate_limits.is_empty() {
+        tier = [if x.identity.is_some() { "authenticated" } else { "public" }.to_string()];
+        &tier
+    } else {
+        &route.spec.rate_limits
+    };
+    let anonymous;
+    let subject = match &x.identity {
+        Some(identity) => identity.subject.as_str(),
+        None => {
+            anonymous = format!("ip:{}", x.client);
+            anonymous.as_str()
+        }
+    };
+    let also_get = match &x.cache {
+        Lookup::Wanted { key, .. } => state.cache.store.shared_key(key),
+        _ => None,
+    };
+    let LimitAndLookup { outcome, cached } = state.limiter.check(policies, subject, also_get).await;
+    if let Lookup::Wanted { read, .. } = &mut x.cache {
+        *read = cached;
+    }
+    x.limit_headers = rate_limit_headers(&outcome);
+    if outcome.store_unavailable {
+        return Err(ApiError::dependency(
+            "redis",
+            anyhow::anyhow!("rate-limit store unavailable; rate_limit_on_store_error = closed"),
+        )
+        .into());
+    }
+    if !outcome.allowed {
+        let retry_after = outcome
+            .tightest
+            .as_ref()
+            .map(|(_, _, v)| v.retry_us.div_ceil(1_000_000).max(1))
+            .unwrap_or(1);
+        let mut response = ApiError::new(ErrorCode::RateLimited, "rate limit exceeded")
+            .with_retry_after(retry_after)
+            .into_response();
+        response.headers_mut().extend(std::mem::take(&mut x.limit_headers));
+        x.response = Some(response);
+        return Err(Stop::Answered);
+    }
+    Ok(())
+}
 
 /// `RateLimit-Limit` (the burst), `-Remaining`, `-Reset` (seconds) of the tightest policy.
 fn rate_limit_headers(outcome: &crate::ratelimit::Outcome) -> Vec<(HeaderName, HeaderValue)> {
@@ -301,341 +391,138 @@ fn rate_limit_headers(outcome: &crate::ratelimit::Outcome) -> Vec<(HeaderName, H
     ]
 }
 
-async fn handle(
-    state: &State,
-    route: &super::routes::Route,
-    params: &[(String, String)],
-    peer: SocketAddr,
-    mut req: Request,
-) -> Result<Handled, ApiError> {
-    let client = req.extensions().get::<ClientAddr>().map_or(peer.ip(), |c| c.0);
-    if route.items.is_some() {
-        // A caller's copy of a filtered list is not the upstream's body: validators and ranges
-        // of the whole body mean nothing for it (and a 304 would confirm a copy made at an
-        // older rules version).
-        super::items::strip_conditionals(req.headers_mut());
-    }
-    // The cheap per-address limit, before any signature is checked.
-    if let Err(retry_after) = state.ip_limit.check(client) {
-        return Err(ApiError::new(ErrorCode::RateLimited, "too many requests from this address")
-            .with_retry_after(retry_after));
-    }
-    let identity = authenticate(state, route.spec.auth, req.headers()).await?;
-    // One identity's share of the requests in flight: a client that holds requests open (slow
-    // upstream calls, slow bodies) cannot take the slots every other identity needs.
-    let _in_flight = match &identity {
-        Some(identity) if state.per_identity.enabled() => {
-            match state.per_identity.try_acquire(identity.subject.clone()) {
-                Some(slot) => slot,
-                None => {
-                    metrics::counter!(crate::telemetry::names::HTTP_REFUSED, "role" => "gateway",
-                        "reason" => "too_many_in_flight")
-                    .increment(1);
-                    return Err(ApiError::new(
-                        ErrorCode::RateLimited,
-                        "too many requests in flight for this identity",
-                    )
-                    .with_reason("too_many_in_flight")
-                    .with_retry_after(1));
-                }
-            }
-        }
-        _ => None,
+/// The route's entitlement for an identified caller (403), decided in-process at the newest
+/// rules version this replica has heard of; the version goes back as `X-Entitlements-Version`.
+async fn entitle(x: &mut Exchange, state: &State) -> Result<(), Stop> {
+    let (Some(spec), Some(identity)) = (&x.route.spec.entitlement, &x.identity) else {
+        return Ok(());
     };
-    let tier;
-    let policies: &[String] = if route.spec.rate_limits.is_empty() {
-        tier = [if identity.is_some() { "authenticated" } else { "public" }.to_string()];
-        &tier
-    } else {
-        &route.spec.rate_limits
-    };
-    let anonymous;
-    let subject = match &identity {
-        Some(identity) => identity.subject.as_str(),
-        None => {
-            anonymous = format!("ip:{client}");
-            anonymous.as_str()
+    let resource = render_resource(&spec.resource, &x.params);
+    let action = x.route.action(&x.method);
+    match state.rules.decide_current(identity, &resource, &action).await {
+        Ok(d) if d.allowed => {
+            x.rules_version = Some(d.version);
+            Ok(())
         }
-    };
-    let get_like = matches!(*req.method(), Method::GET | Method::HEAD);
-    let head = req.method() == Method::HEAD;
-    let client_bypass = req
-        .headers()
-        .get(header::CACHE_CONTROL)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains("no-store") || v.contains("no-cache"));
-    let cache = route
-        .cache
-        .as_ref()
-        .filter(|_| get_like && !client_bypass)
-        .map(|policy| (policy, super::cached::key(route, policy, identity.as_ref(), &req)));
-    // The cache entry is read by the rate-limit script (one round trip), and used only after the
-    // limit and the entitlement allow the request.
-    let also_get = cache.as_ref().and_then(|(_, key)| state.cache.store.shared_key(key));
-    let mut limit = state.limiter.check(policies, subject, also_get).await;
-    let fetched = limit.fetched.take();
-    let limit_headers = rate_limit_headers(&limit);
-    if limit.store_unavailable {
-        return Err(ApiError::dependency(
-            "redis",
-            anyhow::anyhow!("rate-limit store unavailable; rate_limit_on_store_error = closed"),
-        ));
-    }
-    if !limit.allowed {
-        let retry_after = limit
-            .tightest
-            .as_ref()
-            .map(|(_, _, v)| v.retry_us.div_ceil(1_000_000).max(1))
-            .unwrap_or(1);
-        let mut response = ApiError::new(ErrorCode::RateLimited, "rate limit exceeded")
-            .with_retry_after(retry_after)
-            .into_response();
-        response.headers_mut().extend(limit_headers);
-        return Ok((response, identity, 0));
-    }
-    // Decided in-process at the newest rules version this replica has heard of; the version
-    // goes back to the caller as `X-Entitlements-Version`.
-    let mut rules_version = None;
-    if let (Some(spec), Some(identity)) = (&route.spec.entitlement, &identity) {
-        let resource = render_resource(&spec.resource, params);
-        let action = route.action(req.method());
-        match state.rules.decide_current(identity, &resource, &action).await {
-            Ok(d) if d.allowed => rules_version = Some(d.version),
-            Ok(_) => {
-                return Err(ApiError::new(
-                    ErrorCode::Forbidden,
-                    format!("not entitled to {action} {resource}"),
-                ))
-            }
-            Err(e) => return Err(ApiError::dependency("entitlements", anyhow::anyhow!(e))),
+        Ok(_) => {
+            Err(ApiError::new(ErrorCode::Forbidden, format!("not entitled to {action} {resource}"))
+                .into())
         }
-    }
-    let mut handled = match cache {
-        Some((policy, key)) => {
-            let lookup = super::cached::Lookup { policy, key, fetched };
-            super::cached::serve(state, route, lookup, peer, client, identity, req).await?
-        }
-        None => {
-            let bypass = super::cache::Outcome::Bypass;
-            state.cache.count(route, bypass);
-            let mut handled = upstream(state, route, peer, client, identity, req).await?;
-            handled.0.headers_mut().insert(X_CACHE.clone(), bypass.header());
-            handled
-        }
-    };
-    // A list response: each caller sees only the items it may read (after the cache, which
-    // keeps the upstream's whole body).
-    if let (Some(check), Some(identity)) = (&route.items, &handled.1) {
-        let response = std::mem::take(&mut handled.0);
-        handled.0 =
-            super::items::filter(check, &state.rules, identity, &route.spec.name, head, response)
-                .await?;
-    }
-    if handled.1.is_some() {
-        // What an identified caller receives was decided for that caller: no shared cache in
-        // front of the gateway may store it for others.
-        privatize(handled.0.headers_mut());
-    }
-    handled.0.headers_mut().extend(limit_headers);
-    if let Some(version) = rules_version {
-        handled.0.headers_mut().insert(X_ENTITLEMENTS_VERSION.clone(), version.into());
-    }
-    Ok(handled)
-}
-
-/// Makes a response's `Cache-Control` private: `public` and `s-maxage` (which let a shared
-/// cache store a response to an authenticated request, RFC 9111 section 3.5) are removed and
-/// `private` added; the caller's own cache keeps `max-age` and the rest. A response without
-/// `Cache-Control` is left alone (shared caches do not store authenticated responses by default).
-pub fn privatize(headers: &mut HeaderMap) {
-    let Some(value) = headers.get(header::CACHE_CONTROL) else { return };
-    let text = value.to_str().unwrap_or_default().to_string();
-    let mut directives: Vec<&str> = text
-        .split(',')
-        .map(str::trim)
-        .filter(|d| !d.is_empty())
-        .filter(|d| {
-            let name = d.split('=').next().unwrap_or_default().trim().to_ascii_lowercase();
-            name != "public" && name != "s-maxage" && name != "proxy-revalidate"
-        })
-        .collect();
-    let private_already = directives.iter().any(|d| {
-        let d = d.to_ascii_lowercase();
-        d == "private" || d == "no-store" || d.starts_with("private=")
-    });
-    if !private_already {
-        directives.insert(0, "private");
-    }
-    match HeaderValue::from_str(&directives.join(", ")) {
-        Ok(v) => {
-            headers.insert(header::CACHE_CONTROL, v);
-        }
-        Err(_) => {
-            headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("private, no-cache"));
-        }
+        Err(e) => Err(ApiError::dependency("entitlements", anyhow::anyhow!(e)).into()),
     }
 }
 
-/// Forwards to the route's upstreams: round-robin, breaker, timeout, retries; header rewriting.
-pub(super) async fn upstream(
-    state: &State,
-    route: &super::routes::Route,
-    peer: SocketAddr,
-    client: IpAddr,
-    identity: Option<Identity>,
-    req: Request,
-) -> Result<Handled, ApiError> {
-    let (mut parts, body) = req.into_parts();
-    // The body is read in full before any upstream is called: a body over the limit is 413, one
-    // not received in time 408, one the client abandons 400, and none of them reaches an
-    // upstream truncated or counts against its breaker (nginx buffers request bodies for the
-    // same reason). Requests without a body (every GET) skip this.
-    let body = read_body(body, state.max_body).await?;
-    let bytes_in = body.len() as u64;
-    let proto = if crate::server::client::is_trusted(&peer.ip(), &state.trusted_proxies) {
-        parts.headers.get("x-forwarded-proto").cloned().unwrap_or(HeaderValue::from_static("http"))
-    } else {
-        HeaderValue::from_static("http")
+/// Looks the request up in the response cache ([`cache::lookup`]): a fresh entry (`HIT`) or a
+/// stale one within `stale-while-revalidate` (`STALE`) is the answer, and the next two steps
+/// pass; otherwise this request fetches for its key, or waits for the request that does.
+async fn cache_lookup(x: &mut Exchange, state: &State) -> Result<(), Stop> {
+    let wanted = std::mem::take(&mut x.cache);
+    let identity = x.identity.as_ref();
+    (x.cache, x.response) = cache::lookup(state, &x.route, wanted, &mut x.request, identity).await;
+    Ok(())
+}
+
+/// Reads the request body in full, within `server.max_body_bytes` and the read deadline (413,
+/// 408), unless the cache answered.
+async fn read_body(x: &mut Exchange, state: &State) -> Result<(), Stop> {
+    if x.response.is_some() {
+        return Ok(());
+    }
+    x.body = up::read_body(std::mem::take(x.request.body_mut()), state.max_body).await?;
+    x.bytes_in = x.body.len() as u64;
+    Ok(())
+}
+
+/// Sends the request to the route's upstreams ([`up::send`]: each attempt admitted by its
+/// upstream's circuit breaker, 503; timeout 504; retries; 502), unless the cache answered.
+async fn upstream(x: &mut Exchange, state: &State) -> Result<(), Stop> {
+    if x.response.is_some() {
+        return Ok(());
+    }
+    let (parts, _) = std::mem::take(&mut x.request).into_parts();
+    let call = Call {
+        route: &x.route,
+        parts,
+        body: std::mem::take(&mut x.body),
+        peer: x.peer,
+        client: x.client,
+        identity: x.identity.as_ref(),
     };
-    let host = parts.headers.get(header::HOST).cloned();
-    strip_hop_by_hop(&mut parts.headers);
-    // Client copies of identity, credential and forwarding headers, in any spelling, never reach
-    // upstreams.
-    let forward_authorization = route.spec.forward_authorization;
-    let reserved: Vec<HeaderName> = parts
-        .headers
-        .keys()
-        .filter(|name| is_reserved(name, forward_authorization))
-        .cloned()
-        .collect();
-    for name in &reserved {
-        parts.headers.remove(name);
+    x.response = Some(up::send(state, call).await?);
+    Ok(())
+}
+
+/// Stores the upstream's answer when this request fetched for its key, wakes the requests
+/// waiting on it, and says `X-Cache` ([`cache::fill`]).
+async fn cache_store(x: &mut Exchange, state: &State) -> Result<(), Stop> {
+    if let Some(response) = x.response.take() {
+        let lookup = std::mem::take(&mut x.cache);
+        x.response = Some(cache::fill(state, &x.route, lookup, response).await);
     }
-    if !body.is_empty() || parts.headers.contains_key(header::CONTENT_LENGTH) {
-        parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    Ok(())
+}
+
+/// A list response keeps only the items the caller may read ([`super::items`]): after the
+/// cache, which keeps the upstream's whole body.
+async fn filter_items(x: &mut Exchange, state: &State) -> Result<(), Stop> {
+    let (Some(check), Some(identity)) = (&x.route.items, &x.identity) else { return Ok(()) };
+    let Some(response) = x.response.take() else { return Ok(()) };
+    let head = x.method == Method::HEAD;
+    let filtered =
+        super::items::filter(check, &state.rules, identity, &x.route.spec.name, head, response);
+    x.response = Some(filtered.await?);
+    Ok(())
+}
+
+/// What an identified caller receives was decided for that caller: no shared cache in front of
+/// the gateway may store it for others (`Cache-Control` made private). Then `RateLimit-*` and
+/// `X-Entitlements-Version`.
+fn response_headers(x: &mut Exchange, _state: &State) -> Result<(), Stop> {
+    let Some(response) = x.response.as_mut() else { return Ok(()) };
+    if x.identity.is_some() {
+        super::cache::policy::privatize(response.headers_mut());
     }
-    if let Some(identity) = &identity {
-        for (name, value) in IDENTITY_HEADERS.iter().zip([
-            &identity.subject,
-            &identity.tenant,
-            &identity.roles.join(","),
-        ]) {
-            if let Ok(v) = HeaderValue::from_str(value) {
-                parts.headers.insert(name.clone(), v);
+    response.headers_mut().extend(std::mem::take(&mut x.limit_headers));
+    if let Some(version) = x.rules_version {
+        response.headers_mut().insert(X_ENTITLEMENTS_VERSION.clone(), version.into());
+    }
+    Ok(())
+}
+
+/// The last step, whatever ended the request: the answer (or the refusal) counted in the route's
+/// request metrics, and, for an answer to an identified caller, in its tenant's usage.
+fn metrics_and_usage(mut x: Exchange, state: &State, end: Result<(), Stop>) -> Response {
+    let route = x.route.spec.name.as_str();
+    let response = match end {
+        Ok(()) | Err(Stop::Answered) => {
+            let response = x.response.take().unwrap_or_else(|| {
+                ApiError::internal(anyhow::anyhow!("the pipeline ended without an answer"))
+                    .into_response()
+            });
+            if let Some(identity) = &x.identity {
+                let bytes_out = response
+                    .headers()
+                    .get(header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                state.usage.record(
+                    &identity.tenant,
+                    route,
+                    status_class(response.status().as_u16()),
+                    x.bytes_in,
+                    bytes_out,
+                );
             }
+            response
         }
-    }
-    if let Ok(v) = HeaderValue::from_str(&client.to_string()) {
-        parts.headers.insert("x-forwarded-for", v);
-    }
-    parts.headers.insert("x-forwarded-proto", proto);
-    if let Some(host) = host {
-        parts.headers.insert("x-forwarded-host", host);
-    }
-    let path_and_query = {
-        let path = parts.uri.path();
-        let stripped =
-            route.spec.strip_prefix.as_deref().and_then(|p| path.strip_prefix(p)).unwrap_or(path);
-        let stripped = if stripped.is_empty() { "/" } else { stripped };
-        match parts.uri.query() {
-            Some(q) => format!("{stripped}?{q}"),
-            None => stripped.to_string(),
-        }
+        Err(Stop::Refused(e)) => e.into_response(),
     };
-    let idempotent = matches!(
-        parts.method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
+    state.metrics.record(
+        route,
+        method_label(&x.method),
+        response.status().as_u16(),
+        x.started.elapsed().as_secs_f64(),
     );
-    // Only body-less idempotent requests are retried.
-    let retryable = idempotent && body.is_empty();
-    let attempts = if retryable { route.retries + 1 } else { 1 };
-    let mut body = Some(body);
-    let mut last_error = None;
-    for attempt in 0..attempts {
-        let index = route.next.fetch_add(1, Ordering::Relaxed) % route.upstreams.len().max(1);
-        let Some(base) = route.upstreams.get(index) else { break };
-        let guard = state.breaker(base);
-        let breaker = &guard.breaker;
-        let admission = breaker.admit(Instant::now());
-        if let Admission::Refuse(retry_after) = admission {
-            last_error = Some(
-                ApiError::new(
-                    ErrorCode::CircuitOpen,
-                    format!(
-                        "the circuit breaker for {} is open",
-                        base.host_str().unwrap_or("upstream")
-                    ),
-                )
-                .with_retry_after(retry_after),
-            );
-            continue;
-        }
-        let uri: Uri =
-            match format!("{}{}", base.as_str().trim_end_matches('/'), path_and_query).parse() {
-                Ok(u) => u,
-                Err(e) => return Err(ApiError::internal(anyhow::anyhow!("upstream URI: {e}"))),
-            };
-        let mut upstream =
-            http::Request::from_parts(parts.clone(), Body::from(body.take().unwrap_or_default()));
-        *upstream.uri_mut() = uri;
-        if let Some(authority) = upstream.uri().authority().map(|a| a.as_str().to_string()) {
-            if let Ok(v) = HeaderValue::from_str(&authority) {
-                upstream.headers_mut().insert(header::HOST, v);
-            }
-        }
-        crate::telemetry::inject_trace_context(upstream.headers_mut());
-        let sent = Instant::now();
-        let outcome = tokio::time::timeout(
-            route.timeout,
-            state.clients.request(route.spec.upstream.as_deref(), upstream),
-        )
-        .await;
-        route.upstream_duration.record(sent.elapsed().as_secs_f64());
-        match outcome {
-            Ok(Ok(response)) => {
-                breaker.record(response.status().as_u16() < 500, Instant::now());
-                guard.publish();
-                let (mut parts, body) = response.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
-                parts.extensions.insert(crate::server::layers::Proxied);
-                return Ok((Response::from_parts(parts, Body::new(body)), identity, bytes_in));
-            }
-            Ok(Err(e)) => {
-                // A request an HTTP/2 upstream refused unprocessed (a graceful GOAWAY) is no
-                // failure of the upstream (it answered; a half-open probe closes the breaker),
-                // and is retried like a failed connection.
-                let unprocessed = super::upstream_tls::unprocessed(&e);
-                breaker.record(unprocessed, Instant::now());
-                guard.publish();
-                tracing::warn!(role = "gateway", route = %route.spec.name, upstream = %base, attempt, error = %e, "upstream request failed");
-                last_error = Some(super::upstream_tls::upstream_error(&e));
-                if !e.is_connect() && !unprocessed {
-                    break;
-                }
-            }
-            Err(_) => {
-                breaker.record(false, Instant::now());
-                guard.publish();
-                return Err(ApiError::new(
-                    ErrorCode::UpstreamTimeout,
-                    format!("{} did not answer within {:?}", route.spec.name, route.timeout),
-                ));
-            }
-        }
-    }
-    Err(last_error
-        .unwrap_or_else(|| ApiError::new(ErrorCode::UpstreamUnavailable, "no upstream configured")))
-}
-
-/// Reads a request body in full (it is already capped at `server.max_body_bytes` and the read
-/// deadline by the shared layer; `max` caps it again for a router used without that layer).
-async fn read_body(body: Body, max: usize) -> Result<bytes::Bytes, ApiError> {
-    use http_body_util::BodyExt;
-    if http_body::Body::is_end_stream(&body) {
-        return Ok(bytes::Bytes::new());
-    }
-    match http_body_util::Limited::new(body, max).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) => Err(crate::server::layers::body_error(e.as_ref(), max)),
-    }
+    response
 }
