@@ -293,12 +293,12 @@ impl Auth {
         let revocations: Arc<dyn revocation::RevocationStore> = match &config.redis_url {
             Some(url) => {
                 let client = crate::backends::redis::connect(url, &config.redis).await?;
-                let subscriber = crate::backends::redis::Channels::connect(
-                    url,
-                    &config.redis,
-                    ctx.shutdown.clone(),
-                )
-                .await?;
+                let shutdown = ctx.shutdown.clone();
+                let subscriber =
+                    crate::backends::redis::Channels::connect(url, &config.redis, async move {
+                        shutdown.stopping().await
+                    })
+                    .await?;
                 channels = Some(subscriber.clone());
                 // The process's one command connection, with its one breaker: revocations here,
                 // and every role of the process that uses Redis (`Auth::redis`).

@@ -107,17 +107,17 @@ pub struct Channels {
 
 impl Channels {
     /// Connects the subscriber (waiting at most `config.timeout`); it re-subscribes every
-    /// channel after a reconnect, and closes at `shutdown`.
+    /// channel after a reconnect, and closes when `stopping` completes (the process's shutdown).
     pub async fn connect(
         url: &SecretUrl,
         config: &RedisConfig,
-        shutdown: crate::server::Shutdown,
+        stopping: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<Channels, BackendError> {
         let client = subscriber(url, config).await?;
         let _resubscribe = client.manage_subscriptions();
         let closing = client.clone();
         tokio::spawn(async move {
-            shutdown.stopping().await;
+            stopping.await;
             let _ = closing.quit().await;
         });
         Ok(Channels { client })
