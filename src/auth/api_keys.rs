@@ -24,6 +24,7 @@ use sha2::{Digest, Sha256};
 
 use super::{AuthError, Identity, IdentityKind, Reason};
 use crate::backends::postgres::describe;
+use crate::error::ApiError;
 
 /// A stored key (no secret).
 #[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
@@ -78,6 +79,15 @@ pub enum KeyError {
     /// The store cannot be reached.
     #[error("{0}")]
     Unavailable(String),
+}
+
+impl From<KeyError> for ApiError {
+    fn from(e: KeyError) -> Self {
+        match e {
+            KeyError::NotFound => ApiError::not_found("no such API key (or it is revoked)"),
+            unavailable @ KeyError::Unavailable(_) => ApiError::dependency("postgres", unavailable),
+        }
+    }
 }
 
 /// One audit row: (action, actor, when).
@@ -505,12 +515,13 @@ impl ApiKeys {
         cache.get(id).map(|(record, at)| (record.clone(), at.elapsed()))
     }
 
-    async fn read_store(&self, id: &str) -> Result<Option<ApiKey>, String> {
+    async fn read_store(&self, id: &str) -> Result<Option<ApiKey>, KeyError> {
         match &self.breaker {
-            Some((breaker, deadline)) => {
-                breaker.call(*deadline, self.store.get(id)).await.map_err(|e| e.to_string())
-            }
-            None => self.store.get(id).await.map_err(|e| e.to_string()),
+            Some((breaker, deadline)) => breaker
+                .call(*deadline, self.store.get(id))
+                .await
+                .map_err(|e| KeyError::Unavailable(e.to_string())),
+            None => self.store.get(id).await,
         }
     }
 

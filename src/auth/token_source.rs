@@ -245,7 +245,7 @@ impl Inner {
                         issuer: issuer.as_deref(),
                         audience: audience.as_deref(),
                     })
-                    .map_err(Fetch::Failed)?;
+                    .map_err(|e| Fetch::Failed(e.to_string()))?;
                 Ok((token, DEV_TTL))
             }
             Mode::ClientCredentials { http, token_url, client_id, secret, timeout, breaker } => {

@@ -16,6 +16,9 @@ use url::Url;
 
 use crate::auth::token_source::TokenSource;
 use crate::auth::Identity;
+use crate::backends::breaker::CallError;
+use crate::backends::CheckError;
+use crate::error::ApiError;
 use crate::role::Role;
 use crate::server::Shutdown;
 
@@ -33,10 +36,52 @@ pub mod names {
     }
 }
 
-/// An entitlement that could not be decided.
+/// Why the entitlements role could not be asked, or its answer not used (a check, a snapshot
+/// fetch, or the client not built).
 #[derive(Debug, thiserror::Error)]
-#[error("entitlements unavailable: {0}")]
-pub struct Unavailable(pub String);
+pub enum RequestError {
+    /// No service token to ask with.
+    #[error("{0}")]
+    Token(String),
+    /// The role's URL does not take the path.
+    #[error("{0}")]
+    Url(#[from] url::ParseError),
+    /// The HTTP client could not be built, the role did not answer, or its body could not be
+    /// read.
+    #[error("{0}")]
+    Http(#[from] reqwest::Error),
+    /// The role answered with an error status.
+    #[error("HTTP {0}")]
+    Status(reqwest::StatusCode),
+    /// The role's answer lacks a field.
+    #[error("no {0} field")]
+    Missing(&'static str),
+    /// No answer within the bound of the call.
+    #[error("timed out")]
+    TimedOut,
+}
+
+/// An entitlement that could not be decided: the caller answers 503 `dependency_unavailable`
+/// (the gateway, the stream), unless its role fails open.
+#[derive(Debug, thiserror::Error)]
+pub enum Unavailable {
+    /// The role could not be asked (its breaker is open), or the check failed (a
+    /// [`RequestError`]) or went unanswered.
+    #[error("entitlements unavailable: {0}")]
+    Check(#[from] CallError),
+    /// No rules snapshot was ever loaded (in-process decisions).
+    #[error("entitlements unavailable: no rules snapshot yet")]
+    NoSnapshot,
+    /// A newer rules version was announced and not applied in time (in-process decisions).
+    #[error("entitlements unavailable: rules version {0} not applied yet")]
+    NotApplied(i64),
+}
+
+impl From<Unavailable> for ApiError {
+    fn from(e: Unavailable) -> Self {
+        ApiError::dependency("entitlements", e)
+    }
+}
 
 /// The client.
 pub struct Entitlements {
@@ -63,24 +108,25 @@ impl Entitlements {
         ttl: Duration,
         fail_open: bool,
         timeout: Duration,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, RequestError> {
         // Idle connections are dropped well before a server closes them (`access` servers close
         // idle keep-alive connections after `server.header_read_timeout`, 10 s by default), so a
         // check rarely lands on a connection that is being closed; `ask` retries once if it does.
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .pool_idle_timeout(Duration::from_secs(5))
-            .build()
-            .map_err(|e| e.to_string())?;
-        let health = url.join("health").map_err(|e| e.to_string())?;
+            .build()?;
+        let health = url.join("health")?;
         let prober = http.clone();
         let probe: crate::backends::breaker::Probe = Box::new(move || {
             let (http, health) = (prober.clone(), health.clone());
             Box::pin(async move {
                 match http.get(health).send().await {
                     Ok(r) if r.status().is_success() => Ok(()),
-                    Ok(r) => Err(format!("HTTP {}", r.status())),
-                    Err(e) => Err(e.to_string()),
+                    Ok(r) => {
+                        Err(CheckError::failed("entitlements", format!("HTTP {}", r.status())))
+                    }
+                    Err(e) => Err(CheckError::failed("entitlements", e)),
                 }
             })
         });
@@ -171,7 +217,7 @@ impl Entitlements {
             return Ok(allowed);
         }
         let asked = self.breaker.call(self.timeout, self.ask(identity, resource, action)).await;
-        match asked.map_err(|e| Unavailable(e.to_string())) {
+        match asked.map_err(Unavailable::from) {
             Ok((allowed, ttl)) => {
                 let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
                 if cache.len() >= CACHE_CAP {
@@ -198,13 +244,13 @@ impl Entitlements {
         identity: &Identity,
         resource: &str,
         action: &str,
-    ) -> Result<(bool, Duration), Unavailable> {
-        let token = self.tokens.token().await.map_err(Unavailable)?;
+    ) -> Result<(bool, Duration), RequestError> {
+        let token = self.tokens.token().await.map_err(RequestError::Token)?;
         let body = json!({
             "user_id": identity.subject, "tenant_id": identity.tenant, "roles": identity.roles,
             "resource": resource, "action": action, "context": {},
         });
-        let url = self.url.join("entitlements/check").map_err(|e| Unavailable(e.to_string()))?;
+        let url = self.url.join("entitlements/check")?;
         // The check has a span of its own, a child of the request's (or of nothing, for a
         // stream's subscribe), whose context the entitlements role receives.
         let span = tracing::info_span!("entitlements_check", role = %self.role);
@@ -226,15 +272,12 @@ impl Entitlements {
                 send().await
             }
             other => other,
-        }
-        .map_err(|e| Unavailable(e.to_string()))?;
+        }?;
         if !response.status().is_success() {
-            return Err(Unavailable(format!("HTTP {}", response.status())));
+            return Err(RequestError::Status(response.status()));
         }
-        let decision: serde_json::Value =
-            response.json().await.map_err(|e| Unavailable(e.to_string()))?;
-        let allowed =
-            decision["allowed"].as_bool().ok_or_else(|| Unavailable("no allowed field".into()))?;
+        let decision: serde_json::Value = response.json().await?;
+        let allowed = decision["allowed"].as_bool().ok_or(RequestError::Missing("allowed"))?;
         let ttl = Duration::from_secs(decision["ttl_seconds"].as_u64().unwrap_or(5));
         Ok((allowed, ttl))
     }

@@ -18,6 +18,8 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use super::store::{RuleStore, StoreError};
+use crate::backends::breaker::CallError;
+use crate::backends::redis::JsonError;
 use crate::policy::eval::{CheckRequest, Reason, Snapshot};
 use crate::server::Shutdown;
 
@@ -75,17 +77,38 @@ pub struct Decision {
     pub cached: bool,
 }
 
+/// Why the decision cache could not answer or store (Redis failing; the in-memory cache never
+/// fails). Never answered to a caller: the check is computed instead, and counted.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    /// The Redis call did not succeed (breaker open, failed, unanswered).
+    #[error(transparent)]
+    Unavailable(#[from] CallError),
+    /// The decision does not encode as JSON.
+    #[error("cannot encode the decision: {0}")]
+    Encode(#[source] serde_json::Error),
+}
+
+impl From<JsonError> for CacheError {
+    fn from(e: JsonError) -> Self {
+        match e {
+            JsonError::Call(e) => CacheError::Unavailable(e),
+            JsonError::Encode(e) => CacheError::Encode(e),
+        }
+    }
+}
+
 /// Where decisions are cached: Redis (shared) or memory (one process).
 pub trait DecisionCache: Send + Sync {
     /// A cached decision.
-    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Decision>, String>>;
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Decision>, CacheError>>;
     /// Caches a decision for `ttl`.
     fn put<'a>(
         &'a self,
         key: &'a str,
         decision: &'a Decision,
         ttl: Duration,
-    ) -> BoxFuture<'a, Result<(), String>>;
+    ) -> BoxFuture<'a, Result<(), CacheError>>;
 }
 
 /// In-process decision cache, bounded.
@@ -103,7 +126,7 @@ impl MemoryCache {
 }
 
 impl DecisionCache for MemoryCache {
-    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Decision>, String>> {
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Decision>, CacheError>> {
         let hit = {
             let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
             entries.get(key).filter(|(_, until)| *until > Instant::now()).map(|(d, _)| d.clone())
@@ -116,7 +139,7 @@ impl DecisionCache for MemoryCache {
         key: &'a str,
         decision: &'a Decision,
         ttl: Duration,
-    ) -> BoxFuture<'a, Result<(), String>> {
+    ) -> BoxFuture<'a, Result<(), CacheError>> {
         {
             let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
             if entries.len() >= self.capacity {
@@ -148,9 +171,9 @@ impl RedisCache {
 }
 
 impl DecisionCache for RedisCache {
-    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Decision>, String>> {
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Decision>, CacheError>> {
         let key = format!("{}{key}", self.prefix);
-        Box::pin(async move { self.redis.get_json(&key).await })
+        Box::pin(async move { Ok(self.redis.get_json(&key).await?) })
     }
 
     fn put<'a>(
@@ -158,9 +181,9 @@ impl DecisionCache for RedisCache {
         key: &'a str,
         decision: &'a Decision,
         ttl: Duration,
-    ) -> BoxFuture<'a, Result<(), String>> {
+    ) -> BoxFuture<'a, Result<(), CacheError>> {
         let key = format!("{}{key}", self.prefix);
-        Box::pin(async move { self.redis.set_json(&key, decision, ttl).await })
+        Box::pin(async move { Ok(self.redis.set_json(&key, decision, ttl).await?) })
     }
 }
 
@@ -366,7 +389,7 @@ impl Engine {
         metrics::counter!(names::CHECKS, "role" => "entitlements", "outcome" => outcome, "cache" => cache).increment(1);
     }
 
-    fn cache_error(&self, e: &str) {
+    fn cache_error(&self, e: &CacheError) {
         self.stats.cache_errors.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(names::CACHE_ERRORS, "role" => "entitlements").increment(1);
         tracing::debug!(role = "entitlements", error = %e, "decision cache unavailable; computing");
