@@ -1,13 +1,12 @@
 //! The client of the entitlements role used by the gateway and the stream: checks asked with a
-//! service token, remembered briefly in a local decision cache that is emptied when a new rules
-//! version is announced. When the role cannot answer, the check fails (fail closed) unless the
+//! service token, remembered briefly in a local decision cache (bounded, the least used evicted
+//! first: [`crate::cache`]) that is emptied when a new rules version is announced. When the role cannot answer, the check fails (fail closed) unless the
 //! caller's role is configured to fail open. Checks go through a breaker (`backends::breaker`): a
 //! role that is down or frozen opens it, and while open checks fail at once (503, or allowed when
 //! failing open) instead of after the timeout; a background `GET /health` closes it.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use fred::prelude::{ClientLike, EventInterface, PubsubInterface};
 use serde_json::json;
@@ -18,6 +17,7 @@ use crate::auth::token_source::TokenSource;
 use crate::auth::Identity;
 use crate::backends::breaker::CallError;
 use crate::backends::CheckError;
+use crate::cache::Bounded;
 use crate::error::ApiError;
 use crate::role::Role;
 use crate::server::Shutdown;
@@ -89,14 +89,15 @@ pub struct Entitlements {
     http: reqwest::Client,
     url: Url,
     tokens: Arc<TokenSource>,
-    /// Decisions by request key, with their expiry. A std mutex held for one map operation.
-    cache: Mutex<HashMap<String, (bool, Instant)>>,
+    /// Decisions by request key, each until the shorter of its TTL and `ttl`.
+    cache: Bounded<String, bool>,
     ttl: Duration,
     fail_open: bool,
     breaker: Arc<crate::backends::breaker::Breaker>,
     timeout: Duration,
 }
 
+/// Decisions kept at most (about).
 const CACHE_CAP: usize = 100_000;
 
 impl Entitlements {
@@ -147,7 +148,7 @@ impl Entitlements {
             http,
             url,
             tokens,
-            cache: Mutex::default(),
+            cache: Bounded::new(CACHE_CAP),
             ttl,
             fail_open,
             breaker,
@@ -187,7 +188,12 @@ impl Entitlements {
 
     /// Empties the local cache (a new rules version).
     pub fn clear(&self) {
-        self.cache.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.cache.clear();
+    }
+
+    /// Caches a decision for the shorter of its TTL and the client's.
+    fn remember(&self, key: String, allowed: bool, ttl: Duration) {
+        self.cache.insert(key, allowed, ttl.min(self.ttl));
     }
 
     /// Whether `identity` may do `action` on `resource`.
@@ -205,25 +211,14 @@ impl Entitlements {
             resource,
             action
         );
-        let cached = self
-            .cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
-            .filter(|(_, until)| *until > Instant::now())
-            .map(|(a, _)| *a);
-        if let Some(allowed) = cached {
+        if let Some(allowed) = self.cache.get(&key) {
             count(self.role, allowed, "cache");
             return Ok(allowed);
         }
         let asked = self.breaker.call(self.timeout, self.ask(identity, resource, action)).await;
         match asked.map_err(Unavailable::from) {
             Ok((allowed, ttl)) => {
-                let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-                if cache.len() >= CACHE_CAP {
-                    cache.clear();
-                }
-                cache.insert(key, (allowed, Instant::now() + ttl.min(self.ttl)));
+                self.remember(key, allowed, ttl);
                 count(self.role, allowed, "remote");
                 Ok(allowed)
             }
@@ -320,4 +315,46 @@ fn count(role: Role, allowed: bool, source: &'static str) {
     let outcome = if allowed { "allowed" } else { "denied" };
     metrics::counter!(names::CHECKS, "role" => role.as_str(), "outcome" => outcome, "source" => source)
         .increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(dir: &std::path::Path, ttl: Duration) -> Entitlements {
+        let key = Arc::new(crate::auth::devkey::DevKey::load_or_create(&dir.join("k")).unwrap());
+        let tokens = TokenSource::dev(key, "gateway", "t".into(), "service".into(), None, None);
+        let url = Url::parse("http://127.0.0.1:9/").unwrap();
+        let timeout = Duration::from_secs(1);
+        Entitlements::new(Role::Gateway, url, Arc::new(tokens), ttl, false, timeout).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_full_decision_cache_keeps_the_decisions_in_use_and_never_empties_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut client = client(dir.path(), Duration::from_secs(60));
+        client.cache = Bounded::new(64);
+        for i in 0..300 {
+            client.remember(i.to_string(), i % 2 == 0, Duration::from_secs(60));
+            assert_eq!(client.cache.get(&i.to_string()), Some(i % 2 == 0));
+        }
+        assert!((48..=80).contains(&client.cache.len()), "{}", client.cache.len());
+        assert!((260..300).all(|i| client.cache.get(&i.to_string()).is_some()), "latest kept");
+        assert!((0..64).all(|i| client.cache.get(&i.to_string()).is_none()), "oldest went");
+        client.clear();
+        assert!(client.cache.is_empty(), "a new rules version empties it");
+    }
+
+    #[tokio::test]
+    async fn a_decision_is_kept_no_longer_than_its_ttl_nor_the_clients() {
+        let dir = tempfile::tempdir().unwrap();
+        let client = client(dir.path(), Duration::from_millis(40));
+        client.remember("capped".into(), true, Duration::from_secs(60));
+        client.remember("own".into(), true, Duration::from_millis(10));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(client.cache.get("own"), None, "its own TTL");
+        assert_eq!(client.cache.get("capped"), Some(true));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert_eq!(client.cache.get("capped"), None, "the client's TTL");
+    }
 }
