@@ -7,6 +7,7 @@
 //! - [`server`]: what every role reuses: serve on a bound listener, health/readiness, shutdown,
 //!   common layers.
 //! - [`backends`]: Redis, PostgreSQL and Kafka connections with readiness checks.
+//! - [`cache`]: bounded in-process caches with expiring entries (quick_cache).
 //! - [`auth`]: in-process JWT verification, revocation, dev key, service tokens.
 //! - [`role`]: the roles by name (labels, ports, service names).
 //! - [`policy`]: the entitlement model every role decides with (rules, evaluation, mirror).
@@ -18,6 +19,7 @@
 
 pub mod auth;
 pub mod backends;
+pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod error;

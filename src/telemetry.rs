@@ -61,9 +61,23 @@ impl Telemetry {
     }
 }
 
+/// Why telemetry could not start (a configuration error: `access` exits with its config code).
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    /// The OTLP trace exporter for the configured endpoint could not be built.
+    #[error("OTLP exporter for {endpoint}: {source}")]
+    Exporter {
+        /// `otel_exporter`.
+        endpoint: String,
+        /// The cause.
+        #[source]
+        source: opentelemetry_otlp::ExporterBuildError,
+    },
+}
+
 /// Starts logging, and trace export when enabled. Call once, in the process's entry point; a
 /// second call only logs (tests may start several roles in one process).
-pub fn init(config: &Config, service: &str) -> Result<Telemetry, String> {
+pub fn init(config: &Config, service: &str) -> Result<Telemetry, TelemetryError> {
     use opentelemetry::trace::TracerProvider as _;
     use opentelemetry_otlp::WithExportConfig as _;
     let filter = EnvFilter::try_new(&config.log_level.0).unwrap_or_else(|_| EnvFilter::new("info"));
@@ -74,7 +88,10 @@ pub fn init(config: &Config, service: &str) -> Result<Telemetry, String> {
                 .with_endpoint(endpoint.as_str())
                 .with_timeout(std::time::Duration::from_secs(5))
                 .build()
-                .map_err(|e| format!("OTLP exporter for {endpoint}: {e}"))?;
+                .map_err(|source| TelemetryError::Exporter {
+                    endpoint: endpoint.to_string(),
+                    source,
+                })?;
             let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
                 .with_batch_exporter(exporter)
                 .with_resource(

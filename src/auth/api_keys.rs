@@ -5,6 +5,8 @@
 //! is created or rotated. A rotation keeps the previous secret valid until a chosen time, so
 //! clients can roll over. An API-key caller is `Identity { subject: "apikey:<id>", kind: ApiKey }`.
 //! Verifiers cache a key record for one second, so a revocation is honoured everywhere within it.
+//! The records are kept (bounded, [`CACHE_CAP`], the least used evicted first: [`crate::cache`])
+//! for [`STALE_FOR`], to serve through an outage of the store.
 //!
 //! While the store cannot answer (PostgreSQL down: its breaker open), keys seen within
 //! [`STALE_FOR`] keep working from their cached record, and a wrong secret is refused from the
@@ -16,6 +18,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::cache::Bounded;
+
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use futures::future::BoxFuture;
@@ -24,6 +28,7 @@ use sha2::{Digest, Sha256};
 
 use super::{AuthError, Identity, IdentityKind, Reason};
 use crate::backends::postgres::describe;
+use crate::error::ApiError;
 
 /// A stored key (no secret).
 #[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
@@ -78,6 +83,15 @@ pub enum KeyError {
     /// The store cannot be reached.
     #[error("{0}")]
     Unavailable(String),
+}
+
+impl From<KeyError> for ApiError {
+    fn from(e: KeyError) -> Self {
+        match e {
+            KeyError::NotFound => ApiError::not_found("no such API key (or it is revoked)"),
+            unavailable @ KeyError::Unavailable(_) => ApiError::dependency("postgres", unavailable),
+        }
+    }
 }
 
 /// One audit row: (action, actor, when).
@@ -354,16 +368,19 @@ impl KeyStore for PgKeys {
 /// Keys with a short-lived local cache of records; the handle every role uses.
 pub struct ApiKeys {
     store: Arc<dyn KeyStore>,
-    /// Records by id with when they were read; a std mutex held for one map operation. Bounded
-    /// by [`CACHE_CAP`] (expired entries go first).
-    cache: Mutex<HashMap<String, (Option<ApiKey>, Instant)>>,
+    /// Records by id with when they were read, each kept for `stale_for` after its read.
+    cache: Bounded<String, (Option<ApiKey>, Instant)>,
+    /// How long a record serves while the store cannot answer ([`STALE_FOR`]).
+    stale_for: Duration,
     touched: super::revocation::SeenSampler,
     /// In front of the store's reads, with their deadline: while it is open, reads fail at once
     /// and the cached records answer.
     breaker: Option<(Arc<crate::backends::breaker::Breaker>, Duration)>,
-    /// Re-read budgets by key id: (tokens, when last refilled). A std mutex held for one update;
-    /// bounded like the records.
-    rereads: Mutex<HashMap<String, (f64, Instant)>>,
+    /// Re-read budgets by key id: (tokens, when last refilled), bounded like the records (a
+    /// budget evicted is a full one, which it would be again within [`REREAD_BURST`] /
+    /// [`REREAD_RATE`] seconds). A std mutex held for one update: a budget is read and spent
+    /// at once, so concurrent wrong secrets cannot spend one token twice.
+    rereads: Mutex<quick_cache::unsync::Cache<String, (f64, Instant)>>,
 }
 
 /// How long a key record is trusted without asking the store again.
@@ -383,12 +400,18 @@ const CACHE_CAP: usize = 100_000;
 impl ApiKeys {
     /// Keys in `store`.
     pub fn new(store: Arc<dyn KeyStore>) -> Self {
+        Self::with_capacity(store, CACHE_CAP, STALE_FOR)
+    }
+
+    /// Keys in `store`, with at most about `capacity` records kept `stale_for` each.
+    fn with_capacity(store: Arc<dyn KeyStore>, capacity: usize, stale_for: Duration) -> Self {
         ApiKeys {
             store,
-            cache: Mutex::default(),
+            cache: Bounded::new(capacity),
+            stale_for,
             touched: super::revocation::SeenSampler::new(Duration::from_secs(60)),
             breaker: None,
-            rereads: Mutex::default(),
+            rereads: Mutex::new(quick_cache::unsync::Cache::new(capacity.max(1))),
         }
     }
 
@@ -396,19 +419,13 @@ impl ApiKeys {
     /// budget).
     fn may_reread(&self, id: &str) -> bool {
         let mut budgets = self.rereads.lock().unwrap_or_else(|p| p.into_inner());
-        if budgets.len() >= CACHE_CAP && !budgets.contains_key(id) {
-            budgets.clear();
-        }
         let now = Instant::now();
-        let (tokens, at) = budgets.entry(id.to_string()).or_insert((REREAD_BURST, now));
-        *tokens = (*tokens + at.elapsed().as_secs_f64() * REREAD_RATE).min(REREAD_BURST);
-        *at = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+        let (tokens, at) = budgets.get(id).copied().unwrap_or((REREAD_BURST, now));
+        let tokens =
+            (tokens + now.duration_since(at).as_secs_f64() * REREAD_RATE).min(REREAD_BURST);
+        let allowed = tokens >= 1.0;
+        budgets.insert(id.to_string(), (if allowed { tokens - 1.0 } else { tokens }, now));
+        allowed
     }
 
     /// Puts `breaker` in front of the store's reads, each bounded by `deadline`.
@@ -469,7 +486,7 @@ impl ApiKeys {
 
     /// Drops the cached record of `id` (revoked or rotated here or on another replica).
     pub fn forget(&self, id: &str) {
-        self.cache.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        self.cache.remove(id);
     }
 
     /// Drops cached records as revocations and rotations are announced by any replica, until
@@ -488,9 +505,7 @@ impl ApiKeys {
                         Ok(super::revocation::Revocation::ApiKey { id }) => this.forget(&id),
                         Ok(_) => {}
                         // Announcements were missed: records may be stale; drop them all.
-                        Err(RecvError::Lagged(_)) => {
-                            this.cache.lock().unwrap_or_else(|p| p.into_inner()).clear()
-                        }
+                        Err(RecvError::Lagged(_)) => this.cache.clear(),
                         Err(RecvError::Closed) => return,
                     },
                     _ = shutdown.stopping() => return,
@@ -501,16 +516,16 @@ impl ApiKeys {
 
     /// The cached record of `id` and how old it is.
     fn cached(&self, id: &str) -> Option<(Option<ApiKey>, Duration)> {
-        let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        cache.get(id).map(|(record, at)| (record.clone(), at.elapsed()))
+        self.cache.get(id).map(|(record, at)| (record, at.elapsed()))
     }
 
-    async fn read_store(&self, id: &str) -> Result<Option<ApiKey>, String> {
+    async fn read_store(&self, id: &str) -> Result<Option<ApiKey>, KeyError> {
         match &self.breaker {
-            Some((breaker, deadline)) => {
-                breaker.call(*deadline, self.store.get(id)).await.map_err(|e| e.to_string())
-            }
-            None => self.store.get(id).await.map_err(|e| e.to_string()),
+            Some((breaker, deadline)) => breaker
+                .call(*deadline, self.store.get(id))
+                .await
+                .map_err(|e| KeyError::Unavailable(e.to_string())),
+            None => self.store.get(id).await,
         }
     }
 
@@ -526,7 +541,7 @@ impl ApiKeys {
         let record = match self.read_store(id).await {
             Ok(record) => record,
             Err(e) => {
-                return match cached.filter(|(_, age)| *age < STALE_FOR) {
+                return match cached.filter(|(_, age)| *age < self.stale_for) {
                     Some((record, _)) => {
                         tracing::debug!(error = %e, "API-key store unavailable; using the cached record");
                         Ok(record)
@@ -535,14 +550,7 @@ impl ApiKeys {
                 };
             }
         };
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.len() >= CACHE_CAP {
-            cache.retain(|_, (_, at)| at.elapsed() < STALE_FOR);
-            if cache.len() >= CACHE_CAP {
-                cache.clear();
-            }
-        }
-        cache.insert(id.to_string(), (record.clone(), Instant::now()));
+        self.cache.insert(id.to_string(), (record.clone(), Instant::now()), self.stale_for);
         Ok(record)
     }
 
@@ -679,6 +687,42 @@ mod tests {
             Err(AuthError::Rejected(Reason::BadSignature))
         ));
         assert!(matches!(keys.verify("ak_000000000000_x").await, Err(AuthError::Unavailable(_))));
+    }
+
+    fn new_key(name: &str) -> NewKey {
+        NewKey { name: name.into(), tenant_id: "t1".into(), roles: vec![], expires_at: None }
+    }
+
+    #[tokio::test]
+    async fn a_full_record_cache_keeps_the_keys_in_use_and_never_empties_itself() {
+        let keys = ApiKeys::with_capacity(Arc::new(MemoryKeys::default()), 32, STALE_FOR);
+        let mut created = Vec::new();
+        for i in 0..100 {
+            let (key, text) = keys.create(new_key(&format!("k{i}")), "root").await.unwrap();
+            keys.verify(&text).await.unwrap();
+            keys.verify(&text).await.unwrap();
+            created.push(key.id);
+        }
+        assert!((24..=40).contains(&keys.cache.len()), "{}", keys.cache.len());
+        assert!(created[85..].iter().all(|id| keys.cached(id).is_some()), "the latest are kept");
+        assert!(created[..32].iter().all(|id| keys.cached(id).is_none()), "the oldest went");
+    }
+
+    #[tokio::test]
+    async fn a_record_serves_an_outage_until_it_expires() {
+        let store = Arc::new(Counted::default());
+        let stale_for = RECORD_TTL + Duration::from_millis(500);
+        let keys = ApiKeys::with_capacity(store.clone(), 32, stale_for);
+        let (_, text) = keys.create(new_key("k"), "root").await.unwrap();
+        keys.verify(&text).await.unwrap();
+        store.down.store(true, Ordering::SeqCst);
+        tokio::time::sleep(RECORD_TTL).await;
+        assert!(keys.verify(&text).await.is_ok(), "served from the cached record");
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(
+            matches!(keys.verify(&text).await, Err(AuthError::Unavailable(_))),
+            "past stale_for the record is gone"
+        );
     }
 
     #[tokio::test]

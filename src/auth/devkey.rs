@@ -22,6 +22,44 @@ use super::unix_now;
 /// The issuer of dev tokens when `auth.issuer` is not set.
 pub const DEV_ISSUER: &str = "access-dev";
 
+/// Why the dev key could not be read, created or used.
+#[derive(Debug, thiserror::Error)]
+pub enum DevKeyError {
+    /// The key file could not be read, created or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The key file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file holds no usable key: `what` says which reading failed (not a P-256 PEM key,
+    /// not a JWK, not an ES256 key).
+    #[error("{}: {what}: {source}", path.display())]
+    NotAKey {
+        /// The key file.
+        path: PathBuf,
+        /// What the file is not.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: josekit::JoseError,
+    },
+    /// No key could be generated for a new file.
+    #[error("{}: {source}", path.display())]
+    Generate {
+        /// The key file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: josekit::JoseError,
+    },
+    /// josekit refused to derive the public half or to sign.
+    #[error("{0}")]
+    Jose(#[from] josekit::JoseError),
+}
+
 /// The dev key: its signer and its public JWK.
 pub struct DevKey {
     path: PathBuf,
@@ -40,10 +78,10 @@ impl std::fmt::Debug for DevKey {
 
 /// A P-256 private key in PEM (as Helm's `genPrivateKey "ecdsa"` makes for the chart's dev-key
 /// Secret), as a JWK whose key id is derived from the public key, so every process agrees on it.
-fn pem_key(pem: &[u8]) -> Result<Jwk, String> {
-    let pair = ES256.key_pair_from_pem(pem).map_err(|e| format!("not a P-256 PEM key: {e}"))?;
+fn pem_key(pem: &[u8]) -> Result<Jwk, josekit::JoseError> {
+    let pair = ES256.key_pair_from_pem(pem)?;
     let mut jwk = pair.to_jwk_key_pair();
-    let public = jwk.to_public_key().map_err(|e| e.to_string())?;
+    let public = jwk.to_public_key()?;
     let thumb = |k: &str| public.parameter(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
     let digest = sha2::Sha256::digest(format!("{}.{}", thumb("x"), thumb("y")).as_bytes());
     jwk.set_key_id(format!("dev-{}", &hex::encode(digest)[..16]));
@@ -56,7 +94,7 @@ pub fn config_problems(auth: &crate::config::AuthConfig) -> Vec<crate::config::P
     match &auth.dev_key_file {
         Some(path) if path.exists() => match DevKey::load_or_create(path) {
             Ok(_) => Vec::new(),
-            Err(e) => vec![crate::config::Problem::new("auth.dev_key_file", e)],
+            Err(e) => vec![crate::config::Problem::new("auth.dev_key_file", e.to_string())],
         },
         _ => Vec::new(),
     }
@@ -64,20 +102,21 @@ pub fn config_problems(auth: &crate::config::AuthConfig) -> Vec<crate::config::P
 
 impl DevKey {
     /// Reads the key at `path`, creating it first if there is none.
-    pub fn load_or_create(path: &Path) -> Result<DevKey, String> {
+    pub fn load_or_create(path: &Path) -> Result<DevKey, DevKeyError> {
         if !path.exists() {
             create(path)?;
         }
-        let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let not_a =
+            |what| move |source| DevKeyError::NotAKey { path: path.to_path_buf(), what, source };
+        let bytes = std::fs::read(path)
+            .map_err(|source| DevKeyError::Io { path: path.to_path_buf(), source })?;
         let private = if bytes.starts_with(b"-----BEGIN") {
-            pem_key(&bytes).map_err(|e| format!("{}: {e}", path.display()))?
+            pem_key(&bytes).map_err(not_a("not a P-256 PEM key"))?
         } else {
-            Jwk::from_bytes(&bytes).map_err(|e| format!("{}: not a JWK: {e}", path.display()))?
+            Jwk::from_bytes(&bytes).map_err(not_a("not a JWK"))?
         };
-        let signer = ES256
-            .signer_from_jwk(&private)
-            .map_err(|e| format!("{}: not an ES256 key: {e}", path.display()))?;
-        let mut public = private.to_public_key().map_err(|e| e.to_string())?;
+        let signer = ES256.signer_from_jwk(&private).map_err(not_a("not an ES256 key"))?;
+        let mut public = private.to_public_key()?;
         public.set_key_use("sig");
         public.set_algorithm("ES256");
         // josekit's public half drops the key id; tokens name the key by it.
@@ -109,18 +148,18 @@ impl DevKey {
     }
 
     /// Signs these claims as a JWT.
-    pub fn sign(&self, claims: Map<String, Value>) -> Result<String, String> {
-        let payload = JwtPayload::from_map(claims).map_err(|e| e.to_string())?;
+    pub fn sign(&self, claims: Map<String, Value>) -> Result<String, DevKeyError> {
+        let payload = JwtPayload::from_map(claims)?;
         let mut header = JwsHeader::new();
         header.set_token_type("JWT");
         if let Some(kid) = self.kid() {
             header.set_key_id(kid);
         }
-        jwt::encode_with_signer(&payload, &header, &self.signer).map_err(|e| e.to_string())
+        Ok(jwt::encode_with_signer(&payload, &header, &self.signer)?)
     }
 
     /// A token for `subject` in `tenant` with `roles`, valid for `ttl`.
-    pub fn issue(&self, request: &TokenRequest<'_>) -> Result<String, String> {
+    pub fn issue(&self, request: &TokenRequest<'_>) -> Result<String, DevKeyError> {
         let now = unix_now();
         let mut claims = Map::new();
         claims.insert("sub".into(), json!(request.subject));
@@ -155,12 +194,14 @@ pub struct TokenRequest<'a> {
     pub audience: Option<&'a str>,
 }
 
-fn create(path: &Path) -> Result<(), String> {
-    let err = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
+fn create(path: &Path) -> Result<(), DevKeyError> {
+    let err = |source| DevKeyError::Io { path: path.to_path_buf(), source };
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| err(&e))?;
+        std::fs::create_dir_all(dir).map_err(err)?;
     }
-    let pair = ES256.generate_key_pair().map_err(|e| err(&e))?;
+    let pair = ES256
+        .generate_key_pair()
+        .map_err(|source| DevKeyError::Generate { path: path.to_path_buf(), source })?;
     let mut jwk = pair.to_jwk_key_pair();
     jwk.set_key_id(format!("dev-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]));
     jwk.set_algorithm("ES256");
@@ -174,17 +215,17 @@ fn create(path: &Path) -> Result<(), String> {
     options.write(true).create_new(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options.open(&tmp).map_err(|e| err(&e))?;
+    let mut file = options.open(&tmp).map_err(err)?;
     let written = file
         .write_all(jwk.to_string().as_bytes())
         .and_then(|_| file.sync_all())
-        .map_err(|e| err(&e))
         .and_then(|_| match std::fs::hard_link(&tmp, path) {
             Ok(()) => Ok(()),
             // Another process created it first: theirs is the key.
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-            Err(e) => Err(err(&e)),
-        });
+            Err(e) => Err(e),
+        })
+        .map_err(err);
     let _ = std::fs::remove_file(&tmp);
     written
 }
@@ -247,7 +288,7 @@ mod tests {
         .unwrap();
         assert_eq!(header["kid"].as_str(), two.kid());
         std::fs::write(&path, "-----BEGIN nonsense").unwrap();
-        assert!(DevKey::load_or_create(&path).unwrap_err().contains("PEM"));
+        assert!(DevKey::load_or_create(&path).unwrap_err().to_string().contains("PEM"));
     }
 
     #[test]

@@ -42,6 +42,43 @@ pub mod names {
     }
 }
 
+/// Why no key set was loaded: a JWKS that does not parse, or a fetch that failed. The last good
+/// set stays; the text names the JWKS URL (never a token).
+#[derive(Debug, thiserror::Error)]
+pub enum JwksError {
+    /// The document is not JSON.
+    #[error("JWKS is not JSON: {0}")]
+    NotJson(#[source] serde_json::Error),
+    /// The document has no `keys` array.
+    #[error("JWKS has no \"keys\" array")]
+    NoKeysArray,
+    /// The JWKS has no signature key usable with an allowed algorithm.
+    #[error("{0} has no usable signing key")]
+    NoUsableKey(Url),
+    /// The HTTP client could not be built.
+    #[error("{0}")]
+    Client(#[source] reqwest::Error),
+    /// The IdP did not answer, or its body could not be read.
+    #[error("{what} {url}: {source}")]
+    Fetch {
+        /// `fetching` or `reading`.
+        what: &'static str,
+        /// The JWKS URL.
+        url: Url,
+        /// The cause.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The IdP answered with an error status.
+    #[error("fetching {url}: HTTP {status}")]
+    Status {
+        /// The JWKS URL.
+        url: Url,
+        /// Its answer.
+        status: reqwest::StatusCode,
+    },
+}
+
 /// Checks one key's signatures for one algorithm.
 pub enum SignatureCheck {
     /// RS256/384/512 with pooled OpenSSL contexts (see [`super::rsa`]).
@@ -68,11 +105,10 @@ pub struct KeySet {
 
 impl KeySet {
     /// Parses a JWKS document, keeping signature keys usable with an allowed algorithm.
-    pub fn from_jwks(document: &[u8], allowed: &[String]) -> Result<KeySet, String> {
+    pub fn from_jwks(document: &[u8], allowed: &[String]) -> Result<KeySet, JwksError> {
         let doc: serde_json::Value =
-            serde_json::from_slice(document).map_err(|e| format!("JWKS is not JSON: {e}"))?;
-        let list =
-            doc.get("keys").and_then(|k| k.as_array()).ok_or("JWKS has no \"keys\" array")?;
+            serde_json::from_slice(document).map_err(JwksError::NotJson)?;
+        let list = doc.get("keys").and_then(|k| k.as_array()).ok_or(JwksError::NoKeysArray)?;
         let mut set = KeySet::default();
         for (i, raw) in list.iter().enumerate() {
             let Some(map) = raw.as_object() else { continue };
@@ -185,9 +221,9 @@ impl Jwks {
         allowed: Vec<String>,
         timeout: Duration,
         cooldown: Duration,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, JwksError> {
         let http =
-            reqwest::Client::builder().timeout(timeout).build().map_err(|e| e.to_string())?;
+            reqwest::Client::builder().timeout(timeout).build().map_err(JwksError::Client)?;
         Ok(Self::new(role, Source::Remote { url, http }, allowed, KeySet::default(), cooldown))
     }
 
@@ -227,22 +263,23 @@ impl Jwks {
     }
 
     /// Fetches the JWKS now; on failure the last good set stays.
-    pub async fn refresh(&self, why: &'static str) -> Result<(), String> {
+    pub async fn refresh(&self, why: &'static str) -> Result<(), JwksError> {
         let Source::Remote { url, http } = &self.source else { return Ok(()) };
+        let fetch = |what| move |source| JwksError::Fetch { what, url: url.clone(), source };
         let result = async {
             let response = http
                 .get(url.clone())
                 .headers(crate::telemetry::trace_headers())
                 .send()
                 .await
-                .map_err(|e| format!("fetching {url}: {e}"))?;
+                .map_err(fetch("fetching"))?;
             if !response.status().is_success() {
-                return Err(format!("fetching {url}: HTTP {}", response.status()));
+                return Err(JwksError::Status { url: url.clone(), status: response.status() });
             }
-            let body = response.bytes().await.map_err(|e| format!("reading {url}: {e}"))?;
+            let body = response.bytes().await.map_err(fetch("reading"))?;
             let set = KeySet::from_jwks(&body, &self.allowed)?;
             if set.is_empty() {
-                return Err(format!("{url} has no usable signing key"));
+                return Err(JwksError::NoUsableKey(url.clone()));
             }
             Ok(set)
         }

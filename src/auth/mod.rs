@@ -32,6 +32,7 @@ pub use claims::{ClaimRules, UserInfo};
 pub use extract::Caller;
 pub use verifier::{Verified, Verifier};
 
+use crate::backends::CheckError;
 use crate::error::{ApiError, ErrorCode};
 
 /// Who is calling, once verified (`docs/contracts.md`, Identity).
@@ -242,7 +243,10 @@ pub struct Auth {
 impl Auth {
     /// Stores and announces a revocation, and applies it to this process's verifier at once
     /// (the other processes apply it on the announcement).
-    pub async fn revoke(&self, revocation: revocation::Revocation) -> Result<(), String> {
+    pub async fn revoke(
+        &self,
+        revocation: revocation::Revocation,
+    ) -> Result<(), revocation::RevocationError> {
         self.revocations.revoke(revocation.clone()).await?;
         self.verifier.apply(&revocation);
         Ok(())
@@ -377,13 +381,13 @@ impl Auth {
         let loaded = self.verifier.jwks().clone();
         ctx.readiness.add_check(
             "jwks",
-            move || -> futures::future::BoxFuture<'static, Result<(), String>> {
+            move || -> futures::future::BoxFuture<'static, Result<(), CheckError>> {
                 let ok = loaded.is_loaded();
                 Box::pin(async move {
                     if ok {
                         Ok(())
                     } else {
-                        Err("no signing keys loaded from the JWKS yet".into())
+                        Err(CheckError::NotYet("no signing keys loaded from the JWKS yet"))
                     }
                 })
             },

@@ -17,7 +17,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use super::{unix_now, Identity};
+use crate::backends::breaker::CallError;
 use crate::backends::redis::{Client, Guarded};
+use crate::error::ApiError;
 use crate::server::Shutdown;
 
 /// A revocation, as stored and announced.
@@ -64,23 +66,55 @@ pub struct UserRecord {
     pub revoked_before: Option<u64>,
 }
 
+/// Why the revocation store could not answer. Every case is Redis failing (the in-memory store
+/// never fails): an API call that needed the store answers 503 `dependency_unavailable`.
+#[derive(Debug, thiserror::Error)]
+pub enum RevocationError {
+    /// A call through the connection's breaker did not succeed: refused while the breaker is
+    /// open, failed, or unanswered in time.
+    #[error(transparent)]
+    Unavailable(#[from] CallError),
+    /// Redis answered a command made outside the breaker (a write that must not be cut short)
+    /// with an error.
+    #[error("redis: {0}")]
+    Redis(#[from] fred::error::Error),
+    /// Subscribing to the announcements failed (at start-up).
+    #[error("redis subscribe: {0}")]
+    Subscribe(#[source] fred::error::Error),
+    /// An announcement could not be encoded.
+    #[error("cannot encode the announcement: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+impl From<RevocationError> for ApiError {
+    fn from(e: RevocationError) -> Self {
+        ApiError::dependency("redis", e)
+    }
+}
+
 /// Where revocations and user records live.
 pub trait RevocationStore: Send + Sync {
     /// Stores a revocation and announces it to every verifier.
-    fn revoke(&self, revocation: Revocation) -> BoxFuture<'_, Result<(), String>>;
+    fn revoke(&self, revocation: Revocation) -> BoxFuture<'_, Result<(), RevocationError>>;
     /// Whether this token (by hash) or its user (issued at `iat`) is revoked.
     fn is_revoked<'a>(
         &'a self,
         hash: &'a str,
         subject: &'a str,
         iat: Option<u64>,
-    ) -> BoxFuture<'a, Result<bool, String>>;
+    ) -> BoxFuture<'a, Result<bool, RevocationError>>;
     /// Announcements from every replica (including this one).
     fn subscribe(&self) -> broadcast::Receiver<Revocation>;
     /// Records that `identity` was seen now (sampled by the caller).
-    fn record_seen<'a>(&'a self, identity: &'a Identity) -> BoxFuture<'a, Result<(), String>>;
+    fn record_seen<'a>(
+        &'a self,
+        identity: &'a Identity,
+    ) -> BoxFuture<'a, Result<(), RevocationError>>;
     /// The record of a user; `None` when never seen nor revoked.
-    fn user<'a>(&'a self, subject: &'a str) -> BoxFuture<'a, Result<Option<UserRecord>, String>>;
+    fn user<'a>(
+        &'a self,
+        subject: &'a str,
+    ) -> BoxFuture<'a, Result<Option<UserRecord>, RevocationError>>;
 }
 
 /// Whether a token issued at `iat` falls under a user's not-before. A token without `iat` cannot
@@ -123,7 +157,7 @@ impl Default for MemoryStore {
 }
 
 impl RevocationStore for MemoryStore {
-    fn revoke(&self, revocation: Revocation) -> BoxFuture<'_, Result<(), String>> {
+    fn revoke(&self, revocation: Revocation) -> BoxFuture<'_, Result<(), RevocationError>> {
         {
             let mut state = self.state();
             let now = unix_now();
@@ -147,7 +181,7 @@ impl RevocationStore for MemoryStore {
         hash: &'a str,
         subject: &'a str,
         iat: Option<u64>,
-    ) -> BoxFuture<'a, Result<bool, String>> {
+    ) -> BoxFuture<'a, Result<bool, RevocationError>> {
         let state = self.state();
         let revoked = state.tokens.contains_key(hash)
             || state.users.get(subject).is_some_and(|nb| issued_before(iat, *nb));
@@ -158,7 +192,10 @@ impl RevocationStore for MemoryStore {
         self.tx.subscribe()
     }
 
-    fn record_seen<'a>(&'a self, identity: &'a Identity) -> BoxFuture<'a, Result<(), String>> {
+    fn record_seen<'a>(
+        &'a self,
+        identity: &'a Identity,
+    ) -> BoxFuture<'a, Result<(), RevocationError>> {
         let record = UserRecord {
             user_id: identity.subject.clone(),
             tenant_id: Some(identity.tenant.clone()),
@@ -170,7 +207,10 @@ impl RevocationStore for MemoryStore {
         Box::pin(async { Ok(()) })
     }
 
-    fn user<'a>(&'a self, subject: &'a str) -> BoxFuture<'a, Result<Option<UserRecord>, String>> {
+    fn user<'a>(
+        &'a self,
+        subject: &'a str,
+    ) -> BoxFuture<'a, Result<Option<UserRecord>, RevocationError>> {
         let state = self.state();
         let revoked_before = state.users.get(subject).copied();
         let record = match (state.seen.get(subject), revoked_before) {
@@ -211,13 +251,11 @@ impl RedisStore {
         prefix: String,
         user_ttl: Duration,
         shutdown: Shutdown,
-    ) -> Result<Arc<Self>, String> {
+    ) -> Result<Arc<Self>, RevocationError> {
         let channel = format!("{prefix}revocations");
         let (tx, _) = broadcast::channel(ANNOUNCE_CAPACITY);
-        let mut listener = channels
-            .listen(vec![channel.clone()])
-            .await
-            .map_err(|e| format!("redis subscribe: {e}"))?;
+        let mut listener =
+            channels.listen(vec![channel.clone()]).await.map_err(RevocationError::Subscribe)?;
         let forward = tx.clone();
         tokio::spawn(async move {
             loop {
@@ -248,12 +286,12 @@ impl RedisStore {
 }
 
 impl RevocationStore for RedisStore {
-    fn revoke(&self, revocation: Revocation) -> BoxFuture<'_, Result<(), String>> {
+    fn revoke(&self, revocation: Revocation) -> BoxFuture<'_, Result<(), RevocationError>> {
         Box::pin(async move {
             // A write that must not be cut short waits for the command timeout, but not while
             // Redis is known to be failing.
             if self.redis.breaker.is_open() {
-                return Err("redis: breaker open after recent failures".into());
+                return Err(CallError::Open(self.redis.breaker.backend()).into());
             }
             let now = unix_now();
             // What to store, and for how long: a token until it expires, a user's not-before
@@ -277,15 +315,10 @@ impl RevocationStore for RedisStore {
                         None,
                         false,
                     )
-                    .await
-                    .map_err(|e| format!("redis: {e}"))?;
+                    .await?;
             }
-            let text = serde_json::to_string(&revocation).map_err(|e| e.to_string())?;
-            let _: i64 = self
-                .client
-                .publish(self.channel.clone(), text)
-                .await
-                .map_err(|e| format!("redis: {e}"))?;
+            let text = serde_json::to_string(&revocation)?;
+            let _: i64 = self.client.publish(self.channel.clone(), text).await?;
             Ok(())
         })
     }
@@ -295,17 +328,14 @@ impl RevocationStore for RedisStore {
         hash: &'a str,
         subject: &'a str,
         iat: Option<u64>,
-    ) -> BoxFuture<'a, Result<bool, String>> {
+    ) -> BoxFuture<'a, Result<bool, RevocationError>> {
         Box::pin(async move {
             let keys = vec![
                 self.key(&format!("revoked:token:{hash}")),
                 self.key(&format!("revoked:user:{subject}")),
             ];
-            let (token, user): (Option<String>, Option<u64>) = self
-                .redis
-                .call(|c| async move { c.mget(keys).await })
-                .await
-                .map_err(|e| e.to_string())?;
+            let (token, user): (Option<String>, Option<u64>) =
+                self.redis.call(|c| async move { c.mget(keys).await }).await?;
             Ok(token.is_some() || user.is_some_and(|nb| issued_before(iat, nb)))
         })
     }
@@ -314,7 +344,10 @@ impl RevocationStore for RedisStore {
         self.tx.subscribe()
     }
 
-    fn record_seen<'a>(&'a self, identity: &'a Identity) -> BoxFuture<'a, Result<(), String>> {
+    fn record_seen<'a>(
+        &'a self,
+        identity: &'a Identity,
+    ) -> BoxFuture<'a, Result<(), RevocationError>> {
         Box::pin(async move {
             let key = self.key(&format!("user:{}", identity.subject));
             let fields: HashMap<String, String> = HashMap::from([
@@ -328,25 +361,22 @@ impl RevocationStore for RedisStore {
                     c.expire::<(), _>(&key, USER_RECORD_TTL, None).await
                 })
                 .await
-                .map_err(|e| e.to_string())
+                .map_err(RevocationError::from)
         })
     }
 
-    fn user<'a>(&'a self, subject: &'a str) -> BoxFuture<'a, Result<Option<UserRecord>, String>> {
+    fn user<'a>(
+        &'a self,
+        subject: &'a str,
+    ) -> BoxFuture<'a, Result<Option<UserRecord>, RevocationError>> {
         Box::pin(async move {
             if self.redis.breaker.is_open() {
-                return Err("redis: breaker open after recent failures".into());
+                return Err(CallError::Open(self.redis.breaker.backend()).into());
             }
-            let fields: HashMap<String, String> = self
-                .client
-                .hgetall(self.key(&format!("user:{subject}")))
-                .await
-                .map_err(|e| format!("redis: {e}"))?;
-            let revoked_before: Option<u64> = self
-                .client
-                .get(self.key(&format!("revoked:user:{subject}")))
-                .await
-                .map_err(|e| format!("redis: {e}"))?;
+            let fields: HashMap<String, String> =
+                self.client.hgetall(self.key(&format!("user:{subject}"))).await?;
+            let revoked_before: Option<u64> =
+                self.client.get(self.key(&format!("revoked:user:{subject}"))).await?;
             if fields.is_empty() && revoked_before.is_none() {
                 return Ok(None);
             }

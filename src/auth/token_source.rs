@@ -140,16 +140,15 @@ impl TokenSource {
     }
 
     /// Client credentials against `token_url`, each fetch given `timeout`; the breaker's
-    /// metrics are labelled with `role`.
+    /// metrics are labelled with `role`. Fails only if the HTTP client cannot be built.
     pub fn client_credentials(
         token_url: url::Url,
         client_id: String,
         secret: Secret,
         timeout: Duration,
         role: crate::role::Role,
-    ) -> Result<Self, String> {
-        let http =
-            reqwest::Client::builder().timeout(timeout).build().map_err(|e| e.to_string())?;
+    ) -> Result<Self, reqwest::Error> {
+        let http = reqwest::Client::builder().timeout(timeout).build()?;
         let config =
             breaker::Config { trip_after: timeout, open_min: OPEN_MIN, open_max: OPEN_MAX };
         // No background probe: the next fetch after the interval is the probe.
@@ -245,7 +244,7 @@ impl Inner {
                         issuer: issuer.as_deref(),
                         audience: audience.as_deref(),
                     })
-                    .map_err(Fetch::Failed)?;
+                    .map_err(|e| Fetch::Failed(e.to_string()))?;
                 Ok((token, DEV_TTL))
             }
             Mode::ClientCredentials { http, token_url, client_id, secret, timeout, breaker } => {

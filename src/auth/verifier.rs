@@ -3,9 +3,12 @@
 //! Cold path: parse the header, check the algorithm against the allow-list (never `none`, never
 //! HMAC), find the key by `kid` (one rate-limited refetch for an unknown kid), verify the
 //! signature (josekit over OpenSSL), validate the claims, ask the revocation store. A verified
-//! token is cached by its SHA-256 until `exp`; a cache hit costs a hash and a map lookup. Cached
-//! entries are dropped when a revocation is announced, and a user revoked since start is checked
-//! on every hit, so a revocation is honoured on cached tokens too.
+//! token is cached by its SHA-256 until `exp` (plus the leeway); a cache hit costs a hash and a
+//! lookup. The cache is bounded (`auth.cache_capacity`): full, it evicts the tokens least in use
+//! (quick_cache, the crate of every bounded cache here: see [`crate::cache`]); an expired entry is
+//! refused when hit and dropped. Cached entries are dropped when a revocation is announced, and a
+//! user revoked since start is checked on every hit, so a revocation is honoured on cached tokens
+//! too.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -59,9 +62,10 @@ pub struct Verifier {
     rules: ClaimRules,
     allowed: Vec<String>,
     revocations: Arc<dyn RevocationStore>,
-    /// Verified tokens by SHA-256. A std lock: held for a lookup or insert only, never across I/O.
-    cache: RwLock<HashMap<[u8; 32], Arc<Verified>>>,
-    capacity: usize,
+    /// Verified tokens by SHA-256; each entry carries its expiry (the token's `exp`), checked on
+    /// every hit. quick_cache directly rather than [`crate::cache::Bounded`]: the hot path of
+    /// every request reads one clock (the wall clock `exp` is compared with), not two.
+    cache: quick_cache::sync::Cache<[u8; 32], Arc<Verified>>,
     /// Users revoked since this process started, from announcements: subject -> not-before.
     revoked_users: RwLock<HashMap<String, u64>>,
     seen: SeenSampler,
@@ -99,8 +103,7 @@ impl Verifier {
             rules,
             allowed,
             revocations,
-            cache: RwLock::default(),
-            capacity,
+            cache: quick_cache::sync::Cache::new(capacity.max(1)),
             revoked_users: RwLock::default(),
             seen: SeenSampler::new(std::time::Duration::from_secs(60)),
             sightings,
@@ -125,10 +128,10 @@ impl Verifier {
         let token = strip_bearer(raw);
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let now = unix_now();
-        let hit = self.cache.read().unwrap_or_else(|p| p.into_inner()).get(&digest).cloned();
+        let hit = self.cache.get(&digest);
         if let Some(hit) = hit {
             if now > hit.identity.expires_at.saturating_add(self.rules.leeway) {
-                self.cache.write().unwrap_or_else(|p| p.into_inner()).remove(&digest);
+                self.cache.remove(&digest);
                 return Err(self.rejected(Reason::Expired));
             }
             if self.locally_revoked(&hit) {
@@ -143,7 +146,8 @@ impl Verifier {
             Err(e) => return Err(e),
         };
         self.cold_ok.increment(1);
-        self.insert(digest, verified.clone(), now);
+        self.cache.insert(digest, verified.clone());
+        self.cache_entries.set(self.cache.len() as f64);
         if self.seen.should_record(&verified.identity.subject) {
             // Full queue: the sighting is dropped; it is sampled anyway and never worth a wait.
             let _ = self.sightings.try_send(verified.identity.clone());
@@ -211,22 +215,9 @@ impl Verifier {
         users.get(&v.identity.subject).is_some_and(|nb| v.info.iat.is_none_or(|iat| iat <= *nb))
     }
 
-    fn insert(&self, digest: [u8; 32], verified: Arc<Verified>, now: u64) {
-        let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());
-        if cache.len() >= self.capacity {
-            cache.retain(|_, v| v.identity.expires_at >= now);
-            if cache.len() >= self.capacity {
-                // Full of live tokens: start over rather than track recency on every hit.
-                cache.clear();
-            }
-        }
-        cache.insert(digest, verified);
-        self.cache_entries.set(cache.len() as f64);
-    }
-
     /// Applies one announced revocation to this verifier's caches.
     pub fn apply(&self, revocation: &Revocation) {
-        let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());
+        let cache = &self.cache;
         match revocation {
             Revocation::Token { hash, .. } => {
                 let mut digest = [0u8; 32];
@@ -311,5 +302,89 @@ impl<'a> Compact<'a> {
         base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(self.payload)
             .map_err(|_| Reason::Malformed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::devkey::{DevKey, TokenRequest};
+    use crate::auth::jwks::Jwks;
+    use crate::auth::revocation::MemoryStore;
+    use std::time::Duration;
+
+    fn verifier(key: &DevKey, capacity: usize) -> Verifier {
+        let rules = ClaimRules {
+            issuer: None,
+            audience: None,
+            leeway: 0,
+            default_tenant: None,
+            service_role: "service".into(),
+        };
+        Verifier::new(
+            Role::Auth,
+            Arc::new(Jwks::fixed(Role::Auth, key.key_set())),
+            rules,
+            vec!["ES256".into()],
+            Arc::new(MemoryStore::new()),
+            capacity,
+        )
+    }
+
+    fn token(key: &DevKey, subject: &str, ttl: Duration) -> String {
+        let roles = ["trader".to_string()];
+        let request = TokenRequest {
+            subject,
+            tenant: "t1",
+            roles: &roles,
+            ttl,
+            issuer: None,
+            audience: None,
+        };
+        key.issue(&request).unwrap()
+    }
+
+    fn cached(v: &Verifier, token: &str) -> bool {
+        v.cache.get(&<[u8; 32]>::from(Sha256::digest(token.as_bytes()))).is_some()
+    }
+
+    #[tokio::test]
+    async fn a_full_cache_keeps_the_tokens_in_use_and_never_empties_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = DevKey::load_or_create(&dir.path().join("k.json")).unwrap();
+        let v = verifier(&key, 64);
+        let tokens: Vec<String> =
+            (0..200).map(|i| token(&key, &format!("u{i}"), Duration::from_secs(600))).collect();
+        for t in &tokens {
+            v.verify(t).await.unwrap();
+            v.verify(t).await.unwrap(); // in use: the request after the first one hits
+        }
+        assert!((48..=80).contains(&v.cache.len()), "{}", v.cache.len());
+        assert!(tokens[170..].iter().all(|t| cached(&v, t)), "the latest are kept");
+        assert!(tokens[..64].iter().all(|t| !cached(&v, t)), "the oldest went first");
+    }
+
+    #[tokio::test]
+    async fn a_cached_token_is_refused_once_expired_and_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = DevKey::load_or_create(&dir.path().join("k.json")).unwrap();
+        let v = verifier(&key, 64);
+        let short = token(&key, "a", Duration::from_secs(1));
+        v.verify(&short).await.unwrap();
+        assert!(cached(&v, &short));
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        assert!(matches!(v.verify(&short).await, Err(AuthError::Rejected(Reason::Expired))));
+        assert!(!cached(&v, &short), "dropped");
+        // Revocation still empties what it must.
+        let (one, two) = (
+            token(&key, "b", Duration::from_secs(600)),
+            token(&key, "c", Duration::from_secs(600)),
+        );
+        v.verify(&one).await.unwrap();
+        v.verify(&two).await.unwrap();
+        v.apply(&Revocation::User { subject: "b".into(), not_before: unix_now() });
+        assert!(!cached(&v, &one) && cached(&v, &two));
+        v.apply(&Revocation::Resync);
+        assert!(!cached(&v, &two));
     }
 }

@@ -24,10 +24,11 @@ use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 
+use super::CheckError;
 use crate::role::Role;
 
 /// A background probe: `Ok` when the backend answers.
-pub type Probe = Box<dyn Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync>;
+pub type Probe = Box<dyn Fn() -> BoxFuture<'static, Result<(), CheckError>> + Send + Sync>;
 
 /// Metric names.
 pub mod names {
@@ -444,7 +445,7 @@ mod tests {
                 if ok {
                     Ok(())
                 } else {
-                    Err("down".into())
+                    Err(CheckError::failed("test", "down"))
                 }
             })
         });

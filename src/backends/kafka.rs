@@ -7,7 +7,7 @@ use futures::future::BoxFuture;
 use rskafka::client::{Client, ClientBuilder, Credentials, SaslConfig};
 use rskafka::BackoffConfig;
 
-use super::BackendError;
+use super::{BackendError, CheckError};
 use crate::config::{KafkaConfig, SaslMechanism};
 
 /// Connects to the first bootstrap broker that answers, giving up after `timeout`.
@@ -76,11 +76,11 @@ fn tls_config(config: &KafkaConfig) -> Result<Arc<rustls::ClientConfig>, String>
 /// A readiness check: the broker answers a metadata request.
 pub fn ready_check(
     client: Arc<Client>,
-) -> impl Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync {
+) -> impl Fn() -> BoxFuture<'static, Result<(), CheckError>> + Send + Sync {
     move || {
         let client = client.clone();
         Box::pin(async move {
-            client.list_topics().await.map(|_| ()).map_err(|e| format!("kafka: {e}"))
+            client.list_topics().await.map(|_| ()).map_err(|e| CheckError::failed("kafka", e))
         })
     }
 }

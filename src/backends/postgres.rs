@@ -7,7 +7,7 @@ use futures::future::BoxFuture;
 use postgres_native_tls::MakeTlsConnector;
 use tokio_postgres::config::SslMode;
 
-use super::BackendError;
+use super::{BackendError, CheckError};
 use crate::config::secret::redact_dsn;
 use crate::config::{PostgresConfig, Secret};
 
@@ -74,10 +74,10 @@ pub fn describe(e: &dyn std::error::Error) -> String {
 /// A readiness check: a pooled connection answers `SELECT 1`.
 pub fn ready_check(
     pool: Pool,
-) -> impl Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync {
+) -> impl Fn() -> BoxFuture<'static, Result<(), CheckError>> + Send + Sync {
     move || {
         let pool = pool.clone();
-        Box::pin(async move { check(&pool).await.map_err(|e| format!("postgres: {e}")) })
+        Box::pin(async move { check(&pool).await.map_err(|e| CheckError::failed("postgres", e)) })
     }
 }
 
@@ -102,23 +102,41 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
 /// migration once.
 const MIGRATION_LOCK: i64 = 0x0061_6363_6573_735f;
 
+/// Why the migrations were not applied (the transaction rolled back: none of them was).
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    /// No connection from the pool.
+    #[error("{}", describe(.0))]
+    Pool(#[from] deadpool_postgres::PoolError),
+    /// A statement of the migration machinery failed.
+    #[error("{}", describe(.0))]
+    Sql(#[from] tokio_postgres::Error),
+    /// A migration's own SQL failed.
+    #[error("migration {version} ({name}): {}", describe(.source))]
+    Migration {
+        /// Its version.
+        version: i32,
+        /// Its name.
+        name: &'static str,
+        /// The cause.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+}
+
 /// Applies the migrations not yet applied, in one transaction under an advisory lock.
-pub async fn migrate(pool: &Pool) -> Result<(), String> {
-    let mut client = pool.get().await.map_err(|e| describe(&e))?;
-    let tx = client.transaction().await.map_err(|e| describe(&e))?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
-        .await
-        .map_err(|e| describe(&e))?;
+pub async fn migrate(pool: &Pool) -> Result<(), MigrateError> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
     tx.batch_execute(
         "CREATE TABLE IF NOT EXISTS access_schema_migrations (
             version int PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())",
     )
-    .await
-    .map_err(|e| describe(&e))?;
+    .await?;
     let applied: Vec<i32> = tx
         .query("SELECT version FROM access_schema_migrations", &[])
-        .await
-        .map_err(|e| describe(&e))?
+        .await?
         .iter()
         .map(|row| row.get(0))
         .collect();
@@ -126,16 +144,17 @@ pub async fn migrate(pool: &Pool) -> Result<(), String> {
         if applied.contains(version) {
             continue;
         }
-        tx.batch_execute(sql)
-            .await
-            .map_err(|e| format!("migration {version} ({name}): {}", describe(&e)))?;
+        tx.batch_execute(sql).await.map_err(|source| MigrateError::Migration {
+            version: *version,
+            name,
+            source,
+        })?;
         tx.execute(
             "INSERT INTO access_schema_migrations (version, name) VALUES ($1, $2)",
             &[version, name],
         )
-        .await
-        .map_err(|e| describe(&e))?;
+        .await?;
         tracing::info!(version, name, "applied migration");
     }
-    tx.commit().await.map_err(|e| describe(&e))
+    Ok(tx.commit().await?)
 }

@@ -8,8 +8,8 @@ use fred::prelude::{ClientLike, Config as FredConfig, EventInterface, ReconnectP
 use fred::types::Builder;
 use futures::future::BoxFuture;
 
-use super::breaker::Breaker;
-use super::BackendError;
+use super::breaker::{Breaker, CallError};
+use super::{BackendError, CheckError};
 use crate::config::{RedisConfig, SecretUrl};
 use crate::role::Role;
 
@@ -86,11 +86,15 @@ async fn init<C: ClientLike + Clone + Send + Sync + 'static>(
 /// A readiness check: `PING` answers.
 pub fn ready_check(
     client: Client,
-) -> impl Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync {
+) -> impl Fn() -> BoxFuture<'static, Result<(), CheckError>> + Send + Sync {
     move || {
         let client = client.clone();
         Box::pin(async move {
-            client.ping::<String>(None).await.map(|_| ()).map_err(|e| format!("redis: {e}"))
+            client
+                .ping::<String>(None)
+                .await
+                .map(|_| ())
+                .map_err(|e| CheckError::failed("redis", e))
         })
     }
 }
@@ -193,7 +197,11 @@ impl Guarded {
         let probe: super::breaker::Probe = Box::new(move || {
             let client = pinged.clone();
             Box::pin(async move {
-                client.ping::<String>(None).await.map(|_| ()).map_err(|e| e.to_string())
+                client
+                    .ping::<String>(None)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| CheckError::failed("redis", e))
             })
         });
         let breaker = Breaker::new(role, "redis", user, config.breaker.clone(), Some(probe));
@@ -215,10 +223,7 @@ impl Guarded {
     }
 
     /// Runs a command (built from the client) under the breaker and the command deadline.
-    pub async fn call<T, F>(
-        &self,
-        command: impl FnOnce(Client) -> F,
-    ) -> Result<T, super::breaker::CallError>
+    pub async fn call<T, F>(&self, command: impl FnOnce(Client) -> F) -> Result<T, CallError>
     where
         F: std::future::Future<Output = Result<T, fred::error::Error>>,
     {
@@ -228,7 +233,9 @@ impl Guarded {
 
     /// A readiness check: `PING` through the breaker. While the breaker is open the check fails
     /// at once (its background probe closes it when Redis answers again).
-    pub fn ready_check(&self) -> impl Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync {
+    pub fn ready_check(
+        &self,
+    ) -> impl Fn() -> BoxFuture<'static, Result<(), CheckError>> + Send + Sync {
         let this = self.clone();
         move || {
             let this = this.clone();
@@ -236,7 +243,7 @@ impl Guarded {
                 this.call(|c| async move { c.ping::<String>(None).await })
                     .await
                     .map(|_| ())
-                    .map_err(|e| e.to_string())
+                    .map_err(CheckError::from)
             })
         }
     }
@@ -245,11 +252,10 @@ impl Guarded {
     pub async fn get_json<T: serde::de::DeserializeOwned>(
         &self,
         key: &str,
-    ) -> Result<Option<T>, String> {
+    ) -> Result<Option<T>, CallError> {
         use fred::prelude::KeysInterface;
         let key = key.to_string();
-        let raw: Option<String> =
-            self.call(|c| async move { c.get(key).await }).await.map_err(|e| e.to_string())?;
+        let raw: Option<String> = self.call(|c| async move { c.get(key).await }).await?;
         Ok(raw.and_then(|r| serde_json::from_str(&r).ok()))
     }
 
@@ -259,13 +265,24 @@ impl Guarded {
         key: &str,
         value: &T,
         ttl: std::time::Duration,
-    ) -> Result<(), String> {
+    ) -> Result<(), JsonError> {
         use fred::prelude::{Expiration, KeysInterface};
-        let body = serde_json::to_string(value).map_err(|e| e.to_string())?;
+        let body = serde_json::to_string(value)?;
         let px = Expiration::PX(ttl.as_millis().clamp(1, i64::MAX as u128) as i64);
         let key = key.to_string();
         self.call(|c| async move { c.set::<(), _, _>(key, body, Some(px), None, false).await })
-            .await
-            .map_err(|e| e.to_string())
+            .await?;
+        Ok(())
     }
+}
+
+/// Why [`Guarded::set_json`] wrote nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum JsonError {
+    /// The call did not succeed (breaker open, failed, unanswered).
+    #[error(transparent)]
+    Call(#[from] CallError),
+    /// The value does not encode as JSON.
+    #[error("cannot encode the value as JSON: {0}")]
+    Encode(#[from] serde_json::Error),
 }

@@ -25,11 +25,12 @@ use tracing::Instrument as _;
 use url::Url;
 use uuid::Uuid;
 
-use super::client::Unavailable;
+use super::client::{RequestError, Unavailable};
 use super::eval::{CheckRequest, Snapshot};
 use super::rules::{Rule, RuleInput};
 use crate::auth::token_source::TokenSource;
 use crate::auth::Identity;
+use crate::backends::CheckError;
 use crate::role::Role;
 use crate::server::Shutdown;
 
@@ -215,12 +216,11 @@ impl Mirror {
         tokens: Arc<TokenSource>,
         fail_open: bool,
         timeout: Duration,
-    ) -> Result<Arc<Self>, String> {
+    ) -> Result<Arc<Self>, RequestError> {
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .pool_idle_timeout(Duration::from_secs(5))
-            .build()
-            .map_err(|e| e.to_string())?;
+            .build()?;
         Ok(Arc::new(Mirror::with(role, Some(Source { http, url, tokens }), fail_open)))
     }
 
@@ -257,7 +257,7 @@ impl Mirror {
         mirror.follow_bus(ctx.rules_bus.subscribe(), ctx.shutdown.clone());
         if let Err(e) = tokio::time::timeout(Duration::from_secs(2), mirror.fetch())
             .await
-            .unwrap_or_else(|_| Err("timed out".into()))
+            .unwrap_or(Err(RequestError::TimedOut))
         {
             tracing::warn!(role = %ctx.role, error = %e, "no rules yet; entitlement checks are unavailable until the entitlements role answers");
         }
@@ -265,13 +265,13 @@ impl Mirror {
         let loaded = mirror.clone();
         ctx.readiness.add_soft_check(
             "rules",
-            move || -> futures::future::BoxFuture<'static, Result<(), String>> {
+            move || -> futures::future::BoxFuture<'static, Result<(), CheckError>> {
                 let ok = loaded.is_loaded();
                 Box::pin(async move {
                     if ok {
                         Ok(())
                     } else {
-                        Err("no rules snapshot from the entitlements role yet".into())
+                        Err(CheckError::NotYet("no rules snapshot from the entitlements role yet"))
                     }
                 })
             },
@@ -376,29 +376,29 @@ impl Mirror {
     }
 
     /// Fetches the snapshot from the entitlements role and applies it if newer.
-    pub async fn fetch(&self) -> Result<i64, String> {
+    pub async fn fetch(&self) -> Result<i64, RequestError> {
         let Some(source) = &self.source else { return Ok(self.version()) };
         // The fetch has a span of its own (a root: it serves no one request), whose context the
         // entitlements role receives.
         let span = tracing::info_span!(parent: None, "rules_snapshot_fetch", role = %self.role);
         let trace = span.in_scope(crate::telemetry::trace_headers);
         let outcome = async {
-            let token = source.tokens.token().await?;
-            let url = source.url.join("entitlements/snapshot").map_err(|e| e.to_string())?;
+            let token = source.tokens.token().await.map_err(RequestError::Token)?;
+            let url = source.url.join("entitlements/snapshot")?;
             let mut request = source.http.get(url).headers(trace).bearer_auth(token);
             if self.is_loaded() {
                 let epoch = self.epoch.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 request = request
                     .header(http::header::IF_NONE_MATCH, format!("\"{epoch}:{}\"", self.version()));
             }
-            let response = request.send().await.map_err(|e| e.to_string())?;
+            let response = request.send().await?;
             if response.status() == http::StatusCode::NOT_MODIFIED {
                 return Ok(None);
             }
             if !response.status().is_success() {
-                return Err(format!("HTTP {}", response.status()));
+                return Err(RequestError::Status(response.status()));
             }
-            let wire: WireSnapshot = response.json().await.map_err(|e| e.to_string())?;
+            let wire: WireSnapshot = response.json().await?;
             let rules = wire.rules.into_iter().map(Rule::from).collect();
             Ok(Some((Snapshot::new(rules, wire.rules_version), wire.epoch)))
         }
@@ -433,7 +433,7 @@ impl Mirror {
             return if self.fail_open {
                 Ok(Decision { allowed: true, version: -1 })
             } else {
-                Err(Unavailable("no rules snapshot yet".into()))
+                Err(Unavailable::NoSnapshot)
             };
         }
         let snap = self.snapshot();
@@ -457,7 +457,7 @@ impl Mirror {
                 if self.fail_open {
                     return Ok(Decision { allowed: true, version: self.version() });
                 }
-                return Err(Unavailable(format!("rules version {wanted} not applied yet")));
+                return Err(Unavailable::NotApplied(wanted));
             }
         }
         self.decide(identity, resource, action)

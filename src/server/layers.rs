@@ -83,9 +83,9 @@ impl Shared {
     }
 
     /// Whether every request slot is taken (`server.max_concurrency`): `/ready` reports it.
-    pub fn saturated(&self) -> Option<String> {
+    pub fn saturated(&self) -> Option<crate::backends::CheckError> {
         (self.0.permits.available_permits() == 0)
-            .then(|| format!("all {} request slots are in use", self.0.max_concurrency))
+            .then_some(crate::backends::CheckError::Saturated(self.0.max_concurrency))
     }
 }
 

@@ -13,18 +13,19 @@ use futures::future::BoxFuture;
 use serde::Serialize;
 
 use super::Shutdown;
+pub use crate::backends::CheckError;
 
 /// A dependency check: `Ok` when the dependency answers.
 pub trait ReadyCheck: Send + Sync {
     /// Checks once; the error names what is wrong, without secrets.
-    fn check(&self) -> BoxFuture<'_, Result<(), String>>;
+    fn check(&self) -> BoxFuture<'_, Result<(), CheckError>>;
 }
 
 impl<F> ReadyCheck for F
 where
-    F: Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync,
+    F: Fn() -> BoxFuture<'static, Result<(), CheckError>> + Send + Sync,
 {
-    fn check(&self) -> BoxFuture<'_, Result<(), String>> {
+    fn check(&self) -> BoxFuture<'_, Result<(), CheckError>> {
         self()
     }
 }
@@ -141,9 +142,10 @@ impl Readiness {
             futures::future::join_all(checks.iter().map(|(name, check, soft)| async move {
                 let outcome = match tokio::time::timeout(self.inner.timeout, check.check()).await {
                     Ok(outcome) => outcome,
-                    Err(_) => Err(format!("no answer within {:?}", self.inner.timeout)),
+                    Err(_) => Err(CheckError::Timeout(self.inner.timeout)),
                 };
-                CheckResult { name, ok: outcome.is_ok(), soft: *soft, error: outcome.err() }
+                let error = outcome.err().map(|e| e.to_string());
+                CheckResult { name, ok: error.is_none(), soft: *soft, error }
             }))
             .await;
         let status = if self.inner.shutdown.is_draining() {

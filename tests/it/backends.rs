@@ -152,7 +152,7 @@ async fn rediss_with_a_password_connects_over_tls() {
     let connected = redis::connect(&url, &trusting).await;
     let answered = match &connected {
         Ok(client) => redis::ready_check(client.clone())().await,
-        Err(e) => Err(e.to_string()),
+        Err(e) => Err(access::backends::CheckError::failed("redis", e)),
     };
     let untrusted = redis::connect(&url, &quick_redis()).await;
     let wrong_password =

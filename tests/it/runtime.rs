@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use access::backends::CheckError;
 use access::role::Role;
 use axum::routing::{get, post};
 use axum::Router;
@@ -27,8 +28,8 @@ fn router() -> Router {
         )
 }
 
-fn failing_check() -> BoxFuture<'static, Result<(), String>> {
-    Box::pin(async { Err("connection refused".to_string()) })
+fn failing_check() -> BoxFuture<'static, Result<(), CheckError>> {
+    Box::pin(async { Err(CheckError::failed("test", "connection refused")) })
 }
 
 #[tokio::test]
@@ -75,7 +76,7 @@ async fn a_hanging_check_is_cut_by_its_timeout() {
     let s = serve(Role::Auth, config(&[("ACCESS_SERVER__READY_CHECK_TIMEOUT", "200ms")]), router())
         .await;
     s.ctx.readiness.mark_started();
-    s.ctx.readiness.add_check("kafka", || -> BoxFuture<'static, Result<(), String>> {
+    s.ctx.readiness.add_check("kafka", || -> BoxFuture<'static, Result<(), CheckError>> {
         Box::pin(futures::future::pending())
     });
     let r = http().get(s.url("/ready")).send().await.unwrap();

@@ -215,11 +215,7 @@ struct LoggedOut {
 async fn logout(AxumState(state): AxumState<State>, caller: Caller) -> ApiResult<Response> {
     let until = caller.0.identity.expires_at;
     let revocation = Revocation::Token { hash: caller.0.token_hash.clone(), until };
-    state
-        .auth
-        .revoke(revocation)
-        .await
-        .map_err(|e| ApiError::dependency("redis", anyhow::anyhow!(e)))?;
+    state.auth.revoke(revocation).await?;
     tracing::info!(subject = %caller.0.identity.subject, "token revoked by logout");
     Ok(Json(LoggedOut { revoked: true, until }).into_response())
 }
@@ -242,11 +238,7 @@ async fn revoke_user(
     caller.require_role(&state.admin_role)?;
     let not_before = unix_now();
     let revocation = Revocation::User { subject: id.clone(), not_before };
-    state
-        .auth
-        .revoke(revocation)
-        .await
-        .map_err(|e| ApiError::dependency("redis", anyhow::anyhow!(e)))?;
+    state.auth.revoke(revocation).await?;
     tracing::info!(admin = %caller.0.identity.subject, user = %id, "user's tokens revoked");
     Ok(Json(UserRevoked { user_id: id, revoked_before: not_before }).into_response())
 }
@@ -258,13 +250,7 @@ async fn user(
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
     caller.require_role(&state.admin_role)?;
-    match state
-        .auth
-        .revocations
-        .user(&id)
-        .await
-        .map_err(|e| ApiError::dependency("redis", anyhow::anyhow!(e)))?
-    {
+    match state.auth.revocations.user(&id).await? {
         Some(record) => Ok(Json(record).into_response()),
         None => Err(ApiError::not_found(format!("no user {id:?} has been seen or revoked"))),
     }
@@ -287,17 +273,6 @@ async fn jwks(AxumState(state): AxumState<State>) -> ApiResult<Response> {
             Ok(Json(set).into_response())
         }
         None => Err(ApiError::not_found("keys are published by the identity provider, not here")),
-    }
-}
-
-fn key_error(e: crate::auth::api_keys::KeyError) -> ApiError {
-    match e {
-        crate::auth::api_keys::KeyError::NotFound => {
-            ApiError::not_found("no such API key (or it is revoked)")
-        }
-        crate::auth::api_keys::KeyError::Unavailable(cause) => {
-            ApiError::dependency("postgres", anyhow::anyhow!(cause))
-        }
     }
 }
 
@@ -336,8 +311,7 @@ async fn create_key(
     if new.tenant_id.trim().is_empty() {
         return Err(ApiError::validation("tenant_id", "a tenant is required"));
     }
-    let (key, text) =
-        state.auth.api_keys.create(new, &caller.0.identity.subject).await.map_err(key_error)?;
+    let (key, text) = state.auth.api_keys.create(new, &caller.0.identity.subject).await?;
     tracing::info!(admin = %caller.0.identity.subject, key = %key.id, "API key created");
     let body = KeyWithSecret { api_key: key, key: text };
     Ok((http::StatusCode::CREATED, Json(body)).into_response())
@@ -346,7 +320,7 @@ async fn create_key(
 #[utoipa::path(get, path = "/auth/api-keys", tag = "auth", summary = "List API keys (admin)", security(("bearer" = [])), responses((status = 200, description = "Every key", body = KeyList), Errors))]
 async fn list_keys(AxumState(state): AxumState<State>, caller: Caller) -> ApiResult<Response> {
     caller.require_role(&state.admin_role)?;
-    let keys = state.auth.api_keys.store().list().await.map_err(key_error)?;
+    let keys = state.auth.api_keys.store().list().await?;
     Ok(Json(KeyList { api_keys: keys }).into_response())
 }
 
@@ -383,12 +357,7 @@ async fn rotate_key(
     let until = chrono::Utc::now()
         + chrono::Duration::from_std(overlap)
             .map_err(|_| ApiError::validation("overlap", "too long"))?;
-    let (key, text) = state
-        .auth
-        .api_keys
-        .rotate(&id, until, &caller.0.identity.subject)
-        .await
-        .map_err(key_error)?;
+    let (key, text) = state.auth.api_keys.rotate(&id, until, &caller.0.identity.subject).await?;
     announce_key(&state, &key.id).await;
     tracing::info!(admin = %caller.0.identity.subject, key = %key.id, "API key rotated");
     Ok(Json(KeyWithSecret { api_key: key, key: text }).into_response())
@@ -401,7 +370,7 @@ async fn revoke_key(
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
     caller.require_role(&state.admin_role)?;
-    state.auth.api_keys.revoke(&id, &caller.0.identity.subject).await.map_err(key_error)?;
+    state.auth.api_keys.revoke(&id, &caller.0.identity.subject).await?;
     announce_key(&state, &id).await;
     tracing::info!(admin = %caller.0.identity.subject, key = %id, "API key revoked");
     Ok(http::StatusCode::NO_CONTENT.into_response())
@@ -444,7 +413,7 @@ async fn key_audit(
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
     caller.require_role(&state.admin_role)?;
-    let rows = state.auth.api_keys.store().audit(&id).await.map_err(key_error)?;
+    let rows = state.auth.api_keys.store().audit(&id).await?;
     let audit =
         rows.into_iter().map(|(action, actor, at)| KeyAuditRow { action, actor, at }).collect();
     Ok(Json(KeyAudit { key_id: id, audit }).into_response())

@@ -12,27 +12,13 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::engine::Decision;
-use super::store::{AuditEntry, StoreError};
+use super::store::AuditEntry;
 use super::State;
 use crate::auth::{Caller, IdentityKind};
 use crate::error::{ApiError, ApiResult, ErrorCode, Json};
 use crate::policy::board::ReplicaReport;
 use crate::policy::eval::CheckRequest;
 use crate::policy::rules::{glob_matches, Rule, RuleInput};
-
-impl From<StoreError> for ApiError {
-    fn from(e: StoreError) -> Self {
-        match e {
-            StoreError::NotFound => ApiError::not_found("no rule with that id"),
-            StoreError::Conflict { .. } => {
-                ApiError::new(ErrorCode::Conflict, e.to_string()).with_field("version")
-            }
-            StoreError::Unavailable(cause) => {
-                ApiError::dependency("postgres", anyhow::anyhow!(cause))
-            }
-        }
-    }
-}
 
 /// A non-service caller may only check itself; its roles are its token's.
 fn authorize(state: &State, caller: &Caller, req: &mut CheckRequest) -> Result<(), ApiError> {

@@ -5,10 +5,9 @@
 //! replica reloads before answering, and every other replica reloads on the announcement; the
 //! decision cache is keyed by rules version, so no decision from an older version is served.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use chrono::Utc;
 use fred::prelude::PubsubInterface;
@@ -18,6 +17,9 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use super::store::{RuleStore, StoreError};
+use crate::backends::breaker::CallError;
+use crate::backends::redis::JsonError;
+use crate::cache::Bounded;
 use crate::policy::eval::{CheckRequest, Reason, Snapshot};
 use crate::server::Shutdown;
 
@@ -75,39 +77,57 @@ pub struct Decision {
     pub cached: bool,
 }
 
+/// Why the decision cache could not answer or store (Redis failing; the in-memory cache never
+/// fails). Never answered to a caller: the check is computed instead, and counted.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    /// The Redis call did not succeed (breaker open, failed, unanswered).
+    #[error(transparent)]
+    Unavailable(#[from] CallError),
+    /// The decision does not encode as JSON.
+    #[error("cannot encode the decision: {0}")]
+    Encode(#[source] serde_json::Error),
+}
+
+impl From<JsonError> for CacheError {
+    fn from(e: JsonError) -> Self {
+        match e {
+            JsonError::Call(e) => CacheError::Unavailable(e),
+            JsonError::Encode(e) => CacheError::Encode(e),
+        }
+    }
+}
+
 /// Where decisions are cached: Redis (shared) or memory (one process).
 pub trait DecisionCache: Send + Sync {
     /// A cached decision.
-    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Decision>, String>>;
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Decision>, CacheError>>;
     /// Caches a decision for `ttl`.
     fn put<'a>(
         &'a self,
         key: &'a str,
         decision: &'a Decision,
         ttl: Duration,
-    ) -> BoxFuture<'a, Result<(), String>>;
+    ) -> BoxFuture<'a, Result<(), CacheError>>;
 }
 
-/// In-process decision cache, bounded.
+/// In-process decision cache: at most about `capacity` decisions (the least used evicted first),
+/// each until its TTL ([`crate::cache::Bounded`]). Keys carry the rules version, so a decision
+/// of an older version is never looked up again and ages out.
 pub struct MemoryCache {
-    /// Decisions with their expiry; a std mutex held for one map operation.
-    entries: Mutex<HashMap<String, (Decision, Instant)>>,
-    capacity: usize,
+    entries: Bounded<String, Decision>,
 }
 
 impl MemoryCache {
-    /// A cache of at most `capacity` decisions.
+    /// A cache of at most about `capacity` decisions.
     pub fn new(capacity: usize) -> Self {
-        MemoryCache { entries: Mutex::default(), capacity }
+        MemoryCache { entries: Bounded::new(capacity) }
     }
 }
 
 impl DecisionCache for MemoryCache {
-    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Decision>, String>> {
-        let hit = {
-            let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-            entries.get(key).filter(|(_, until)| *until > Instant::now()).map(|(d, _)| d.clone())
-        };
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Decision>, CacheError>> {
+        let hit = self.entries.get(key);
         Box::pin(async move { Ok(hit) })
     }
 
@@ -116,18 +136,8 @@ impl DecisionCache for MemoryCache {
         key: &'a str,
         decision: &'a Decision,
         ttl: Duration,
-    ) -> BoxFuture<'a, Result<(), String>> {
-        {
-            let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-            if entries.len() >= self.capacity {
-                let now = Instant::now();
-                entries.retain(|_, (_, until)| *until > now);
-                if entries.len() >= self.capacity {
-                    entries.clear();
-                }
-            }
-            entries.insert(key.to_string(), (decision.clone(), Instant::now() + ttl));
-        }
+    ) -> BoxFuture<'a, Result<(), CacheError>> {
+        self.entries.insert(key.to_string(), decision.clone(), ttl);
         Box::pin(async { Ok(()) })
     }
 }
@@ -148,9 +158,9 @@ impl RedisCache {
 }
 
 impl DecisionCache for RedisCache {
-    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Decision>, String>> {
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Decision>, CacheError>> {
         let key = format!("{}{key}", self.prefix);
-        Box::pin(async move { self.redis.get_json(&key).await })
+        Box::pin(async move { Ok(self.redis.get_json(&key).await?) })
     }
 
     fn put<'a>(
@@ -158,9 +168,9 @@ impl DecisionCache for RedisCache {
         key: &'a str,
         decision: &'a Decision,
         ttl: Duration,
-    ) -> BoxFuture<'a, Result<(), String>> {
+    ) -> BoxFuture<'a, Result<(), CacheError>> {
         let key = format!("{}{key}", self.prefix);
-        Box::pin(async move { self.redis.set_json(&key, decision, ttl).await })
+        Box::pin(async move { Ok(self.redis.set_json(&key, decision, ttl).await?) })
     }
 }
 
@@ -366,7 +376,7 @@ impl Engine {
         metrics::counter!(names::CHECKS, "role" => "entitlements", "outcome" => outcome, "cache" => cache).increment(1);
     }
 
-    fn cache_error(&self, e: &str) {
+    fn cache_error(&self, e: &CacheError) {
         self.stats.cache_errors.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(names::CACHE_ERRORS, "role" => "entitlements").increment(1);
         tracing::debug!(role = "entitlements", error = %e, "decision cache unavailable; computing");
@@ -377,4 +387,50 @@ impl Engine {
 pub fn cache_key(version: i64, req: &CheckRequest) -> String {
     let body = serde_json::to_vec(req).unwrap_or_default();
     format!("ent:{version}:{}", hex::encode(Sha256::digest(&body)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decision(version: i64) -> Decision {
+        Decision {
+            allowed: true,
+            reason: "allowed_by_rule".into(),
+            rule_id: None,
+            decision_id: Uuid::new_v4(),
+            rules_version: version,
+            ttl_seconds: 60,
+            cached: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_memory_cache_keeps_the_decisions_in_use_and_never_empties_itself() {
+        let cache = MemoryCache::new(64);
+        for i in 0..300 {
+            let key = format!("ent:1:{i}");
+            cache.put(&key, &decision(i), Duration::from_secs(60)).await.unwrap();
+            assert!(cache.get(&key).await.unwrap().is_some());
+        }
+        assert!((48..=80).contains(&cache.entries.len()), "{}", cache.entries.len());
+        for i in 260..300 {
+            let hit = cache.get(&format!("ent:1:{i}")).await.unwrap();
+            assert_eq!(hit.map(|d| d.rules_version), Some(i), "the latest are kept");
+        }
+        for i in 0..64 {
+            assert!(cache.get(&format!("ent:1:{i}")).await.unwrap().is_none(), "the oldest went");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cached_decision_expires_with_its_ttl() {
+        let cache = MemoryCache::new(64);
+        cache.put("short", &decision(1), Duration::from_millis(30)).await.unwrap();
+        cache.put("long", &decision(1), Duration::from_secs(60)).await.unwrap();
+        assert!(cache.get("short").await.unwrap().is_some());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(cache.get("short").await.unwrap().is_none());
+        assert!(cache.get("long").await.unwrap().is_some());
+    }
 }

@@ -14,6 +14,7 @@ use tokio::sync::broadcast;
 use uuid::Uuid;
 
 use crate::backends::postgres::describe;
+use crate::error::{ApiError, ErrorCode};
 use crate::policy::rules::{Rule, RuleInput};
 use crate::server::Shutdown;
 
@@ -37,6 +38,20 @@ pub enum StoreError {
     /// The store cannot be reached.
     #[error("{0}")]
     Unavailable(String),
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound => ApiError::not_found("no rule with that id"),
+            StoreError::Conflict { .. } => {
+                ApiError::new(ErrorCode::Conflict, e.to_string()).with_field("version")
+            }
+            unavailable @ StoreError::Unavailable(_) => {
+                ApiError::dependency("postgres", unavailable)
+            }
+        }
+    }
 }
 
 /// One audit row.

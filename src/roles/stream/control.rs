@@ -18,8 +18,29 @@ use tokio::sync::oneshot;
 use super::hub::Conn;
 use super::topics::Filter;
 use super::State;
+use crate::backends::breaker::CallError;
 use crate::backends::redis::{Guarded, SubscriberClient};
-use crate::error::ErrorCode;
+use crate::error::{ApiError, ErrorCode};
+
+/// Why the relay could not forward a request, or listen (Redis failing).
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// The publish did not succeed (breaker open, failed, unanswered).
+    #[error(transparent)]
+    Unavailable(#[from] CallError),
+    /// Subscribing to the control channels failed (at start-up).
+    #[error("redis subscribe: {0}")]
+    Subscribe(#[source] fred::error::Error),
+    /// The request could not be encoded.
+    #[error("cannot encode the request: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+impl From<RelayError> for ApiError {
+    fn from(e: RelayError) -> Self {
+        ApiError::dependency("redis", e)
+    }
+}
 
 /// Subscribes `conn` to each topic it may see. Returns the topics subscribed, the failures, and
 /// for each partition of the subscribed topics where live delivery starts.
@@ -190,7 +211,7 @@ impl Relay {
     }
 
     /// Forwards a request; `None` when no replica answered in time (no such connection).
-    pub async fn forward(&self, mut request: Request) -> Result<Option<Reply>, String> {
+    pub async fn forward(&self, mut request: Request) -> Result<Option<Reply>, RelayError> {
         request.request_id = uuid::Uuid::new_v4().simple().to_string();
         request.reply_to = self.reply_channel.clone();
         let (tx, rx) = oneshot::channel();
@@ -198,7 +219,7 @@ impl Relay {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(request.request_id.clone(), tx);
-        let text = serde_json::to_string(&request).map_err(|e| e.to_string())?;
+        let text = serde_json::to_string(&request)?;
         let channel = self.channel.clone();
         let sent =
             self.redis.call(|c| async move { c.publish::<i64, _, _>(channel, text).await }).await;
@@ -206,7 +227,7 @@ impl Relay {
             Ok(_) => tokio::time::timeout(self.timeout, rx).await.ok().and_then(Result::ok),
             Err(e) => {
                 self.forget(&request.request_id);
-                return Err(e.to_string());
+                return Err(e.into());
             }
         };
         self.forget(&request.request_id);
@@ -223,11 +244,11 @@ impl Relay {
         self: Arc<Self>,
         state: State,
         subscriber: SubscriberClient,
-    ) -> Result<(), String> {
+    ) -> Result<(), RelayError> {
         subscriber
             .subscribe(vec![self.channel.clone(), self.reply_channel.clone()])
             .await
-            .map_err(|e| format!("redis subscribe: {e}"))?;
+            .map_err(RelayError::Subscribe)?;
         let _resubscribe = subscriber.manage_subscriptions();
         let mut messages = subscriber.message_rx();
         let shutdown = state.shutdown.clone();

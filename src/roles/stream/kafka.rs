@@ -29,8 +29,8 @@ use serde_json::Value;
 
 use super::hub::{Hub, Record};
 use super::names;
-use super::source::{parse_value, History, Position, PublishError, Publisher};
-use crate::backends::BackendError;
+use super::source::{parse_value, History, Position, Publisher, SourceError};
+use crate::backends::{BackendError, CheckError};
 use crate::config::KafkaConfig;
 use crate::server::Shutdown;
 
@@ -79,13 +79,13 @@ impl KafkaSettings {
 
 /// Runs one Kafka request under `deadline`; a miss is an error like any other (the caller drops
 /// the connection).
-async fn within<T, E: std::fmt::Display>(
+async fn within<T>(
     deadline: Duration,
-    request: impl std::future::Future<Output = Result<T, E>>,
-) -> Result<T, String> {
+    request: impl std::future::Future<Output = Result<T, KafkaError>>,
+) -> Result<T, SourceError> {
     match tokio::time::timeout(deadline, request).await {
-        Ok(outcome) => outcome.map_err(|e| e.to_string()),
-        Err(_) => Err(format!("no answer from the broker within {deadline:?}")),
+        Ok(outcome) => Ok(outcome?),
+        Err(_) => Err(SourceError::Deadline(deadline)),
     }
 }
 
@@ -176,7 +176,7 @@ impl Metadata {
         }))
     }
 
-    async fn current(&self) -> Result<Arc<Client>, String> {
+    async fn current(&self) -> Result<Arc<Client>, SourceError> {
         let mut slot = self.client.lock().await;
         if slot.1 {
             let deadline = self.settings.deadline();
@@ -185,8 +185,7 @@ impl Metadata {
                 &self.settings.client,
                 deadline,
             )
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
             *slot = (fresh, false);
         }
         Ok(slot.0.clone())
@@ -194,29 +193,26 @@ impl Metadata {
 
     /// Runs one request on the current client under the deadline; a miss marks the client for
     /// replacement.
-    async fn request<T, E: std::fmt::Display, F>(
-        &self,
-        call: impl FnOnce(Arc<Client>) -> F,
-    ) -> Result<T, String>
+    async fn request<T, F>(&self, call: impl FnOnce(Arc<Client>) -> F) -> Result<T, SourceError>
     where
-        F: std::future::Future<Output = Result<T, E>>,
+        F: std::future::Future<Output = Result<T, KafkaError>>,
     {
         let client = self.current().await?;
         let deadline = self.settings.deadline();
         match tokio::time::timeout(deadline, call(client.clone())).await {
-            Ok(outcome) => outcome.map_err(|e| e.to_string()),
+            Ok(outcome) => Ok(outcome?),
             Err(_) => {
                 let mut slot = self.client.lock().await;
                 if Arc::ptr_eq(&slot.0, &client) {
                     slot.1 = true;
                 }
-                Err(format!("no answer from the broker within {deadline:?}"))
+                Err(SourceError::Deadline(deadline))
             }
         }
     }
 
     /// The topics and their partitions.
-    pub async fn list_topics(&self) -> Result<Vec<rskafka::topic::Topic>, String> {
+    pub async fn list_topics(&self) -> Result<Vec<rskafka::topic::Topic>, SourceError> {
         self.request(|c| async move { c.list_topics().await }).await
     }
 
@@ -225,7 +221,7 @@ impl Metadata {
         &self,
         topic: &str,
         partition: i32,
-    ) -> Result<PartitionClient, String> {
+    ) -> Result<PartitionClient, SourceError> {
         let topic = topic.to_string();
         self.request(|c| async move {
             c.partition_client(topic, partition, UnknownTopicHandling::Error).await
@@ -243,7 +239,7 @@ impl Metadata {
         self: &Arc<Self>,
         topics: Vec<String>,
         hub: Arc<Hub>,
-    ) -> impl Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync {
+    ) -> impl Fn() -> BoxFuture<'static, Result<(), CheckError>> + Send + Sync {
         let this = self.clone();
         let topics: Arc<[String]> = topics.into();
         let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -251,7 +247,8 @@ impl Metadata {
             let (this, topics, hub) = (this.clone(), topics.clone(), hub.clone());
             let started = started.clone();
             Box::pin(async move {
-                let listed = this.list_topics().await.map_err(|e| format!("kafka: {e}"))?;
+                let listed =
+                    this.list_topics().await.map_err(|e| CheckError::failed("kafka", e))?;
                 if started.load(Ordering::Relaxed) {
                     return Ok(());
                 }
@@ -263,7 +260,8 @@ impl Metadata {
                     .map(|(topic, partition)| format!("{topic}/{partition}"))
                     .collect();
                 if !unread.is_empty() {
-                    return Err(format!("kafka: partitions not read yet: {}", unread.join(", ")));
+                    let message = format!("partitions not read yet: {}", unread.join(", "));
+                    return Err(CheckError::failed("kafka", message));
                 }
                 started.store(true, Ordering::Relaxed);
                 Ok(())
@@ -422,8 +420,8 @@ async fn consume_partition(
             let fetch = client.fetch_records(from, 1..settings.fetch_max_bytes, wait_ms);
             let fetched = tokio::select! {
                 r = tokio::time::timeout(deadline, fetch) => match r {
-                    Ok(r) => r.map_err(Fetch::Kafka),
-                    Err(_) => Err(Fetch::Deadline(deadline)),
+                    Ok(r) => r.map_err(SourceError::Broker),
+                    Err(_) => Err(SourceError::Deadline(deadline)),
                 },
                 _ = shutdown.stopping() => return,
             };
@@ -454,7 +452,7 @@ async fn consume_partition(
                         s.last_read = Some(std::time::Instant::now());
                     });
                 }
-                Err(Fetch::Kafka(KafkaError::ServerError {
+                Err(SourceError::Broker(KafkaError::ServerError {
                     protocol_error: ProtocolError::OffsetOutOfRange,
                     ..
                 })) => {
@@ -566,30 +564,11 @@ async fn partition_client(
     settings: &KafkaSettings,
     topic: &str,
     partition: i32,
-) -> Result<PartitionClient, String> {
+) -> Result<PartitionClient, SourceError> {
     let deadline = settings.deadline();
-    let client = crate::backends::kafka::connect(&settings.bootstrap, &settings.client, deadline)
-        .await
-        .map_err(|e| e.to_string())?;
+    let client =
+        crate::backends::kafka::connect(&settings.bootstrap, &settings.client, deadline).await?;
     within(deadline, client.partition_client(topic, partition, UnknownTopicHandling::Error)).await
-}
-
-/// Why a fetch failed.
-#[derive(Debug)]
-enum Fetch {
-    /// The broker answered with an error, or the connection failed.
-    Kafka(KafkaError),
-    /// No answer within the deadline (a silent broker): the connection is dropped.
-    Deadline(Duration),
-}
-
-impl std::fmt::Display for Fetch {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Fetch::Kafka(e) => e.fmt(f),
-            Fetch::Deadline(d) => write!(f, "no answer from the broker within {d:?}"),
-        }
-    }
 }
 
 /// The partition's high watermark (the next offset to be written). ListOffsets(latest) is not
@@ -616,7 +595,7 @@ impl PartitionClients {
         PartitionClients { client, cache: Mutex::default(), deadline }
     }
 
-    async fn get(&self, topic: &str, partition: i32) -> Result<Arc<PartitionClient>, String> {
+    async fn get(&self, topic: &str, partition: i32) -> Result<Arc<PartitionClient>, SourceError> {
         let key = (topic.to_string(), partition);
         if let Some(c) = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
             return Ok(c.clone());
@@ -661,7 +640,7 @@ impl History for KafkaHistory {
         partition: i32,
         from: i64,
         until: i64,
-    ) -> BoxFuture<'a, Result<Vec<Record>, String>> {
+    ) -> BoxFuture<'a, Result<Vec<Record>, SourceError>> {
         Box::pin(async move {
             let client = self.partitions.get(topic, partition).await?;
             let topic_name: Arc<str> = topic.into();
@@ -678,14 +657,11 @@ impl History for KafkaHistory {
                     })) => break,
                     Ok(Err(e)) => {
                         self.partitions.forget(topic, partition);
-                        return Err(e.to_string());
+                        return Err(e.into());
                     }
                     Err(_) => {
                         self.partitions.forget(topic, partition);
-                        return Err(format!(
-                            "no answer from the broker within {:?}",
-                            self.partitions.deadline
-                        ));
+                        return Err(SourceError::Deadline(self.partitions.deadline));
                     }
                 };
                 let before = next;
@@ -726,19 +702,19 @@ impl KafkaPublisher {
         }))
     }
 
-    async fn partition_count(&self, topic: &str) -> Result<i32, PublishError> {
+    async fn partition_count(&self, topic: &str) -> Result<i32, SourceError> {
         if let Some((n, at)) = self.counts.lock().unwrap_or_else(|p| p.into_inner()).get(topic) {
             if at.elapsed() < self.refresh {
                 return Ok(*n);
             }
         }
-        let topics = self.partitions.client.list_topics().await.map_err(PublishError)?;
+        let topics = self.partitions.client.list_topics().await?;
         let n = topics
             .iter()
             .find(|t| t.name == topic)
             .map(|t| t.partitions.len() as i32)
             .filter(|n| *n > 0)
-            .ok_or_else(|| PublishError(format!("topic {topic} does not exist in Kafka")))?;
+            .ok_or_else(|| SourceError::UnknownTopic(topic.to_string()))?;
         self.counts
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -768,7 +744,7 @@ impl Publisher for KafkaPublisher {
         topic: &'a str,
         key: Option<String>,
         data: Value,
-    ) -> BoxFuture<'a, Result<Position, PublishError>> {
+    ) -> BoxFuture<'a, Result<Position, SourceError>> {
         Box::pin(async move {
             let count = self.partition_count(topic).await?;
             let partition = partition_for(
@@ -776,7 +752,7 @@ impl Publisher for KafkaPublisher {
                 count,
                 self.round_robin.fetch_add(1, Ordering::Relaxed),
             );
-            let client = self.partitions.get(topic, partition).await.map_err(PublishError)?;
+            let client = self.partitions.get(topic, partition).await?;
             let record = rskafka::record::Record {
                 key: key.map(String::into_bytes),
                 value: Some(data.to_string().into_bytes()),
@@ -784,14 +760,10 @@ impl Publisher for KafkaPublisher {
                 timestamp: chrono::Utc::now(),
             };
             let produce = client.produce(vec![record], Compression::NoCompression);
-            let offsets = within(self.partitions.deadline, produce).await.map_err(|e| {
+            let offsets = within(self.partitions.deadline, produce).await.inspect_err(|_| {
                 self.partitions.forget(topic, partition);
-                PublishError(e)
             })?;
-            let offset = offsets
-                .first()
-                .copied()
-                .ok_or_else(|| PublishError("no offset returned".into()))?;
+            let offset = offsets.first().copied().ok_or(SourceError::NoOffset)?;
             Ok(Position { topic: topic.into(), partition, offset })
         })
     }

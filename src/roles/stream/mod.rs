@@ -705,7 +705,7 @@ async fn publish(
         }
         Err(e) => {
             metrics::counter!(names::PUBLISHED, "role" => "stream", "topic" => body.topic, "outcome" => "error").increment(1);
-            Err(ApiError::dependency("kafka", anyhow::anyhow!(e)))
+            Err(e.into())
         }
     }
 }

@@ -4,12 +4,15 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures::future::BoxFuture;
 use serde::Serialize;
 use serde_json::Value;
 
 use super::hub::{Hub, Record};
+use crate::backends::BackendError;
+use crate::error::ApiError;
 
 /// Where a published record landed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
@@ -22,10 +25,32 @@ pub struct Position {
     pub offset: i64,
 }
 
-/// A publish that did not happen.
+/// Why the broker did not do what was asked: a publish, a history read (or the metadata request
+/// either needs). The in-process bus never fails.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct PublishError(pub String);
+pub enum SourceError {
+    /// A new connection to the broker could not be made.
+    #[error(transparent)]
+    Connect(#[from] BackendError),
+    /// The broker answered with an error, or the connection failed.
+    #[error(transparent)]
+    Broker(#[from] rskafka::client::error::Error),
+    /// No answer within the request deadline (a silent broker): the connection is dropped.
+    #[error("no answer from the broker within {0:?}")]
+    Deadline(Duration),
+    /// The topic does not exist in the broker.
+    #[error("topic {0} does not exist in Kafka")]
+    UnknownTopic(String),
+    /// The broker took the record but returned no offset for it.
+    #[error("no offset returned")]
+    NoOffset,
+}
+
+impl From<SourceError> for ApiError {
+    fn from(e: SourceError) -> Self {
+        ApiError::dependency("kafka", e)
+    }
+}
 
 /// Puts records on a topic: Kafka, or the in-process bus.
 pub trait Publisher: Send + Sync {
@@ -35,7 +60,7 @@ pub trait Publisher: Send + Sync {
         topic: &'a str,
         key: Option<String>,
         data: Value,
-    ) -> BoxFuture<'a, Result<Position, PublishError>>;
+    ) -> BoxFuture<'a, Result<Position, SourceError>>;
 
     /// `kafka` or `memory`, for the status page.
     fn kind(&self) -> &'static str;
@@ -60,7 +85,7 @@ pub trait History: Send + Sync {
         partition: i32,
         from: i64,
         until: i64,
-    ) -> BoxFuture<'a, Result<Vec<Record>, String>>;
+    ) -> BoxFuture<'a, Result<Vec<Record>, SourceError>>;
 }
 
 fn now_ms() -> i64 {
@@ -102,7 +127,7 @@ impl History for MemoryBus {
         partition: i32,
         from: i64,
         until: i64,
-    ) -> BoxFuture<'a, Result<Vec<Record>, String>> {
+    ) -> BoxFuture<'a, Result<Vec<Record>, SourceError>> {
         Box::pin(async move {
             if partition != 0 {
                 return Ok(Vec::new());
@@ -125,7 +150,7 @@ impl Publisher for MemoryBus {
         topic: &'a str,
         key: Option<String>,
         data: Value,
-    ) -> BoxFuture<'a, Result<Position, PublishError>> {
+    ) -> BoxFuture<'a, Result<Position, SourceError>> {
         Box::pin(async move {
             let mut logs = self.logs.lock().unwrap_or_else(|p| p.into_inner());
             let log = logs.entry(topic.to_string()).or_default();

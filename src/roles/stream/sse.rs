@@ -288,7 +288,7 @@ async fn change(
                 Ok(None) => {
                     return Err(ApiError::not_found("no open SSE stream with this connection id"))
                 }
-                Err(e) => return Err(ApiError::dependency("redis", anyhow::anyhow!(e))),
+                Err(e) => return Err(e.into()),
             }
         }
     };

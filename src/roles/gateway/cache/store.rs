@@ -148,63 +148,62 @@ pub trait Store: Send + Sync {
     }
 }
 
-/// An entry in a [`MemoryStore`] with its time to live (the entry is shared, not copied, by the
-/// cache's internal bookkeeping).
+/// An entry in a [`MemoryStore`] with its deadline (the entry is shared, not copied, by the
+/// cache's bookkeeping).
 #[derive(Clone)]
 struct Kept {
     entry: Arc<Entry>,
-    ttl: Duration,
+    until: Instant,
 }
 
-/// Each entry expires after its own time to live (from `Cache-Control`), counted from its last
-/// write; reads do not extend it.
-struct PerEntryTtl;
+/// An entry weighs its key and its bytes (body, headers).
+#[derive(Clone)]
+struct ByBytes;
 
-impl moka::Expiry<String, Kept> for PerEntryTtl {
-    fn expire_after_create(&self, _: &String, kept: &Kept, _: Instant) -> Option<Duration> {
-        Some(kept.ttl)
-    }
-
-    fn expire_after_update(
-        &self,
-        _: &String,
-        kept: &Kept,
-        _: Instant,
-        _: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(kept.ttl)
+impl quick_cache::Weighter<String, Kept> for ByBytes {
+    fn weight(&self, key: &String, kept: &Kept) -> u64 {
+        (key.len() + kept.entry.weight()).max(1) as u64
     }
 }
 
-/// In-process entries, bounded by their bytes (keys, bodies, headers: `gateway.cache_max_bytes`):
-/// a `moka` cache that, when full, evicts the least recently used entries, one by one, and
-/// expires each entry after its own time to live. Never emptied to make room.
+/// In-process entries, bounded by their bytes (keys, bodies, headers: `gateway.cache_max_bytes`)
+/// in the layer's one cache crate (`crate::cache`: quick_cache): when full it evicts the entries
+/// least in use, one by one, and never empties itself to make room; each entry is returned only
+/// until its own time to live (from `Cache-Control`, counted from its write) has passed.
 pub struct MemoryStore {
-    /// moka's cache is concurrent (no lock of ours); its eviction and expiry run on later calls.
-    entries: moka::sync::Cache<String, Kept>,
+    /// quick_cache's sharded cache (its locks, per shard, held for one operation).
+    entries: quick_cache::sync::Cache<String, Kept, ByBytes>,
 }
 
 impl MemoryStore {
     /// A store of at most `max_bytes` of entries.
     pub fn new(max_bytes: usize) -> Self {
-        let entries = moka::sync::Cache::builder()
-            .max_capacity(max_bytes as u64)
-            .weigher(|key: &String, kept: &Kept| {
-                u32::try_from(key.len() + kept.entry.weight()).unwrap_or(u32::MAX)
-            })
-            .expire_after(PerEntryTtl)
-            // Recency, not popularity: a new entry (a new instrument, a new curve date) is the
-            // likeliest to be asked again, and TinyLFU's admission would refuse it while old
-            // ones are hot.
-            .eviction_policy(moka::policy::EvictionPolicy::lru())
-            .build();
-        MemoryStore { entries }
+        // The item estimate sizes the shards' tables: entries of a few KB on average.
+        let items = (max_bytes / 2048).max(16);
+        MemoryStore {
+            entries: quick_cache::sync::Cache::with_weighter(items, max_bytes as u64, ByBytes),
+        }
+    }
+
+    /// The bytes held.
+    #[cfg(test)]
+    fn weight(&self) -> u64 {
+        self.entries.weight()
     }
 }
 
 impl Store for MemoryStore {
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Entry>, StoreError>> {
-        let hit = self.entries.get(key).map(|kept| Entry::clone(&kept.entry));
+        let now = Instant::now();
+        let hit = match self.entries.get(key) {
+            Some(kept) if now < kept.until => Some(Entry::clone(&kept.entry)),
+            Some(_) => {
+                // Past its time to live: dropped, unless a fresh write replaced it meanwhile.
+                self.entries.remove_if(key, |kept| kept.until <= now);
+                None
+            }
+            None => None,
+        };
         Box::pin(async move { Ok(hit) })
     }
     fn put<'a>(
@@ -213,14 +212,17 @@ impl Store for MemoryStore {
         entry: &'a Entry,
         ttl: Duration,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        self.entries.insert(key.to_string(), Kept { entry: Arc::new(entry.clone()), ttl });
+        let until = Instant::now()
+            .checked_add(ttl)
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600));
+        self.entries.insert(key.to_string(), Kept { entry: Arc::new(entry.clone()), until });
         Box::pin(async { Ok(()) })
     }
     fn purge<'a>(&'a self, route_prefix: &'a str) -> BoxFuture<'a, Result<u64, StoreError>> {
         let lead = format!("cache:{route_prefix}");
-        let keys: Vec<Arc<String>> =
-            self.entries.iter().map(|(k, _)| k).filter(|k| k.starts_with(&lead)).collect();
-        let n = keys.iter().filter(|k| self.entries.remove(k.as_str()).is_some()).count() as u64;
+        let before = self.entries.len();
+        self.entries.retain(|key, _| !key.starts_with(&lead));
+        let n = before.saturating_sub(self.entries.len()) as u64;
         Box::pin(async move { Ok(n) })
     }
 }
@@ -349,30 +351,27 @@ mod tests {
         futures::executor::block_on(future)
     }
 
-    /// Filled far past its size, the memory store evicts the least recently used entries, one
-    /// by one, and keeps the recent ones (the hand-written map it replaced emptied itself).
+    /// Filled far past its size (each entry stored after a miss, then read, as the cache is
+    /// used), the memory store stays within its bytes, keeps the newest entries and the ones in
+    /// use, and lets the oldest go: never emptied (the hand-written map it replaced emptied
+    /// itself).
     #[test]
-    fn a_full_memory_store_evicts_the_least_recent_entries_and_keeps_the_recent_ones() {
-        // Room for ten entries of 1,000 bytes under 12-byte keys, not eleven.
-        let store = MemoryStore::new(10 * 1100);
+    fn a_full_memory_store_evicts_one_by_one_and_keeps_the_recent_entries() {
+        let store = MemoryStore::new(100 * 1100);
         let ttl = Duration::from_secs(60);
         let key = |i: usize| format!("cache:r:{i:04}");
-        let kept = |range: std::ops::Range<usize>| -> Vec<usize> {
-            range.filter(|i| block_on(store.get(&key(*i))).unwrap().is_some()).collect()
-        };
-        let put = |i: usize| {
+        let hot = key(0);
+        for i in 0..1000 {
             block_on(store.put(&key(i), &entry(1000), ttl)).unwrap();
-            store.entries.run_pending_tasks();
-        };
-        (0..10).for_each(put);
-        assert_eq!(kept(0..1), [0], "entry 0 is read: now the most recently used");
-        store.entries.run_pending_tasks();
-        (10..13).for_each(put);
-        assert_eq!(kept(0..13), [0, 4, 5, 6, 7, 8, 9, 10, 11, 12], "1, 2 and 3 made room");
-        store.entries.run_pending_tasks();
-        (13..100).for_each(put);
-        assert!(store.entries.weighted_size() <= 10 * 1100, "bounded by its bytes");
-        assert_eq!(kept(0..100), (90..100).collect::<Vec<_>>(), "full of the newest entries");
+            assert!(block_on(store.get(&key(i))).unwrap().is_some());
+            assert!(block_on(store.get(&hot)).unwrap().is_some(), "an entry in use stays: {i}");
+            assert!(store.weight() <= 100 * 1100, "bounded by its bytes");
+        }
+        let kept: Vec<usize> =
+            (0..1000).filter(|i| block_on(store.get(&key(*i))).unwrap().is_some()).collect();
+        assert!(kept.len() >= 50, "never emptied: {} kept", kept.len());
+        assert!((990..1000).all(|i| kept.contains(&i)), "the newest are kept: {kept:?}");
+        assert!((1..100).all(|i| !kept.contains(&i)), "the oldest went: {kept:?}");
     }
 
     #[test]
