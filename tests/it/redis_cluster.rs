@@ -232,7 +232,13 @@ fn as_refs(env: &[(String, String)]) -> Vec<(&str, &str)> {
 }
 
 async fn status(base: &str, path: &str, token: &str) -> u16 {
-    let r = http().get(format!("{base}{path}")).bearer_auth(token);
+    status_on(&http(), base, path, token).await
+}
+
+/// As [`status`], with `client` (concurrent requests share one: building a client costs
+/// milliseconds of CPU, which a burst of them would spend inside the requests' timeouts).
+async fn status_on(client: &reqwest::Client, base: &str, path: &str, token: &str) -> u16 {
+    let r = client.get(format!("{base}{path}")).bearer_auth(token);
     match r.timeout(Duration::from_secs(5)).send().await {
         Ok(r) => r.status().as_u16(),
         Err(e) => {
@@ -265,9 +271,10 @@ async fn a_cluster_keeps_limits_exact_caches_apart_and_carries_revocations_and_r
     let requests = tokens.iter().enumerate().flat_map(|(i, token)| {
         (0..6).map(move |j| (i, if j % 2 == 0 { 0 } else { 1 }, token.clone()))
     });
+    let client = http();
     let answers = futures::future::join_all(requests.map(|(i, g, token)| {
-        let base = [&a, &b][g].clone();
-        async move { (i, status(&base, "/limited", &token).await) }
+        let (base, client) = ([&a, &b][g].clone(), client.clone());
+        async move { (i, status_on(&client, &base, "/limited", &token).await) }
     }))
     .await;
     for (i, subject) in subjects.iter().enumerate() {
