@@ -13,7 +13,8 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/access/target}
 DURATION=${DURATION:-10s}
 CONNECTIONS=${CONNECTIONS:-64}
 THREADS=${THREADS:-2}
-# REDIS_URL=<url>: the gateway's Redis (a redis-sentinel:// URL measures a Sentinel set's primary).
+# REDIS_URL=<url>: the gateway's Redis (a redis-sentinel:// URL measures a Sentinel set's primary,
+# a redis-cluster://<node>?node=<node> URL a Redis Cluster).
 REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
 # The gateway's I/O threads (server.io_threads; 0: the shared multi-threaded runtime).
 IO_THREADS=${IO_THREADS:-$(nproc)}

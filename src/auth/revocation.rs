@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use fred::prelude::{Expiration, HashesInterface, KeysInterface, PubsubInterface};
+use fred::prelude::{ClientLike, Expiration, HashesInterface, KeysInterface, PubsubInterface};
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
@@ -330,12 +330,21 @@ impl RevocationStore for RedisStore {
         iat: Option<u64>,
     ) -> BoxFuture<'a, Result<bool, RevocationError>> {
         Box::pin(async move {
-            let keys = vec![
-                self.key(&format!("revoked:token:{hash}")),
-                self.key(&format!("revoked:user:{subject}")),
-            ];
-            let (token, user): (Option<String>, Option<u64>) =
-                self.redis.call(|c| async move { c.mget(keys).await }).await?;
+            let token_key = self.key(&format!("revoked:token:{hash}"));
+            let user_key = self.key(&format!("revoked:user:{subject}"));
+            let (token, user): (Option<String>, Option<u64>) = self
+                .redis
+                .call(|c| async move {
+                    if !c.is_clustered() {
+                        return c.mget(vec![token_key, user_key]).await;
+                    }
+                    // In a Redis Cluster the keys may live in different slots: the token's key
+                    // names no subject (`docs/contracts.md` keeps both keys as they were, so
+                    // revocations stored before a move to a cluster still count). Two GETs,
+                    // sent together: still one round trip of latency.
+                    tokio::try_join!(c.get(token_key.as_str()), c.get(user_key.as_str()))
+                })
+                .await?;
             Ok(token.is_some() || user.is_some_and(|nb| issued_before(iat, nb)))
         })
     }

@@ -1,6 +1,10 @@
 //! Redis through fred: `redis://` and `rediss://` (TLS via native-tls), password in the URL, or
 //! a primary found through Sentinel (`redis-sentinel://`, `rediss-sentinel://`): fred asks the
 //! sentinels for the primary on every (re)connection, so a failover is followed without a restart.
+//! Or a Redis Cluster (`redis-cluster://`, `rediss-cluster://`, more seed nodes as `node=`
+//! parameters): fred discovers the slots, routes each command to the primary of its key's slot,
+//! follows `MOVED`/`ASK`, and re-reads the slots after a failover. The layer's key layout keeps
+//! every multi-key command and script inside one slot (`docs/contracts.md`).
 
 use std::sync::Arc;
 
@@ -22,7 +26,9 @@ pub type SubscriberClient = fred::clients::SubscriberClient;
 fn builder(url: &SecretUrl, config: &RedisConfig) -> Result<Builder, BackendError> {
     let err = |m: &dyn std::fmt::Display| BackendError::new("redis", url.redacted(), m);
     let mut fred_config = FredConfig::from_url(url.expose().as_str()).map_err(|e| err(&e))?;
-    if let (Some(path), "rediss" | "rediss-sentinel") = (&config.ca_file, url.expose().scheme()) {
+    if let (Some(path), "rediss" | "rediss-sentinel" | "rediss-cluster") =
+        (&config.ca_file, url.expose().scheme())
+    {
         // The system's roots plus the configured CA.
         let pem = std::fs::read(path).map_err(|e| err(&format!("{}: {e}", path.display())))?;
         let ca = native_tls::Certificate::from_pem(&pem).map_err(|e| err(&e))?;

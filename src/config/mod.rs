@@ -38,7 +38,8 @@ pub struct Config {
     pub log_level: LogLevel,
     /// Log line format: `json` (default) or `text` for humans at a terminal.
     pub log_format: LogFormat,
-    /// Redis (`redis://` or `rediss://`, password allowed). Unset: in-process maps.
+    /// Redis (`redis://` or `rediss://`, password allowed; `redis-sentinel://`,
+    /// `redis-cluster://`: `docs/configuration.md`). Unset: in-process maps.
     pub redis_url: Option<SecretUrl>,
     /// PostgreSQL DSN (URL or key=value; `sslmode=require` honoured). Unset: in-memory store.
     pub postgres_dsn: Option<Secret>,
@@ -182,26 +183,24 @@ impl Config {
     }
 }
 
-/// A Redis URL names one server (`redis://`, `rediss://`) or a primary found through Sentinel
-/// (`redis-sentinel://`, `rediss-sentinel://`, which must name the primary's service).
+/// A Redis URL names one server (`redis://`, `rediss://`), a primary found through Sentinel
+/// (`redis-sentinel://`, `rediss-sentinel://`, which must name the primary's service), or a
+/// Redis Cluster by some of its nodes (`redis-cluster://<node>:6379[?node=<node>:6379...]`,
+/// `rediss-cluster://`; the others are discovered with `CLUSTER SLOTS`).
 fn redis_url_problems(url: &Url) -> Vec<Problem> {
     let service = url.query_pairs().any(|(k, v)| k == "sentinelServiceName" && !v.is_empty());
     match url.scheme() {
-        "redis" | "rediss" => Vec::new(),
+        "redis" | "rediss" | "redis-cluster" | "rediss-cluster" => Vec::new(),
         "redis-sentinel" | "rediss-sentinel" if service => Vec::new(),
         "redis-sentinel" | "rediss-sentinel" => vec![Problem::new(
             "redis_url",
             "a Sentinel URL names the primary's service: \
              redis-sentinel://<sentinel>:26379?sentinelServiceName=<name>[&node=<sentinel>:26379]",
         )],
-        "redis-cluster" | "rediss-cluster" => vec![Problem::new(
-            "redis_url",
-            "Redis Cluster is not supported yet (a rate-limit script's keys would span slots); \
-             use one primary, or a primary found through Sentinel (redis-sentinel://)",
-        )],
         _ => vec![Problem::new(
             "redis_url",
-            "scheme must be redis://, rediss://, redis-sentinel:// or rediss-sentinel://",
+            "scheme must be redis://, rediss://, redis-sentinel://, rediss-sentinel://, \
+             redis-cluster:// or rediss-cluster://",
         )],
     }
 }

@@ -6,7 +6,8 @@
 //! script (loaded once, run by SHA) on Redis's clock, so replicas agree and a request limited by
 //! one policy consumes none. The same script also reads the request's response-cache entry when
 //! asked, so a cache hit costs one round trip, and concurrent requests share one script call
-//! ([`redis`]). The same algorithm runs in-process as the embedded
+//! ([`redis`]; in a Redis Cluster, one call per hash slot, and a cache entry in another slot is
+//! read with a GET sent alongside). The same algorithm runs in-process as the embedded
 //! default and, by configuration, as the fallback when Redis fails (or the limiter fails open or
 //! closed).
 
@@ -353,7 +354,7 @@ impl Limiter {
         let items: Vec<(String, &Policy, &str)> = policy_names
             .iter()
             .filter_map(|name| policies.get_key_value(name))
-            .map(|(name, p)| (format!("{prefix}rl:{name}:{subject}"), p, name.as_str()))
+            .map(|(name, p)| (rate_key(prefix, subject, name), p, name.as_str()))
             .collect();
         if items.is_empty() {
             return Outcome::open().into();
@@ -368,7 +369,6 @@ impl Limiter {
             None => local(&items),
             Some((batcher, _)) => {
                 let keyed = items.iter().map(|(k, p, _)| (k.clone(), *p)).collect();
-                let reads = also_get.is_some();
                 // While Redis's breaker is open, the check is not even queued.
                 let answer = match self.breaker.as_deref().filter(|b| b.is_open()) {
                     Some(open) => Err(format!("{}: breaker open", open.backend())),
@@ -376,9 +376,7 @@ impl Limiter {
                 };
                 match answer {
                     Ok((verdicts, read)) => {
-                        if reads {
-                            cached = read.map_or(CacheRead::Miss, CacheRead::Hit);
-                        }
+                        cached = read;
                         verdicts
                     }
                     Err(error) => {
@@ -432,6 +430,13 @@ impl Limiter {
     }
 }
 
+/// The Redis key of `subject`'s state under `policy`: `<prefix>rl:{<subject>}:<policy>`. The
+/// subject is the hash tag, so in a Redis Cluster all the policies of one request's subject live
+/// in one slot and one script call checks them together (`docs/contracts.md`).
+fn rate_key(prefix: &str, subject: &str, policy: &str) -> String {
+    format!("{prefix}rl:{{{subject}}}:{policy}")
+}
+
 /// A cheap in-process limit per client address, checked before any signature: floods of bad
 /// tokens are stopped before they cost a verification.
 pub struct IpLimit {
@@ -464,6 +469,21 @@ mod tests {
         for (i, decision) in Decision::ALL.into_iter().enumerate() {
             assert_eq!(decision as usize, i, "ALL is in discriminant order");
         }
+    }
+
+    #[test]
+    fn a_subjects_policies_share_one_cluster_slot() {
+        use fred::util::redis_keyslot;
+        for subject in ["alice", "apikey:k1", "ip:10.0.0.1", "odd{sub}ject", "x}y", "{}"] {
+            let slots: Vec<u16> = ["public", "heavy", "market_data"]
+                .iter()
+                .map(|p| redis_keyslot(rate_key("access:prod:", subject, p).as_bytes()))
+                .collect();
+            assert!(slots.iter().all(|s| *s == slots[0]), "{subject}: {slots:?}");
+        }
+        assert_eq!(rate_key("access:prod:", "alice", "heavy"), "access:prod:rl:{alice}:heavy");
+        let (a, b) = (rate_key("p:", "alice", "heavy"), rate_key("p:", "bob", "heavy"));
+        assert_ne!(redis_keyslot(a.as_bytes()), redis_keyslot(b.as_bytes()), "subjects spread");
     }
 
     #[test]

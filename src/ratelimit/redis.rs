@@ -9,19 +9,28 @@
 //! A check waits at most the Redis command timeout in all, queueing included: when Redis hangs,
 //! calls fail only one timeout at a time, so without that bound the queue behind them would wait
 //! many timeouts. A check that gave up is dropped from the queue, not sent.
+//!
+//! In a Redis Cluster every key of one script call must live in one hash slot. A request's
+//! policy keys share their subject's hash tag (`rl:{<subject>}:<policy>`), so each request fits;
+//! the waiting checks are grouped by slot and each group is its own call, sent to the primary
+//! of that slot (groups of different slots run side by side). The cache entry a request also
+//! reads rides in the script only when its key happens to share the slot; otherwise it is a GET
+//! of its own, sent at the same moment as the script call, so a cache hit still costs one round
+//! trip of latency (two commands on different nodes). On one server everything stays one call.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use fred::prelude::{ClientLike, LuaInterface};
+use fred::prelude::{ClientLike, KeysInterface, LuaInterface};
 use fred::types::Key;
 use fred::types::Value;
+use fred::types::{ClusterHash, CustomCommand};
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Policy, Verdict};
+use super::{CacheRead, Policy, Verdict};
 use crate::backends::breaker::Breaker;
 use crate::backends::redis::Client;
 
@@ -43,10 +52,13 @@ const QUEUE: usize = 8192;
 
 /// What the script answered for one request: verdicts in policy order, and the cache entry's
 /// value when one was read (`None` also when the key does not exist).
-pub(super) type Answer = Result<(Vec<Verdict>, Option<Bytes>), String>;
+type Answer = Result<(Vec<Verdict>, Option<Bytes>), String>;
 
 /// One request's check.
 struct Job {
+    /// The hash slot of its keys in a Redis Cluster (`None` on one server): a script call holds
+    /// the checks of one slot.
+    slot: Option<u16>,
     /// Full keys, one per policy, then the cache entry's when `reads`.
     keys: Vec<String>,
     /// `(T, tau)` per policy, in µs.
@@ -95,9 +107,54 @@ impl Batcher {
         self.script.calls.load(Ordering::Relaxed)
     }
 
-    /// Checks `(full key, policy)` pairs, reading `also_get` (a full key) when given.
+    /// Checks `(full key, policy)` pairs (keys of one hash slot), reading `also_get` (a full
+    /// key) when given: in the script when it can share the call (one server, or the same slot),
+    /// else with a GET of its own sent alongside. A failed separate GET is
+    /// [`CacheRead::NotAsked`] (the caller reads it itself).
     pub(super) async fn check(
         &self,
+        items: Vec<(String, &Policy)>,
+        also_get: Option<String>,
+    ) -> Result<(Vec<Verdict>, CacheRead), String> {
+        let clustered = self.script.client.is_clustered();
+        let slot = items
+            .first()
+            .filter(|_| clustered)
+            .map(|(key, _)| fred::util::redis_keyslot(key.as_bytes()));
+        let (inline, apart) = match also_get {
+            Some(key) if slot.is_some_and(|s| s != fred::util::redis_keyslot(key.as_bytes())) => {
+                (None, Some(key))
+            }
+            other => (other, None),
+        };
+        let reads = inline.is_some();
+        let script = self.script_check(slot, items, inline);
+        let Some(key) = apart else {
+            let (verdicts, value) = script.await?;
+            let read = if reads {
+                value.map_or(CacheRead::Miss, CacheRead::Hit)
+            } else {
+                CacheRead::NotAsked
+            };
+            return Ok((verdicts, read));
+        };
+        let client = self.script.client.clone();
+        let get = self
+            .script
+            .breaker
+            .call(self.deadline, async move { client.get::<Option<Bytes>, _>(key).await });
+        let (verdicts, read) = tokio::join!(script, get);
+        let read = match read {
+            Ok(value) => value.map_or(CacheRead::Miss, CacheRead::Hit),
+            Err(_) => CacheRead::NotAsked,
+        };
+        Ok((verdicts?.0, read))
+    }
+
+    /// Queues one request's script check and waits for its answer.
+    async fn script_check(
+        &self,
+        slot: Option<u16>,
         items: Vec<(String, &Policy)>,
         also_get: Option<String>,
     ) -> Answer {
@@ -106,7 +163,7 @@ impl Batcher {
         let mut keys: Vec<String> = items.into_iter().map(|(k, _)| k).collect();
         let reads = also_get.is_some();
         keys.extend(also_get);
-        let job = Job { keys, limits, reads, reply };
+        let job = Job { slot, keys, limits, reads, reply };
         let answered = async {
             if self.jobs.send(job).await.is_err() {
                 return Err("the rate-limit batching task has stopped".into());
@@ -142,8 +199,20 @@ impl Script {
         self.sha.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    async fn load(&self) -> Result<Arc<str>, fred::error::Error> {
-        let sha: String = self.client.script_load(SCRIPT).await?;
+    /// Loads the script: in a Redis Cluster on the primary of `slot`, where the call goes (each
+    /// primary keeps its own script cache, and a replica promoted by a failover starts empty:
+    /// its first call answers NOSCRIPT and loads it there).
+    async fn load(&self, slot: Option<u16>) -> Result<Arc<str>, fred::error::Error> {
+        let sha: String = match slot {
+            None => self.client.script_load(SCRIPT).await?,
+            Some(slot) => {
+                // SCRIPT LOAD names no key: the command is pointed at the slot's primary.
+                // (fred's `with_options` does not reach its Lua commands; a custom command
+                // carries its own slot.)
+                let load = CustomCommand::new_static("SCRIPT", ClusterHash::Custom(slot), false);
+                self.client.custom(load, vec!["LOAD", SCRIPT]).await?
+            }
+        };
         let sha: Arc<str> = sha.into();
         *self.sha.lock().unwrap_or_else(|p| p.into_inner()) = Some(sha.clone());
         Ok(sha)
@@ -151,14 +220,19 @@ impl Script {
 
     /// Runs the script. Keys are `Bytes` inside, so the copy kept for a retry after NOSCRIPT costs
     /// reference counts, not string copies.
-    async fn run(&self, keys: Vec<Key>, args: Vec<u64>) -> Result<Value, fred::error::Error> {
+    async fn run(
+        &self,
+        slot: Option<u16>,
+        keys: Vec<Key>,
+        args: Vec<u64>,
+    ) -> Result<Value, fred::error::Error> {
         let sha = match self.sha() {
             Some(sha) => sha,
-            None => self.load().await?,
+            None => self.load(slot).await?,
         };
         match self.client.evalsha::<Value, _, _, _>(&*sha, keys.clone(), args.clone()).await {
             Err(e) if e.details().contains("NOSCRIPT") => {
-                let sha = self.load().await?;
+                let sha = self.load(slot).await?;
                 self.client.evalsha(&*sha, keys, args).await
             }
             other => other,
@@ -167,7 +241,9 @@ impl Script {
 }
 
 /// Takes the first waiting check, waits for a free call slot (checks queue meanwhile), then sends
-/// everything waiting, up to [`MAX_BATCH`], as one call. Checks whose caller gave up are skipped.
+/// everything waiting, up to [`MAX_BATCH`], as one call (in a Redis Cluster, one call per hash
+/// slot among them: the in-flight bound then holds back the next batch, not these calls). Checks
+/// whose caller gave up are skipped.
 /// The calls in flight are polled by this task itself (no task per call); when every handle is
 /// gone, the calls in flight finish before it ends.
 async fn batch_loop(script: Arc<Script>, mut queue: mpsc::Receiver<Job>) {
@@ -186,8 +262,8 @@ async fn batch_loop(script: Arc<Script>, mut queue: mpsc::Receiver<Job>) {
                         Err(_) => break,
                     }
                 }
-                if !batch.is_empty() {
-                    running.push(run_batch(&script, batch));
+                for group in by_slot(batch) {
+                    running.push(run_batch(&script, group));
                 }
             }
         }
@@ -198,7 +274,21 @@ async fn batch_loop(script: Arc<Script>, mut queue: mpsc::Receiver<Job>) {
     }
 }
 
+/// The checks grouped by hash slot, each group in arrival order (one group on one server).
+fn by_slot(batch: Vec<Job>) -> Vec<Vec<Job>> {
+    let mut groups: Vec<Vec<Job>> = Vec::new();
+    for job in batch {
+        match groups.iter_mut().find(|g| g[0].slot == job.slot) {
+            Some(group) => group.push(job),
+            None => groups.push(vec![job]),
+        }
+    }
+    groups
+}
+
+/// One script call for checks of one hash slot.
 async fn run_batch(script: &Script, batch: Vec<Job>) {
+    let slot = batch.first().and_then(|job| job.slot);
     let mut keys = Vec::with_capacity(batch.iter().map(|j| j.keys.len()).sum());
     let mut args =
         Vec::with_capacity(1 + batch.iter().map(|j| 2 + 2 * j.limits.len()).sum::<usize>());
@@ -218,7 +308,7 @@ async fn run_batch(script: &Script, batch: Vec<Job>) {
     // The script call's future (fred's, a retry on NOSCRIPT included) is large: boxed where it
     // is made, it is copied once, not again with every future that holds it (the breaker's
     // timeout, this batch, the running set). Measured: 39k instructions per batch otherwise.
-    let call = Box::pin(script.run(keys, args));
+    let call = Box::pin(script.run(slot, keys, args));
     let outcome = script.breaker.call(script.deadline, call).await;
     match outcome {
         Ok(Value::Array(answers)) if answers.len() == replies.len() => {

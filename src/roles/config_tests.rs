@@ -253,19 +253,20 @@ fn every_wrong_type_and_every_semantic_problem_is_reported_at_once() {
 }
 
 #[test]
-fn redis_urls_name_one_server_or_a_sentinel_service() {
+fn redis_urls_name_one_server_a_sentinel_service_or_a_cluster() {
     for good in [
         "redis://cache:6379",
         "rediss://:pw@cache:6380/0",
         "redis-sentinel://s1:26379?sentinelServiceName=main&node=s2:26379",
         "rediss-sentinel://:pw@s1:26379/0?sentinelServiceName=main&sentinelPassword=x",
+        "redis-cluster://n1:6379?node=n2:6379&node=n3:6379",
+        "rediss-cluster://:pw@n1:6380",
     ] {
         let c = load(&env(&[("ACCESS_REDIS_URL", good)])).unwrap_or_else(|e| panic!("{good}: {e}"));
         assert!(c.redis_url.is_some());
     }
     for (bad, says) in [
         ("redis-sentinel://s1:26379", "sentinelServiceName"),
-        ("redis-cluster://n1:6379", "not supported yet"),
         ("http://cache:6379", "redis-sentinel://"),
     ] {
         let p = problems(&env(&[("ACCESS_REDIS_URL", bad)]));

@@ -18,6 +18,7 @@ mod idp;
 mod live_rules;
 mod metrics;
 mod ratelimit;
+mod redis_cluster;
 mod redis_ha;
 mod runtime;
 mod sse;

@@ -2,11 +2,12 @@
 //! [`MemoryStore`] (in-process, the embedded default), and the stored form of a response,
 //! [`Entry`].
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use fred::prelude::KeysInterface;
+use fred::prelude::{ClientLike, KeysInterface};
 use futures::future::BoxFuture;
 
 use crate::backends::breaker::CallError;
@@ -275,32 +276,50 @@ impl Store for RedisStore {
     }
     fn purge<'a>(&'a self, route_prefix: &'a str) -> BoxFuture<'a, Result<u64, StoreError>> {
         Box::pin(async move {
-            use fred::prelude::ClientLike;
-            use futures::TryStreamExt;
-            // An admin operation: SCAN in pages (never KEYS), deleting as it goes.
+            use futures::{StreamExt, TryStreamExt};
+            // An admin operation: SCAN in pages (never KEYS), deleting as it goes; in a Redis
+            // Cluster, every primary is scanned.
             let pattern =
                 format!("{}cache:{}*", self.prefix, route_prefix.replace(['*', '?', '['], ""));
-            let mut pages = self.client.scan_buffered(pattern, Some(500), None);
+            let mut pages = if self.client.is_clustered() {
+                self.client.scan_cluster_buffered(pattern, Some(500), None).boxed()
+            } else {
+                self.client.scan_buffered(pattern, Some(500), None).boxed()
+            };
             let mut deleted = 0u64;
             let mut batch = Vec::new();
             while let Some(key) = pages.try_next().await? {
                 batch.push(key);
                 if batch.len() >= 500 {
-                    let n: u64 = self.client.del(std::mem::take(&mut batch)).await?;
-                    deleted += n;
+                    deleted += delete(&self.client, std::mem::take(&mut batch)).await?;
                 }
             }
             if !batch.is_empty() {
-                let n: u64 = self.client.del(batch).await?;
-                deleted += n;
+                deleted += delete(&self.client, batch).await?;
             }
-            let _ = self.client.is_connected();
             Ok(deleted)
         })
     }
     fn shared_key(&self, key: &str) -> Option<String> {
         Some(self.full_key(key))
     }
+}
+
+/// Deletes `keys`: one DEL on one server; in a Redis Cluster one DEL per hash slot (a command's
+/// keys must share a slot there).
+async fn delete(client: &RedisClient, keys: Vec<fred::types::Key>) -> Result<u64, StoreError> {
+    if !client.is_clustered() {
+        return Ok(client.del(keys).await?);
+    }
+    let mut by_slot: HashMap<u16, Vec<fred::types::Key>> = HashMap::new();
+    for key in keys {
+        by_slot.entry(key.cluster_hash()).or_default().push(key);
+    }
+    let mut deleted = 0;
+    for (_, keys) in by_slot {
+        deleted += client.del::<u64, _>(keys).await?;
+    }
+    Ok(deleted)
 }
 
 #[cfg(test)]
