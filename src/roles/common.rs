@@ -56,7 +56,7 @@ pub struct Service {
     /// The router's fallback is the role's own (the gateway's data routes), so the shared 404
     /// must not replace it.
     pub own_fallback: bool,
-    /// Long-lived responses (WebSocket, SSE) the drain waits for: whether none is left open.
+    /// Long-lived responses (WebSocket, SSE) the drain waits for: how many are still open.
     pub drained: Option<Arc<dyn Fn() -> usize + Send + Sync>>,
 }
 
