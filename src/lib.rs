@@ -1,6 +1,6 @@
 //! The 254Carbon Access Layer: the edge of the market-data platform, one binary with five roles.
 //!
-//! - [`cli`]: the subcommands and the one dispatch from a role to its module.
+//! - [`cli`]: the subcommands; binds the listeners and maps outcomes to exit codes.
 //! - [`config`]: typed, layered, validated configuration (figment; `ACCESS_*` env).
 //! - [`error`]: the closed set of error codes and their one mapping to HTTP.
 //! - [`telemetry`]: JSON logs, the Prometheus registry, metric names.
@@ -13,7 +13,8 @@
 //! - [`policy`]: the entitlement model every role decides with (rules, evaluation, mirror).
 //! - [`ratelimit`]: GCRA rate-limit policies and limiters, in Redis or in-process.
 //! - [`resource`]: resource templates (`instrument:{instrument_id}`) rendered from data.
-//! - [`roles`]: the roles, each `Config -> build -> State -> router -> run`.
+//! - [`roles`]: the roles, each `Config -> build(config, deps) -> State -> service -> run`, and
+//!   the one dispatch from a role to its module.
 //! - [`usage`]: usage counts pushed to the metrics role (by the gateway and the stream).
 //! - [`sample`]: the sample upstream and update publisher of `access all`.
 
