@@ -32,7 +32,6 @@ pub use claims::{ClaimRules, UserInfo};
 pub use extract::Caller;
 pub use verifier::{Verified, Verifier};
 
-use crate::backends::CheckError;
 use crate::error::{ApiError, ErrorCode};
 
 /// Who is calling, once verified (`docs/contracts.md`, Identity).
@@ -381,16 +380,10 @@ impl Auth {
         let loaded = self.verifier.jwks().clone();
         ctx.readiness.add_check(
             "jwks",
-            move || -> futures::future::BoxFuture<'static, Result<(), CheckError>> {
-                let ok = loaded.is_loaded();
-                Box::pin(async move {
-                    if ok {
-                        Ok(())
-                    } else {
-                        Err(CheckError::NotYet("no signing keys loaded from the JWKS yet"))
-                    }
-                })
-            },
+            crate::server::readiness::loaded(
+                move || loaded.is_loaded(),
+                "no signing keys loaded from the JWKS yet",
+            ),
         );
         if let Some(client) = &self.redis {
             ctx.readiness.add_soft_check("redis", client.ready_check());

@@ -30,7 +30,6 @@ use super::eval::{CheckRequest, Snapshot};
 use super::rules::{Rule, RuleInput};
 use crate::auth::token_source::TokenSource;
 use crate::auth::Identity;
-use crate::backends::CheckError;
 use crate::role::Role;
 use crate::server::Shutdown;
 
@@ -265,16 +264,10 @@ impl Mirror {
         let loaded = mirror.clone();
         ctx.readiness.add_soft_check(
             "rules",
-            move || -> futures::future::BoxFuture<'static, Result<(), CheckError>> {
-                let ok = loaded.is_loaded();
-                Box::pin(async move {
-                    if ok {
-                        Ok(())
-                    } else {
-                        Err(CheckError::NotYet("no rules snapshot from the entitlements role yet"))
-                    }
-                })
-            },
+            crate::server::readiness::loaded(
+                move || loaded.is_loaded(),
+                "no rules snapshot from the entitlements role yet",
+            ),
         );
         Ok(mirror)
     }

@@ -8,7 +8,7 @@ pub mod client;
 pub mod layers;
 pub mod local;
 pub mod openapi;
-mod readiness;
+pub mod readiness;
 pub mod rules_bus;
 mod shutdown;
 pub mod target;

@@ -21,6 +21,24 @@ pub trait ReadyCheck: Send + Sync {
     fn check(&self) -> BoxFuture<'_, Result<(), CheckError>>;
 }
 
+/// A check of start-up state held in memory (signing keys, a rules snapshot): passes once
+/// `loaded` says so, else fails with `missing` (no I/O; the state's own task fetches it).
+pub fn loaded(
+    loaded: impl Fn() -> bool + Send + Sync + 'static,
+    missing: &'static str,
+) -> impl ReadyCheck {
+    move || -> BoxFuture<'static, Result<(), CheckError>> {
+        let ok = loaded();
+        Box::pin(async move {
+            if ok {
+                Ok(())
+            } else {
+                Err(CheckError::NotYet(missing))
+            }
+        })
+    }
+}
+
 impl<F> ReadyCheck for F
 where
     F: Fn() -> BoxFuture<'static, Result<(), CheckError>> + Send + Sync,

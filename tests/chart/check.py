@@ -527,12 +527,15 @@ def deploy_script():
     a cluster it stops before acting with a clear message; the committed plain manifests are what
     the chart renders now (no drift)."""
     script = str(ROOT / "deploy" / "deploy-k8s.sh")
-    fake = pathlib.Path(tempfile.mkdtemp(prefix="fake-kubectl-"))
-    calls = fake / "calls.log"
-    (fake / "kubectl").write_text(f"#!/bin/sh\necho \"$*\" >> {calls}\necho 'The connection to the server localhost:8080 was refused' >&2\nexit 1\n")
-    (fake / "kubectl").chmod(0o755)
+    # The deploy kit's one stand-in for a cluster (tests/deploy/fakecluster.py), with no cluster
+    # answering: it logs every call, so a dry run that touched kubectl shows.
+    state = pathlib.Path(tempfile.mkdtemp(prefix="unreachable-cluster-"))
+    calls = state / "calls.log"
+    bin_dir = state / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "kubectl").symlink_to(ROOT / "tests" / "deploy" / "fakecluster.py")
     base_path = os.environ.get("PATH", "/usr/bin:/bin")
-    with_fake = {**os.environ, "PATH": f"{fake}:{base_path}"}
+    with_fake = {**os.environ, "PATH": f"{bin_dir}:{base_path}", "FAKE_CLUSTER": str(state), "FAKE_CLUSTER_UNREACHABLE": "1"}
     # A PATH with bash and nothing else: no kubectl, whatever this machine has installed.
     bare = pathlib.Path(tempfile.mkdtemp(prefix="bare-path-"))
     (bare / "bash").symlink_to(subprocess.run(["bash", "-c", "command -v bash"], capture_output=True, text=True).stdout.strip())
@@ -562,7 +565,7 @@ def deploy_script():
     r = run(["-m", "kubectl", "-e", "staging"], with_fake)
     check(r.returncode == 3 and "no reachable Kubernetes cluster" in r.stderr, f"no cluster: {r.returncode} {r.stderr}")
     made = calls.read_text().split("\n") if calls.exists() else []
-    check(all(c.startswith("cluster-info") or not c for c in made), f"without a cluster it acted anyway: {made}")
+    check(all(c.startswith("kubectl cluster-info") or not c for c in made), f"without a cluster it acted anyway: {made}")
     r = run(["-m", "kubectl"], no_kubectl)
     check(r.returncode == 3 and "kubectl is not installed" in r.stderr, f"no kubectl: {r.returncode} {r.stderr}")
     r = run(["-e", "qa"], with_fake)

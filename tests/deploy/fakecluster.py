@@ -16,7 +16,8 @@ deploy kit depends on it:
 - `helm upgrade --install` renders the chart with Helm's Go library (helm-python-sdk), which has
   no cluster: no lookup and no API versions, so checkPrerequisites is off (the apply's refusal of
   unknown kinds stands in for it) and generated Secrets are generated anew on each upgrade.
-Every call is appended to $FAKE_CLUSTER/calls.log.
+Every call is appended to $FAKE_CLUSTER/calls.log. With $FAKE_CLUSTER_UNREACHABLE set, no cluster
+answers: every kubectl call fails as kubectl does when its server refuses the connection.
 """
 
 import base64
@@ -142,6 +143,9 @@ def put(s, ns, doc):
 # --- kubectl ----------------------------------------------------------------------------------
 
 def kubectl(argv):
+    if os.environ.get("FAKE_CLUSTER_UNREACHABLE"):
+        print("The connection to the server localhost:8080 was refused - did you specify the right host or port?", file=sys.stderr)
+        return 1
     s = load()
     ns, flags, pos = parse(argv)
     verb = pos[0] if pos else ""
