@@ -317,6 +317,7 @@ impl Auth {
                     subscriber,
                     config.redis_prefix(),
                     auth.max_token_lifetime,
+                    revocation::Durability::new(url, &config.redis),
                     ctx.shutdown.clone(),
                 )
                 .await

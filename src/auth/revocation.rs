@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fred::prelude::{ClientLike, Expiration, HashesInterface, KeysInterface, PubsubInterface};
+use fred::types::{ClusterHash, CustomCommand};
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
@@ -81,14 +82,41 @@ pub enum RevocationError {
     /// Subscribing to the announcements failed (at start-up).
     #[error("redis subscribe: {0}")]
     Subscribe(#[source] fred::error::Error),
+    /// The connection revocations are written on (when replicas must acknowledge them) could
+    /// not be opened.
+    #[error("redis revocation writer: {0}")]
+    Writer(String),
     /// An announcement could not be encoded.
     #[error("cannot encode the announcement: {0}")]
     Encode(#[from] serde_json::Error),
+    /// The revocation is stored and announced on the primary, but fewer replicas than required
+    /// acknowledged it in time: a failover now could lose it. Revoking again is safe.
+    #[error(
+        "the revocation is in force, but {acked} of {wanted} replicas acknowledged it within {wait:?}: \
+         retry, or a failover could lose it"
+    )]
+    NotReplicated {
+        /// Replicas that acknowledged.
+        acked: i64,
+        /// Replicas required (`redis.revocation_replicas`).
+        wanted: u32,
+        /// How long it waited (`redis.revocation_wait`).
+        wait: Duration,
+    },
 }
 
 impl From<RevocationError> for ApiError {
     fn from(e: RevocationError) -> Self {
-        ApiError::dependency("redis", e)
+        match e {
+            RevocationError::NotReplicated { .. } => ApiError::dependency("redis", e)
+                .with_reason("not_replicated")
+                .with_retry_after(1)
+                .with_public_detail(
+                    "the revocation is in force, but no Redis replica acknowledged it in time \
+                     (a failover now could lose it); revoking again is safe",
+                ),
+            e => ApiError::dependency("redis", e),
+        }
     }
 }
 
@@ -240,6 +268,39 @@ pub struct RedisStore {
     channel: String,
     user_ttl: Duration,
     tx: broadcast::Sender<Revocation>,
+    durability: Durability,
+}
+
+/// How a revocation is made durable: `replicas` acknowledge it (`WAIT`) within `wait`, on a
+/// connection of its own (`writer`, opened at the first revocation), since `WAIT` blocks the
+/// connection it is sent on and the command connection carries every verification.
+pub struct Durability {
+    /// Replicas that must acknowledge (0: answer once the primary has it).
+    pub replicas: u32,
+    /// How long to wait for them.
+    pub wait: Duration,
+    /// The Redis to open the writer connection to.
+    pub url: crate::config::SecretUrl,
+    /// Its settings.
+    pub config: crate::config::RedisConfig,
+    writer: tokio::sync::OnceCell<Client>,
+}
+
+impl Durability {
+    /// `redis.revocation_replicas` (unset: 1 for a cluster or Sentinel URL, 0 otherwise) and
+    /// `redis.revocation_wait` (at most half of `redis.timeout`) for `url`.
+    pub fn new(url: &crate::config::SecretUrl, config: &crate::config::RedisConfig) -> Self {
+        let replicated = ["redis-cluster", "rediss-cluster", "redis-sentinel", "rediss-sentinel"]
+            .contains(&url.expose().scheme());
+        Durability {
+            replicas: config.revocation_replicas.unwrap_or(u32::from(replicated)),
+            // The wait is one command: it must end well inside the command timeout.
+            wait: config.revocation_wait.min(config.timeout / 2),
+            url: url.clone(),
+            config: config.clone(),
+            writer: tokio::sync::OnceCell::new(),
+        }
+    }
 }
 
 impl RedisStore {
@@ -250,6 +311,7 @@ impl RedisStore {
         channels: crate::backends::redis::Channels,
         prefix: String,
         user_ttl: Duration,
+        durability: Durability,
         shutdown: Shutdown,
     ) -> Result<Arc<Self>, RevocationError> {
         let channel = format!("{prefix}revocations");
@@ -277,7 +339,42 @@ impl RedisStore {
             }
         });
         let client = redis.client.clone();
-        Ok(Arc::new(RedisStore { redis, client, prefix, channel, user_ttl, tx }))
+        Ok(Arc::new(RedisStore { redis, client, prefix, channel, user_ttl, tx, durability }))
+    }
+
+    /// The connection revocations are written on: the command connection when no replica need
+    /// acknowledge, else the writer of their own.
+    async fn writer(&self) -> Result<&Client, RevocationError> {
+        let d = &self.durability;
+        if d.replicas == 0 {
+            return Ok(&self.client);
+        }
+        d.writer
+            .get_or_try_init(|| async {
+                crate::backends::redis::connect(&d.url, &d.config)
+                    .await
+                    .map_err(|e| RevocationError::Writer(e.to_string()))
+            })
+            .await
+    }
+
+    /// Waits until `redis.revocation_replicas` replicas of `key`'s primary have acknowledged
+    /// every write `writer` made (`WAIT`, sent to that primary).
+    async fn replicated(&self, writer: &Client, key: &str) -> Result<(), RevocationError> {
+        let d = &self.durability;
+        if d.replicas == 0 {
+            return Ok(());
+        }
+        let (replicas, ms) = (i64::from(d.replicas), d.wait.as_millis() as i64);
+        // WAIT names no key: in a Redis Cluster it is pointed at the key's primary, where the
+        // write went (a custom command carries its slot; it blocks its connection, this one's).
+        let slot = fred::util::redis_keyslot(key.as_bytes());
+        let wait = CustomCommand::new_static("WAIT", ClusterHash::Custom(slot), true);
+        let acked: i64 = writer.custom(wait, vec![replicas, ms]).await?;
+        if acked < replicas {
+            return Err(RevocationError::NotReplicated { acked, wanted: d.replicas, wait: d.wait });
+        }
+        Ok(())
     }
 
     fn key(&self, rest: &str) -> String {
@@ -305,21 +402,19 @@ impl RevocationStore for RedisStore {
                 }
                 Revocation::Resync | Revocation::ApiKey { .. } => None,
             };
+            let mut replicated = Ok(());
             if let Some((key, value, ttl)) = stored {
-                let _: () = self
-                    .client
-                    .set(
-                        self.key(&key),
-                        value,
-                        Some(Expiration::EX(ttl.max(1) as i64)),
-                        None,
-                        false,
-                    )
+                let key = self.key(&key);
+                let writer = self.writer().await?;
+                let _: () = writer
+                    .set(&key, value, Some(Expiration::EX(ttl.max(1) as i64)), None, false)
                     .await?;
+                replicated = self.replicated(writer, &key).await;
             }
+            // Announced even when not yet replicated: it is in force on the primary now.
             let text = serde_json::to_string(&revocation)?;
             let _: i64 = self.client.publish(self.channel.clone(), text).await?;
-            Ok(())
+            replicated
         })
     }
 

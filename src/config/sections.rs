@@ -229,6 +229,15 @@ pub struct RedisConfig {
     /// The breaker of each Redis connection: when it opens, calls fail at once and callers use
     /// their fallback instead of waiting for `timeout`.
     pub breaker: BreakerConfig,
+    /// How many replicas must acknowledge a revocation (`WAIT` on the key's primary) before it
+    /// is answered, so that a failover right after cannot lose it. Unset: 1 for
+    /// `redis-cluster://` and `redis-sentinel://` URLs (replicated by design), 0 for one server.
+    pub revocation_replicas: Option<u32>,
+    /// How long a revocation waits for those acknowledgements (at most half of `timeout`, as the
+    /// wait is one command); when fewer arrive, the revocation (stored and announced on the
+    /// primary) is answered 503 `dependency_unavailable`, to retry.
+    #[serde(with = "humantime_serde")]
+    pub revocation_wait: Duration,
 }
 
 impl Default for RedisConfig {
@@ -238,6 +247,8 @@ impl Default for RedisConfig {
             prefix: None,
             ca_file: None,
             breaker: BreakerConfig::default(),
+            revocation_replicas: None,
+            revocation_wait: Duration::from_millis(500),
         }
     }
 }
@@ -246,6 +257,9 @@ impl RedisConfig {
     pub(super) fn validate(&self) -> Vec<Problem> {
         let mut problems = check_file("redis.ca_file", self.ca_file.as_ref());
         problems.extend(self.breaker.validate("redis.breaker"));
+        if self.revocation_wait.is_zero() {
+            problems.push(Problem::new("redis.revocation_wait", "must be more than 0"));
+        }
         problems
     }
 }

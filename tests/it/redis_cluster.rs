@@ -18,6 +18,16 @@ use crate::support::{
     Process, Running,
 };
 
+/// How every cluster node runs (node timeout 1 s); its nodes.conf in its own directory.
+const CLUSTER_NODE: &[&str] = &[
+    "--cluster-enabled",
+    "yes",
+    "--cluster-config-file",
+    "nodes.conf",
+    "--cluster-node-timeout",
+    "1000",
+];
+
 /// Six cluster nodes, killed when dropped. Node timeout 1 s, so a replica takes over a killed
 /// primary within a few seconds.
 pub struct PrivateCluster {
@@ -31,15 +41,7 @@ impl PrivateCluster {
         let mut nodes = Vec::new();
         for _ in 0..6 {
             // The node's own temporary directory is its working directory: nodes.conf goes there.
-            let node = RedisNode::start(&[
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-                "nodes.conf",
-                "--cluster-node-timeout",
-                "1000",
-            ])
-            .await;
+            let node = RedisNode::start(CLUSTER_NODE).await;
             nodes.push(node);
         }
         let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
@@ -56,25 +58,51 @@ impl PrivateCluster {
         };
         cluster.wait_ok().await;
         // Every replica in sync with its primary before anything is written.
-        eventually(Duration::from_secs(30), "every replica is in sync", || async {
-            cluster
-                .nodes
-                .iter()
-                .filter(|n| n.cli(&["role"]).starts_with("slave"))
-                .all(|n| n.cli(&["info", "replication"]).contains("master_link_status:up"))
-                .then_some(())
-        })
-        .await;
+        cluster.wait_replicated().await;
         cluster
     }
 
-    /// Waits until every live node says `cluster_state:ok` and agrees on three primaries.
+    /// Waits until every live primary has a replica that acknowledges its writes (`WAIT`: a
+    /// replica just synchronised is sent the command stream only after its first
+    /// acknowledgement, up to a second later).
+    pub async fn wait_replicated(&self) {
+        self.wait_ok().await;
+        eventually(Duration::from_secs(30), "every primary's replica acknowledges", || async {
+            let asker = self.live().next()?;
+            let primaries = self.primaries(asker);
+            self.live()
+                .filter(|n| n.cli(&["role"]).starts_with("master"))
+                .all(|n| {
+                    let Some((_, ranges)) = primaries.iter().find(|(port, _)| *port == n.port)
+                    else {
+                        return false;
+                    };
+                    // A key of one of this primary's slots: a write it takes itself.
+                    let key = (0..)
+                        .map(|i| format!("probe:{i}"))
+                        .find(|k| {
+                            let slot = fred::util::redis_keyslot(k.as_bytes());
+                            ranges.iter().any(|(a, b)| (*a..=*b).contains(&slot))
+                        })
+                        .unwrap();
+                    n.replica_acknowledges_write_to(&key)
+                })
+                .then_some(())
+        })
+        .await;
+    }
+
+    /// Waits until every live node says `cluster_state:ok` and agrees on three primaries, all
+    /// of them live (right after a kill, the nodes still count the dead one until they notice).
     pub async fn wait_ok(&self) {
         eventually(Duration::from_secs(30), "cluster_state:ok on every live node", || async {
+            let live: Vec<u16> = self.live().map(|n| n.port).collect();
             self.live()
                 .all(|n| {
+                    let primaries = self.primaries(n);
                     n.cli(&["cluster", "info"]).contains("cluster_state:ok")
-                        && self.primaries(n).len() == 3
+                        && primaries.len() == 3
+                        && primaries.iter().all(|(port, _)| live.contains(port))
                 })
                 .then_some(())
         })
@@ -109,6 +137,18 @@ impl PrivateCluster {
             })
             .filter(|(_, ranges): &(u16, Vec<(u16, u16)>)| !ranges.is_empty())
             .collect()
+    }
+
+    /// The index in `nodes` of a replica of the primary `primary`.
+    pub fn replica_of(&self, primary: usize) -> usize {
+        let port = format!("master_port:{}", self.nodes[primary].port);
+        self.nodes
+            .iter()
+            .position(|n| {
+                let info = n.cli(&["info", "replication"]);
+                info.contains("role:slave") && info.lines().any(|l| l.trim() == port)
+            })
+            .expect("every primary has a replica")
     }
 
     /// The index in `nodes` of the primary that holds `key`'s slot.
@@ -368,6 +408,66 @@ async fn rules_version(base: &str, token: &str) -> i64 {
     v["rules_version"].as_i64().unwrap_or_else(|| panic!("{v}"))
 }
 
+/// A revocation is answered 200 only once a replica of its key's primary has it (`WAIT` on that
+/// primary): with the replica stopped, the admin's revoke answers 503 within
+/// `redis.revocation_wait` (the revocation is in force, but a failover could lose it); with the
+/// replica running again it answers 200, and the primary killed right after that answer loses
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_is_answered_only_once_a_replica_has_it() {
+    let mut cluster = PrivateCluster::start().await;
+    let l = Layer::start(&cluster).await;
+    let a = l.a.url("");
+    let prefix = l.env.iter().find(|(k, _)| k == "ACCESS_REDIS__PREFIX").unwrap().1.clone();
+    let admin = l.keys.token("root", "t0", &["admin"]);
+    let erin = l.keys.token("erin", "t1", &["trader"]);
+    let primary = cluster.primary_of(&format!("{prefix}revoked:user:erin"));
+    let replica = cluster.replica_of(primary);
+    assert_eq!(status(&a, "/open", &erin).await, 200);
+
+    cluster.nodes[replica].pause();
+    let revoke = || async {
+        let r = http().post(l.auth.url("/auth/users/erin/revoke")).bearer_auth(&admin);
+        let r = r.send().await.unwrap();
+        (r.status().as_u16(), r.json::<Value>().await.unwrap_or(Value::Null))
+    };
+    let started = Instant::now();
+    let (code, body) = revoke().await;
+    let waited = started.elapsed();
+    assert_eq!(code, 503, "not acknowledged by a replica: {body}");
+    assert_eq!(body["code"], "dependency_unavailable", "{body}");
+    assert_eq!(body["reason"], "not_replicated", "{body}");
+    assert!(body["message"].as_str().unwrap().contains("the revocation is in force"), "{body}");
+    assert!(
+        waited < Duration::from_secs(2),
+        "answered after the wait, not the timeout: {waited:?}"
+    );
+    eventually(Duration::from_secs(5), "in force on the primary meanwhile", || async {
+        (status(&a, "/open", &erin).await == 401).then_some(())
+    })
+    .await;
+
+    cluster.nodes[replica].resume();
+    let (code, body) = revoke().await;
+    assert_eq!(code, 200, "acknowledged once the replica runs: {body}");
+    // Killed at once: no replication lag left to lose.
+    let key = format!("{prefix}revoked:user:erin");
+    let stored = cluster.nodes[primary].cli(&["get", &key]);
+    cluster.nodes[primary].kill();
+    cluster.wait_ok().await;
+    let promoted = cluster.primary_of(&key);
+    assert_eq!(promoted, replica, "the replica took over");
+    assert_eq!(cluster.nodes[promoted].cli(&["get", &key]), stored, "it has the revocation");
+    // A gateway started now (nothing cached) reads it from the promoted replica.
+    let fresh = l.fresh_gateway().await;
+    let after = eventually(Duration::from_secs(20), "the fresh gateway reads Redis", || async {
+        let s = status(&fresh.url(""), "/open", &erin).await;
+        (s != 503 && s != 0).then_some(s)
+    })
+    .await;
+    assert_eq!(after, 401, "the acknowledged revocation survived the failover");
+}
+
 /// The primary holding alice's limits is killed (SIGKILL) under load; its replica takes over.
 /// Alice's spent burst stays spent and carol's revocation (made before, replicated) still
 /// refuses her token; a revocation made after the failover reaches the gateway too.
@@ -395,9 +495,7 @@ async fn a_primary_killed_under_load_loses_no_limit_state_nor_revocation() {
     // replicas have acknowledged everything so far (WAIT on the primary), as the documented
     // bound assumes a kill later than the replication lag.
     let victim = cluster.primary_of(&format!("{prefix}rl:{{alice}}:tight"));
-    for node in cluster.nodes.iter().filter(|n| n.cli(&["role"]).starts_with("master")) {
-        assert_eq!(node.cli(&["wait", "1", "2000"]), "1", "a replica acknowledged");
-    }
+    cluster.wait_replicated().await;
 
     // Load: bob, without pause, through the failover.
     let stop = Arc::new(AtomicBool::new(false));
@@ -429,6 +527,10 @@ async fn a_primary_killed_under_load_loses_no_limit_state_nor_revocation() {
     assert_eq!(alice_now, 429, "the limit state survived the failover");
     assert_eq!(status(&a, "/open", &carol).await, 401);
     assert_eq!(status(&a, "/open", &dave).await, 200);
+    // The killed node's pod restarts: it rejoins as the new primary's replica, and every
+    // primary has one again (a revocation is answered once a replica has it).
+    cluster.nodes[victim].restart(CLUSTER_NODE).await;
+    cluster.wait_replicated().await;
     let r = http().post(l.auth.url("/auth/logout")).bearer_auth(&dave).send().await.unwrap();
     assert_eq!(r.status(), 200, "the auth role writes after the failover");
     eventually(Duration::from_secs(10), "dave's revocation reaches the gateway", || async {

@@ -103,11 +103,21 @@ pub async fn start(role: Role, config: Settings) -> Running {
 
 /// Waits until `/ready` answers 200.
 pub async fn wait_ready(url: &str) {
-    eventually(Duration::from_secs(10), &format!("{url}/ready is 200"), || async {
-        let r = http().get(format!("{url}/ready")).send().await.ok()?;
-        (r.status() == 200).then_some(())
-    })
-    .await;
+    let last = std::sync::Mutex::new(String::new());
+    let ready = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Ok(r) = http().get(format!("{url}/ready")).send().await {
+                if r.status() == 200 {
+                    return;
+                }
+                *last.lock().unwrap() = r.text().await.unwrap_or_default();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    if ready.await.is_err() {
+        panic!("not within 10s: {url}/ready is 200; it last said {}", last.lock().unwrap());
+    }
 }
 
 /// A Redis key prefix no other test uses.
