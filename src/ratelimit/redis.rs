@@ -61,9 +61,12 @@ struct Job {
     slot: Option<u16>,
     /// Full keys, one per policy, then the cache entry's when `reads`.
     keys: Vec<String>,
-    /// `(T, tau)` per policy, in µs.
-    limits: Vec<(u64, u64)>,
+    /// `(T, tau)` per policy, in µs, and the cells wanted (1 unless it leases).
+    limits: Vec<(u64, u64, u64)>,
     reads: bool,
+    /// Takes up to the cells wanted of each policy on its own (leased mode), instead of one of
+    /// each or none.
+    leases: bool,
     reply: oneshot::Sender<Answer>,
 }
 
@@ -107,20 +110,22 @@ impl Batcher {
         self.script.calls.load(Ordering::Relaxed)
     }
 
-    /// Checks `(full key, policy)` pairs (keys of one hash slot), reading `also_get` (a full
+    /// Checks `(full key, policy, cells wanted)` triples (keys of one hash slot; the cells are
+    /// taken only when `leases`, else one of each or none), reading `also_get` (a full
     /// key) when given: in the script when it can share the call (one server, or the same slot),
     /// else with a GET of its own sent alongside. A failed separate GET is
     /// [`CacheRead::NotAsked`] (the caller reads it itself).
     pub(super) async fn check(
         &self,
-        items: Vec<(String, &Policy)>,
+        items: Vec<(String, &Policy, u64)>,
+        leases: bool,
         also_get: Option<String>,
     ) -> Result<(Vec<Verdict>, CacheRead), String> {
         let clustered = self.script.client.is_clustered();
         let slot = items
             .first()
             .filter(|_| clustered)
-            .map(|(key, _)| fred::util::redis_keyslot(key.as_bytes()));
+            .map(|(key, _, _)| fred::util::redis_keyslot(key.as_bytes()));
         let (inline, apart) = match also_get {
             Some(key) if slot.is_some_and(|s| s != fred::util::redis_keyslot(key.as_bytes())) => {
                 (None, Some(key))
@@ -128,7 +133,7 @@ impl Batcher {
             other => (other, None),
         };
         let reads = inline.is_some();
-        let script = self.script_check(slot, items, inline);
+        let script = self.script_check(slot, items, leases, inline);
         let Some(key) = apart else {
             let (verdicts, value) = script.await?;
             let read = if reads {
@@ -155,15 +160,19 @@ impl Batcher {
     async fn script_check(
         &self,
         slot: Option<u16>,
-        items: Vec<(String, &Policy)>,
+        items: Vec<(String, &Policy, u64)>,
+        leases: bool,
         also_get: Option<String>,
     ) -> Answer {
         let (reply, answer) = oneshot::channel();
-        let limits = items.iter().map(|(_, p)| (p.interval_us(), p.tolerance_us())).collect();
-        let mut keys: Vec<String> = items.into_iter().map(|(k, _)| k).collect();
+        let limits = items
+            .iter()
+            .map(|(_, p, n)| (p.interval_us(), p.tolerance_us(), if leases { *n } else { 1 }))
+            .collect();
+        let mut keys: Vec<String> = items.into_iter().map(|(k, _, _)| k).collect();
         let reads = also_get.is_some();
         keys.extend(also_get);
-        let job = Job { slot, keys, limits, reads, reply };
+        let job = Job { slot, keys, limits, reads, leases, reply };
         let answered = async {
             if self.jobs.send(job).await.is_err() {
                 return Err("the rate-limit batching task has stopped".into());
@@ -291,7 +300,7 @@ async fn run_batch(script: &Script, batch: Vec<Job>) {
     let slot = batch.first().and_then(|job| job.slot);
     let mut keys = Vec::with_capacity(batch.iter().map(|j| j.keys.len()).sum());
     let mut args =
-        Vec::with_capacity(1 + batch.iter().map(|j| 2 + 2 * j.limits.len()).sum::<usize>());
+        Vec::with_capacity(1 + batch.iter().map(|j| 3 + 3 * j.limits.len()).sum::<usize>());
     args.push(batch.len() as u64);
     script.calls.fetch_add(1, Ordering::Relaxed);
     script.batch_size.record(batch.len() as f64);
@@ -299,7 +308,8 @@ async fn run_batch(script: &Script, batch: Vec<Job>) {
     for job in batch {
         args.push(job.limits.len() as u64);
         args.push(u64::from(job.reads));
-        args.extend(job.limits.iter().flat_map(|&(t, tau)| [t, tau]));
+        args.push(u64::from(job.leases));
+        args.extend(job.limits.iter().flat_map(|&(t, tau, n)| [t, tau, n]));
         keys.extend(job.keys.into_iter().map(Key::from));
         replies.push((job.limits.len(), job.reads, job.reply));
     }
@@ -328,7 +338,7 @@ async fn run_batch(script: &Script, batch: Vec<Job>) {
     }
 }
 
-/// One request's answer: four integers per policy, then, when a key was read, its value or nil.
+/// One request's answer: four integers per policy (the first the cells granted), then, when a key was read, its value or nil.
 fn parse_answer(raw: Value, policies: usize, read: bool) -> Answer {
     let mut values = match raw {
         Value::Array(values) if values.len() == policies * 4 + usize::from(read) => values,
@@ -347,7 +357,8 @@ fn parse_answer(raw: Value, policies: usize, read: bool) -> Answer {
     let verdicts = ints
         .chunks(4)
         .map(|c| Verdict {
-            allowed: c[0] == 1,
+            allowed: c[0] >= 1,
+            granted: c[0].max(0) as u64,
             remaining: c[1].max(0) as u64,
             reset_us: c[2].max(0) as u64,
             retry_us: c[3].max(0) as u64,

@@ -470,3 +470,168 @@ async fn a_hanging_redis_costs_each_check_one_timeout_not_a_queue_of_them() {
         "2,000 checks against a hung Redis took {elapsed:?}; each should wait one 300 ms timeout"
     );
 }
+
+/// Leased mode, three replicas (three limiters, each with its own Redis connection) on one
+/// budget that does not refill during the test: each lease takes half the burst, the third
+/// replica finds nothing left, and exactly the burst is admitted in all: a cell is taken from
+/// the shared budget when leased, never twice. Only the leases went to Redis.
+#[tokio::test]
+async fn leased_replicas_share_one_budget_without_admitting_more() {
+    use access::ratelimit::{Lease, Limiter, OnStoreError, Policy};
+    let prefix = format!("it:{}:", uuid::Uuid::new_v4().simple());
+    let policy = Policy { rate: 1, period: Duration::from_secs(3600), burst: 20 };
+    let lease = Lease { share: 0.5, max_age: Duration::from_secs(60) };
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        let guarded = redis_client(REDIS_URL, None).await;
+        let limiter = Limiter::new(
+            [("p".to_string(), policy.clone())].into(),
+            Some((guarded, prefix.clone())),
+            OnStoreError::Closed,
+            false,
+        );
+        replicas.push(limiter.leased(lease));
+    }
+    let names = ["p".to_string()];
+    let mut admitted = [0; 3];
+    for round in 0..15 {
+        for (i, replica) in replicas.iter().enumerate() {
+            let outcome = replica.check(&names, "u", None).await.outcome;
+            assert!(!outcome.store_unavailable, "round {round}: Redis answered");
+            admitted[i] += usize::from(outcome.allowed);
+        }
+    }
+    assert_eq!(admitted, [10, 10, 0], "two leases of half the burst, nothing for the third");
+    let calls: Vec<u64> = replicas.iter().map(|r| r.script_calls().unwrap()).collect();
+    // Each of the first two: its lease, then, once spent, one refused lease; the refusal is
+    // repeated locally until the next cell is due (an hour).
+    assert_eq!(calls, [2, 2, 1], "requests with cells held, or refused, never asked Redis");
+}
+
+/// Leased cells are dropped after `max_age` (never spent later, which is what bounds
+/// over-admission): a replica that leased 10 cells and spent one leases again after the age,
+/// and the 9 it dropped are lost, not admitted.
+#[tokio::test]
+async fn leased_cells_older_than_max_age_are_dropped_not_spent() {
+    use access::ratelimit::{Lease, Limiter, OnStoreError, Policy};
+    let prefix = format!("it:{}:", uuid::Uuid::new_v4().simple());
+    let policy = Policy { rate: 1, period: Duration::from_secs(3600), burst: 20 };
+    let lease = Lease { share: 0.5, max_age: Duration::from_millis(200) };
+    let limiter = Limiter::new(
+        [("p".to_string(), policy)].into(),
+        Some((redis_client(REDIS_URL, None).await, prefix)),
+        OnStoreError::Closed,
+        false,
+    )
+    .leased(lease);
+    let names = ["p".to_string()];
+    assert!(limiter.check(&names, "u", None).await.outcome.allowed);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut admitted = 0;
+    for _ in 0..20 {
+        admitted += usize::from(limiter.check(&names, "u", None).await.outcome.allowed);
+    }
+    assert_eq!(admitted, 10, "the second lease's 10 cells; the first lease's 9 left were dropped");
+}
+
+/// Leased mode under load: three replicas, eight callers each, hammer one subject for two
+/// seconds on a budget that refills (100 per second, burst 50). What they admit stays within
+/// the documented bound (what the exact limiter admits over the window stretched by
+/// `max_age`: burst + rate * (W + max_age)), yet most of it (the cells are not wasted), with
+/// far fewer Redis calls than requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leased_replicas_under_load_stay_within_the_documented_bound() {
+    use access::ratelimit::{Lease, Limiter, OnStoreError, Policy};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    let prefix = format!("it:{}:", uuid::Uuid::new_v4().simple());
+    let policy = Policy { rate: 100, period: Duration::from_secs(1), burst: 50 };
+    let lease = Lease { share: 0.2, max_age: Duration::from_millis(300) };
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        let limiter = Limiter::new(
+            [("p".to_string(), policy.clone())].into(),
+            Some((redis_client(REDIS_URL, None).await, prefix.clone())),
+            OnStoreError::Closed,
+            false,
+        );
+        replicas.push(Arc::new(limiter.leased(lease)));
+    }
+    let (admitted, requests) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = std::time::Instant::now();
+    let callers: Vec<_> = (0..24)
+        .map(|i| {
+            let replica = replicas[i % 3].clone();
+            let (admitted, requests, stop) = (admitted.clone(), requests.clone(), stop.clone());
+            tokio::spawn(async move {
+                let names = ["p".to_string()];
+                while !stop.load(Ordering::Relaxed) {
+                    let outcome = replica.check(&names, "u", None).await.outcome;
+                    assert!(!outcome.store_unavailable, "Redis answered");
+                    requests.fetch_add(1, Ordering::Relaxed);
+                    admitted.fetch_add(u64::from(outcome.allowed), Ordering::Relaxed);
+                    if !outcome.allowed {
+                        // A refused caller backs off a little, as clients told Retry-After do.
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    for caller in callers {
+        caller.await.unwrap();
+    }
+    let window = started.elapsed().as_secs_f64();
+    let (admitted, requests) = (admitted.load(Ordering::Relaxed), requests.load(Ordering::Relaxed));
+    let exact = 50.0 + 100.0 * window;
+    let bound = 50.0 + 100.0 * (window + lease.max_age.as_secs_f64());
+    let calls: u64 = replicas.iter().map(|r| r.script_calls().unwrap()).sum();
+    eprintln!(
+        "leased: {admitted} admitted of {requests} in {window:.2} s (exact at most {exact:.0}, \
+         leased bound {bound:.0}), {calls} Redis calls"
+    );
+    assert!((admitted as f64) <= bound, "{admitted} admitted, bound {bound:.0}");
+    assert!((admitted as f64) >= exact * 0.5, "{admitted} admitted: leased cells were wasted");
+    assert!(calls * 5 < requests, "{calls} Redis calls for {requests} requests");
+}
+
+/// The gateway in leased mode, two replicas (one another process): one budget between them,
+/// and the mode shown by `GET /api/v1/rate-limits`.
+#[tokio::test]
+async fn two_leased_gateways_share_one_budget() {
+    let gw = setup().await;
+    let prefix = redis_prefix();
+    let env = [
+        ("ACCESS_REDIS_URL", REDIS_URL),
+        ("ACCESS_REDIS__PREFIX", prefix.as_str()),
+        ("ACCESS_GATEWAY__RATE_LIMIT_MODE", "leased"),
+        ("ACCESS_GATEWAY__RATE_LIMIT_LEASE__SHARE", "0.5"),
+        ("ACCESS_GATEWAY__RATE_LIMIT_LEASE__MAX_AGE", "1m"),
+    ];
+    let a = gateway(&gw, "", &env).await;
+    let mut spawn_env = vec![
+        ("ACCESS_AUTH__DEV_KEY_FILE", gw.keys.path.as_str()),
+        ("ACCESS_GATEWAY__ROUTES_FILE", gw.routes.as_str()),
+    ];
+    spawn_env.extend_from_slice(&env);
+    let b = crate::support::spawn_binary("gateway", &spawn_env);
+    wait_ready(&b.url).await;
+    // `/outage`: 3 per minute; a lease is half the burst, rounded up: 2 cells.
+    let mut allowed = 0;
+    for i in 0..8 {
+        let url = if i % 2 == 0 { a.url("/outage") } else { format!("{}/outage", b.url) };
+        if http().get(url).send().await.unwrap().status() == 200 {
+            allowed += 1;
+        }
+    }
+    assert_eq!(allowed, 3, "one budget across both replicas, leased");
+    let admin = gw.keys.token("root", "t0", &["admin"]);
+    let r = http().get(a.url("/api/v1/rate-limits")).bearer_auth(&admin).send().await.unwrap();
+    let stats: Value = r.json().await.unwrap();
+    assert_eq!(stats["mode"], "leased", "{stats}");
+    assert_eq!(stats["lease"]["share"], 0.5, "{stats}");
+    assert!(stats["redis_calls"].as_u64().unwrap() < 4, "{stats}");
+}

@@ -224,6 +224,14 @@ struct RateLimits<'a> {
     on_store_error: OnStoreError,
     /// The per-address limit applied before any token is verified.
     ip_limit: &'a Policy,
+    /// `exact` or `leased` (`gateway.rate_limit_mode`).
+    mode: ratelimit::Mode,
+    /// Leased mode's share and lifetime (`gateway.rate_limit_lease`); absent in exact mode.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lease: Option<&'a ratelimit::Lease>,
+    /// Redis script calls made since start (each decides a batch of checks, or leases); absent
+    /// without Redis.
+    redis_calls: Option<u64>,
 }
 
 /// One rate-limit policy and its decisions since start.
@@ -277,6 +285,10 @@ async fn rate_limits(AxumState(state): AxumState<State>, caller: Caller) -> ApiR
         shadow: state.limiter.shadow(),
         on_store_error: state.config.rate_limit_on_store_error,
         ip_limit: &state.config.ip_limit,
+        mode: state.config.rate_limit_mode,
+        lease: (state.config.rate_limit_mode == ratelimit::Mode::Leased)
+            .then_some(&state.config.rate_limit_lease),
+        redis_calls: state.limiter.script_calls(),
     })
     .into_response())
 }

@@ -97,6 +97,11 @@ pub struct Config {
     pub rate_limit_on_store_error: ratelimit::OnStoreError,
     /// Count would-be rejections without rejecting.
     pub rate_limit_shadow: bool,
+    /// `exact` (every request decided by Redis) or `leased` (each replica leases shares of a
+    /// budget and decides locally; over-admission bounded by `rate_limit_lease.max_age`).
+    pub rate_limit_mode: ratelimit::Mode,
+    /// Leased mode's share of a policy's burst per lease and the lease's lifetime.
+    pub rate_limit_lease: ratelimit::Lease,
     /// The cheap per-address limit applied before any token is verified. Behind a load balancer,
     /// set `trusted_proxies`, or every client shares the balancer's address.
     pub ip_limit: ratelimit::Policy,
@@ -129,6 +134,8 @@ impl Default for Config {
             rate_limits: ratelimit::default_policies(),
             rate_limit_on_store_error: ratelimit::OnStoreError::Local,
             rate_limit_shadow: false,
+            rate_limit_mode: ratelimit::Mode::Exact,
+            rate_limit_lease: ratelimit::Lease::default(),
             ip_limit: ratelimit::Policy { rate: 1000, period: Duration::from_secs(1), burst: 2000 },
             cache_max_bytes: 64 * 1024 * 1024,
         }
@@ -153,6 +160,12 @@ impl Config {
             problems.push(Problem::new("gateway.breaker.error_rate", "must be between 0 and 1"));
         }
         problems.extend(upstream_tls::validate(&self.upstreams, &self.upstream_tls));
+        problems.extend(
+            self.rate_limit_lease
+                .problems()
+                .into_iter()
+                .map(|m| Problem::new("gateway.rate_limit_lease", m)),
+        );
         problems
     }
 
@@ -359,6 +372,10 @@ pub async fn build(config: &Config, deps: &Deps) -> Result<State, RunError> {
         config.rate_limit_on_store_error,
         config.rate_limit_shadow,
     );
+    let limiter = match config.rate_limit_mode {
+        ratelimit::Mode::Exact => limiter,
+        ratelimit::Mode::Leased => limiter.leased(config.rate_limit_lease),
+    };
     let clients = upstream_tls::Clients::new(&config.upstream_tls)
         .map_err(|e| anyhow::anyhow!("gateway.upstream_tls.{e}"))?;
     Ok(State(Arc::new(Shared {
