@@ -5,7 +5,9 @@
 #   (c) the gateway with JWT, rate limit (GCRA in Redis) and entitlement, on a cache miss,
 #   (d) the gateway on a cache hit,
 #   (e) as (c) to an HTTPS upstream (the same nginx answer behind TLS, certificate made here by
-#       openssl, verified against its CA), HTTP/2 by ALPN, and (f) the same in HTTP/1.1.
+#       openssl, verified against its CA), HTTP/2 by ALPN, and (f) the same in HTTP/1.1,
+#   (g) and (h) as (c) and (d) on a second gateway whose rate limits are leased
+#       (gateway.rate_limit_mode = leased) instead of exact.
 # Prints requests/s and p50/p99 per case. Needs nginx, wrk and openssl (Debian), Redis on 6379.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,7 +38,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-UP=18181; PROXY=18182; ENT=18183; GW=18184; UPS=18185
+UP=18181; PROXY=18182; ENT=18183; GW=18184; UPS=18185; GWL=18186
 mkdir -p "$WORK/nginx"
 # A CA and a certificate for localhost signed by it, for the HTTPS upstream.
 EC=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes)
@@ -53,6 +55,9 @@ error_log $WORK/nginx/error.log warn;
 events { worker_connections 4096; }
 http {
   access_log off;
+  # Connections are kept for the whole run (nginx closes one after 1000 requests by default:
+  # the upstream side of the proxies would then measure reconnections).
+  keepalive_requests 100000000;
   client_body_temp_path $WORK/nginx; proxy_temp_path $WORK/nginx; fastcgi_temp_path $WORK/nginx;
   uwsgi_temp_path $WORK/nginx; scgi_temp_path $WORK/nginx;
   upstream app { server 127.0.0.1:$UP; keepalive 128; }
@@ -118,7 +123,10 @@ export ACCESS_GATEWAY__MAX_IN_FLIGHT_PER_IDENTITY=$((CONNECTIONS * 4))
 ACCESS_ENTITLEMENTS__SEED_FILE=$WORK/seed.yaml "$BIN" entitlements --port $ENT 2>"$WORK/ent.log" & PIDS+=($!)
 ACCESS_REDIS_URL=$REDIS_URL ACCESS_REDIS__PREFIX="bench:$$:" ACCESS_GATEWAY__ROUTES_FILE=$WORK/routes.yaml \
   ACCESS_ENTITLEMENTS_SERVICE_URL=http://127.0.0.1:$ENT ACCESS_SERVER__IO_THREADS=$IO_THREADS "$BIN" --config "$WORK/gateway.toml" gateway --port $GW 2>"$WORK/gw.log" & PIDS+=($!)
-for port in $ENT $GW; do
+ACCESS_REDIS_URL=$REDIS_URL ACCESS_REDIS__PREFIX="bench:$$:leased:" ACCESS_GATEWAY__ROUTES_FILE=$WORK/routes.yaml \
+  ACCESS_ENTITLEMENTS_SERVICE_URL=http://127.0.0.1:$ENT ACCESS_SERVER__IO_THREADS=$IO_THREADS \
+  ACCESS_GATEWAY__RATE_LIMIT_MODE=leased "$BIN" --config "$WORK/gateway.toml" gateway --port $GWL 2>"$WORK/gwl.log" & PIDS+=($!)
+for port in $ENT $GW $GWL; do
   for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$port/ready" >/dev/null && break; sleep 0.1; done
 done
 TOKEN=$("$BIN" token --sub bench --tenant t1 --roles trader --ttl 1h)
@@ -128,6 +136,7 @@ curl -sf -H "$AUTH" "http://127.0.0.1:$GW/api/v1/hit/EURUSD" >/dev/null
 curl -sf -H "$AUTH" "http://127.0.0.1:$GW/api/v1/tls/EURUSD" >/dev/null || { echo "bench: the HTTPS upstream does not answer through the gateway" >&2; tail "$WORK/gw.log" >&2; exit 1; }
 
 GW_PID=${PIDS[1]}
+GWL_PID=${PIDS[2]}
 NGINX_WORKER=$(pgrep -P "$(cat "$WORK/nginx.pid")" | head -1)
 TICK_US=$((1000000 / $(getconf CLK_TCK)))
 # CPU time (user + system, clock ticks) a process has used so far.
@@ -146,6 +155,12 @@ run() { # name pid url [header]: the server process whose CPU per request is rep
   cpu=$(awk -v t=$((after - before)) -v us="$TICK_US" -v n="$requests" 'BEGIN { printf "%.1f", n ? t * us / n : 0 }')
   errors=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$out" | tr '\n' ' ')
   printf "%-52s %12s %10s %10s %12s  %s\n" "$1" "$rps" "$p50" "$p99" "$cpu" "$errors"
+  RPS[${1:1:1}]=$rps; CPU[${1:1:1}]=$cpu
+}
+declare -A RPS CPU
+ratio() { # case: its throughput and CPU per request against the nginx proxy's, (b)
+  awk -v r="${RPS[$1]}" -v rb="${RPS[b]}" -v c="${CPU[$1]}" -v cb="${CPU[b]}" -v n="$1" \
+    'BEGIN { printf "(%s) against (b): %.2f of its throughput, %.2f times its CPU per request\n", n, r / rb, c / cb }'
 }
 echo
 echo "wrk -t$THREADS -c$CONNECTIONS -d$DURATION on $(nproc) cores; server and load share them; gateway io_threads=$IO_THREADS"
@@ -162,7 +177,11 @@ profile d
 run "(d) gateway: JWT + rate limit + entitlement, hit" "$GW_PID" "http://127.0.0.1:$GW/api/v1/hit/EURUSD" "$AUTH"
 run "(e) as (c), HTTPS upstream, HTTP/2 (ALPN)" "$GW_PID" "http://127.0.0.1:$GW/api/v1/tls/EURUSD" "$AUTH"
 run "(f) as (c), HTTPS upstream, HTTP/1.1" "$GW_PID" "http://127.0.0.1:$GW/api/v1/tls_h1/EURUSD" "$AUTH"
-# How well concurrent checks shared Redis script calls, over (c) and (d) together.
+run "(g) as (c), leased rate limits" "$GWL_PID" "http://127.0.0.1:$GWL/api/v1/miss/EURUSD" "$AUTH"
+run "(h) as (d), leased rate limits" "$GWL_PID" "http://127.0.0.1:$GWL/api/v1/hit/EURUSD" "$AUTH"
+echo
+for c in c d e f g h; do ratio $c; done
+# How well concurrent checks shared Redis script calls, over (c) to (f) together.
 curl -s "http://127.0.0.1:$GW/metrics" | awk '
   /^access_gateway_rate_limit_batch_size_sum/ { sum = $2 }
   /^access_gateway_rate_limit_batch_size_count/ { count = $2 }

@@ -558,3 +558,36 @@ async fn a_primary_killed_under_load_loses_no_limit_state_nor_revocation() {
         seen.len()
     );
 }
+
+/// The SSE relay over a cluster: a subscription change sent to the stream replica that does not
+/// hold the stream reaches the one that does (a request on `sse-control`, the answer on the
+/// asking replica's reply channel: cluster-wide pub/sub both ways), and the stream gets the new
+/// topic's records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sse_relay_carries_subscription_changes_between_replicas_over_a_cluster() {
+    use crate::sse::SseClient;
+    let cluster = PrivateCluster::start().await;
+    let news = format!("news-{}", uuid::Uuid::new_v4().simple());
+    let extra = format!("[[stream.topics]]\nname = \"{news}\"\nresource = \"market_data\"\n");
+    let l = crate::stream::layer_on(&cluster.url, None, &extra, &[]).await;
+    let other = start(Role::Stream, l.stream_config.clone()).await;
+    wait_ready(&other.url("")).await;
+    let alice = l.keys.token("alice", "t1", &["trader"]);
+    let mut sse = SseClient::open(crate::sse::sse_url(&l, &alice, &[&l.prices]), None).await;
+    let hello = sse.next().await;
+    assert_eq!(hello.event, "connection_established");
+    let conn_id = hello.data["connection_id"].as_str().unwrap().to_string();
+    let r = http()
+        .post(other.url("/sse/subscribe"))
+        .bearer_auth(&alice)
+        .json(&json!({"connection_id": conn_id, "topics": [news]}))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!((status, &body["topics"]), (200, &json!([news])), "{body}");
+    l.publish(&news, "N1", json!({"headline": "over the cluster"})).await;
+    let next = sse.next().await;
+    assert_eq!(next.data["topic"], news, "{next:?}");
+}

@@ -42,6 +42,16 @@ pub struct Layer {
 /// Starts entitlements, auth and the stream, sharing a dev key and a Redis prefix. With `kafka`,
 /// the topics are created on that broker first.
 pub async fn layer(kafka: Option<&str>, toml: &str, extra: &[(&str, &str)]) -> Layer {
+    layer_on(REDIS_URL, kafka, toml, extra).await
+}
+
+/// As [`layer`], every role on the Redis at `redis` (a `redis-cluster://` URL, say).
+pub async fn layer_on(
+    redis: &str,
+    kafka: Option<&str>,
+    toml: &str,
+    extra: &[(&str, &str)],
+) -> Layer {
     let dir = tempfile::tempdir().unwrap();
     let keys = DevKeys::new();
     let seed = dir.path().join("seed.yaml");
@@ -58,7 +68,7 @@ pub async fn layer(kafka: Option<&str>, toml: &str, extra: &[(&str, &str)]) -> L
     }
     let common = [
         ("ACCESS_AUTH__DEV_KEY_FILE", keys.path.as_str()),
-        ("ACCESS_REDIS_URL", REDIS_URL),
+        ("ACCESS_REDIS_URL", redis),
         ("ACCESS_REDIS__PREFIX", prefix.as_str()),
     ];
     let mut env = common.to_vec();
