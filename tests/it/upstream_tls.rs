@@ -388,3 +388,76 @@ fn write_toml(toml: &str) -> tempfile::NamedTempFile {
     std::io::Write::write_all(&mut file, toml.as_bytes()).unwrap();
     file
 }
+
+/// An HTTP/2 upstream that rotates its connections (nginx sends a graceful `GOAWAY` after
+/// `keepalive_requests`, here 100) while many requests are in flight on them: the streams it
+/// refuses unprocessed are sent again on a new connection, so no client sees a 502, and the
+/// upstream's breaker does not count them as failures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_upstream_rotating_its_connections_under_load_costs_no_request() {
+    let certs = Certs::new();
+    let port = closed_port().await;
+    let (crt, key, ca) = (certs.path("server.crt"), certs.path("server.key"), certs.path("ca.crt"));
+    let server = format!(
+        r#"
+  server {{
+    listen 127.0.0.1:{port} ssl http2;
+    ssl_certificate {crt}; ssl_certificate_key {key};
+    keepalive_requests 100;
+    location / {{ {ECHO} }}
+  }}
+"#
+    );
+    let _nginx = Nginx::start(&server, &[port]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let routes_file = dir.path().join("routes.yaml");
+    std::fs::write(&routes_file, route("h2")).unwrap();
+    let toml = format!(
+        "[gateway.upstreams]\nh2 = [\"https://localhost:{port}\"]\n[gateway.upstream_tls.h2]\nca_file = \"{ca}\"\n\
+         [gateway.rate_limits.public]\nrate = 1000000\nperiod = \"1s\"\nburst = 1000000\n"
+    );
+    let keys = DevKeys::new();
+    let routes = routes_file.display().to_string();
+    let g = start(
+        Role::Gateway,
+        config_with_file(
+            &toml,
+            &[("ACCESS_AUTH__DEV_KEY_FILE", &keys.path), ("ACCESS_GATEWAY__ROUTES_FILE", &routes)],
+        ),
+    )
+    .await;
+    wait_ready(&g.url("")).await;
+    let client = reqwest::Client::new();
+    let mut statuses = std::collections::BTreeMap::new();
+    for _ in 0..20 {
+        // 30 at once (not a divisor of 100): streams are in flight past the 100th when nginx
+        // says GOAWAY.
+        let batch = (0..30).map(|_| {
+            let request = client.get(g.url("/g/h2/x")).send();
+            async move {
+                let r = request.await.unwrap();
+                let status = r.status().as_u16();
+                (status, r.text().await.unwrap())
+            }
+        });
+        for (status, text) in futures::future::join_all(batch).await {
+            if status != 200 {
+                eprintln!("{status}: {text}");
+            }
+            *statuses.entry(status).or_insert(0) += 1;
+        }
+    }
+    assert_eq!(statuses, [(200, 600)].into(), "every request answered");
+    let (status, body, text) = get(&g.url("/g/h2/x")).await;
+    assert_eq!((status, body["protocol"].as_str()), (200, Some("HTTP/2.0")), "{text}");
+    let breakers: Value = http()
+        .get(g.url("/api/v1/circuit-breakers"))
+        .bearer_auth(keys.token("root", "t0", &["admin"]))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(!breakers.to_string().contains("\"open\""), "the breaker stayed closed: {breakers}");
+}

@@ -207,12 +207,17 @@ pub async fn send(state: &State, call: Call<'_>) -> Result<Response, ApiError> {
         parts.method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
     );
-    // Only body-less idempotent requests are retried.
+    // Only body-less idempotent requests are retried. A request an HTTP/2 upstream refused
+    // unprocessed (a graceful GOAWAY as it rotates a connection, REFUSED_STREAM) is sent again
+    // whatever its method and `retries`: it never reached the application. Up to
+    // `UNPROCESSED_RESENDS` times, without spending an attempt.
+    const UNPROCESSED_RESENDS: u32 = 3;
     let retryable = idempotent && body.is_empty();
     let attempts = if retryable { route.retries + 1 } else { 1 };
-    let mut body = Some(body);
     let mut last_error = None;
-    for attempt in 0..attempts {
+    let (mut attempt, mut resends) = (0, 0);
+    while attempt < attempts {
+        attempt += 1;
         let index = route.next.fetch_add(1, Ordering::Relaxed) % route.upstreams.len().max(1);
         let Some(base) = route.upstreams.get(index) else { break };
         let guard = state.breaker(base);
@@ -236,8 +241,8 @@ pub async fn send(state: &State, call: Call<'_>) -> Result<Response, ApiError> {
                 Ok(u) => u,
                 Err(e) => return Err(ApiError::internal(anyhow::anyhow!("upstream URI: {e}"))),
             };
-        let mut upstream =
-            http::Request::from_parts(parts.clone(), Body::from(body.take().unwrap_or_default()));
+        // `Bytes`: a clone for a resend costs a reference count.
+        let mut upstream = http::Request::from_parts(parts.clone(), Body::from(body.clone()));
         *upstream.uri_mut() = uri;
         if let Some(authority) = upstream.uri().authority().map(|a| a.as_str().to_string()) {
             if let Ok(v) = HeaderValue::from_str(&authority) {
@@ -268,9 +273,18 @@ pub async fn send(state: &State, call: Call<'_>) -> Result<Response, ApiError> {
                 let unprocessed = super::upstream_tls::unprocessed(&e);
                 breaker.record(unprocessed, Instant::now());
                 guard.publish();
-                tracing::warn!(role = "gateway", route = %route.spec.name, upstream = %base, attempt, error = %e, "upstream request failed");
+                if unprocessed {
+                    tracing::debug!(role = "gateway", route = %route.spec.name, upstream = %base, error = %e, "upstream refused the request unprocessed; sending it again");
+                } else {
+                    tracing::warn!(role = "gateway", route = %route.spec.name, upstream = %base, attempt, error = %e, "upstream request failed");
+                }
                 last_error = Some(super::upstream_tls::upstream_error(&e));
-                if !e.is_connect() && !unprocessed {
+                if unprocessed && resends < UNPROCESSED_RESENDS {
+                    resends += 1;
+                    attempt -= 1;
+                    continue;
+                }
+                if !e.is_connect() || !retryable {
                     break;
                 }
             }
