@@ -101,7 +101,8 @@ pub enum Mode {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct Lease {
-    /// Cells taken at a time, as a share of the policy's burst (at least one cell).
+    /// The largest lease, as a share of the policy's burst (at least one cell). Leases start at
+    /// one cell and double while spent in time, so a replica leases about what it spends.
     pub share: f64,
     /// Leased cells not spent within this are dropped (they stay spent in Redis).
     #[serde(with = "humantime_serde")]
@@ -138,11 +139,27 @@ impl Lease {
 /// Cells leased and not yet spent, for one policy key, usable until `until`; or, after Redis
 /// granted none, the refusal, repeated locally until the next cell is due (exactly what Redis
 /// would answer meanwhile: a budget never gets fuller before then).
+/// `size` is the last lease asked for: the next one doubles it when every cell was spent in time
+/// and halves it when cells expired unspent (up to [`Lease::cells`]), so a replica leases about
+/// what it spends within `max_age` and drops little.
 #[derive(Debug, Clone, Copy)]
 struct Held {
     cells: u64,
     until: Instant,
     refused: Option<(Instant, Verdict)>,
+    size: u64,
+}
+
+impl Held {
+    /// How many cells the next lease asks for, at most `cap`.
+    fn next_size(held: Option<&Held>, cap: u64, now: Instant) -> u64 {
+        match held {
+            None => 1,
+            Some(h) if h.cells > 0 && h.until <= now => (h.size / 2).max(1),
+            Some(h) if h.cells == 0 && h.refused.is_none() => h.size.saturating_mul(2).min(cap),
+            Some(h) => h.size.clamp(1, cap),
+        }
+    }
 }
 
 /// What the held cells decide for a request.
@@ -401,8 +418,9 @@ impl Limiter {
     }
 
     /// Leased mode: with Redis, requests spend cells this replica leased from the shared budget
-    /// (`lease.cells(policy)` at a time), and only a request that finds none held asks Redis,
-    /// for a new lease. Approximate: over any window `W`, a subject is admitted at most what the
+    /// (a lease doubles while its cells are all spent within `max_age`, halves when some expire
+    /// unspent, between 1 and `lease.cells(policy)`), and only a request that finds none held
+    /// asks Redis, for a new lease. Approximate: over any window `W`, a subject is admitted at most what the
     /// exact limiter admits over `W + lease.max_age` (a cell is taken from the shared budget when
     /// leased, and spent within `max_age` or dropped), in all at most
     /// `burst + rate * (W + max_age) / period` across every replica. A cell leased and dropped
@@ -452,22 +470,24 @@ impl Limiter {
         FromHeld::Taken(verdicts)
     }
 
-    /// Adds what Redis answered a lease: the cells granted, usable until `max_age` after the
-    /// lease, or until the cells already held expire if that is sooner (a lease never makes
-    /// older cells live longer); none granted, the refusal until the next cell is due.
-    fn add_held(&self, key: &str, answer: Verdict, until: Instant, now: Instant) {
+    /// Adds what Redis answered a lease of `size` cells: the cells granted, usable until
+    /// `max_age` after the lease, or until the cells already held expire if that is sooner (a
+    /// lease never makes older cells live longer); none granted, the refusal until the next
+    /// cell is due.
+    fn add_held(&self, key: &str, size: u64, answer: Verdict, until: Instant, now: Instant) {
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         if held.len() > 100_000 {
             held.retain(|_, h| h.until > now || h.refused.is_some_and(|(at, _)| at > now));
         }
-        let entry = held.entry(key.to_string()).or_insert(Held { cells: 0, until, refused: None });
+        let fresh = Held { cells: 0, until, refused: None, size };
+        let entry = held.entry(key.to_string()).or_insert(fresh);
         if answer.granted == 0 {
             let due = now + Duration::from_micros(answer.retry_us);
-            *entry = Held { cells: 0, until, refused: Some((due, answer)) };
+            *entry = Held { refused: Some((due, answer)), ..fresh };
         } else if entry.until <= now || entry.cells == 0 {
-            *entry = Held { cells: answer.granted, until, refused: None };
+            *entry = Held { cells: answer.granted, ..fresh };
         } else {
-            entry.cells += answer.granted;
+            *entry = Held { cells: entry.cells + answer.granted, until: entry.until, ..fresh };
         }
     }
 
@@ -500,7 +520,10 @@ impl Limiter {
                     .filter(|(key, _, _)| {
                         !held.get(key).is_some_and(|h| h.until > now && h.cells > 0)
                     })
-                    .map(|(key, policy, _)| (key.clone(), *policy, lease.cells(policy)))
+                    .map(|(key, policy, _)| {
+                        let size = Held::next_size(held.get(key), lease.cells(policy), now);
+                        (key.clone(), *policy, size)
+                    })
                     .collect()
             };
             if missing.is_empty() {
@@ -511,8 +534,8 @@ impl Limiter {
                 cached = read;
             }
             let until = now + lease.max_age;
-            for ((key, _, _), answer) in missing.iter().zip(&answers) {
-                self.add_held(key, *answer, until, Instant::now());
+            for ((key, _, size), answer) in missing.iter().zip(&answers) {
+                self.add_held(key, *size, *answer, until, Instant::now());
             }
             if let Some(refused) = answers.iter().position(|a| a.granted == 0) {
                 // The shared budget has nothing for this policy: refused, with Redis's verdict
@@ -686,6 +709,22 @@ impl IpLimit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn leases_double_while_spent_and_halve_when_cells_expire_unspent() {
+        let now = Instant::now();
+        let (later, earlier) = (now + Duration::from_secs(1), now - Duration::from_millis(1));
+        let held = |cells, until, size| Held { cells, until, refused: None, size };
+        assert_eq!(Held::next_size(None, 10, now), 1, "a first lease is one cell");
+        assert_eq!(Held::next_size(Some(&held(0, later, 4)), 10, now), 8, "spent in time");
+        assert_eq!(Held::next_size(Some(&held(0, earlier, 8)), 10, now), 10, "at most the cap");
+        assert_eq!(Held::next_size(Some(&held(3, earlier, 8)), 10, now), 4, "some expired");
+        assert_eq!(Held::next_size(Some(&held(3, earlier, 1)), 10, now), 1, "at least one");
+        let verdict =
+            Verdict { allowed: false, granted: 0, remaining: 0, reset_us: 0, retry_us: 9 };
+        let refused = Held { refused: Some((earlier, verdict)), ..held(0, later, 4) };
+        assert_eq!(Held::next_size(Some(&refused), 10, now), 4, "after a refusal, the same");
+    }
 
     #[test]
     fn a_lease_is_a_share_of_the_burst_at_least_one_cell_at_most_the_burst() {
