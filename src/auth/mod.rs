@@ -193,7 +193,7 @@ impl From<AuthError> for ApiError {
     }
 }
 
-/// The hex SHA-256 of a token: how a token is named in Redis and in the cache, never itself.
+/// The hex SHA-256 of a token: how a token is named in Redis and in announcements.
 pub fn token_hash(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }

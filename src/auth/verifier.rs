@@ -3,8 +3,11 @@
 //! Cold path: parse the header, check the algorithm against the allow-list (never `none`, never
 //! HMAC), find the key by `kid` (one rate-limited refetch for an unknown kid), verify the
 //! signature (josekit over OpenSSL), validate the claims, ask the revocation store. A verified
-//! token is cached by its SHA-256 until `exp` (plus the leeway); a cache hit costs a hash and a
-//! lookup. The cache is bounded (`auth.cache_capacity`): full, it evicts the tokens least in use
+//! token is cached, keyed by the token itself, until `exp` (plus the leeway): a hit costs a fast
+//! hash (foldhash, seeded per process) and a comparison of the whole token, so no other token
+//! can ever match an entry, and no cryptographic hash (a SHA-256 of the token cost more than
+//! the rest of a hit together). The SHA-256 names the token in revocations, computed on the cold
+//! path only. The cache is bounded (`auth.cache_capacity`): full, it evicts the tokens least in use
 //! (quick_cache, the crate of every bounded cache here: see [`crate::cache`]); an expired entry is
 //! refused when hit and dropped. Cached entries are dropped when a revocation is announced, and a
 //! user revoked since start is checked on every hit, so a revocation is honoured on cached tokens
@@ -62,10 +65,10 @@ pub struct Verifier {
     rules: ClaimRules,
     allowed: Vec<String>,
     revocations: Arc<dyn RevocationStore>,
-    /// Verified tokens by SHA-256; each entry carries its expiry (the token's `exp`), checked on
-    /// every hit. quick_cache directly rather than [`crate::cache::Bounded`]: the hot path of
+    /// Verified tokens, by the token; each entry carries its expiry (the token's `exp`), checked
+    /// on every hit. quick_cache directly rather than [`crate::cache::Bounded`]: the hot path of
     /// every request reads one clock (the wall clock `exp` is compared with), not two.
-    cache: quick_cache::sync::Cache<[u8; 32], Arc<Verified>>,
+    cache: quick_cache::sync::Cache<Box<str>, Arc<Verified>>,
     /// Users revoked since this process started, from announcements: subject -> not-before.
     revoked_users: RwLock<HashMap<String, u64>>,
     seen: SeenSampler,
@@ -126,12 +129,11 @@ impl Verifier {
     /// Verifies a token (an optional `Bearer ` prefix is accepted).
     pub async fn verify(&self, raw: &str) -> Result<Arc<Verified>, AuthError> {
         let token = strip_bearer(raw);
-        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let now = unix_now();
-        let hit = self.cache.get(&digest);
+        let hit = self.cache.get(token);
         if let Some(hit) = hit {
             if now > hit.identity.expires_at.saturating_add(self.rules.leeway) {
-                self.cache.remove(&digest);
+                self.cache.remove(token);
                 return Err(self.rejected(Reason::Expired));
             }
             if self.locally_revoked(&hit) {
@@ -140,13 +142,14 @@ impl Verifier {
             self.cached_hits.increment(1);
             return Ok(hit);
         }
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let verified = match self.verify_cold(token, &digest, now).await {
             Ok(v) => Arc::new(v),
             Err(AuthError::Rejected(reason)) => return Err(self.rejected(reason)),
             Err(e) => return Err(e),
         };
         self.cold_ok.increment(1);
-        self.cache.insert(digest, verified.clone());
+        self.cache.insert(token.into(), verified.clone());
         self.cache_entries.set(self.cache.len() as f64);
         if self.seen.should_record(&verified.identity.subject) {
             // Full queue: the sighting is dropped; it is sampled anyway and never worth a wait.
@@ -219,12 +222,9 @@ impl Verifier {
     pub fn apply(&self, revocation: &Revocation) {
         let cache = &self.cache;
         match revocation {
-            Revocation::Token { hash, .. } => {
-                let mut digest = [0u8; 32];
-                if hex::decode_to_slice(hash, &mut digest).is_ok() {
-                    cache.remove(&digest);
-                }
-            }
+            // Entries are keyed by the token, which the announcement does not carry: a pass
+            // over the cache (logouts are rare beside verifications).
+            Revocation::Token { hash, .. } => cache.retain(|_, v| v.token_hash != *hash),
             Revocation::User { subject, not_before } => {
                 self.revoked_users
                     .write()
@@ -345,7 +345,33 @@ mod tests {
     }
 
     fn cached(v: &Verifier, token: &str) -> bool {
-        v.cache.get(&<[u8; 32]>::from(Sha256::digest(token.as_bytes()))).is_some()
+        v.cache.get(token).is_some()
+    }
+
+    #[tokio::test]
+    async fn a_cached_token_matches_only_itself_and_its_revocation_drops_only_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = DevKey::load_or_create(&dir.path().join("k.json")).unwrap();
+        let v = verifier(&key, 64);
+        let (a, b) = (
+            token(&key, "a", Duration::from_secs(600)),
+            token(&key, "b", Duration::from_secs(600)),
+        );
+        assert_eq!(v.verify(&a).await.unwrap().identity.subject, "a");
+        v.verify(&b).await.unwrap();
+        assert!(cached(&v, &a) && cached(&v, &b));
+        // The same token with its last signature character changed: never served from the
+        // cache (the whole token is compared), and refused on its own merits.
+        let mut forged = a.clone();
+        let last = forged.pop().unwrap();
+        forged.push(if last == 'A' { 'B' } else { 'A' });
+        assert!(!cached(&v, &forged));
+        assert!(v.verify(&forged).await.is_err(), "a changed signature is refused");
+        // A token revocation names the token by its SHA-256: that entry goes, the other stays.
+        let hash = crate::auth::token_hash(&a);
+        v.apply(&Revocation::Token { hash, until: unix_now() + 600 });
+        assert!(!cached(&v, &a), "the revoked token's entry is dropped");
+        assert!(cached(&v, &b), "only that one");
     }
 
     #[tokio::test]
