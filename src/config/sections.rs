@@ -248,7 +248,7 @@ impl Default for RedisConfig {
             ca_file: None,
             breaker: BreakerConfig::default(),
             revocation_replicas: None,
-            revocation_wait: Duration::from_millis(500),
+            revocation_wait: Duration::from_secs(1),
         }
     }
 }
