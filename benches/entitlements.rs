@@ -2,9 +2,12 @@
 //! (the rules mirror: the entitlements role's evaluator over its snapshot): decisions per second
 //! on one thread and the p50/p99 of one decision. Then over HTTP: checks per second and p50/p99
 //! latency, warm (every check a decision-cache hit) and cold (every check a new request:
-//! evaluated), with the in-process cache and with Redis. `cargo bench --bench entitlements`
-//! (`make bench-entitlements`); not part of `make test`. The client runs in the same process, on
-//! the same two cores.
+//! evaluated), with the in-process cache and with Redis, beside nginx answering `return 200`
+//! to the same requests from the same client (the ceiling for any HTTP answer on this box; the
+//! ratio is printed, nginx skipped when not installed); then batches of 1,000 checks
+//! (`POST /entitlements/check/batch`) in decisions per second. `cargo bench --bench
+//! entitlements` (`make bench-entitlements`); not part of `make test`. The client runs in the
+//! same process, on the same two cores.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,6 +20,8 @@ use serde_json::json;
 const RULES: usize = 10_000;
 const CONNECTIONS: usize = 8;
 const RUN: Duration = Duration::from_secs(4);
+/// Checks per batch request (the role's default `entitlements.max_batch`).
+const BATCH: usize = 1000;
 
 fn seed_file(dir: &std::path::Path) -> String {
     let mut yaml = String::new();
@@ -54,26 +59,112 @@ async fn start(env: Vec<(String, String)>) -> String {
     panic!("the role did not become ready");
 }
 
+/// nginx (one worker, as the role's runtime has the box's cores) answering every request with
+/// `return 200` and a decision-sized body; `None` when nginx is not installed.
+struct Nginx {
+    child: std::process::Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Nginx {
+    fn start() -> Option<Nginx> {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let d = dir.path().display();
+        let conf = format!(
+            "master_process off;\ndaemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+             events {{ worker_connections 1024; }}\n\
+             http {{\n  access_log off;\n  keepalive_requests 100000000;\n  client_body_temp_path {d}; proxy_temp_path {d};\n  \
+             fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n  \
+             server {{ listen 127.0.0.1:{port}; location / {{ default_type application/json; \
+             return 200 '{{\"allowed\":true,\"reason\":\"allowed by rule r1\",\"rules_version\":1,\"cached\":true}}'; }} }}\n}}\n"
+        );
+        std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
+        let child = std::process::Command::new("nginx")
+            .args(["-p", &d.to_string(), "-e", &format!("{d}/error.log"), "-c"])
+            .arg(dir.path().join("nginx.conf"))
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .ok()?;
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Some(Nginx { child, url: format!("http://127.0.0.1:{port}"), _dir: dir });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Runs `CONNECTIONS` clients for `RUN`; `warm` reuses 100 requests, cold makes each unique.
 async fn measure(url: &str, token: &str, warm: bool) -> (f64, f64, f64) {
+    measure_path(url, "/entitlements/check", token, warm, 1).await
+}
+
+/// As [`measure`], posting to `path` `per_request` checks at once (a batch when more than one);
+/// the rate is in checks per second.
+async fn measure_path(
+    url: &str,
+    path: &str,
+    token: &str,
+    warm: bool,
+    per_request: usize,
+) -> (f64, f64, f64) {
     let started = Instant::now();
     let tasks: Vec<_> = (0..CONNECTIONS)
         .map(|c| {
-            let url = format!("{url}/entitlements/check");
+            let url = format!("{url}{path}");
             let token = token.to_string();
             tokio::spawn(async move {
                 let client = reqwest::Client::builder().pool_max_idle_per_host(1).build().unwrap();
                 let mut latencies = Vec::new();
                 let mut n = 0usize;
                 while started.elapsed() < RUN {
-                    let i = if warm { n % 100 } else { c * 10_000_000 + n };
-                    let body = json!({
-                        "user_id": format!("user-{i}"), "tenant_id": "t1", "roles": ["trader"],
-                        "resource": format!("instrument:SYM{}", (i * 7919) % (RULES - 10)), "action": "read",
-                        "context": {"size": 10},
-                    });
+                    let check = |i: usize| {
+                        json!({
+                            "user_id": format!("user-{i}"), "tenant_id": "t1", "roles": ["trader"],
+                            "resource": format!("instrument:SYM{}", (i * 7919) % (RULES - 10)), "action": "read",
+                            "context": {"size": 10},
+                        })
+                    };
+                    // The body is written as text: with serde_json values, building a batch
+                    // of 1,000 cost the client (on the same two cores) more than the server.
+                    let body = if per_request == 1 {
+                        serde_json::to_string(&check(if warm { n % 100 } else { c * 10_000_000 + n }))
+                            .unwrap()
+                    } else {
+                        use std::fmt::Write;
+                        let mut body = String::with_capacity(per_request * 160);
+                        body.push_str(r#"{"checks":["#);
+                        for k in 0..per_request {
+                            let i = if warm { k % 100 } else { c * 10_000_000 + n * per_request + k };
+                            let sep = if k == 0 { "" } else { "," };
+                            let _ = write!(
+                                body,
+                                r#"{sep}{{"id":{k},"user_id":"user-{i}","tenant_id":"t1","roles":["trader"],"resource":"instrument:SYM{}","action":"read","context":{{"size":10}}}}"#,
+                                (i * 7919) % (RULES - 10)
+                            );
+                        }
+                        body.push_str("]}");
+                        body
+                    };
                     let t = Instant::now();
-                    let r = client.post(&url).bearer_auth(&token).json(&body).send().await.unwrap();
+                    let r = client
+                        .post(&url)
+                        .bearer_auth(&token)
+                        .header("content-type", "application/json")
+                        .body(body)
+                        .send()
+                        .await
+                        .unwrap();
                     assert_eq!(r.status(), 200);
                     let _ = r.bytes().await.unwrap();
                     latencies.push(t.elapsed());
@@ -91,7 +182,7 @@ async fn measure(url: &str, token: &str, warm: bool) -> (f64, f64, f64) {
     all.sort();
     let pct =
         |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)].as_secs_f64() * 1e3;
-    (all.len() as f64 / elapsed, pct(0.50), pct(0.99))
+    ((all.len() * per_request) as f64 / elapsed, pct(0.50), pct(0.99))
 }
 
 /// The in-process evaluator over `seed`'s rules: `Mirror::decide` (what the gateway calls per
@@ -179,9 +270,21 @@ fn main() {
         with_redis.push(("ACCESS_REDIS__PREFIX".into(), format!("bench:{}:", uuid::Uuid::new_v4().simple())));
         let redis = start(with_redis).await;
 
+        let nginx = Nginx::start();
         println!();
         println!("entitlement checks over HTTP, {RULES} rules, {CONNECTIONS} keep-alive connections, {RUN:?} each, client in-process");
-        println!("{:<40} {:>10} {:>10} {:>10}", "case", "checks/s", "p50 ms", "p99 ms");
+        println!("{:<40} {:>10} {:>10} {:>10} {:>10}", "case", "checks/s", "p50 ms", "p99 ms", "/ nginx");
+        let ceiling = match &nginx {
+            Some(nginx) => {
+                let (rate, p50, p99) = measure(&nginx.url, &token, true).await;
+                println!("{:<40} {rate:>10.0} {p50:>10.3} {p99:>10.3} {:>10}", "nginx return 200 (one worker)", "1.00");
+                Some(rate)
+            }
+            None => {
+                println!("nginx is not installed: no ceiling measured");
+                None
+            }
+        };
         for (name, url, warm) in [
             ("embedded cache, warm (cache hits)", &memory, true),
             ("embedded cache, cold (evaluated)", &memory, false),
@@ -189,6 +292,18 @@ fn main() {
             ("Redis cache, cold (evaluated + SET)", &redis, false),
         ] {
             let (rate, p50, p99) = measure(url, &token, warm).await;
+            let ratio = ceiling.map_or("n/a".to_string(), |c| format!("{:.2}", rate / c));
+            println!("{name:<40} {rate:>10.0} {p50:>10.3} {p99:>10.3} {ratio:>10}");
+        }
+        println!();
+        println!("batches of {BATCH} checks (POST /entitlements/check/batch), {CONNECTIONS} connections");
+        println!("{:<40} {:>10} {:>10} {:>10}", "case", "decisions/s", "p50 ms", "p99 ms");
+        for (name, url, warm) in [
+            ("embedded cache, warm (cache hits)", &memory, true),
+            ("embedded cache, cold (evaluated)", &memory, false),
+        ] {
+            let (rate, p50, p99) =
+                measure_path(url, "/entitlements/check/batch", &token, warm, BATCH).await;
             println!("{name:<40} {rate:>10.0} {p50:>10.3} {p99:>10.3}");
         }
     });

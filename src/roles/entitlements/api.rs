@@ -109,7 +109,7 @@ pub(super) struct Batch {
     /// The checks; each is read, authorized and decided alone, so one malformed item fails by
     /// itself.
     #[schema(value_type = Vec<BatchItem>)]
-    checks: Vec<Value>,
+    checks: Vec<Box<serde_json::value::RawValue>>,
 }
 
 /// The answer of `POST /entitlements/check/batch`.
@@ -178,11 +178,15 @@ pub(super) async fn check_batch(
     }
     let mut results = Vec::with_capacity(batch.checks.len());
     for (i, raw) in batch.checks.into_iter().enumerate() {
-        // Each item stands alone: a malformed or forbidden one fails by itself.
-        let id = raw.get("id").cloned().unwrap_or(Value::Null);
-        let item: BatchItem = match serde_json::from_value(raw) {
+        // Each item stands alone: a malformed or forbidden one fails by itself. Kept as raw text
+        // until then, so a well-formed item is parsed once, into its own type.
+        let item: BatchItem = match serde_json::from_str(raw.get()) {
             Ok(item) => item,
             Err(e) => {
+                let id = serde_json::from_str::<Value>(raw.get())
+                    .ok()
+                    .and_then(|v| v.get("id").cloned())
+                    .unwrap_or(Value::Null);
                 results.push(BatchResult::Failed(Failed {
                     id,
                     error: ItemError {
