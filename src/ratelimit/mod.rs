@@ -493,8 +493,8 @@ impl Limiter {
 
     /// Leased mode's decision: held cells, else a lease from Redis for the policies with none
     /// (the cache read rides along), then held cells again. A request that finds cells held
-    /// for every policy costs no Redis call; its cache entry, if any, is not read
-    /// ([`CacheRead::NotAsked`]).
+    /// for every policy costs no Redis call for its limits; its cache entry, if it reads one, is
+    /// read by the script all the same, batched with the other requests'.
     async fn check_leased(
         &self,
         batcher: &redis::Batcher,
@@ -508,9 +508,17 @@ impl Limiter {
         for _ in 0..3 {
             let now = Instant::now();
             match self.take_held(items, now) {
-                FromHeld::Taken(verdicts) | FromHeld::Refused(verdicts) => {
-                    return Ok((verdicts, cached))
+                FromHeld::Taken(verdicts) => {
+                    // Decided here; the cache read still shares a script call with the other
+                    // requests waiting (one call per batch, not a GET per request).
+                    // A failed read is left to the caller (`NotAsked`): the cells are spent.
+                    if let Some(key) = also_get.take() {
+                        let read = batcher.check(Vec::new(), true, Some(key)).await;
+                        cached = read.map_or(CacheRead::NotAsked, |(_, read)| read);
+                    }
+                    return Ok((verdicts, cached));
                 }
+                FromHeld::Refused(verdicts) => return Ok((verdicts, cached)),
                 FromHeld::Missing => {}
             }
             let missing: Vec<(String, &Policy, u64)> = {

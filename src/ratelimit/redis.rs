@@ -122,10 +122,13 @@ impl Batcher {
         also_get: Option<String>,
     ) -> Result<(Vec<Verdict>, CacheRead), String> {
         let clustered = self.script.client.is_clustered();
+        // The slot of the policy keys; a read alone (leased mode) goes to its key's slot.
         let slot = items
             .first()
+            .map(|(key, _, _)| key)
+            .or(also_get.as_ref())
             .filter(|_| clustered)
-            .map(|(key, _, _)| fred::util::redis_keyslot(key.as_bytes()));
+            .map(|key| fred::util::redis_keyslot(key.as_bytes()));
         let (inline, apart) = match also_get {
             Some(key) if slot.is_some_and(|s| s != fred::util::redis_keyslot(key.as_bytes())) => {
                 (None, Some(key))

@@ -641,3 +641,38 @@ async fn two_leased_gateways_share_one_budget() {
     assert_eq!(stats["lease"]["share"], 0.5, "{stats}");
     assert!(stats["redis_calls"].as_u64().unwrap() < 4, "{stats}");
 }
+
+/// Leased mode still reads the cache entry in the script: with the lease (first check) and
+/// when held cells decide (later checks, a script call with the read alone, batched with the
+/// other requests'), so a leased hit costs no GET of its own.
+#[tokio::test]
+async fn leased_checks_read_the_cache_entry_in_the_script_too() {
+    use access::ratelimit::{CacheRead, Lease, Limiter, OnStoreError, Policy};
+    use fred::prelude::KeysInterface;
+    let guarded = redis_client(REDIS_URL, None).await;
+    let client = guarded.client.clone();
+    let prefix = format!("it:{}:", uuid::Uuid::new_v4().simple());
+    let policy = Policy { rate: 1, period: Duration::from_secs(3600), burst: 10 };
+    let lease = Lease { share: 1.0, max_age: Duration::from_secs(60) };
+    let limiter = Limiter::new(
+        [("p".to_string(), policy)].into(),
+        Some((guarded, prefix.clone())),
+        OnStoreError::Closed,
+        false,
+    )
+    .leased(lease);
+    let entry = format!("{prefix}cache:r:1");
+    let _: () = client.set(&entry, "{\"stored\":1}", None, None, false).await.unwrap();
+    let names = ["p".to_string()];
+    let hit = CacheRead::Hit(bytes::Bytes::from_static(b"{\"stored\":1}"));
+    // Leases of 1 then 2: the third check is decided by a held cell.
+    for i in 0..3 {
+        let answer = limiter.check(&names, "u", Some(entry.clone())).await;
+        assert!(answer.outcome.allowed, "check {i}");
+        assert_eq!(answer.cached, hit, "check {i}");
+    }
+    assert_eq!(limiter.script_calls(), Some(3), "two leases and one read alone");
+    let absent = limiter.check(&names, "u", Some(format!("{prefix}cache:r:absent"))).await;
+    assert_eq!(absent.cached, CacheRead::Miss, "an absent entry is read as none");
+    let _: i64 = client.del(vec![entry]).await.unwrap();
+}
