@@ -219,6 +219,11 @@ struct Layer {
 
 impl Layer {
     async fn start(cluster: &PrivateCluster) -> Layer {
+        Self::start_on(&cluster.url, &[]).await
+    }
+
+    /// The layer on the Redis at `url`, with `extra` settings for every role.
+    async fn start_on(url: &str, extra: &[(&str, &str)]) -> Layer {
         let dir = tempfile::tempdir().unwrap();
         let keys = DevKeys::new();
         let hits = Arc::new(AtomicUsize::new(0));
@@ -228,12 +233,13 @@ impl Layer {
         std::fs::write(&seed, SEED).unwrap();
         let mut env: Vec<(String, String)> = [
             ("ACCESS_AUTH__DEV_KEY_FILE", keys.path.clone()),
-            ("ACCESS_REDIS_URL", cluster.url.clone()),
+            ("ACCESS_REDIS_URL", url.to_string()),
             ("ACCESS_REDIS__PREFIX", redis_prefix()),
             ("ACCESS_ENTITLEMENTS__SEED_FILE", seed.display().to_string()),
         ]
         .map(|(k, v)| (k.to_string(), v))
         .to_vec();
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let entitlements = start(Role::Entitlements, config_with_file("", &as_refs(&env))).await;
         wait_ready(&entitlements.url("")).await;
         let auth = start(Role::Auth, config_with_file("", &as_refs(&env))).await;
@@ -590,4 +596,130 @@ async fn the_sse_relay_carries_subscription_changes_between_replicas_over_a_clus
     l.publish(&news, "N1", json!({"headline": "over the cluster"})).await;
     let next = sse.next().await;
     assert_eq!(next.data["topic"], news, "{next:?}");
+}
+
+/// Three private nodes speaking only TLS (clients, the cluster bus and replication), with a
+/// certificate made here by `openssl` for `localhost` and `127.0.0.1` (the address the nodes
+/// announce); killed when dropped.
+struct TlsCluster {
+    nodes: Vec<std::process::Child>,
+    ports: Vec<u16>,
+    _dir: tempfile::TempDir,
+    cert: String,
+}
+
+impl TlsCluster {
+    async fn start() -> TlsCluster {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        let made = std::process::Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"])
+            .args(["-nodes", "-days", "1", "-subj", "/CN=localhost"])
+            .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .unwrap();
+        assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+        let (mut nodes, mut ports) = (Vec::new(), Vec::new());
+        for i in 0..3 {
+            let port = crate::support::closed_port().await;
+            let node_dir = dir.path().join(format!("n{i}"));
+            std::fs::create_dir(&node_dir).unwrap();
+            let child = std::process::Command::new("redis-server")
+                .current_dir(&node_dir)
+                .args(["--port", "0", "--tls-port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no", "--tls-auth-clients", "no"])
+                .args(["--tls-cluster", "yes", "--tls-replication", "yes"])
+                .args(CLUSTER_NODE)
+                .arg("--tls-cert-file")
+                .arg(&cert)
+                .arg("--tls-key-file")
+                .arg(&key)
+                .arg("--tls-ca-cert-file")
+                .arg(&cert)
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("redis-server is installed");
+            nodes.push(child);
+            ports.push(port);
+        }
+        let cluster = TlsCluster { nodes, ports, cert: cert.display().to_string(), _dir: dir };
+        for &port in &cluster.ports {
+            eventually(Duration::from_secs(5), "a TLS node listens", || async {
+                tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()
+            })
+            .await;
+        }
+        let addrs: Vec<String> = cluster.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let out = std::process::Command::new("redis-cli")
+            .args(["--tls", "--cacert", &cluster.cert, "--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "cluster create: {}", String::from_utf8_lossy(&out.stdout));
+        eventually(Duration::from_secs(30), "cluster_state:ok on every TLS node", || async {
+            cluster
+                .ports
+                .iter()
+                .all(|p| {
+                    let out = std::process::Command::new("redis-cli")
+                        .args(["--tls", "--cacert", &cluster.cert, "-p", &p.to_string()])
+                        .args(["cluster", "info"])
+                        .output()
+                        .unwrap();
+                    String::from_utf8_lossy(&out.stdout).contains("cluster_state:ok")
+                })
+                .then_some(())
+        })
+        .await;
+        cluster
+    }
+}
+
+impl Drop for TlsCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            let _ = node.kill();
+            let _ = node.wait();
+        }
+    }
+}
+
+/// A Redis Cluster over TLS (`rediss-cluster://`, as ElastiCache and Memorystore run with
+/// in-transit encryption), its CA given by `redis.ca_file`: two gateways keep one exact limit,
+/// and a revocation reaches them over the cluster's pub/sub. Three primaries without replicas, so
+/// revocations are answered once the primary has them (`redis.revocation_replicas = 0`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_cluster_keeps_limits_exact_and_carries_revocations() {
+    let cluster = TlsCluster::start().await;
+    let url = format!(
+        "rediss-cluster://localhost:{}?node=localhost:{}",
+        cluster.ports[0], cluster.ports[1]
+    );
+    let extra = [
+        ("ACCESS_REDIS__CA_FILE", cluster.cert.as_str()),
+        ("ACCESS_REDIS__REVOCATION_REPLICAS", "0"),
+    ];
+    let l = Layer::start_on(&url, &extra).await;
+    let [alice, carol] = ["alice", "carol"].map(|u| l.keys.token(u, "t1", &["trader"]));
+    let mut statuses = Vec::new();
+    for i in 0..5 {
+        statuses.push(status(&l.urls()[i % 2], "/limited", &alice).await);
+    }
+    assert_eq!(statuses, [200, 200, 200, 429, 429], "one burst of 3 across both gateways");
+    for base in l.urls() {
+        assert_eq!(status(&base, "/open", &carol).await, 200);
+    }
+    let r = http().post(l.auth.url("/auth/logout")).bearer_auth(&carol).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    for base in l.urls() {
+        eventually(Duration::from_secs(5), "carol's revocation reaches the gateway", || async {
+            (status(&base, "/open", &carol).await == 401).then_some(())
+        })
+        .await;
+    }
 }
