@@ -723,3 +723,79 @@ async fn a_tls_cluster_keeps_limits_exact_and_carries_revocations() {
         .await;
     }
 }
+
+/// The local ports of `pid`'s TCP connections (its sockets, found by inode in
+/// `/proc/<pid>/net/tcp`).
+fn local_ports(pid: u32) -> Vec<u16> {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter_map(|target| {
+            let t = target.display().to_string();
+            Some(t.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+        })
+        .collect();
+    std::fs::read_to_string(format!("/proc/{pid}/net/tcp"))
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let local = fields.get(1)?;
+            let inode = fields.get(9)?;
+            inodes.contains(*inode).then(|| {
+                let port = local.rsplit(':').next().unwrap();
+                u16::from_str_radix(port, 16).unwrap()
+            })
+        })
+        .collect()
+}
+
+/// The node holding a process's pub/sub connection is killed: the gateway (the built binary, so
+/// its connections can be told apart) subscribes again elsewhere, and a revocation made after
+/// the failover still drops the verification it had cached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_whose_subscriber_node_dies_still_hears_revocations() {
+    let mut cluster = PrivateCluster::start().await;
+    // The revocation below must be answered while a primary has no replica left.
+    let l = Layer::start_on(&cluster.url, &[("ACCESS_REDIS__REVOCATION_REPLICAS", "0")]).await;
+    let carol = l.keys.token("carol", "t1", &["trader"]);
+    let b = l.b.url.clone();
+    assert_eq!(status(&b, "/open", &carol).await, 200, "verified and cached");
+    // The node where gateway b's subscriber connection is (flags P in CLIENT LIST).
+    let ports = local_ports(l.b.child.id());
+    let holder = cluster
+        .nodes
+        .iter()
+        .position(|n| {
+            n.cli(&["client", "list"]).lines().any(|c| {
+                let flags_p =
+                    c.split_whitespace().any(|f| f.starts_with("flags=") && f.contains('P'));
+                let port = c
+                    .split_whitespace()
+                    .find_map(|f| f.strip_prefix("addr=127.0.0.1:"))
+                    .and_then(|p| p.parse::<u16>().ok());
+                flags_p && port.is_some_and(|p| ports.contains(&p))
+            })
+        })
+        .expect("gateway b has a subscriber connection on some node");
+    let role = cluster.nodes[holder].cli(&["role"]);
+    cluster.nodes[holder].kill();
+    cluster.wait_ok().await;
+    // Whatever the gateway dropped on the reconnection, carol is verified and cached again.
+    eventually(Duration::from_secs(20), "the gateway answers carol again", || async {
+        (status(&b, "/open", &carol).await == 200).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let r = http().post(l.auth.url("/auth/logout")).bearer_auth(&carol).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    eventually(Duration::from_secs(10), "carol's revocation reaches gateway b", || async {
+        (status(&b, "/open", &carol).await == 401).then_some(())
+    })
+    .await;
+    eprintln!(
+        "gateway b's subscriber was on a {} node, killed",
+        role.lines().next().unwrap_or("?")
+    );
+}
