@@ -22,7 +22,11 @@
 //! Knobs (environment): `BENCH_CONNECTIONS` (10000), `BENCH_RATE` (records/s, 20),
 //! `BENCH_SECONDS` (10), `BENCH_FETCH_WAIT` (5ms), `BENCH_TOPICS` (4), `BENCH_PER_RECORD` (set:
 //! print every record's last-copy time), `BENCH_RECORD_CHECKS` (1: every record checked against
-//! each recipient's entitlement to `instrument:<id>`; 0: off), `BENCH_RULES` (10000 rules).
+//! each recipient's entitlement to `instrument:<id>`; 0: off), `BENCH_RULES` (10000 rules),
+//! `BENCH_IDLE` (seconds: connect and subscribe, produce nothing, and print the server's RSS per
+//! connection, the kernel's TCP memory from `/proc/net/sockstat` and the idle CPU per connection
+//! per second; the open-file limit of this machine, 20,000 and not raisable, caps the
+//! connections of one process below the 50,000).
 
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -95,6 +99,17 @@ fn field_u64(text: &str, key: &str) -> Option<u64> {
 }
 
 /// CPU seconds (user + system) a process has used.
+/// `/proc/net/sockstat`'s TCP line: sockets in use and memory in pages.
+fn tcp_sockstat() -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/net/sockstat").unwrap_or_default();
+    let line = text.lines().find(|l| l.starts_with("TCP:")).unwrap_or("");
+    let field = |name: &str| {
+        let mut words = line.split_whitespace();
+        words.find(|w| *w == name).and_then(|_| words.next()).and_then(|v| v.parse().ok())
+    };
+    (field("inuse").unwrap_or(0), field("mem").unwrap_or(0))
+}
+
 fn cpu_seconds(pid: &str) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name (which may hold spaces) start at the state, field 3.
@@ -302,6 +317,44 @@ async fn run() {
     let connect_time = connect_started.elapsed();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_after = rss_bytes(pid);
+    let idle_seconds = knob("BENCH_IDLE", 0);
+    if idle_seconds > 0 {
+        // Idle: the connections hold their subscriptions and nothing is produced; the server's
+        // CPU over the wait, its RSS per connection, and the kernel's TCP memory beside it.
+        let (cpu_before, sockstat_before) = (cpu_seconds(&pid.to_string()), tcp_sockstat());
+        tokio::time::sleep(Duration::from_secs(idle_seconds)).await;
+        let cpu = cpu_seconds(&pid.to_string()) - cpu_before;
+        let sockstat = tcp_sockstat();
+        println!("\nstream bench, idle: {connections} WebSocket connections subscribed, nothing produced, {idle_seconds} s (pings every 1h here: the clients answer none)");
+        println!("| measure | value |");
+        println!("|---|---|");
+        println!(
+            "| connections (all subscribed) | {} in {:.1} s |",
+            ready.load(Ordering::Relaxed),
+            connect_time.as_secs_f64()
+        );
+        println!(
+            "| server RSS before / after connecting | {:.1} MiB / {:.1} MiB |",
+            rss_before as f64 / 1048576.0,
+            rss_after as f64 / 1048576.0
+        );
+        println!(
+            "| RSS per connection | {:.1} KB |",
+            rss_after.saturating_sub(rss_before) as f64 / connections as f64 / 1000.0
+        );
+        println!(
+            "| kernel TCP memory (sockstat, both ends of every connection) | {:.1} MiB ({:.1} KB per connection), {} sockets in use (before the wait: {:.1} MiB) |",
+            sockstat.1 as f64 * 4096.0 / 1048576.0,
+            sockstat.1 as f64 * 4096.0 / connections as f64 / 1000.0,
+            sockstat.0,
+            sockstat_before.1 as f64 * 4096.0 / 1048576.0
+        );
+        println!(
+            "| idle server CPU per connection per second | {:.3} µs |",
+            cpu * 1e6 / connections as f64 / idle_seconds as f64
+        );
+        return;
+    }
 
     let mut partitions = Vec::new();
     for topic in &topics {
