@@ -99,6 +99,19 @@ fn field_u64(text: &str, key: &str) -> Option<u64> {
 }
 
 /// CPU seconds (user + system) a process has used.
+/// The table rows of the server's RSS: before and after connecting, and per connection.
+fn print_rss(before: u64, after: u64, connections: usize) {
+    println!(
+        "| server RSS before / after connecting | {:.1} MiB / {:.1} MiB |",
+        before as f64 / 1048576.0,
+        after as f64 / 1048576.0
+    );
+    println!(
+        "| RSS per connection | {:.1} KB |",
+        after.saturating_sub(before) as f64 / connections as f64 / 1000.0
+    );
+}
+
 /// `/proc/net/sockstat`'s TCP line: sockets in use and memory in pages.
 fn tcp_sockstat() -> (u64, u64) {
     let text = std::fs::read_to_string("/proc/net/sockstat").unwrap_or_default();
@@ -333,15 +346,7 @@ async fn run() {
             ready.load(Ordering::Relaxed),
             connect_time.as_secs_f64()
         );
-        println!(
-            "| server RSS before / after connecting | {:.1} MiB / {:.1} MiB |",
-            rss_before as f64 / 1048576.0,
-            rss_after as f64 / 1048576.0
-        );
-        println!(
-            "| RSS per connection | {:.1} KB |",
-            rss_after.saturating_sub(rss_before) as f64 / connections as f64 / 1000.0
-        );
+        print_rss(rss_before, rss_after, connections);
         println!(
             "| kernel TCP memory (sockstat, both ends of every connection) | {:.1} MiB ({:.1} KB per connection), {} sockets in use (before the wait: {:.1} MiB) |",
             sockstat.1 as f64 * 4096.0 / 1048576.0,
@@ -463,14 +468,6 @@ async fn run() {
         server_cpu * 1e6 / deliveries.max(1) as f64,
         client_cpu * 1e6 / deliveries.max(1) as f64
     );
-    println!(
-        "| server RSS before / after connecting | {:.1} MiB / {:.1} MiB |",
-        rss_before as f64 / 1048576.0,
-        rss_after as f64 / 1048576.0
-    );
-    println!(
-        "| RSS per connection | {:.1} KB |",
-        (rss_after.saturating_sub(rss_before)) as f64 / connections as f64 / 1000.0
-    );
+    print_rss(rss_before, rss_after, connections);
     drop(stream);
 }

@@ -252,6 +252,11 @@ impl Layer {
                 ("ACCESS_GATEWAY__DECISION_CACHE_TTL", "10m".to_string()),
                 // Without Redis no request passes: every decision below is the cluster's.
                 ("ACCESS_GATEWAY__RATE_LIMIT_ON_STORE_ERROR", "closed".to_string()),
+                // Load loops as fast as the answers come (503s during a failover come at once):
+                // the per-address limit, 1000/s by default, is not what is measured.
+                ("ACCESS_GATEWAY__IP_LIMIT__RATE", "1000000".to_string()),
+                ("ACCESS_GATEWAY__IP_LIMIT__PERIOD", "1s".to_string()),
+                ("ACCESS_GATEWAY__IP_LIMIT__BURST", "1000000".to_string()),
             ]
             .map(|(k, v)| (k.to_string(), v)),
         );

@@ -189,6 +189,18 @@ fn route(name: &str) -> String {
     )
 }
 
+/// A gateway (in this process) with `toml` and the route file `routes`, ready.
+async fn gateway(toml: &str, routes: &std::path::Path, keys: &DevKeys) -> crate::support::Running {
+    let routes = routes.display().to_string();
+    let env = [
+        ("ACCESS_AUTH__DEV_KEY_FILE", keys.path.as_str()),
+        ("ACCESS_GATEWAY__ROUTES_FILE", &routes),
+    ];
+    let g = start(Role::Gateway, config_with_file(toml, &env)).await;
+    wait_ready(&g.url("")).await;
+    g
+}
+
 async fn get(url: &str) -> (u16, Value, String) {
     let r = http().get(url).send().await.unwrap();
     let status = r.status().as_u16();
@@ -257,16 +269,7 @@ ca_file = "{ca}"
         rogue_key = certs.path("rogue.key"),
     );
     let keys = DevKeys::new();
-    let routes = routes_file.display().to_string();
-    let g = start(
-        Role::Gateway,
-        config_with_file(
-            &toml,
-            &[("ACCESS_AUTH__DEV_KEY_FILE", &keys.path), ("ACCESS_GATEWAY__ROUTES_FILE", &routes)],
-        ),
-    )
-    .await;
-    wait_ready(&g.url("")).await;
+    let g = gateway(&toml, &routes_file, &keys).await;
 
     // HTTPS, verified against the group's CA, HTTP/2 chosen by ALPN.
     let (status, body, text) = get(&g.url("/g/h2/x")).await;
@@ -417,16 +420,7 @@ async fn an_http2_upstream_rotating_its_connections_under_load_costs_no_request(
          [gateway.rate_limits.public]\nrate = 1000000\nperiod = \"1s\"\nburst = 1000000\n"
     );
     let keys = DevKeys::new();
-    let routes = routes_file.display().to_string();
-    let g = start(
-        Role::Gateway,
-        config_with_file(
-            &toml,
-            &[("ACCESS_AUTH__DEV_KEY_FILE", &keys.path), ("ACCESS_GATEWAY__ROUTES_FILE", &routes)],
-        ),
-    )
-    .await;
-    wait_ready(&g.url("")).await;
+    let g = gateway(&toml, &routes_file, &keys).await;
     let client = reqwest::Client::new();
     let mut statuses = std::collections::BTreeMap::new();
     for _ in 0..20 {
