@@ -279,10 +279,9 @@ pub struct Durability {
     pub replicas: u32,
     /// How long to wait for them.
     pub wait: Duration,
-    /// The Redis to open the writer connection to.
-    pub url: crate::config::SecretUrl,
-    /// Its settings.
-    pub config: crate::config::RedisConfig,
+    /// The Redis to open the writer connection to, and its settings.
+    url: crate::config::SecretUrl,
+    config: crate::config::RedisConfig,
     writer: tokio::sync::OnceCell<Client>,
 }
 
