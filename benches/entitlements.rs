@@ -13,8 +13,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use access::config::Sources;
+
+#[path = "support/nginx.rs"]
+mod nginx;
 use access::role::Role;
 use access::server::{Context, Shutdown};
+use nginx::Nginx;
 use serde_json::json;
 
 const RULES: usize = 10_000;
@@ -57,51 +61,6 @@ async fn start(env: Vec<(String, String)>) -> String {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     panic!("the role did not become ready");
-}
-
-/// nginx (one worker, as the role's runtime has the box's cores) answering every request with
-/// `return 200` and a decision-sized body; `None` when nginx is not installed.
-struct Nginx {
-    child: std::process::Child,
-    url: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Nginx {
-    fn start() -> Option<Nginx> {
-        let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let d = dir.path().display();
-        let conf = format!(
-            "master_process off;\ndaemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
-             events {{ worker_connections 1024; }}\n\
-             http {{\n  access_log off;\n  keepalive_requests 100000000;\n  client_body_temp_path {d}; proxy_temp_path {d};\n  \
-             fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n  \
-             server {{ listen 127.0.0.1:{port}; location / {{ default_type application/json; \
-             return 200 '{{\"allowed\":true,\"reason\":\"allowed by rule r1\",\"rules_version\":1,\"cached\":true}}'; }} }}\n}}\n"
-        );
-        std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
-        let child = std::process::Command::new("nginx")
-            .args(["-p", &d.to_string(), "-e", &format!("{d}/error.log"), "-c"])
-            .arg(dir.path().join("nginx.conf"))
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .ok()?;
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Some(Nginx { child, url: format!("http://127.0.0.1:{port}"), _dir: dir });
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
-    }
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Runs `CONNECTIONS` clients for `RUN`; `warm` reuses 100 requests, cold makes each unique.
@@ -270,7 +229,7 @@ fn main() {
         with_redis.push(("ACCESS_REDIS__PREFIX".into(), format!("bench:{}:", uuid::Uuid::new_v4().simple())));
         let redis = start(with_redis).await;
 
-        let nginx = Nginx::start();
+        let nginx = Nginx::start(r#"{"allowed":true,"reason":"allowed by rule r1","rules_version":1,"cached":true}"#);
         println!();
         println!("entitlement checks over HTTP, {RULES} rules, {CONNECTIONS} keep-alive connections, {RUN:?} each, client in-process");
         println!("{:<40} {:>10} {:>10} {:>10} {:>10}", "case", "checks/s", "p50 ms", "p99 ms", "/ nginx");

@@ -12,6 +12,9 @@ use access::role::Role;
 use access::server::{Context, Shutdown};
 use serde_json::json;
 
+#[path = "support/nginx.rs"]
+mod nginx;
+
 const CONNECTIONS: usize = 8;
 const RUN: Duration = Duration::from_secs(4);
 
@@ -133,6 +136,12 @@ fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     runtime.block_on(async {
         let url = start().await;
+        // The same client and body against nginx's `return 200`: the ceiling for one point per
+        // request on this box.
+        let ceiling = match nginx::Nginx::start(r#"{"accepted":1}"#) {
+            Some(nginx) => Some(ingest_rate(&nginx.url, Case::Single).await.0),
+            None => None,
+        };
         let single = ingest_rate(&url, Case::Single).await;
         let batched = ingest_rate(&url, Case::Batch(1000)).await;
         let text = ingest_rate(&url, Case::Text(1000)).await;
@@ -159,6 +168,13 @@ fn main() {
             println!("{case:<44} {rate:>12.0} {cpu:>22.2}");
         }
         println!("(CPU: the whole process, server and client; 1M points/s per core is 1.0 s per 1M)");
+        match ceiling {
+            Some(rate) => println!(
+                "nginx return 200, same client and body: {rate:.0} requests/s; one point per request is {:.2} of it",
+                single.0 / rate
+            ),
+            None => println!("nginx is not installed: no ceiling measured"),
+        }
         println!(
             "memory per series: {:.0} bytes (RSS {} MiB -> {} MiB over {SERIES} new series, labels instrument and venue)",
             (after.saturating_sub(before)) as f64 / SERIES as f64,
