@@ -99,6 +99,13 @@ fn field_u64(text: &str, key: &str) -> Option<u64> {
 }
 
 /// CPU seconds (user + system) a process has used.
+/// The table's head and its first row: the connections subscribed and how long that took.
+fn print_table_start(subscribed: u64, took: Duration) {
+    println!("| measure | value |");
+    println!("|---|---|");
+    println!("| connections (all subscribed) | {subscribed} in {:.1} s |", took.as_secs_f64());
+}
+
 /// The table rows of the server's RSS: before and after connecting, and per connection.
 fn print_rss(before: u64, after: u64, connections: usize) {
     println!(
@@ -339,13 +346,7 @@ async fn run() {
         let cpu = cpu_seconds(&pid.to_string()) - cpu_before;
         let sockstat = tcp_sockstat();
         println!("\nstream bench, idle: {connections} WebSocket connections subscribed, nothing produced, {idle_seconds} s (pings every 1h here: the clients answer none)");
-        println!("| measure | value |");
-        println!("|---|---|");
-        println!(
-            "| connections (all subscribed) | {} in {:.1} s |",
-            ready.load(Ordering::Relaxed),
-            connect_time.as_secs_f64()
-        );
+        print_table_start(ready.load(Ordering::Relaxed), connect_time);
         print_rss(rss_before, rss_after, connections);
         println!(
             "| kernel TCP memory (sockstat, both ends of every connection) | {:.1} MiB ({:.1} KB per connection), {} sockets in use (before the wait: {:.1} MiB) |",
@@ -426,13 +427,7 @@ async fn run() {
     };
     let deliveries = delivered.load(Ordering::Relaxed);
     println!("\nstream bench: {connections} WebSocket connections, one replica, tansu, fetch wait {fetch_wait}, per-record checks {}", if record_checks { format!("on ({rule_count} rules)") } else { "off".to_string() });
-    println!("| measure | value |");
-    println!("|---|---|");
-    println!(
-        "| connections (all subscribed) | {} in {:.1} s |",
-        ready.load(Ordering::Relaxed),
-        connect_time.as_secs_f64()
-    );
+    print_table_start(ready.load(Ordering::Relaxed), connect_time);
     println!("| publish rate | {rate} records/s for {seconds} s ({total} records) |");
     println!(
         "| topics | {topic_count}: connection i reads topic i mod {topic_count}, record n goes to topic n mod {topic_count} ({} readers per record) |",

@@ -341,7 +341,8 @@ async fn run_batch(script: &Script, batch: Vec<Job>) {
     }
 }
 
-/// One request's answer: four integers per policy (the first the cells granted), then, when a key was read, its value or nil.
+/// One request's answer: four integers per policy (the first the cells granted), then, when a
+/// key was read, its value or nil.
 fn parse_answer(raw: Value, policies: usize, read: bool) -> Answer {
     let mut values = match raw {
         Value::Array(values) if values.len() == policies * 4 + usize::from(read) => values,

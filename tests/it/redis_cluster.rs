@@ -603,31 +603,30 @@ async fn the_sse_relay_carries_subscription_changes_between_replicas_over_a_clus
     assert_eq!(next.data["topic"], news, "{next:?}");
 }
 
-/// Three private nodes speaking only TLS (clients, the cluster bus and replication), with a
-/// certificate made here by `openssl` for `localhost` and `127.0.0.1` (the address the nodes
-/// announce); killed when dropped.
+/// Three private nodes speaking only TLS (clients, the cluster bus and replication), their
+/// certificate signed by the test CA of [`crate::upstream_tls::Certs`] for `localhost` and
+/// `127.0.0.1` (the address the nodes announce); killed when dropped.
 struct TlsCluster {
     nodes: Vec<std::process::Child>,
     ports: Vec<u16>,
     _dir: tempfile::TempDir,
-    cert: String,
+    /// Kept for the files' lifetime.
+    _certs: crate::upstream_tls::Certs,
+    /// The CA bundle that signed the nodes' certificate.
+    ca: String,
 }
 
 impl TlsCluster {
     async fn start() -> TlsCluster {
         let dir = tempfile::tempdir().unwrap();
-        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-        let made = std::process::Command::new("openssl")
-            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"])
-            .args(["-nodes", "-days", "1", "-subj", "/CN=localhost"])
-            .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
-            .arg("-keyout")
-            .arg(&key)
-            .arg("-out")
-            .arg(&cert)
-            .output()
-            .unwrap();
-        assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+        let certs = crate::upstream_tls::Certs::new();
+        certs.leaf(
+            "node",
+            "ca",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth",
+        );
+        let (cert, key, ca) =
+            (certs.path("node.crt"), certs.path("node.key"), certs.path("ca.crt"));
         let (mut nodes, mut ports) = (Vec::new(), Vec::new());
         for i in 0..3 {
             let port = crate::support::closed_port().await;
@@ -639,19 +638,14 @@ impl TlsCluster {
                 .args(["--save", "", "--appendonly", "no", "--tls-auth-clients", "no"])
                 .args(["--tls-cluster", "yes", "--tls-replication", "yes"])
                 .args(CLUSTER_NODE)
-                .arg("--tls-cert-file")
-                .arg(&cert)
-                .arg("--tls-key-file")
-                .arg(&key)
-                .arg("--tls-ca-cert-file")
-                .arg(&cert)
+                .args(["--tls-cert-file", &cert, "--tls-key-file", &key, "--tls-ca-cert-file", &ca])
                 .stdout(std::process::Stdio::null())
                 .spawn()
                 .expect("redis-server is installed");
             nodes.push(child);
             ports.push(port);
         }
-        let cluster = TlsCluster { nodes, ports, cert: cert.display().to_string(), _dir: dir };
+        let cluster = TlsCluster { nodes, ports, _dir: dir, _certs: certs, ca };
         for &port in &cluster.ports {
             eventually(Duration::from_secs(5), "a TLS node listens", || async {
                 tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()
@@ -660,7 +654,7 @@ impl TlsCluster {
         }
         let addrs: Vec<String> = cluster.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
         let out = std::process::Command::new("redis-cli")
-            .args(["--tls", "--cacert", &cluster.cert, "--cluster", "create"])
+            .args(["--tls", "--cacert", &cluster.ca, "--cluster", "create"])
             .args(&addrs)
             .args(["--cluster-replicas", "0", "--cluster-yes"])
             .output()
@@ -672,7 +666,7 @@ impl TlsCluster {
                 .iter()
                 .all(|p| {
                     let out = std::process::Command::new("redis-cli")
-                        .args(["--tls", "--cacert", &cluster.cert, "-p", &p.to_string()])
+                        .args(["--tls", "--cacert", &cluster.ca, "-p", &p.to_string()])
                         .args(["cluster", "info"])
                         .output()
                         .unwrap();
@@ -706,7 +700,7 @@ async fn a_tls_cluster_keeps_limits_exact_and_carries_revocations() {
         cluster.ports[0], cluster.ports[1]
     );
     let extra = [
-        ("ACCESS_REDIS__CA_FILE", cluster.cert.as_str()),
+        ("ACCESS_REDIS__CA_FILE", cluster.ca.as_str()),
         ("ACCESS_REDIS__REVOCATION_REPLICAS", "0"),
     ];
     let l = Layer::start_on(&url, &extra).await;
