@@ -7,7 +7,9 @@
 //! ratio is printed, nginx skipped when not installed); then batches of 1,000 checks
 //! (`POST /entitlements/check/batch`) in decisions per second. `cargo bench --bench
 //! entitlements` (`make bench-entitlements`); not part of `make test`. The client runs in the
-//! same process, on the same two cores.
+//! same process, on the same two cores. Knobs (environment): `BENCH_IN_PROCESS_ONLY` (the
+//! evaluator alone), `BENCH_ONLY=http` or `BENCH_ONLY=batch` (one part of the HTTP cases, for a
+//! profile of it).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -229,6 +231,9 @@ fn main() {
         with_redis.push(("ACCESS_REDIS__PREFIX".into(), format!("bench:{}:", uuid::Uuid::new_v4().simple())));
         let redis = start(with_redis).await;
 
+        // `BENCH_ONLY=http` or `BENCH_ONLY=batch`: one part alone (for a profile of it).
+        let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+        if only != "batch" {
         let nginx = Nginx::start(r#"{"allowed":true,"reason":"allowed by rule r1","rules_version":1,"cached":true}"#);
         println!();
         println!("entitlement checks over HTTP, {RULES} rules, {CONNECTIONS} keep-alive connections, {RUN:?} each, client in-process");
@@ -253,6 +258,10 @@ fn main() {
             let (rate, p50, p99) = measure(url, &token, warm).await;
             let ratio = ceiling.map_or("n/a".to_string(), |c| format!("{:.2}", rate / c));
             println!("{name:<40} {rate:>10.0} {p50:>10.3} {p99:>10.3} {ratio:>10}");
+        }
+        }
+        if only == "http" {
+            return;
         }
         println!();
         println!("batches of {BATCH} checks (POST /entitlements/check/batch), {CONNECTIONS} connections");

@@ -42,7 +42,7 @@ pub struct CheckRequest {
 }
 
 /// Why a decision was reached.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[schema(as = DecisionReason)]
 #[serde(rename_all = "snake_case")]
 pub enum Reason {

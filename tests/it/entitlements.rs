@@ -247,18 +247,41 @@ async fn checks_carry_their_decision_and_callers_may_only_check_themselves() {
         .await;
     assert_eq!(v["allowed"], false);
 
+    let (_, before) = service.get("/entitlements/stats").await;
     let (status, batch) = service
         .post(
             "/entitlements/check/batch",
             json!({"checks": [
                 {"id": "a", "user_id": "alice", "tenant_id": "t1", "roles": ["trader"], "resource": "instrument:EURUSD", "action": "read"},
                 {"id": 2, "user_id": "alice", "tenant_id": "t1", "roles": ["trader"], "resource": "instrument:USDJPY", "action": "read"},
-                {"id": "bad", "user_id": "alice"}
+                {"id": "bad", "user_id": "alice"},
+                {"id": "odd", "user_id": "alice", "tenant_id": "t1", "resource": "instrument:EURUSD", "action": "read", "admin": true},
+                {"id": {"n": 1}, "user_id": "alice", "tenant_id": "t1", "roles": ["trader"], "resource": "instrument:EURUSD", "action": "read", "context": {"desk": "x"}}
             ]}),
         )
         .await;
     assert_eq!(status, 200);
     let results = batch["results"].as_array().unwrap();
+    assert_eq!(results.len(), 5);
+    // A field a check does not have fails that item alone.
+    assert_eq!(
+        (
+            &results[3]["id"],
+            results[3]["error"]["code"].as_str(),
+            results[3]["error"]["field"].as_str()
+        ),
+        (&json!("odd"), Some("validation_failed"), Some("checks[3]"))
+    );
+    assert!(results[3]["error"]["message"].as_str().unwrap().contains("admin"), "{batch}");
+    // Any JSON value is echoed as the correlation id.
+    assert_eq!(
+        (&results[4]["id"], results[4]["allowed"].as_bool()),
+        (&json!({"n": 1}), Some(true))
+    );
+    // The decided items are counted, once each; the failed ones are not.
+    let (_, after) = service.get("/entitlements/stats").await;
+    let moved = |field: &str| after[field].as_u64().unwrap() - before[field].as_u64().unwrap();
+    assert_eq!((moved("checks"), moved("allowed"), moved("denied")), (3, 2, 1), "{after}");
     assert_eq!(
         (results[0]["id"].as_str(), results[0]["allowed"].as_bool()),
         (Some("a"), Some(true))

@@ -57,13 +57,12 @@ pub mod names {
 }
 
 /// A decision, as answered.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Decision {
     /// Whether the action is allowed.
     pub allowed: bool,
     /// Why: `allowed_by_rule`, `denied_by_rule` or `default_deny`.
-    #[schema(value_type = crate::policy::eval::Reason)]
-    pub reason: String,
+    pub reason: Reason,
     /// The deciding rule.
     pub rule_id: Option<Uuid>,
     /// Identifies this decision (for audit and support).
@@ -204,6 +203,9 @@ pub struct Engine {
     versions: tokio::sync::watch::Sender<i64>,
     /// Counters.
     pub stats: Stats,
+    /// The checks counter's four series, registered once: [allowed][hit].
+    checks: [[metrics::Counter; 2]; 2],
+    cache_errors: metrics::Counter,
 }
 
 impl Engine {
@@ -225,6 +227,14 @@ impl Engine {
             ttl,
             versions: tokio::sync::watch::channel(version).0,
             stats: Stats::default(),
+            checks: [false, true].map(|allowed| {
+                [false, true].map(|hit| {
+                    metrics::counter!(names::CHECKS, "role" => "entitlements",
+                        "outcome" => if allowed { "allowed" } else { "denied" },
+                        "cache" => if hit { "hit" } else { "miss" })
+                })
+            }),
+            cache_errors: metrics::counter!(names::CACHE_ERRORS, "role" => "entitlements"),
         });
         engine.record_snapshot();
         Ok(engine)
@@ -319,21 +329,32 @@ impl Engine {
 
     /// Answers one check.
     pub async fn check(&self, req: &CheckRequest) -> Decision {
-        let snap = self.snapshot();
+        let mut tally = Tally::default();
+        let decision = self.check_in(&self.snapshot(), req, &mut tally).await;
+        self.record(&tally);
+        decision
+    }
+
+    /// Answers one check against `snap`, counting it in `tally` (a batch decides all its checks
+    /// against one snapshot, and adds them to the counters once: [`Engine::record`]).
+    pub async fn check_in(
+        &self,
+        snap: &Snapshot,
+        req: &CheckRequest,
+        tally: &mut Tally,
+    ) -> Decision {
         let key = cache_key(snap.version(), req);
-        self.stats.checks.fetch_add(1, Ordering::Relaxed);
         // A cache that failed the read is skipped for the write too: one failure per check at
         // most (and none while the Redis breaker is open).
         let cache_up = match self.cache.get(&key).await {
             Ok(Some(mut hit)) => {
-                self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
-                self.count(hit.allowed, "hit");
+                tally.count(hit.allowed, true);
                 hit.cached = true;
                 return hit;
             }
             Ok(None) => true,
             Err(e) => {
-                self.cache_error(&e);
+                tally.cache_error(&e);
                 false
             }
         };
@@ -347,56 +368,104 @@ impl Engine {
         };
         let decision = Decision {
             allowed: outcome.allowed,
-            reason: match outcome.reason {
-                Reason::AllowedByRule => "allowed_by_rule",
-                Reason::DeniedByRule => "denied_by_rule",
-                Reason::DefaultDeny => "default_deny",
-            }
-            .into(),
+            reason: outcome.reason,
             rule_id: outcome.rule_id,
             decision_id: Uuid::new_v4(),
             rules_version: snap.version(),
             ttl_seconds: ttl.as_secs(),
             cached: false,
         };
-        self.count(decision.allowed, "miss");
+        tally.count(decision.allowed, false);
         if cache_up && ttl >= Duration::from_millis(1) {
             if let Err(e) = self.cache.put(&key, &decision, ttl).await {
-                self.cache_error(&e);
+                tally.cache_error(&e);
             }
         }
         decision
     }
 
-    fn count(&self, allowed: bool, cache: &'static str) {
-        if allowed {
-            self.stats.allowed.fetch_add(1, Ordering::Relaxed);
+    /// Adds a run of checks to the counters.
+    pub fn record(&self, tally: &Tally) {
+        let relaxed = Ordering::Relaxed;
+        let [[denied_miss, denied_hit], [allowed_miss, allowed_hit]] = tally.checks;
+        self.stats.checks.fetch_add(denied_miss + denied_hit + allowed_miss + allowed_hit, relaxed);
+        self.stats.allowed.fetch_add(allowed_miss + allowed_hit, relaxed);
+        self.stats.cache_hits.fetch_add(denied_hit + allowed_hit, relaxed);
+        for (allowed, by_hit) in tally.checks.iter().enumerate() {
+            for (hit, n) in by_hit.iter().enumerate() {
+                if *n > 0 {
+                    self.checks[allowed][hit].increment(*n);
+                }
+            }
         }
-        let outcome = if allowed { "allowed" } else { "denied" };
-        metrics::counter!(names::CHECKS, "role" => "entitlements", "outcome" => outcome, "cache" => cache).increment(1);
+        if tally.cache_errors > 0 {
+            self.stats.cache_errors.fetch_add(tally.cache_errors, relaxed);
+            self.cache_errors.increment(tally.cache_errors);
+        }
+    }
+}
+
+/// Checks counted by outcome, added to the engine's counters at once ([`Engine::record`]).
+#[derive(Default)]
+pub struct Tally {
+    /// [allowed][hit].
+    checks: [[u64; 2]; 2],
+    cache_errors: u64,
+}
+
+impl Tally {
+    fn count(&mut self, allowed: bool, hit: bool) {
+        self.checks[usize::from(allowed)][usize::from(hit)] += 1;
     }
 
-    fn cache_error(&self, e: &CacheError) {
-        self.stats.cache_errors.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!(names::CACHE_ERRORS, "role" => "entitlements").increment(1);
+    fn cache_error(&mut self, e: &CacheError) {
+        self.cache_errors += 1;
         tracing::debug!(role = "entitlements", error = %e, "decision cache unavailable; computing");
     }
 }
 
-/// `ent:<rules version>:<sha256 of the request>`.
+/// `ent:<rules version>:<sha256 of the request>`: the SHA-256 of the request's JSON, hashed as
+/// it is written (no copy of the JSON is made).
 pub fn cache_key(version: i64, req: &CheckRequest) -> String {
-    let body = serde_json::to_vec(req).unwrap_or_default();
-    format!("ent:{version}:{}", hex::encode(Sha256::digest(&body)))
+    let mut hasher = Sha256::new();
+    // Writing into a hasher cannot fail, and a CheckRequest always serializes.
+    let _ = serde_json::to_writer(&mut hasher, req);
+    let mut key = String::with_capacity(4 + 20 + 1 + 64);
+    use std::fmt::Write;
+    let _ = write!(key, "ent:{version}:");
+    let mut hex = [0u8; 64];
+    if hex::encode_to_slice(hasher.finalize(), &mut hex).is_ok() {
+        key.push_str(std::str::from_utf8(&hex).unwrap_or_default());
+    }
+    key
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_cache_key_is_the_sha256_of_the_requests_json_under_its_rules_version() {
+        let req = CheckRequest {
+            user_id: "u1".into(),
+            tenant_id: "t1".into(),
+            roles: vec!["trader".into()],
+            resource: "instrument:NG-H27".into(),
+            action: "read".into(),
+            context: serde_json::json!({"size": 10}),
+        };
+        let body = serde_json::to_vec(&req).unwrap();
+        let expected = format!("ent:42:{}", hex::encode(Sha256::digest(&body)));
+        assert_eq!(cache_key(42, &req), expected);
+        let other = CheckRequest { action: "write".into(), ..req };
+        assert_ne!(cache_key(42, &other), expected);
+        assert!(cache_key(-1, &other).starts_with("ent:-1:"));
+    }
+
     fn decision(version: i64) -> Decision {
         Decision {
             allowed: true,
-            reason: "allowed_by_rule".into(),
+            reason: Reason::AllowedByRule,
             rule_id: None,
             decision_id: Uuid::new_v4(),
             rules_version: version,
