@@ -136,7 +136,7 @@ impl DecisionCache for MemoryCache {
         decision: &'a Decision,
         ttl: Duration,
     ) -> BoxFuture<'a, Result<(), CacheError>> {
-        self.entries.insert(key.to_string(), decision.clone(), ttl);
+        self.entries.insert(key.to_string(), *decision, ttl);
         Box::pin(async { Ok(()) })
     }
 }
