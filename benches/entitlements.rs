@@ -11,6 +11,9 @@
 //! evaluator alone), `BENCH_ONLY=http` or `BENCH_ONLY=batch` (one part of the HTTP cases, for a
 //! profile of it).
 
+#[path = "support/allocator.rs"]
+mod allocator;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

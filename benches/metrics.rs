@@ -1,8 +1,13 @@
 //! The metrics role's ingest: points per second over HTTP, one point per request, in batches of
 //! 1000, and the same series pushed as Prometheus text (the Pushgateway path), each with the CPU
-//! the whole process spent per point (server and in-process client: an upper bound of the
-//! server's cost); and the memory each series costs (resident-set growth over 100,000 new series).
+//! the server spent per point (the role runs on its own runtime, whose threads are named
+//! `bench-server`: their CPU time is read from `/proc/self/task`) and the whole process's (server
+//! and in-process client); and the memory each series costs (resident-set growth over 100,000 new
+//! series).
 //! `cargo bench --bench metrics` (`make bench-metrics`); not part of `make test`.
+
+#[path = "support/allocator.rs"]
+mod allocator;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,13 +34,32 @@ fn cpu_seconds() -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// The name of the server runtime's threads (workers and blocking), whose CPU is the server's.
+const SERVER_THREADS: &str = "bench-server";
+
+/// CPU seconds (user + system) the threads named [`SERVER_THREADS`] have used.
+fn server_cpu_seconds() -> f64 {
+    let mut total = 0.0;
+    for task in std::fs::read_dir("/proc/self/task").into_iter().flatten().flatten() {
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        let Some((head, rest)) = stat.rsplit_once(')') else { continue };
+        if !head.ends_with(&format!("({SERVER_THREADS}")) {
+            continue;
+        }
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+        total += (ticks(11) + ticks(12)) / 100.0;
+    }
+    total
+}
+
 fn rss_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
     let pages: u64 = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
     pages * 4096
 }
 
-async fn start() -> String {
+async fn start(server: &tokio::runtime::Handle) -> String {
     let dir = tempfile::tempdir().unwrap().keep();
     let env = vec![
         ("ACCESS_AUTH__DEV_KEY_FILE".to_string(), dir.join("k.json").display().to_string()),
@@ -46,11 +70,16 @@ async fn start() -> String {
         ("ACCESS_SERVER__MAX_BODY_BYTES".to_string(), "16777216".to_string()),
         ("ACCESS_LOG_LEVEL".to_string(), "warn".to_string()),
     ];
-    let config = access::roles::load(&Sources::from_env(env)).unwrap_or_else(|e| panic!("{e}"));
-    let ctx = Context::new(Role::Metrics, Arc::new(config.shared.clone()), Shutdown::new());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { access::roles::start(Role::Metrics, listener, ctx, &config).await });
+    // Everything of the role is made on its own runtime, so its threads alone serve it.
+    server.spawn(async move {
+        let config = access::roles::load(&Sources::from_env(env)).unwrap_or_else(|e| panic!("{e}"));
+        let ctx = Context::new(Role::Metrics, Arc::new(config.shared.clone()), Shutdown::new());
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        access::roles::start(Role::Metrics, listener, ctx, &config).await
+    });
     for _ in 0..200 {
         if reqwest::get(format!("{url}/ready")).await.is_ok_and(|r| r.status() == 200) {
             return url;
@@ -71,11 +100,22 @@ enum Case {
     Text(usize),
 }
 
+/// What one case measured.
+#[derive(Clone, Copy)]
+struct Figures {
+    points_per_second: f64,
+    /// CPU seconds per million points, the server's threads only.
+    server_cpu: f64,
+    /// CPU seconds per million points, the whole process (server and client).
+    process_cpu: f64,
+}
+
 /// Points per second and CPU seconds per million points for `CONNECTIONS` clients sending the
 /// same bodies (made once, so the client's own cost is mostly HTTP), to existing series.
-async fn ingest_rate(url: &str, case: Case) -> (f64, f64) {
+async fn ingest_rate(url: &str, case: Case) -> Figures {
     let started = Instant::now();
     let cpu_before = cpu_seconds();
+    let server_before = server_cpu_seconds();
     let tasks: Vec<_> = (0..CONNECTIONS)
         .map(|c| {
             let url = url.to_string();
@@ -129,17 +169,32 @@ async fn ingest_rate(url: &str, case: Case) -> (f64, f64) {
         total += t.await.unwrap();
     }
     let cpu = cpu_seconds() - cpu_before;
-    (total as f64 / started.elapsed().as_secs_f64(), cpu / total as f64 * 1e6)
+    let server = server_cpu_seconds() - server_before;
+    Figures {
+        points_per_second: total as f64 / started.elapsed().as_secs_f64(),
+        server_cpu: server / total as f64 * 1e6,
+        process_cpu: cpu / total as f64 * 1e6,
+    }
 }
 
 fn main() {
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    // The role on a runtime of its own (as in its own process), the clients on another.
+    let server = tokio::runtime::Builder::new_multi_thread()
+        .thread_name(SERVER_THREADS)
+        .enable_all()
+        .build()
+        .unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .thread_name("bench-client")
+        .enable_all()
+        .build()
+        .unwrap();
     runtime.block_on(async {
-        let url = start().await;
+        let url = start(server.handle()).await;
         // The same client and body against nginx's `return 200`: the ceiling for one point per
         // request on this box.
         let ceiling = match nginx::Nginx::start(r#"{"accepted":1}"#) {
-            Some(nginx) => Some(ingest_rate(&nginx.url, Case::Single).await.0),
+            Some(nginx) => Some(ingest_rate(&nginx.url, Case::Single).await.points_per_second),
             None => None,
         };
         let single = ingest_rate(&url, Case::Single).await;
@@ -159,19 +214,28 @@ fn main() {
         let after = rss_bytes();
         println!();
         println!("metrics ingest over HTTP, {CONNECTIONS} connections, {RUN:?} each, client in-process");
-        println!("{:<44} {:>12} {:>22}", "case", "points/s", "CPU s per 1M points");
-        for (case, (rate, cpu)) in [
+        println!(
+            "{:<44} {:>12} {:>18} {:>18} {:>16}",
+            "case", "points/s", "server CPU s/1M", "process CPU s/1M", "points/s/core"
+        );
+        for (case, f) in [
             ("one point per request (JSON)", single),
             ("batches of 1000 points (JSON)", batched),
             ("1000 samples per push (Pushgateway text)", text),
         ] {
-            println!("{case:<44} {rate:>12.0} {cpu:>22.2}");
+            println!(
+                "{case:<44} {:>12.0} {:>18.2} {:>18.2} {:>16.0}",
+                f.points_per_second,
+                f.server_cpu,
+                f.process_cpu,
+                1e6 / f.server_cpu
+            );
         }
-        println!("(CPU: the whole process, server and client; 1M points/s per core is 1.0 s per 1M)");
+        println!("(server CPU: the role's runtime threads; process: server and client together; 1M points/s per core is 1.0 s per 1M; points/s/core is the server's)");
         match ceiling {
             Some(rate) => println!(
                 "nginx return 200, same client and body: {rate:.0} requests/s; one point per request is {:.2} of it",
-                single.0 / rate
+                single.points_per_second / rate
             ),
             None => println!("nginx is not installed: no ceiling measured"),
         }

@@ -26,7 +26,8 @@
 //! `BENCH_IDLE` (seconds: connect and subscribe, produce nothing, and print the server's RSS per
 //! connection, the kernel's TCP memory from `/proc/net/sockstat` and the idle CPU per connection
 //! per second; the open-file limit of this machine, 20,000 and not raisable, caps the
-//! connections of one process below the 50,000).
+//! connections of one process below the 50,000). Any `ACCESS_STREAM__*` variable of the
+//! bench's environment is passed to the replica (`ACCESS_STREAM__READ_BUFFER_BYTES=512`).
 
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -268,6 +269,11 @@ async fn run() {
         ("ACCESS_STREAM__LIMITS__CONNECT_RATE__PERIOD", "1s".into()),
         ("ACCESS_SERVER__MAX_CONCURRENCY", "20000".into()),
     ]);
+    // The replica's settings under test (`ACCESS_STREAM__READ_BUFFER_BYTES=512`, ...), from this
+    // process's environment, after the bench's own so they win.
+    let passed: Vec<(String, String)> =
+        std::env::vars().filter(|(k, _)| k.starts_with("ACCESS_STREAM__")).collect();
+    stream_env.extend(passed.iter().map(|(k, v)| (k.as_str(), v.clone())));
     let stream = spawn("stream", stream_port, &stream_env, &config);
     let stream_url = format!("http://127.0.0.1:{stream_port}");
     wait_ready(&stream_url).await;
