@@ -263,7 +263,8 @@ async fn a_silent_broker_stalls_nothing_once_it_heals() {
 }
 
 /// RFC 6455 close codes: a message over the limit is closed with 1009, a text message that is not
-/// UTF-8 with 1007 (before, the connection just dropped).
+/// UTF-8 with 1007 (before, the connection just dropped); one under the limit but over the read
+/// buffer is answered.
 #[tokio::test]
 async fn websocket_messages_too_big_or_not_utf8_get_their_close_codes() {
     use crate::stream::{close_code, layer, next_json};
@@ -279,6 +280,12 @@ async fn websocket_messages_too_big_or_not_utf8_get_their_close_codes() {
         ws
     };
     let mut ws = open().await;
+    // Under the limit but bigger than the read buffer (`read_buffer_bytes`, 512 by default),
+    // sent in one frame and one write: read in several reads and answered.
+    let id = "p".repeat(900);
+    ws.send(Message::text(format!(r#"{{"action":"ping","id":"{id}"}}"#))).await.unwrap();
+    let pong = next_json(&mut ws).await;
+    assert_eq!((pong["type"].as_str(), pong["id"].as_str()), (Some("pong"), Some(id.as_str())));
     ws.send(Message::text("x".repeat(4096))).await.unwrap();
     assert_eq!(close_code(&mut ws, Duration::from_secs(3)).await, Some(1009), "too big");
     let mut ws = open().await;
