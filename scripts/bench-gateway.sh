@@ -39,6 +39,13 @@ cleanup() {
 trap cleanup EXIT
 
 UP=18181; PROXY=18182; ENT=18183; GW=18184; UPS=18185; GWL=18186
+# A previous run's processes may still be draining: wait (up to 30 s) until the ports are free.
+for port in $UP $PROXY $ENT $GW $UPS $GWL; do
+  for _ in $(seq 1 300); do
+    ss -Hltn "sport = :$port" | grep -q . || break
+    sleep 0.1
+  done
+done
 mkdir -p "$WORK/nginx"
 # A CA and a certificate for localhost signed by it, for the HTTPS upstream.
 EC=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes)
@@ -169,8 +176,10 @@ echo "(a) and (b) (in (b) it serves the proxy and the upstream both), the gatewa
 printf "%-52s %12s %10s %10s %12s\n" "case" "req/s" "p50" "p99" "CPU µs/req"
 run "(a) upstream directly (nginx)" "$NGINX_WORKER" "http://127.0.0.1:$UP/EURUSD"
 run "(b) nginx keep-alive reverse proxy" "$NGINX_WORKER" "http://127.0.0.1:$PROXY/EURUSD"
-# PERF=<file>: record a profile of the whole machine during case (c), or (d) with PERF_CASE=d.
-profile() { if [ -n "${PERF:-}" ] && [ "${PERF_CASE:-c}" = "$1" ]; then perf record -F 999 -g -a -o "$PERF" -- sleep 6 >/dev/null 2>&1 & fi; }
+# PERF=<file>: record a profile of the whole machine during case (c), or (d) with PERF_CASE=d;
+# PERF_ARGS replaces the sampling options (default "-F 999 -g"; "-F 299 --call-graph dwarf,8192"
+# follows calls through libc).
+profile() { if [ -n "${PERF:-}" ] && [ "${PERF_CASE:-c}" = "$1" ]; then perf record ${PERF_ARGS:--F 999 -g} -a -o "$PERF" -- sleep 6 >/dev/null 2>&1 & fi; }
 profile c
 run "(c) gateway: JWT + rate limit + entitlement, miss" "$GW_PID" "http://127.0.0.1:$GW/api/v1/miss/EURUSD" "$AUTH"
 profile d

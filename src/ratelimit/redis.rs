@@ -147,10 +147,14 @@ impl Batcher {
             return Ok((verdicts, read));
         };
         let client = self.script.client.clone();
-        let get = self
-            .script
-            .breaker
-            .call(self.deadline, async move { client.get::<Option<Bytes>, _>(key).await });
+        // Boxed: a Redis command's future is large (12 KB), and this branch (a cluster whose
+        // cache entry lives in another slot) would size every check's future, which each
+        // request's handler future holds and is copied with.
+        let get = Box::pin(
+            self.script
+                .breaker
+                .call(self.deadline, async move { client.get::<Option<Bytes>, _>(key).await }),
+        );
         let (verdicts, read) = tokio::join!(script, get);
         let read = match read {
             Ok(value) => value.map_or(CacheRead::Miss, CacheRead::Hit),
