@@ -427,11 +427,11 @@ impl Tally {
 /// `ent:<rules version>:<sha256 of the request>`: the SHA-256 of the request's JSON, hashed as
 /// it is written (no copy of the JSON is made).
 pub fn cache_key(version: i64, req: &CheckRequest) -> String {
+    use std::fmt::Write as _;
     let mut hasher = Sha256::new();
     // Writing into a hasher cannot fail, and a CheckRequest always serializes.
     let _ = serde_json::to_writer(&mut hasher, req);
     let mut key = String::with_capacity(4 + 20 + 1 + 64);
-    use std::fmt::Write;
     let _ = write!(key, "ent:{version}:");
     let mut hex = [0u8; 64];
     if hex::encode_to_slice(hasher.finalize(), &mut hex).is_ok() {

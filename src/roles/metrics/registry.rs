@@ -194,6 +194,32 @@ pub fn claimed(kind: Kind, exported: &str) -> Vec<String> {
     }
 }
 
+/// Applies `point`'s value to `series` at `now`, and keeps it in the series' history.
+fn record(series: &mut Series, point: &Point, now: f64, limits: &Limits) {
+    match (&mut series.value, point.kind) {
+        (Value::Scalar(v), Kind::Counter) => *v += point.value,
+        (Value::Scalar(v), _) => *v = point.value,
+        (Value::Histogram { counts, sum, count }, _) => {
+            for (i, bound) in limits.buckets.iter().enumerate() {
+                if point.value <= *bound {
+                    counts[i] += 1;
+                }
+            }
+            *sum += point.value;
+            *count += 1;
+        }
+    }
+    series.last_push = now;
+    let recorded = match &series.value {
+        Value::Scalar(v) => *v,
+        Value::Histogram { .. } => point.value,
+    };
+    series.history.push_back((now, recorded));
+    while series.history.len() > limits.history {
+        series.history.pop_front();
+    }
+}
+
 /// Label set of the series that absorbs a metric's points beyond its series limit.
 fn overflow_labels() -> Labels {
     vec![("overflow".to_string(), "true".to_string())]
@@ -272,12 +298,12 @@ impl Tracked {
         })
     }
 
-    /// The exported name of a point (`_total` added to counters).
-    pub fn exported_name(point: &Point) -> String {
-        if point.kind == Kind::Counter && !point.name.ends_with("_total") {
-            format!("{}_total", point.name)
+    /// The exported name of a point named `name` (`_total` added to counters).
+    pub fn exported_name(kind: Kind, name: &str) -> std::borrow::Cow<'_, str> {
+        if kind == Kind::Counter && !name.ends_with("_total") {
+            format!("{name}_total").into()
         } else {
-            point.name.clone()
+            name.into()
         }
     }
 
@@ -294,7 +320,7 @@ impl Tracked {
         if !valid_metric_name(&point.name) {
             return Err(Rejection::InvalidName);
         }
-        let name = Self::exported_name(point);
+        let name = Self::exported_name(point.kind, &point.name);
         if reserved(&name) && !name.starts_with("access_usage_") {
             return Err(Rejection::ReservedName);
         }
@@ -311,6 +337,17 @@ impl Tracked {
         }
         labels.sort();
         check_labels(&labels, limits)?;
+        // The common case first: a point of a series that exists (one lookup of each).
+        if let Some(family) = self.families.get_mut(name.as_ref()) {
+            if family.kind != point.kind {
+                return Err(Rejection::TypeConflict);
+            }
+            if let Some(series) = family.series.get_mut(&labels) {
+                record(series, point, now, limits);
+                return Ok(Accepted::Stored);
+            }
+        }
+        let name = name.into_owned();
         // One name, one type: every name this point's family would occupy must be free or its
         // own (see `claimed`), here and in the pushed groups. A family that exists already holds
         // its names (pushed groups check `claims` before taking one), so only its type is checked.
@@ -366,28 +403,7 @@ impl Tracked {
             self.series += 1;
         }
         let series = family.series.get_mut(&key).expect("inserted above");
-        match (&mut series.value, point.kind) {
-            (Value::Scalar(v), Kind::Counter) => *v += point.value,
-            (Value::Scalar(v), _) => *v = point.value,
-            (Value::Histogram { counts, sum, count }, _) => {
-                for (i, bound) in limits.buckets.iter().enumerate() {
-                    if point.value <= *bound {
-                        counts[i] += 1;
-                    }
-                }
-                *sum += point.value;
-                *count += 1;
-            }
-        }
-        series.last_push = now;
-        let recorded = match &series.value {
-            Value::Scalar(v) => *v,
-            Value::Histogram { .. } => point.value,
-        };
-        series.history.push_back((now, recorded));
-        while series.history.len() > limits.history {
-            series.history.pop_front();
-        }
+        record(series, point, now, limits);
         Ok(accepted)
     }
 
@@ -652,10 +668,15 @@ mod tests {
         ingest(&mut t, &point("depth", Kind::Gauge, 4.0, &[])).unwrap();
         ingest(&mut t, &point("latency_seconds", Kind::Histogram, 0.05, &[])).unwrap();
         ingest(&mut t, &point("latency_seconds", Kind::Histogram, 0.5, &[])).unwrap();
+        // The labels' order does not make another series.
+        ingest(&mut t, &point("k", Kind::Gauge, 1.0, &[("a", "1"), ("b", "2")])).unwrap();
+        ingest(&mut t, &point("k", Kind::Gauge, 2.0, &[("b", "2"), ("a", "1")])).unwrap();
+        assert_eq!(t.series_count(), 4);
         let mut out = String::new();
         t.render(&limits().buckets, &mut out);
         assert!(out.contains("# TYPE jobs_total counter\njobs_total 5\n"), "{out}");
         assert!(out.contains("# TYPE depth gauge\ndepth 4\n"), "{out}");
+        assert!(out.contains("# TYPE k gauge\nk{a=\"1\",b=\"2\"} 2\n"), "{out}");
         assert!(out.contains("latency_seconds_bucket{le=\"0.1\"} 1\n"), "{out}");
         assert!(out.contains("latency_seconds_bucket{le=\"1\"} 2\n"), "{out}");
         assert!(out.contains("latency_seconds_bucket{le=\"+Inf\"} 2\nlatency_seconds_sum 0.55\nlatency_seconds_count 2\n"), "{out}");
@@ -769,6 +790,12 @@ mod tests {
             ]
         );
         assert_eq!(t.series_count(), 3, "two own series and the overflow series");
+        // A series that exists keeps its points, whatever the cap, in its own series.
+        assert_eq!(
+            ingest(&mut t, &point("g", Kind::Gauge, 7.0, &[("id", "1")])),
+            Ok(Accepted::Stored)
+        );
+        assert_eq!(t.series_count(), 3);
         let mut out = String::new();
         t.render(&[], &mut out);
         assert!(out.contains("g{overflow=\"true\"} 1\n"), "{out}");
