@@ -496,8 +496,16 @@ async fn with_redis_down_decisions_are_computed_uncached() {
     let admin = Api { s: &s, token: keys.token("root", "t0", &["admin"]) };
     assert_eq!(admin.get("/entitlements/stats").await.0, 200);
     redis.stop();
-    let d = alice.check("alice", "t1", "market_data", "read").await;
+    // What this replica holds in memory is still answered from there, within its TTL.
+    let held = alice.check("alice", "t1", "market_data", "read").await;
+    assert_eq!((held["allowed"].as_bool(), held["cached"].as_bool()), (Some(true), Some(true)));
+    // A check it does not hold is computed, uncached, at once.
+    let asked = Instant::now();
+    let d = alice.check("alice", "t1", "curve", "subscribe").await;
     assert_eq!((d["allowed"].as_bool(), d["cached"].as_bool()), (Some(true), Some(false)));
+    assert!(asked.elapsed() < Duration::from_secs(2), "{:?}", asked.elapsed());
+    let again = alice.check("alice", "t1", "curve", "subscribe").await;
+    assert_eq!(again["cached"], false, "not cached while Redis fails: {again}");
     let (_, stats) = admin.get("/entitlements/stats").await;
     assert!(stats["cache_errors"].as_u64().is_some_and(|n| n >= 1), "{stats}");
 }
@@ -752,4 +760,80 @@ async fn a_cached_decision_ends_when_the_rule_that_made_it_expires() {
         let after = admin.check("root", "t0", "instrument:BRN-F27", "read").await;
         assert_eq!(after["allowed"], false, "redis={redis}: {after}");
     }
+}
+
+/// With Redis, each replica keeps copies of decisions in front of it, never longer than their
+/// Redis entries: a decision another replica computed is served from this replica's memory once
+/// read (even with the Redis entry gone), and only for what Redis said was left of it.
+#[tokio::test]
+async fn a_replica_keeps_a_decision_read_from_redis_no_longer_than_redis_does() {
+    use fred::prelude::KeysInterface;
+    let db = Db::new().await;
+    let keys = DevKeys::new();
+    let prefix = redis_prefix();
+    let env = [
+        ("ACCESS_AUTH__DEV_KEY_FILE", keys.path.as_str()),
+        ("ACCESS_REDIS__PREFIX", prefix.as_str()),
+        ("ACCESS_POSTGRES_DSN", db.dsn.as_str()),
+        ("ACCESS_REDIS_URL", REDIS_URL),
+        ("ACCESS_ENTITLEMENTS__DECISION_TTL", "3s"),
+    ];
+    let (a, b) = (
+        start(Role::Entitlements, config(&env)).await,
+        start(Role::Entitlements, config(&env)).await,
+    );
+    wait_ready(&a.url("")).await;
+    wait_ready(&b.url("")).await;
+    let token = keys.token("root", "t0", &["admin"]);
+    let (on_a, on_b) = (Api { s: &a, token: token.clone() }, Api { s: &b, token });
+    on_a.post("/entitlements/rules", rule("all", json!({}))).await;
+    let version = on_a.get("/entitlements/stats").await.1["rules_version"].clone();
+    eventually(Duration::from_secs(5), "the second replica serves the new rules", || async {
+        (on_b.get("/entitlements/stats").await.1["rules_version"] == version).then_some(())
+    })
+    .await;
+
+    let computed = on_a.check("root", "t0", "instrument:BRN-F27", "read").await;
+    let made = Instant::now();
+    assert_eq!(
+        (computed["allowed"].as_bool(), computed["cached"].as_bool()),
+        (Some(true), Some(false))
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let read = on_b.check("root", "t0", "instrument:BRN-F27", "read").await;
+    assert_eq!(read["decision_id"], computed["decision_id"], "read from Redis: {read}");
+    // With the Redis entry gone, the second replica answers from its own copy.
+    let redis = access::backends::redis::connect(
+        &access::config::SecretUrl::from(url::Url::parse(REDIS_URL).unwrap()),
+        &access::config::RedisConfig::default(),
+    )
+    .await
+    .unwrap();
+    let asked = access::policy::eval::CheckRequest {
+        user_id: "root".into(),
+        tenant_id: "t0".into(),
+        // A caller checking itself is checked with its token's roles.
+        roles: vec!["admin".into()],
+        resource: "instrument:BRN-F27".into(),
+        action: "read".into(),
+        context: Value::Null,
+    };
+    let entry = format!(
+        "{prefix}{}",
+        access::roles::entitlements::engine::cache_key(version.as_i64().unwrap(), &asked)
+    );
+    let removed: i64 = redis.del(&entry).await.unwrap();
+    assert_eq!(removed, 1, "the decision's Redis entry, {entry}");
+    let local = on_b.check("root", "t0", "instrument:BRN-F27", "read").await;
+    assert_eq!(
+        (&local["decision_id"], local["cached"].as_bool()),
+        (&computed["decision_id"], Some(true)),
+        "from the replica's copy: {local}"
+    );
+    // Past the Redis entry's end (3 s after it was made, not 3 s after it was read), the copy is
+    // gone too: the decision is computed again.
+    tokio::time::sleep(Duration::from_millis(3300).saturating_sub(made.elapsed())).await;
+    let later = on_b.check("root", "t0", "instrument:BRN-F27", "read").await;
+    assert_ne!(later["decision_id"], computed["decision_id"], "{later}");
+    assert_eq!(later["cached"], false, "{later}");
 }

@@ -141,25 +141,63 @@ impl DecisionCache for MemoryCache {
     }
 }
 
-/// The decision cache in Redis: `<prefix>ent:<rules version>:<sha256 of request>`. Calls go
-/// through the connection's breaker: while Redis is failing the cache is skipped at once and
-/// decisions are computed (a check never waits for the Redis timeout twice).
+/// The decision cache in Redis: `<prefix>ent:<rules version>:<sha256 of request>`, with this
+/// process's own copies in front of it. Calls go through the connection's breaker: while Redis
+/// is failing the cache is skipped at once and decisions are computed (a check never waits for
+/// the Redis timeout twice).
+///
+/// The copies in memory ([`MemoryCache`], `entitlements.cache_capacity`) spare a warm check its
+/// Redis round trip. Each is kept no longer than its Redis entry: a decision this replica
+/// computed for its TTL, one read from Redis for what Redis says is left of it (`PTTL`, read in
+/// the same round trip as the value), so a decision still never outlives the rule expiry that
+/// capped its TTL. Keys carry the rules version, so a rule change is never answered from either.
 pub struct RedisCache {
     redis: crate::backends::redis::Guarded,
     prefix: String,
+    local: MemoryCache,
 }
 
 impl RedisCache {
-    /// A cache under `prefix` (`access:<env>:`).
-    pub fn new(redis: crate::backends::redis::Guarded, prefix: String) -> Self {
-        RedisCache { redis, prefix }
+    /// A cache under `prefix` (`access:<env>:`), with at most about `local_capacity` decisions
+    /// kept in memory.
+    pub fn new(
+        redis: crate::backends::redis::Guarded,
+        prefix: String,
+        local_capacity: usize,
+    ) -> Self {
+        RedisCache { redis, prefix, local: MemoryCache::new(local_capacity) }
     }
 }
 
 impl DecisionCache for RedisCache {
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Decision>, CacheError>> {
-        let key = format!("{}{key}", self.prefix);
-        Box::pin(async move { Ok(self.redis.get_json(&key).await?) })
+        if let Some(hit) = self.local.entries.get(key) {
+            return Box::pin(async move { Ok(Some(hit)) });
+        }
+        let full = format!("{}{key}", self.prefix);
+        Box::pin(async move {
+            use fred::prelude::KeysInterface;
+            let (value, pttl): (Option<String>, i64) = self
+                .redis
+                .call(|c| async move {
+                    let pipeline = c.pipeline();
+                    let () = pipeline.get(&full).await?;
+                    let () = pipeline.pttl(&full).await?;
+                    pipeline.all().await
+                })
+                .await?;
+            let Some(decision) = value.and_then(|v| serde_json::from_str::<Decision>(&v).ok())
+            else {
+                return Ok(None);
+            };
+            // -1 (no expiry) never happens to an entry written here; -2 (gone meanwhile) and
+            // anything under a millisecond are not kept.
+            if pttl >= 1 {
+                let left = Duration::from_millis(pttl as u64);
+                self.local.entries.insert(key.to_string(), decision, left);
+            }
+            Ok(Some(decision))
+        })
     }
 
     fn put<'a>(
@@ -168,6 +206,7 @@ impl DecisionCache for RedisCache {
         decision: &'a Decision,
         ttl: Duration,
     ) -> BoxFuture<'a, Result<(), CacheError>> {
+        self.local.entries.insert(key.to_string(), *decision, ttl);
         let key = format!("{}{key}", self.prefix);
         Box::pin(async move { Ok(self.redis.set_json(&key, decision, ttl).await?) })
     }

@@ -51,7 +51,8 @@ pub struct Config {
     /// How long a decision may be cached (here and by callers).
     #[serde(with = "humantime_serde")]
     pub decision_ttl: Duration,
-    /// Decisions cached in memory when there is no Redis.
+    /// Decisions cached in this process's memory: the whole cache without Redis, the copies in
+    /// front of it with Redis (each kept no longer than its Redis entry).
     pub cache_capacity: usize,
     /// Most checks in one batch (and resources in one resources call).
     pub max_batch: usize,
@@ -166,8 +167,11 @@ pub async fn build(section: &Config, deps: &Deps) -> Result<State, RunError> {
             ctx.readiness.add_soft_check("redis_decision_cache", guarded.ready_check());
             let prefix = config.redis_prefix();
             (
-                Arc::new(engine::RedisCache::new(guarded.clone(), prefix.clone()))
-                    as Arc<dyn DecisionCache>,
+                Arc::new(engine::RedisCache::new(
+                    guarded.clone(),
+                    prefix.clone(),
+                    section.cache_capacity,
+                )) as Arc<dyn DecisionCache>,
                 Some((guarded, format!("{prefix}rules"))),
             )
         }
