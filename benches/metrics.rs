@@ -19,38 +19,26 @@ use serde_json::json;
 
 #[path = "support/nginx.rs"]
 mod nginx;
+#[path = "support/proc.rs"]
+mod proc;
 
 const CONNECTIONS: usize = 8;
 const RUN: Duration = Duration::from_secs(4);
-
-/// CPU seconds (user + system) this process has used.
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the command name (which may hold spaces): utime is the 14th, stime the 15th.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
-    // The kernel's USER_HZ is 100 on Linux.
-    (ticks(11) + ticks(12)) / 100.0
-}
 
 /// The name of the server runtime's threads (workers and blocking), whose CPU is the server's.
 const SERVER_THREADS: &str = "bench-server";
 
 /// CPU seconds (user + system) the threads named [`SERVER_THREADS`] have used.
 fn server_cpu_seconds() -> f64 {
-    let mut total = 0.0;
-    for task in std::fs::read_dir("/proc/self/task").into_iter().flatten().flatten() {
-        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
-        let Some((head, rest)) = stat.rsplit_once(')') else { continue };
-        if !head.ends_with(&format!("({SERVER_THREADS}")) {
-            continue;
-        }
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
-        total += (ticks(11) + ticks(12)) / 100.0;
-    }
-    total
+    std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("stat")).ok())
+        .filter_map(|stat| {
+            proc::stat_cpu(&stat).filter(|(name, _)| *name == SERVER_THREADS).map(|(_, s)| s)
+        })
+        .sum()
 }
 
 fn rss_bytes() -> u64 {
@@ -114,7 +102,7 @@ struct Figures {
 /// same bodies (made once, so the client's own cost is mostly HTTP), to existing series.
 async fn ingest_rate(url: &str, case: Case) -> Figures {
     let started = Instant::now();
-    let cpu_before = cpu_seconds();
+    let cpu_before = proc::cpu_seconds("/proc/self/stat");
     let server_before = server_cpu_seconds();
     let tasks: Vec<_> = (0..CONNECTIONS)
         .map(|c| {
@@ -168,7 +156,7 @@ async fn ingest_rate(url: &str, case: Case) -> Figures {
     for t in tasks {
         total += t.await.unwrap();
     }
-    let cpu = cpu_seconds() - cpu_before;
+    let cpu = proc::cpu_seconds("/proc/self/stat") - cpu_before;
     let server = server_cpu_seconds() - server_before;
     Figures {
         points_per_second: total as f64 / started.elapsed().as_secs_f64(),

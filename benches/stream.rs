@@ -29,6 +29,9 @@
 //! connections of one process below the 50,000). Any `ACCESS_STREAM__*` variable of the
 //! bench's environment is passed to the replica (`ACCESS_STREAM__READ_BUFFER_BYTES=512`).
 
+#[path = "support/proc.rs"]
+mod proc;
+
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -132,13 +135,7 @@ fn tcp_sockstat() -> (u64, u64) {
 }
 
 fn cpu_seconds(pid: &str) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces) start at the state, field 3.
-    let fields: Vec<&str> =
-        stat.rsplit_once(')').map_or("", |(_, r)| r).split_whitespace().collect();
-    let ticks: f64 = fields.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0)
-        + fields.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
-    ticks / 100.0
+    proc::cpu_seconds(&format!("/proc/{pid}/stat"))
 }
 
 /// Reads server frames (unmasked, RFC 6455) off `tcp` until the record marked last, returning

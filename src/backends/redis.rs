@@ -254,17 +254,6 @@ impl Guarded {
         }
     }
 
-    /// Reads a JSON value; a missing key, or a value that no longer parses, is `None`.
-    pub async fn get_json<T: serde::de::DeserializeOwned>(
-        &self,
-        key: &str,
-    ) -> Result<Option<T>, CallError> {
-        use fred::prelude::KeysInterface;
-        let key = key.to_string();
-        let raw: Option<String> = self.call(|c| async move { c.get(key).await }).await?;
-        Ok(raw.and_then(|r| serde_json::from_str(&r).ok()))
-    }
-
     /// Writes a JSON value that expires after `ttl` (at least a millisecond).
     pub async fn set_json<T: serde::Serialize>(
         &self,
