@@ -436,7 +436,8 @@ async fn concurrent_checks_share_script_calls_and_stay_exact() {
 
 /// When Redis hangs, every check still ends within the Redis timeout, queueing included: calls
 /// fail one timeout at a time, and without that bound checks queued behind them would wait many
-/// timeouts (2,000 checks are 32 calls of 64, two at a time).
+/// timeouts (10,000 checks are 157 calls of 64, two at a time; more than the queue's 8,192
+/// places, so some also wait for room).
 #[tokio::test]
 async fn a_hanging_redis_costs_each_check_one_timeout_not_a_queue_of_them() {
     use access::ratelimit::{Limiter, OnStoreError, Policy};
@@ -456,7 +457,7 @@ async fn a_hanging_redis_costs_each_check_one_timeout_not_a_queue_of_them() {
     );
     redis.freeze();
     let started = std::time::Instant::now();
-    let checks = (0..2000).map(|i| {
+    let checks = (0..10_000).map(|i| {
         let (limiter, names) = (limiter.clone(), names.clone());
         tokio::spawn(async move { limiter.check(&names, &format!("u{i}"), None).await.outcome })
     });
@@ -467,7 +468,60 @@ async fn a_hanging_redis_costs_each_check_one_timeout_not_a_queue_of_them() {
     let elapsed = started.elapsed();
     assert!(
         elapsed < Duration::from_secs(3),
-        "2,000 checks against a hung Redis took {elapsed:?}; each should wait one 300 ms timeout"
+        "10,000 checks against a hung Redis took {elapsed:?}; each should wait one 300 ms timeout"
+    );
+}
+
+/// A Redis that answers, but slowly (frozen 250 ms, thawed 5 ms, over and over: every call is
+/// answered within the 300 ms timeout, so the breaker never opens), still answers each check
+/// within the timeout, queueing included: 3,000 checks are 47 calls of 64, two at a time, about
+/// 6 s to drain; the checks the calls cannot reach in time are answered as unanswered, not kept
+/// waiting.
+#[tokio::test]
+async fn a_slow_redis_keeps_no_check_waiting_past_the_timeout() {
+    use access::ratelimit::{Limiter, OnStoreError, Policy};
+    let redis = PrivateRedis::start().await;
+    let timeout = Duration::from_millis(300);
+    let client = redis_client(&redis.url, Some(timeout)).await;
+    let policy = Policy { rate: 1000, period: Duration::from_secs(1), burst: 1000 };
+    let limiter = std::sync::Arc::new(Limiter::new(
+        [("p".to_string(), policy)].into(),
+        Some((client, "it:".to_string())),
+        OnStoreError::Closed,
+        false,
+    ));
+    let names = ["p".to_string()];
+    assert!(limiter.check(&names, "warm", None).await.outcome.allowed, "Redis answers");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let slow = {
+        let (stop, pid) = (stop.clone(), redis.pid());
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                crate::support::signal(pid, "STOP");
+                std::thread::sleep(Duration::from_millis(250));
+                crate::support::signal(pid, "CONT");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    let checks = (0..3000).map(|i| {
+        let (limiter, names) = (limiter.clone(), names.clone());
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let outcome = limiter.check(&names, &format!("u{i}"), None).await.outcome;
+            (outcome.allowed, started.elapsed())
+        })
+    });
+    let waits = futures::future::join_all(checks).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    slow.join().unwrap();
+    redis.thaw();
+    let answered = waits.iter().filter(|w| w.as_ref().unwrap().0).count();
+    let longest = waits.iter().map(|w| w.as_ref().unwrap().1).max().unwrap();
+    assert!(answered > 0, "Redis answered some checks");
+    assert!(
+        longest < timeout + Duration::from_secs(1),
+        "a check waited {longest:?} with a 300 ms timeout ({answered} of 3,000 answered)"
     );
 }
 

@@ -426,6 +426,11 @@ impl PrivateRedis {
         signal(self.child.id(), "STOP");
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Resumes a frozen server (SIGCONT).
     pub fn thaw(&self) {
         signal(self.child.id(), "CONT");
