@@ -149,8 +149,16 @@ TICK_US=$((1000000 / $(getconf CLK_TCK)))
 # CPU time (user + system, clock ticks) a process has used so far.
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
+# SYSCALLS=1: also count the server process's system calls during each case (perf stat on the
+# syscall tracepoints): all of them, the writes (write(2) carries the I/O driver's eventfd wake-ups;
+# sockets are written with writev and sendto) and epoll_wait, per request.
+SYSCALL_EVENTS=raw_syscalls:sys_enter,syscalls:sys_enter_write,syscalls:sys_enter_epoll_wait
 run() { # name pid url [header]: the server process whose CPU per request is reported
-  local out before after
+  local out before after counter=""
+  if [ -n "${SYSCALLS:-}" ]; then
+    perf stat -x, -e "$SYSCALL_EVENTS" -p "$2" -o "$WORK/syscalls.txt" & counter=$!
+    sleep 0.2
+  fi
   before=$(cpu_ticks "$2")
   if [ -n "${4:-}" ]; then out=$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency -H "$4" "$3"); else out=$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "$3"); fi
   after=$(cpu_ticks "$2")
@@ -162,6 +170,12 @@ run() { # name pid url [header]: the server process whose CPU per request is rep
   cpu=$(awk -v t=$((after - before)) -v us="$TICK_US" -v n="$requests" 'BEGIN { printf "%.1f", n ? t * us / n : 0 }')
   errors=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$out" | tr '\n' ' ')
   printf "%-52s %12s %10s %10s %12s  %s\n" "$1" "$rps" "$p50" "$p99" "$cpu" "$errors"
+  if [ -n "$counter" ]; then
+    kill -INT "$counter"; wait "$counter" || true
+    awk -F, -v n="$requests" '$3 ~ /sys_enter/ { c[$3] = $1 } END {
+      printf "%52s syscalls/req %.2f, write %.2f, epoll_wait %.2f\n", "", c["raw_syscalls:sys_enter"] / n,
+        c["syscalls:sys_enter_write"] / n, c["syscalls:sys_enter_epoll_wait"] / n }' "$WORK/syscalls.txt"
+  fi
   RPS[${1:1:1}]=$rps; CPU[${1:1:1}]=$cpu
 }
 declare -A RPS CPU
