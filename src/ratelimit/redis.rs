@@ -367,7 +367,10 @@ async fn run_batch(script: &Script, batch: Vec<Job>) {
     // The script call's future (fred's, a retry on NOSCRIPT included) is large: boxed where it
     // is made, it is copied once, not again with every future that holds it (the breaker's
     // timeout, this batch, the running set). Measured: 39k instructions per batch otherwise.
-    // The oldest check's deadline bounds the call (every check is answered by its own).
+    // The oldest check's deadline bounds the call (every check is answered by its own). A call
+    // cut short by it counts as unanswered for the breaker too: that happens only when checks
+    // waited in the queue for most of the timeout, and the bound on every queued check rests on
+    // each call ending by its oldest check's deadline.
     let left = oldest.saturating_duration_since(Instant::now());
     let call = Box::pin(script.run(slot, keys, args));
     let outcome = script.breaker.call(left.min(script.deadline), call).await;
