@@ -434,15 +434,14 @@ async fn concurrent_checks_share_script_calls_and_stay_exact() {
     let _: i64 = fred::prelude::KeysInterface::del(&client, keys).await.unwrap();
 }
 
-/// When Redis hangs, every check still ends within the Redis timeout, queueing included: calls
-/// fail one timeout at a time, and without that bound checks queued behind them would wait many
-/// timeouts (10,000 checks are 157 calls of 64, two at a time; more than the queue's 8,192
-/// places, so some also wait for room).
-#[tokio::test]
-async fn a_hanging_redis_costs_each_check_one_timeout_not_a_queue_of_them() {
+/// A limiter refusing when its store fails (one policy, `p`, roomy enough for every check) on
+/// `redis`, with the Redis `timeout`, after one check Redis answered.
+async fn closed_limiter(
+    redis: &PrivateRedis,
+    timeout: Duration,
+) -> (std::sync::Arc<access::ratelimit::Limiter>, [String; 1]) {
     use access::ratelimit::{Limiter, OnStoreError, Policy};
-    let redis = PrivateRedis::start().await;
-    let client = redis_client(&redis.url, Some(Duration::from_millis(300))).await;
+    let client = redis_client(&redis.url, Some(timeout)).await;
     let policy = Policy { rate: 1000, period: Duration::from_secs(1), burst: 1000 };
     let limiter = std::sync::Arc::new(Limiter::new(
         [("p".to_string(), policy)].into(),
@@ -451,10 +450,18 @@ async fn a_hanging_redis_costs_each_check_one_timeout_not_a_queue_of_them() {
         false,
     ));
     let names = ["p".to_string()];
-    assert!(
-        limiter.check(&names, "warm", None).await.outcome.allowed,
-        "Redis answers before the hang"
-    );
+    assert!(limiter.check(&names, "warm", None).await.outcome.allowed, "Redis answers");
+    (limiter, names)
+}
+
+/// When Redis hangs, every check still ends within the Redis timeout, queueing included: calls
+/// fail one timeout at a time, and without that bound checks queued behind them would wait many
+/// timeouts (10,000 checks are 157 calls of 64, two at a time; more than the queue's 8,192
+/// places, so some also wait for room).
+#[tokio::test]
+async fn a_hanging_redis_costs_each_check_one_timeout_not_a_queue_of_them() {
+    let redis = PrivateRedis::start().await;
+    let (limiter, names) = closed_limiter(&redis, Duration::from_millis(300)).await;
     redis.freeze();
     let started = std::time::Instant::now();
     let checks = (0..10_000).map(|i| {
@@ -479,19 +486,9 @@ async fn a_hanging_redis_costs_each_check_one_timeout_not_a_queue_of_them() {
 /// waiting.
 #[tokio::test]
 async fn a_slow_redis_keeps_no_check_waiting_past_the_timeout() {
-    use access::ratelimit::{Limiter, OnStoreError, Policy};
     let redis = PrivateRedis::start().await;
     let timeout = Duration::from_millis(300);
-    let client = redis_client(&redis.url, Some(timeout)).await;
-    let policy = Policy { rate: 1000, period: Duration::from_secs(1), burst: 1000 };
-    let limiter = std::sync::Arc::new(Limiter::new(
-        [("p".to_string(), policy)].into(),
-        Some((client, "it:".to_string())),
-        OnStoreError::Closed,
-        false,
-    ));
-    let names = ["p".to_string()];
-    assert!(limiter.check(&names, "warm", None).await.outcome.allowed, "Redis answers");
+    let (limiter, names) = closed_limiter(&redis, timeout).await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let slow = {
         let (stop, pid) = (stop.clone(), redis.pid());
